@@ -1,0 +1,1 @@
+"""Block sources: read-only layers, the merged device and writable layers."""

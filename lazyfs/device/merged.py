@@ -1,0 +1,169 @@
+"""The merged device: a writable layer (if any) over a stack of read-only layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import trio
+
+from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.index import MergedIndex, Segment
+from lazyfs.device.source import BlockSource, check_write, clamp_read
+from lazyfs.device.writable import DATA, LOWER, WritableLayer
+from lazyfs.errors import FormatError, ReadOnlyError
+from lazyfs.format.layer import LayerMeta
+
+MAX_LAYERS = 255
+
+
+class MergedDevice(BlockSource):
+    """Reads fall through the writable layer to the merged read-only index; writes go on top.
+
+    Unaligned writes are read-modify-written at block granularity, so the
+    writable layers only ever see whole blocks.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[tuple[LayerMeta, str]],
+        store: ChunkStore,
+        writable: WritableLayer | None = None,
+        size: int | None = None,
+    ) -> None:
+        """*layers*: ``(meta, blob digest)`` bottom first; the device is as big as the top one."""
+        if len(layers) > MAX_LAYERS:
+            raise FormatError(f"{len(layers)} layers: at most {MAX_LAYERS} are supported")
+        if not layers and size is None:
+            raise FormatError("a device needs at least one layer or an explicit size")
+        self.block_size = layers[-1][0].block_size if layers else 4096
+        if any(meta.block_size != self.block_size for meta, _ in layers):
+            raise FormatError("all layers of a device must share one block size")
+        self.size = size if size is not None else layers[-1][0].virtual_size
+        if self.size <= 0 or self.size % self.block_size:
+            raise FormatError(f"device size {self.size} is not a positive multiple of {self.block_size}")
+        self.index = MergedIndex(layers, self.size // self.block_size)
+        self.store = store
+        self.writable = writable
+        if writable is not None and (writable.size != self.size or writable.block_size != self.block_size):
+            raise FormatError(f"writable layer of {writable.size} bytes does not fit a device of {self.size}")
+        self.read_only = writable is None
+        self._write_lock = trio.Lock()
+        self.bytes_read = self.bytes_written = 0
+
+    # ------------------------------------------------------------ reads
+
+    async def read(self, offset: int, length: int) -> bytes:
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return b""
+        buf = bytearray(n)
+        bs = self.block_size
+        first, end = offset // bs, (offset + n - 1) // bs + 1
+        if self.writable is None:
+            await self._read_lower(buf, offset, first, end)
+        else:
+            for start, count, state in self.writable.lookup(first, end - first):
+                if state == LOWER:
+                    await self._read_lower(buf, offset, start, start + count)
+                elif state == DATA:
+                    _copy_in(buf, offset, start * bs, self.writable.read_blocks(start, count))
+        self.bytes_read += n
+        return bytes(buf)
+
+    async def _read_lower(self, buf: bytearray, offset: int, start: int, end: int) -> None:
+        segments = self.index.lookup(start, end)
+        if not segments:
+            return
+        chunks: dict[bytes, bytes] = {}
+        wanted = {seg.loc.digest: seg.loc for seg in segments}
+        if len(wanted) == 1:
+            (loc,) = wanted.values()
+            chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
+        else:
+            async def fetch(loc: ChunkLocation) -> None:
+                chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
+
+            async with trio.open_nursery() as nursery:
+                for loc in wanted.values():
+                    nursery.start_soon(fetch, loc)
+        for seg in segments:
+            _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
+
+    # ------------------------------------------------------------ writes
+
+    def _writable(self) -> WritableLayer:
+        if self.writable is None:
+            raise ReadOnlyError("this image is mounted read-only (no writable layer)")
+        return self.writable
+
+    async def write(self, offset: int, data: bytes) -> None:
+        layer = self._writable()
+        check_write(self.size, offset, len(data))
+        if not data:
+            return
+        bs = self.block_size
+        async with self._write_lock:
+            first, end = offset // bs, (offset + len(data) - 1) // bs + 1
+            if offset % bs or (offset + len(data)) % bs:
+                # read-modify-write of the partial edge blocks
+                block = bytearray((end - first) * bs)
+                block[:bs] = await self._read_blocks(first, 1)
+                if end - 1 > first:
+                    block[-bs:] = await self._read_blocks(end - 1, 1)
+                block[offset - first * bs : offset - first * bs + len(data)] = data
+                data = bytes(block)
+            layer.write_blocks(first, data)
+            self.bytes_written += len(data)
+
+    async def _read_blocks(self, block: int, count: int) -> bytes:
+        return await self.read(block * self.block_size, count * self.block_size)
+
+    async def discard(self, offset: int, length: int) -> None:
+        layer = self._writable()
+        check_write(self.size, offset, length)
+        if not length:
+            return
+        bs = self.block_size
+        first_full = -(-offset // bs)
+        end_full = (offset + length) // bs
+        if first_full >= end_full:  # no whole block inside: plain zero write
+            await self.write(offset, bytes(length))
+            return
+        if offset < first_full * bs:
+            await self.write(offset, bytes(first_full * bs - offset))
+        if (offset + length) > end_full * bs:
+            await self.write(end_full * bs, bytes(offset + length - end_full * bs))
+        async with self._write_lock:
+            layer.zero_blocks(first_full, end_full - first_full)
+
+    async def flush(self) -> None:
+        if self.writable is not None:
+            async with self._write_lock:
+                await trio.to_thread.run_sync(self.writable.flush)
+
+    async def aclose(self) -> None:
+        if self.writable is not None:
+            await self.flush()
+            self.writable.close()
+
+    def statistics(self) -> dict:
+        stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments)}
+        if self.writable is not None:
+            stats["writable"] = self.writable.statistics()
+        return stats
+
+
+def _copy_in(buf: bytearray, buf_offset: int, src_offset: int, src: bytes) -> None:
+    """Copy the part of *src* (virtual bytes from *src_offset*) that overlaps *buf*."""
+    lo = max(src_offset, buf_offset)
+    hi = min(src_offset + len(src), buf_offset + len(buf))
+    if lo < hi:
+        buf[lo - buf_offset : hi - buf_offset] = src[lo - src_offset : hi - src_offset]
+
+
+def _copy_segment(buf: bytearray, buf_offset: int, seg: Segment, raw: bytes, bs: int) -> None:
+    lo = max(seg.start * bs, buf_offset)
+    hi = min(seg.end * bs, buf_offset + len(buf))
+    if lo < hi:
+        src = seg.chunk_block * bs + (lo - seg.start * bs)
+        buf[lo - buf_offset : hi - buf_offset] = raw[src : src + hi - lo]

@@ -1,0 +1,80 @@
+"""The one exception hierarchy of lazyfs, and its single mapping to errno."""
+
+from __future__ import annotations
+
+import errno
+
+
+class LazyfsError(Exception):
+    """Root of every error lazyfs raises on purpose."""
+
+    errno: int = errno.EIO
+
+
+class FormatError(LazyfsError):
+    """Malformed input: a blob, manifest, journal, tar or CDB that does not parse.
+
+    The message says what is wrong and where (file, offset, field).
+    """
+
+
+class IntegrityError(LazyfsError):
+    """Bytes whose digest is not the one expected."""
+
+    def __init__(self, what: str, expected: str, got: str, source: str = "") -> None:
+        self.what, self.expected, self.got, self.source = what, expected, got, source
+        where = f" from {source}" if source else ""
+        super().__init__(f"digest mismatch for {what}{where}: expected {expected}, got {got}")
+
+
+class FetchError(LazyfsError):
+    """A remote read failed (HTTP status, connection error, deadline)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class AuthError(FetchError):
+    """The registry refused our credentials."""
+
+    errno = errno.EACCES
+
+
+class NotFoundError(LazyfsError):
+    """An image, tag, blob or path that does not exist."""
+
+    errno = errno.ENOENT
+
+
+class ConfigError(LazyfsError):
+    """Invalid configuration or command-line usage; the message names the field."""
+
+    errno = errno.EINVAL
+
+
+class RangeError(LazyfsError):
+    """An offset or length outside a block source."""
+
+    errno = errno.EINVAL
+
+
+class ReadOnlyError(LazyfsError):
+    """A write to a read-only source."""
+
+    errno = errno.EROFS
+
+
+class BusyError(LazyfsError):
+    """The resource is in use (already mounted, attached, locked)."""
+
+    errno = errno.EBUSY
+
+
+def to_errno(exc: BaseException) -> int:
+    """The errno a FUSE handler returns for *exc* (EIO for anything unexpected)."""
+    if isinstance(exc, LazyfsError):
+        return exc.errno
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO

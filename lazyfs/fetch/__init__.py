@@ -1,0 +1,1 @@
+"""Getting chunks: backends (registry, directory), the trio scheduler, the cache."""

@@ -1,0 +1,1 @@
+"""Bytes <-> values: layer blobs (v1), chunks and OCI JSON. No I/O in here."""

@@ -1,0 +1,1 @@
+"""Images: OCI layouts and registries, building layers, opening devices."""

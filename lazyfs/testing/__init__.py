@@ -1,0 +1,1 @@
+"""Helpers for testing lazyfs and things built on it: sources, fixtures, fault injection."""

@@ -1,0 +1,72 @@
+"""Building layer stacks in memory, for tests of the device and format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from lazyfs.errors import FetchError, NotFoundError
+from lazyfs.fetch.backend import Backend
+from lazyfs.format.builder import BlobBuilder, split_window
+from lazyfs.format.chunk import encode_chunk
+from lazyfs.format.layer import BLOCK_SIZE, ChunkLocation, LayerMeta, parse_blob
+from lazyfs.format.oci import sha256_digest
+
+
+class MemoryBackend(Backend):
+    """Blobs held in a dict; counts reads."""
+
+    name = "memory"
+
+    def __init__(self, blobs: Mapping[str, bytes] | None = None) -> None:
+        self.blobs: dict[str, bytes] = dict(blobs or {})
+        self.reads: list[tuple[str, int, int]] = []
+
+    async def read_range(self, blob: str, offset: int, length: int) -> bytes:
+        if blob not in self.blobs:
+            raise NotFoundError(f"no blob {blob}")
+        self.reads.append((blob, offset, length))
+        data = self.blobs[blob][offset : offset + length]
+        if len(data) != length:
+            raise FetchError(f"short read of {blob}: {len(data)} of {length}")
+        return data
+
+    async def blob_size(self, blob: str) -> int:
+        if blob not in self.blobs:
+            raise NotFoundError(f"no blob {blob}")
+        return len(self.blobs[blob])
+
+
+def build_blob(
+    virtual_size: int,
+    writes: Iterable[tuple[int, bytes]] = (),
+    zeroed: Iterable[tuple[int, int]] = (),
+    chunk_size: int = 64 * 1024,
+    known: Mapping[bytes, ChunkLocation] | None = None,
+) -> tuple[bytes, str, LayerMeta]:
+    """A layer blob with data at block offsets (*writes*: (block, bytes)) and zeroed ranges.
+
+    Data is cut at chunk windows exactly as real layers are. Returns (blob, digest, meta).
+    """
+    items: list[tuple[int, bytes | None, int]] = []
+    per = chunk_size // BLOCK_SIZE
+    for block, data in writes:
+        pos = 0
+        while pos < len(data):
+            cur = block + pos // BLOCK_SIZE
+            n = min(len(data) - pos, ((cur // per + 1) * per - cur) * BLOCK_SIZE)
+            items.extend((s, raw, len(raw) // BLOCK_SIZE) for s, raw in split_window(cur, data[pos : pos + n]))
+            pos += n
+    items.extend((start, None, count) for start, count in zeroed)
+    items.sort(key=lambda item: item[0])
+    builder = BlobBuilder(virtual_size, chunk_size, known)
+    out = bytearray()
+    for start, raw, count in items:
+        if raw is None:
+            builder.add_zeroed(start, count)
+        else:
+            digest, stored, compression = encode_chunk(raw)
+            out += builder.add_chunk(start, digest, stored, compression, len(raw))
+    out += builder.finish()
+    blob = bytes(out)
+    _, meta = parse_blob(blob)
+    return blob, sha256_digest(blob), meta
