@@ -10,7 +10,7 @@ from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.index import MergedIndex, Segment
 from lazyfs.device.source import BlockSource, check_write, clamp_read
 from lazyfs.device.writable import DATA, LOWER, WritableLayer
-from lazyfs.errors import FormatError, ReadOnlyError
+from lazyfs.errors import FormatError, LazyfsError, ReadOnlyError
 from lazyfs.format.layer import LayerMeta
 
 MAX_LAYERS = 255
@@ -80,12 +80,19 @@ class MergedDevice(BlockSource):
             (loc,) = wanted.values()
             chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
         else:
+            errors: list[LazyfsError] = []
+
             async def fetch(loc: ChunkLocation) -> None:
-                chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
+                try:
+                    chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
+                except LazyfsError as exc:  # report one clear error, not an exception group
+                    errors.append(exc)
 
             async with trio.open_nursery() as nursery:
                 for loc in wanted.values():
                     nursery.start_soon(fetch, loc)
+            if errors:
+                raise errors[0]
         for seg in segments:
             _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
 
