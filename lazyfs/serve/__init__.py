@@ -1,0 +1,1 @@
+"""Front ends that serve a block source: FUSE file, TCMU SCSI LUN, daemon and control API."""
