@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -64,10 +65,114 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
-    from lazyfs.image.local import commit_image
+    if args.out is None:  # lazyfs commit TARGET REF: a mounted writable image, through the daemon
+        from lazyfs.serve.mount import commit_target
 
-    result = trio.run(commit_image, _local(args.image), args.writable, _local(args.out), args.chunk_size)
+        result = commit_target(_config(args), args.image, args.writable)
+    else:
+        from lazyfs.image.local import commit_image
+
+        result = trio.run(commit_image, _local(args.image), args.writable, _local(args.out), args.chunk_size)
     _print(result, args.json)
+    return 0
+
+
+def _config(args: argparse.Namespace):
+    from lazyfs.config import RegistrySettings, load_config
+
+    config = load_config(args.config)
+    for host in getattr(args, "plain_http", None) or []:
+        config = config.with_registry(RegistrySettings(host, plain_http=True))
+    return config
+
+
+def _remote(text: str):
+    from lazyfs.format.reference import parse_reference
+
+    return parse_reference(text)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from lazyfs.image.remote import ImageOpener, push_image
+
+    async def run():
+        async with ImageOpener(_config(args)) as opener:
+            return await push_image(opener, _local(args.image), _remote(args.ref))
+
+    _print(trio.run(run), args.json)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from lazyfs.image.remote import ImageOpener, pull_image
+
+    async def run():
+        async with ImageOpener(_config(args)) as opener:
+            return await pull_image(opener, _remote(args.ref), _local(args.image))
+
+    _print(trio.run(run), args.json)
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from lazyfs.serve.daemon import main as daemon_main
+
+    return daemon_main(_config(args))
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from lazyfs.serve.mount import mount_image
+
+    config = _config(args)
+    if args.writable_root:
+        import dataclasses
+
+        config = dataclasses.replace(config, writable_root=os.path.abspath(args.writable_root))
+    result = mount_image(config, args.config, args.image, args.target, writable=args.writable, kind=args.kind)
+    if args.json:
+        _print(result, True)
+    else:
+        mode = "read-write" if args.writable else "read-only"
+        print(f"mounted {args.image} at {result['target']} ({mode}, {result['loop']}) in {result['seconds']:.3f} s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lazyfs.serve.mount import export_image
+
+    result = export_image(_config(args), args.config, args.image, args.directory, writable=args.writable, kind=args.kind)
+    print(result["file"])
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from lazyfs.serve.mount import umount_target
+
+    result = umount_target(_config(args), args.target)
+    for line in result["done"]:
+        print(line)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from lazyfs.serve.mount import stats
+
+    result = stats(_config(args), args.target)
+    if args.json or args.target is None:
+        _print(result, True)
+        return 0
+    sched = result["scheduler"]
+    lat = sched.get("latency", {})
+    hits = sched.get("memory_hits", 0) + sched.get("disk_hits", 0)
+    print(f"image:          {result['image']}")
+    print(f"size:           {result['size']} bytes")
+    print(f"bytes read:     {result['device']['bytes_read']}")
+    print(f"bytes fetched:  {result['bytes_missed']} (stored bytes of demand misses)")
+    print(f"chunk reads:    {result['chunk_reads']}, misses {result['demand_misses']}")
+    print(f"chunks cached:  {sched['cache'].get('entries', '?')} (host-wide)")
+    print(f"hit rate:       {hits / max(1, sched.get('requests', 0)):.1%} (host-wide)")
+    print(f"fetch latency:  p50 {lat.get('p50', 0) * 1000:.1f} ms, p95 {lat.get('p95', 0) * 1000:.1f} ms, "
+          f"p99 {lat.get('p99', 0) * 1000:.1f} ms")
     return 0
 
 
@@ -126,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", **chunk)
     p.add_argument("--json", action="store_true")
 
-    p = add("commit", cmd_commit, "turn a writable layer over IMAGE into a new image OUT")
-    p.add_argument("image")
-    p.add_argument("writable", help="the writable layer directory")
-    p.add_argument("out")
+    p = add("commit", cmd_commit, "commit a mounted writable image (TARGET REF), or a writable layer over IMAGE (IMAGE DIR OUT)")
+    p.add_argument("image", help="a mount target, or an image")
+    p.add_argument("writable", help="the new image reference (with TARGET), or the writable layer directory")
+    p.add_argument("out", nargs="?", help="the new image (with IMAGE DIR)")
     p.add_argument("--chunk-size", **chunk)
     p.add_argument("--json", action="store_true")
 
@@ -148,6 +253,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("flatten", cmd_flatten, "write the merged device to a raw file")
     p.add_argument("image")
     p.add_argument("out")
+    p = add("push", cmd_push, "upload a local image to a registry")
+    p.add_argument("image")
+    p.add_argument("ref", help="registry reference, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("--json", action="store_true")
+
+    p = add("pull", cmd_pull, "fetch an image's metadata (manifest, config, layer metadata) into a local layout")
+    p.add_argument("ref")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true")
+
+    add("daemon", cmd_daemon, "run the host daemon in the foreground (mount starts one if needed)")
+
+    p = add("mount", cmd_mount, "mount IMAGE (registry reference or local layout) at TARGET, lazily")
+    p.add_argument("image")
+    p.add_argument("target")
+    p.add_argument("--writable", action="store_true", help="writable, with a writable layer under the writable root")
+    p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
+    p.add_argument("--kind", choices=["sparse", "log"], default="sparse", help="writable layer kind")
+    p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "export IMAGE as DIRECTORY/disk.img only (for qemu -drive and Kata)")
+    p.add_argument("image")
+    p.add_argument("directory")
+    p.add_argument("--writable", action="store_true")
+    p.add_argument("--kind", choices=["sparse", "log"], default="sparse")
+
+    p = add("umount", cmd_umount, "unmount (or unexport) TARGET and detach everything behind it")
+    p.add_argument("target")
+
+    p = add("stats", cmd_stats, "bytes read and fetched, cache hits and fetch latency (of TARGET, or all)")
+    p.add_argument("target", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    for sp in sub.choices.values():
+        sp.add_argument("--config", metavar="FILE", help="config file (default $LAZYFS_CONFIG or /etc/lazyfs/config.json)")
+        sp.add_argument("--plain-http", metavar="HOST:PORT", action="append",
+                        help="talk plain HTTP to this registry (repeatable; only for trusted local registries)")
     return parser
 
 

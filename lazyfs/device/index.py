@@ -60,6 +60,7 @@ class MergedIndex:
         # ZEROED segments have done their job (hiding lower data); gaps read as zeros anyway.
         self.segments = [s.clip(s.start, min(s.end, blocks)) for s in merged if s.loc is not None and s.start < blocks]
         self._starts = [s.start for s in self.segments]
+        self._first_use: dict[bytes, int] | None = None  # chunk digest -> first segment, built on demand
 
     def lookup(self, start: int, end: int) -> list[Segment]:
         """Data segments intersecting blocks ``[start, end)``, clipped to it."""
@@ -79,3 +80,21 @@ class MergedIndex:
         for seg in self.segments:
             seen.setdefault(seg.loc.digest, seg.loc)
         return list(seen.values())
+
+    def following(self, loc: ChunkLocation, count: int) -> list[ChunkLocation]:
+        """Up to *count* distinct chunks read after *loc*'s first use, in virtual order (for readahead)."""
+        if self._first_use is None:
+            first: dict[bytes, int] = {}
+            for i, seg in enumerate(self.segments):
+                first.setdefault(seg.loc.digest, i)
+            self._first_use = first
+        i = self._first_use.get(loc.digest)
+        if i is None:
+            return []
+        out: dict[bytes, ChunkLocation] = {}
+        for seg in self.segments[i + 1 : i + 1 + 4 * count]:
+            if seg.loc.digest != loc.digest:
+                out.setdefault(seg.loc.digest, seg.loc)
+                if len(out) == count:
+                    break
+        return list(out.values())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -142,6 +143,14 @@ class MergedDevice(BlockSource):
             await self.write(end_full * bs, bytes(offset + length - end_full * bs))
         async with self._write_lock:
             layer.zero_blocks(first_full, end_full - first_full)
+
+    @asynccontextmanager
+    async def writes_held(self) -> AsyncIterator[None]:
+        """Flush, then keep writes out for the duration (e.g. while a commit reads the writable layer)."""
+        async with self._write_lock:
+            if self.writable is not None:
+                await trio.to_thread.run_sync(self.writable.flush)
+            yield
 
     async def flush(self) -> None:
         if self.writable is not None:

@@ -124,13 +124,14 @@ class OciLayout:
         desc = self.resolve(tag_or_digest)
         return self.read_blob(desc.digest), desc
 
-    def put_manifest(self, data: bytes, tag: str | None, media_type: str = MEDIA_TYPE_MANIFEST) -> Descriptor:
-        """Store a manifest and point *tag* at it (replacing an older one)."""
+    def put_manifest(self, data: bytes, tag: str | None, media_type: str = MEDIA_TYPE_MANIFEST,
+                     annotations: dict[str, str] | None = None) -> Descriptor:
+        """Store a manifest and point *tag* at it (replacing an older one); *annotations* go on the index entry."""
         self.ensure()
         desc = self.put_bytes(data, media_type)
         if tag is not None:
             entries = [d for d in self._index() if d.annotations.get(ANN_REF_NAME) != tag]
-            entries.append(Descriptor(media_type, desc.digest, desc.size, {ANN_REF_NAME: tag}))
+            entries.append(Descriptor(media_type, desc.digest, desc.size, {**(annotations or {}), ANN_REF_NAME: tag}))
             write_atomically(os.path.join(self.path, "index.json"), build_index(entries))
         return desc
 

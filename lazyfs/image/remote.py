@@ -1,0 +1,196 @@
+"""Opening images wherever they are (layout, pulled layout, registry); push and pull."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import trio
+
+from lazyfs.config import Config
+from lazyfs.errors import NotFoundError
+from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.credentials import Credentials
+from lazyfs.fetch.directory import DirectoryBackend
+from lazyfs.fetch.registry import RegistryBackend, RegistryClient, RegistryConfig
+from lazyfs.format.layer import FOOTER_SIZE, parse_tail
+from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
+from lazyfs.format.reference import Reference, parse_reference
+from lazyfs.image.image import Image
+from lazyfs.image.layout import OciLayout
+from lazyfs.image.ref import LocalRef, parse_local_ref
+
+ANN_SOURCE = "dev.lazyfs.source"  # on a pulled layout's index entry: where its blobs live
+META_DIR = "lazyfs-meta"  # in a pulled layout: layer metadata tails, one file per blob
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedImage:
+    """An image and where its chunks come from."""
+
+    name: str  # the reference as given
+    image: Image
+    backend: Backend
+    local: LocalRef | None = None
+    remote: Reference | None = None
+
+    @property
+    def blobs(self) -> set[str]:
+        """Every blob any chunk of the image can come from."""
+        return {loc.blob for meta, digest in self.image.layers for loc in meta.locations(digest)} | {
+            digest for _, digest in self.image.layers}
+
+
+class FallbackBackend(Backend):
+    """Each blob from the first backend that has it (NotFoundError moves on to the next)."""
+
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self.name = "+".join(b.name for b in backends)
+
+    async def _first(self, call):
+        error: NotFoundError | None = None
+        for backend in self.backends:
+            try:
+                return await call(backend)
+            except NotFoundError as exc:
+                error = exc
+        raise error
+
+    async def read_range(self, blob: str, offset: int, length: int) -> bytes:
+        return await self._first(lambda b: b.read_range(blob, offset, length))
+
+    async def blob_size(self, blob: str) -> int:
+        return await self._first(lambda b: b.blob_size(blob))
+
+
+def make_client(config: Config) -> RegistryClient:
+    registries = [RegistryConfig(r.host, r.plain_http, r.ca_file, r.mirrors) for r in config.registries]
+    return RegistryClient(registries, Credentials(config.credentials_path),
+                          max_connections=max(16, 2 * config.fetch_concurrency))
+
+
+class ImageOpener:
+    """Opens image references with one shared registry client; ``async with`` owns it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._client: RegistryClient | None = None
+
+    @property
+    def client(self) -> RegistryClient:
+        if self._client is None:
+            self._client = make_client(self.config)
+        return self._client
+
+    async def __aenter__(self) -> "ImageOpener":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def open(self, text: str) -> OpenedImage:
+        local = parse_local_ref(text)
+        if local is not None:
+            return await self._open_local(text, local)
+        ref = parse_reference(text)
+        data, _, digest = await self.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+        manifest = parse_manifest(data)
+        backend = RegistryBackend(self.client, ref.repo())
+        image = await _load(manifest, backend, None)
+        return OpenedImage(text, image, backend, remote=ref.with_digest(digest))
+
+    async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
+        layout = OciLayout(local.path)
+        data, desc = layout.read_manifest(local.tag)
+        manifest = parse_manifest(data)
+        source = desc.annotations.get(ANN_SOURCE)
+        if source is not None and not all(layout.has_blob(layer.digest) for layer in manifest.layers):
+            # pulled (metadata only), maybe with local layers on top: local blobs first, then the registry
+            ref = parse_reference(source)
+            backend: Backend = FallbackBackend([DirectoryBackend(layout.path), RegistryBackend(self.client, ref.repo())])
+            image = await _load(manifest, backend, layout)
+            return OpenedImage(text, image, backend, local=local, remote=ref)
+        backend = DirectoryBackend(layout.path)
+        return OpenedImage(text, await _load(manifest, backend, None), backend, local=local)
+
+
+async def _load(manifest: ImageManifest, backend: Backend, layout: OciLayout | None) -> Image:
+    """Layer metadata: from a pulled layout's saved tails where present, else one ranged read each."""
+    metas = [None] * len(manifest.layers)
+
+    async def one(i: int) -> None:
+        layer = manifest.layers[i]
+        tail = None
+        if layout is not None:
+            path = os.path.join(layout.path, META_DIR, layer.digest.split(":")[1])
+            if os.path.exists(path):
+                tail = await trio.to_thread.run_sync(_read_file, path)
+        if tail is None:
+            tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
+        metas[i] = (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(manifest.layers)):
+            nursery.start_soon(one, i)
+    return Image(manifest, tuple((meta, layer.digest) for meta, layer in zip(metas, manifest.layers)))
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+async def push_image(opener: ImageOpener, source: LocalRef, target: Reference) -> dict:
+    """Upload a local image's blobs, config and manifest; return what was sent."""
+    layout = OciLayout(source.path)
+    data, _ = layout.read_manifest(source.tag)
+    manifest = parse_manifest(data)
+    client = opener.client
+    repo = target.repo()
+    outcomes: dict[str, str] = {}
+    referenced = set()
+    opened = await opener.open(str(source))
+    referenced |= opened.blobs
+    for digest in sorted(referenced | {manifest.config.digest}):
+        if not layout.has_blob(digest):
+            raise NotFoundError(f"blob {digest} of {source} is not in the layout; cannot push")
+        size = os.path.getsize(layout.blob_path(digest))
+        result = await client.push_blob(repo, layout.blob_path(digest), digest,
+                                        chunk_size=(16 << 20) if size > (64 << 20) else None)
+        outcomes[digest] = result.outcome
+    pushed = await client.put_manifest(target if target.tag or target.digest else target.with_tag("latest"),
+                                       data, MEDIA_TYPE_MANIFEST)
+    return {"image": str(target), "manifest": pushed, "blobs": len(outcomes),
+            "uploaded": sum(1 for o in outcomes.values() if o == "uploaded"),
+            "already_there": sum(1 for o in outcomes.values() if o != "uploaded"),
+            "bytes": sum(os.path.getsize(layout.blob_path(d)) for d, o in outcomes.items() if o == "uploaded")}
+
+
+async def pull_image(opener: ImageOpener, source: Reference, target: LocalRef) -> dict:
+    """Metadata only: manifest, config and each layer's metadata into a layout that remembers *source*."""
+    client = opener.client
+    data, _, digest = await client.get_manifest(source, accept=(MEDIA_TYPE_MANIFEST,))
+    manifest = parse_manifest(data)
+    layout = OciLayout(target.path).ensure()
+    config = await client.get_blob(source.repo(), manifest.config.digest)
+    parse_json(config, f"config of {source}")
+    layout.put_bytes(config)
+    os.makedirs(os.path.join(layout.path, META_DIR), exist_ok=True)
+    backend = RegistryBackend(client, source.repo())
+    fetched = 0
+    for layer in manifest.layers:
+        tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
+        parse_tail(tail, layer.size)
+        fetched += len(tail)
+        with open(os.path.join(layout.path, META_DIR, layer.digest.split(":")[1]), "wb") as f:
+            f.write(tail)
+    desc = layout.put_manifest(data, target.tag, annotations={ANN_SOURCE: str(source.with_digest(digest))})
+    return {"image": str(target), "manifest": desc.digest, "layers": len(manifest.layers),
+            "metadata_bytes": fetched, "virtual_size": manifest.virtual_size}
+

@@ -1,0 +1,191 @@
+"""The host daemon: FUSE export of every attached image, control API, metrics, restart state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from lazyfs.config import Config
+from lazyfs.device.writable.journal import write_atomically
+from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
+from lazyfs.image.commit import commit_writable
+from lazyfs.serve import system
+from lazyfs.serve.control import serve_control
+from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
+from lazyfs.serve.host import Host
+from lazyfs.serve.metrics import serve_metrics
+
+log = logging.getLogger("lazyfs.daemon")
+
+
+class Daemon:
+    """Owns the Host and the FUSE export; answers control requests."""
+
+    def __init__(self, config: Config, host: Host, fs: ExportFS) -> None:
+        self.config, self.host, self.fs = config, host, fs
+        self.stopping = trio.Event()
+
+    # ------------------------------------------------------------ state
+
+    def _records(self) -> list[dict]:
+        return [{"name": a.name, "image": a.ref, "writable_dir": a.writable_dir,
+                 "kind": a.device.writable.kind if a.device.writable else None, "extra": a.extra}
+                for a in self.host.attachments.values()]
+
+    def save_state(self) -> None:
+        os.makedirs(self.config.state_dir, exist_ok=True)
+        write_atomically(self.config.state_file, json.dumps({"attachments": self._records()}, indent=1).encode())
+
+    async def restore(self) -> None:
+        """Attach again what was attached when the previous daemon stopped or died."""
+        try:
+            with open(self.config.state_file, "rb") as f:
+                records = json.loads(f.read()).get("attachments", [])
+        except FileNotFoundError:
+            return
+        except (ValueError, AttributeError) as exc:
+            log.error("ignoring damaged state file %s: %s", self.config.state_file, exc)
+            return
+        for rec in records:
+            try:
+                await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
+                                  writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
+                                  extra=rec.get("extra") or {}, save=False)
+                log.info("restored attachment %s (%s)", rec["name"], rec["image"])
+            except (LazyfsError, KeyError, TypeError) as exc:
+                log.error("could not restore attachment %s: %s", rec.get("name"), exc)
+        self.save_state()
+
+    # ------------------------------------------------------------ operations
+
+    def path_of(self, name: str) -> str:
+        return os.path.join(self.config.export_dir, name, IMAGE_NAME)
+
+    async def attach(self, image: str, name: str | None = None, writable: bool = False, writable_dir: str | None = None,
+                     kind: str = "sparse", extra: dict | None = None, save: bool = True, record_trace: bool | None = None) -> dict:
+        att = await self.host.attach(image, name, writable=writable, writable_dir=writable_dir, kind=kind,
+                                     record_trace=record_trace)
+        att.extra.update(extra or {})
+        self.fs.add(att.name, att.device)
+        if save:
+            self.save_state()
+        return {**att.describe(), "path": self.path_of(att.name)}
+
+    async def detach(self, name: str) -> dict:
+        if name not in self.host.attachments:
+            raise NotFoundError(f"no image attached as {name!r}")
+        await self.fs.remove(name, wait=10.0)
+        await self.host.detach(name)
+        self.save_state()
+        return {"detached": name}
+
+    async def mark(self, name: str, extra: dict) -> dict:
+        att = self.host.attachments.get(name)
+        if att is None:
+            raise NotFoundError(f"no image attached as {name!r}")
+        att.extra.update(extra)
+        self.save_state()
+        return att.describe()
+
+    async def commit(self, name: str, out: str) -> dict:
+        att = self.host.attachments.get(name)
+        if att is None:
+            raise NotFoundError(f"no image attached as {name!r}")
+        if att.device.writable is None:
+            raise ConfigError(f"{name} is attached read-only: nothing to commit")
+        async with att.device.writes_held():
+            result = await commit_writable(self.host.opener, att.opened, att.device.writable, out)
+        log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
+        return result
+
+    async def handle(self, op: str, args: dict) -> object:
+        if op == "ping":
+            return {"pid": os.getpid(), "export_dir": self.config.export_dir}
+        if op == "attach":
+            return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "extra", "record_trace"))
+        if op == "detach":
+            return await self.detach(**_only(args, "name"))
+        if op == "list":
+            return [{**a.describe(), "path": self.path_of(a.name)} for a in self.host.attachments.values()]
+        if op == "stats":
+            name = args.get("name")
+            if name is None:
+                return self.host.statistics()
+            if name not in self.host.attachments:
+                raise NotFoundError(f"no image attached as {name!r}")
+            return {**self.host.attachments[name].statistics(), "scheduler": self.host.scheduler.statistics()}
+        if op == "mark":
+            return await self.mark(**_only(args, "name", "extra"))
+        if op == "commit":
+            return await self.commit(**_only(args, "name", "out"))
+        if op == "trace-finish":
+            att = self.host.attachments.get(args.get("name"))
+            if att is None:
+                raise NotFoundError(f"no image attached as {args.get('name')!r}")
+            await self.host.finish_trace(att)
+            return att.trace
+        if op == "stop":
+            self.stopping.set()
+            return {"stopping": True}
+        raise ConfigError(f"unknown control operation {op!r}")
+
+
+def _only(args: dict, *names: str) -> dict:
+    unknown = set(args) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown argument(s) {', '.join(sorted(unknown))}")
+    return args
+
+
+async def clear_stale_export(export_dir: str) -> None:
+    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it."""
+    if system.is_mountpoint(export_dir):
+        log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
+        try:
+            await system.fuse_abort(export_dir)
+        except LazyfsError as exc:
+            log.info("fuse abort: %s", exc)
+        await system.umount(export_dir, lazy=True)
+
+
+async def run_daemon(config: Config) -> None:
+    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+    os.makedirs(config.export_dir, exist_ok=True)
+    await clear_stale_export(config.export_dir)
+    async with Host.open(config) as host:
+        fs = ExportFS()
+        daemon = Daemon(config, host, fs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config.export_dir, fs)
+            await daemon.restore()
+            await nursery.start(serve_control, config.socket_path, daemon.handle)
+            if config.metrics_address:
+                await nursery.start(serve_metrics, config.metrics_address, host)
+            log.info("lazyfs daemon %d ready: export %s, control %s", os.getpid(), config.export_dir, config.socket_path)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async def wait_signal():
+                    async for _ in signals:
+                        daemon.stopping.set()
+                        return
+                nursery.start_soon(wait_signal)
+                await daemon.stopping.wait()
+            log.info("lazyfs daemon stopping")
+            for name in list(host.attachments):
+                try:
+                    await fs.remove(name, wait=2.0)
+                except LazyfsError as exc:
+                    log.warning("export %s still open at shutdown: %s", name, exc)
+                await host.detach(name, save=True)
+            nursery.cancel_scope.cancel()
+
+
+def main(config: Config) -> int:
+    logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    trio.run(run_daemon, config)
+    return 0

@@ -1,0 +1,223 @@
+"""The host runtime: one cache, one fetch scheduler and one registry client for every attached image.
+
+Used by the daemon (which exports each attachment over FUSE) and directly by
+tests and tools that want a lazily fetched device in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import trio
+
+from lazyfs.config import Config
+from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.merged import MergedDevice
+from lazyfs.device.writable import create_writable, open_writable
+from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.scheduler import FetchScheduler
+from lazyfs.fetch.trace import TraceRecorder, replay
+from lazyfs.image.remote import ImageOpener, OpenedImage
+from lazyfs.image.traces import load_trace, save_trace
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class _Unrouted(Backend):
+    """The scheduler's default backend: every blob must be routed by an attachment first."""
+
+    name = "unrouted"
+
+    async def read_range(self, blob: str, offset: int, length: int) -> bytes:
+        raise NotFoundError(f"blob {blob} belongs to no attached image")
+
+    async def blob_size(self, blob: str) -> int:
+        raise NotFoundError(f"blob {blob} belongs to no attached image")
+
+
+class ImageStore(ChunkStore):
+    """One attachment's view of the shared scheduler: counts its reads, records its trace, reads ahead."""
+
+    def __init__(self, scheduler: FetchScheduler, index, readahead: int) -> None:
+        self.scheduler, self.index, self.readahead = scheduler, index, readahead
+        self.recorder: TraceRecorder | None = None
+        self.reads = self.misses = self.bytes_served = self.bytes_missed = 0
+
+    async def get(self, loc: ChunkLocation, priority: Priority = Priority.DEMAND) -> bytes:
+        if priority == Priority.DEMAND:
+            self.reads += 1
+            if self.recorder is not None:
+                self.recorder.record(loc)
+            if not self.scheduler.is_cached(loc.digest):
+                self.misses += 1
+                self.bytes_missed += loc.compressed_length
+                if self.readahead:
+                    self._read_ahead(loc)
+        raw = await self.scheduler.get(loc, priority)
+        self.bytes_served += len(raw)
+        return raw
+
+    def _read_ahead(self, loc: ChunkLocation) -> None:
+        """Queue the chunks that follow *loc*'s first use in virtual order."""
+        following = self.index.following(loc, self.readahead)
+        if following:
+            self.scheduler.prefetch(following, Priority.READAHEAD)
+
+    def statistics(self) -> dict:
+        return {"chunk_reads": self.reads, "demand_misses": self.misses, "bytes_served": self.bytes_served,
+                "bytes_missed": self.bytes_missed}
+
+
+@dataclass
+class Attachment:
+    name: str
+    ref: str
+    opened: OpenedImage
+    device: MergedDevice
+    store: ImageStore
+    writable_dir: str | None
+    attached_at: float = field(default_factory=time.time)
+    trace: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # what front ends record (loop device, target)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
+                "size": self.device.size, "writable": self.writable_dir, "layers": len(self.opened.image.layers),
+                "attached_at": self.attached_at, "trace": self.trace, **self.extra}
+
+    def statistics(self) -> dict:
+        return {**self.describe(), **self.store.statistics(), "device": self.device.statistics()}
+
+
+def attachment_name(text: str) -> str:
+    """A file-name-safe attachment name derived from an image reference."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("@")[0]).strip("-.")[-100:] or "image"
+    return name if _NAME.match(name) else "image-" + name[-90:]
+
+
+class Host:
+    """Attach and detach images on one host; every attachment shares cache and scheduler."""
+
+    def __init__(self, config: Config, cache: ChunkCache) -> None:
+        self.config = config
+        self.cache = cache
+        self.opener = ImageOpener(config)
+        self.scheduler = FetchScheduler(
+            [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
+            deadline=config.fetch_deadline)
+        self.attachments: dict[str, Attachment] = {}
+        self._nursery: trio.Nursery | None = None
+        self._lock = trio.Lock()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: Config) -> AsyncIterator["Host"]:
+        cache = await ChunkCache.load(config.cache_root, config.cache_size, config.memory_cache_size)
+        host = cls(config, cache)
+        try:
+            async with trio.open_nursery() as nursery:
+                host._nursery = nursery
+                await nursery.start(host.scheduler.run)
+                try:
+                    yield host
+                finally:
+                    with trio.CancelScope(shield=True):
+                        for name in list(host.attachments):
+                            await host.detach(name, save=False)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await host.opener.aclose()
+                await cache.aclose()
+
+    async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
+                     writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None) -> Attachment:
+        """Open *ref* and make its merged device; with *writable*, a writable layer under the writable root."""
+        name = name or attachment_name(ref)
+        if not _NAME.match(name):
+            raise ConfigError(f"attachment name {name!r}: use letters, digits, '.', '_' and '-'")
+        async with self._lock:
+            if name in self.attachments:
+                raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
+            opened = await self.opener.open(ref)
+            for blob in opened.blobs:
+                self.scheduler.set_backends(blob, [opened.backend])
+            layer = None
+            if writable:
+                writable_dir = writable_dir or os.path.join(self.config.writable_root, name)
+                if os.path.exists(os.path.join(writable_dir, "layer.json")):
+                    layer = open_writable(writable_dir)
+                else:
+                    layer = create_writable(writable_dir, kind, opened.image.virtual_size, base=opened.image.manifest.digest)
+                if layer.size != opened.image.virtual_size:
+                    layer.close()
+                    raise ConfigError(f"writable layer {writable_dir} is {layer.size} bytes, image is {opened.image.virtual_size}")
+            store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
+            device = opened.image.device(store, layer)
+            store.index = device.index
+            att = Attachment(name, ref, opened, device, store, writable_dir if writable else None)
+            self.attachments[name] = att
+        await self._start_trace(att, record_trace)
+        log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, opened.image.manifest.digest,
+                 att.writable_dir)
+        return att
+
+    async def _start_trace(self, att: Attachment, record: bool | None) -> None:
+        trace = await load_trace(self.opener, att.opened) if self.config.trace_replay else None
+        if trace:
+            att.trace = {"replay": len(trace)}
+            self._nursery.start_soon(self._replay, att, trace)
+        elif record if record is not None else self.config.trace_record_seconds > 0:
+            att.store.recorder = TraceRecorder()
+            att.trace = {"recording": True}
+            self._nursery.start_soon(self._record, att)
+        if self.config.background_download:
+            self._nursery.start_soon(self._background, att)
+
+    async def _replay(self, att: Attachment, trace) -> None:
+        att.trace.update(await replay(self.scheduler, trace, self.config.trace_concurrency))
+
+    async def _record(self, att: Attachment) -> None:
+        await trio.sleep(self.config.trace_record_seconds)
+        await self.finish_trace(att)
+
+    async def finish_trace(self, att: Attachment) -> None:
+        """Stop recording and store the startup trace next to the image (once)."""
+        recorder = att.store.recorder
+        if recorder is None or recorder.stopped:
+            return
+        recorder.stop()
+        att.trace["recording"] = False
+        if len(recorder):
+            try:
+                att.trace["saved"] = await save_trace(self.opener, att.opened, list(recorder.locations))
+                att.trace["chunks"] = len(recorder)
+            except LazyfsError as exc:
+                log.warning("could not store the startup trace of %s: %s", att.ref, exc)
+
+    async def _background(self, att: Attachment) -> None:
+        att.trace["background"] = await self.scheduler.background_download(
+            att.device.index.locations(), self.config.background_rate, self.config.background_delay)
+
+    async def detach(self, name: str, *, save: bool = True) -> None:
+        att = self.attachments.get(name)
+        if att is None:
+            raise NotFoundError(f"no image attached as {name!r}")
+        if save:
+            await self.finish_trace(att)
+        del self.attachments[name]
+        await att.device.aclose()
+        log.info("audit: detach %s image=%s", name, att.ref)
+
+    def statistics(self) -> dict:
+        return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
+                "scheduler": self.scheduler.statistics()}
