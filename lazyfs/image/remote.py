@@ -35,6 +35,17 @@ class OpenedImage:
     remote: Reference | None = None
 
     @property
+    def backends(self) -> list[Backend]:
+        """Where chunks come from, in order: each registry mirror, then the registry (or the one local backend).
+
+        The scheduler moves to the next one when a chunk fails verification.
+        """
+        inner = self.backend.backends[-1] if isinstance(self.backend, FallbackBackend) else self.backend
+        if not isinstance(inner, RegistryBackend) or len(inner.sources) < 2:
+            return [self.backend]
+        return [SourceBackend(inner, source, self.backend) for source in inner.sources]
+
+    @property
     def blobs(self) -> set[str]:
         """Every blob any chunk of the image can come from."""
         return {loc.blob for meta, digest in self.image.layers for loc in meta.locations(digest)} | {
@@ -62,6 +73,26 @@ class FallbackBackend(Backend):
 
     async def blob_size(self, blob: str) -> int:
         return await self._first(lambda b: b.blob_size(blob))
+
+
+class SourceBackend(Backend):
+    """One source (a mirror or the registry itself) of a RegistryBackend."""
+
+    def __init__(self, backend: RegistryBackend, source: str, fallback: Backend) -> None:
+        self.backend, self.source, self.fallback = backend, source, fallback
+        self._others = tuple(s for s in backend.sources if s != source)
+        self.name = f"{backend.name} via {source}"
+
+    async def read_range(self, blob: str, offset: int, length: int) -> bytes:
+        if self.fallback is not self.backend:  # a pulled layout: local blobs first
+            try:
+                return await self.fallback.backends[0].read_range(blob, offset, length)
+            except NotFoundError:
+                pass
+        return await self.backend.read_range(blob, offset, length, exclude=self._others)
+
+    async def blob_size(self, blob: str) -> int:
+        return await self.fallback.blob_size(blob)
 
 
 def make_client(config: Config) -> RegistryClient:

@@ -123,12 +123,15 @@ class Host:
     async def open(cls, config: Config) -> AsyncIterator["Host"]:
         cache = await ChunkCache.load(config.cache_root, config.cache_size, config.memory_cache_size)
         host = cls(config, cache)
+        body_error: Exception | None = None
         try:
             async with trio.open_nursery() as nursery:
                 host._nursery = nursery
                 await nursery.start(host.scheduler.run)
                 try:
                     yield host
+                except Exception as exc:  # re-raised below as itself, not inside an exception group
+                    body_error = exc
                 finally:
                     with trio.CancelScope(shield=True):
                         for name in list(host.attachments):
@@ -138,6 +141,8 @@ class Host:
             with trio.CancelScope(shield=True):
                 await host.opener.aclose()
                 await cache.aclose()
+        if body_error is not None:
+            raise body_error
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None) -> Attachment:
@@ -149,8 +154,11 @@ class Host:
             if name in self.attachments:
                 raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
             opened = await self.opener.open(ref)
+            backends = opened.backends
             for blob in opened.blobs:
-                self.scheduler.set_backends(blob, [opened.backend])
+                # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
+                known = [b for b in self.scheduler.backends_for(blob) if not isinstance(b, _Unrouted)]
+                self.scheduler.set_backends(blob, known + [b for b in backends if b not in known])
             layer = None
             if writable:
                 writable_dir = writable_dir or os.path.join(self.config.writable_root, name)

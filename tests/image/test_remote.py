@@ -1,0 +1,260 @@
+"""Remote images against a real docker-registry, through a fault-injecting proxy."""
+
+import dataclasses
+import os
+import random
+
+import pytest
+import trio
+
+from lazyfs.config import Config, RegistrySettings
+from lazyfs.errors import FetchError, IntegrityError
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.local import create_image, flatten_image
+from lazyfs.image.ref import LocalRef
+from lazyfs.image.remote import ImageOpener, pull_image, push_image
+from lazyfs.serve.host import Host
+from lazyfs.testing.proxy import FaultProxy
+from lazyfs.testing.registry import registry_fixture
+
+pytestmark = pytest.mark.registry
+registry = registry_fixture()
+CHUNK = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def image(registry, tmp_path_factory):
+    """A two-layer image pushed to the registry; returns (local ref, flattened bytes, registry ref)."""
+    tmp = tmp_path_factory.mktemp("image")
+    rng = random.Random(5)
+    base = bytearray(rng.randbytes(4 << 20) + bytes(2 << 20))
+    (tmp / "base.img").write_bytes(base)
+    v1 = LocalRef(str(tmp / "layout"), "v1")
+    trio.run(lambda: create_image(v1, from_file=str(tmp / "base.img"), chunk_size=CHUNK))
+    top = bytearray(base)
+    top[100_000:300_000] = rng.randbytes(200_000)
+    top[5 << 20 : (5 << 20) + 8192] = b"\x01" * 8192
+    (tmp / "top.img").write_bytes(top)
+    v2 = LocalRef(str(tmp / "layout"), "v2")
+    trio.run(lambda: create_image(v2, from_file=str(tmp / "top.img"), base=v1, chunk_size=CHUNK))
+    ref = parse_reference(f"{registry.registry}/test/app:v2")
+    config = Config(registries=(RegistrySettings(registry.registry, plain_http=True),))
+
+    async def push():
+        async with ImageOpener(config) as opener:
+            return await push_image(opener, v2, ref)
+
+    pushed = trio.run(push)
+    assert pushed["uploaded"] >= 3
+    trio.run(flatten_image, v2, str(tmp / "flat.img"))
+    return v2, (tmp / "flat.img").read_bytes(), ref
+
+
+def host_config(tmp_path, *proxies, mirrors=(), **overrides) -> Config:
+    regs = tuple(RegistrySettings(f"127.0.0.1:{p.port}", plain_http=True, mirrors=tuple(mirrors)) for p in proxies)
+    regs += tuple(RegistrySettings(m, plain_http=True) for m in mirrors)
+    values = dict(cache_root=str(tmp_path / "cache"), writable_root=str(tmp_path / "writable"),
+                  run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), registries=regs,
+                  trace_replay=False, trace_record_seconds=0, readahead_chunks=0, max_range=512 << 10)
+    values.update(overrides)
+    return Config(**values)
+
+
+def via(proxy, ref) -> str:
+    return f"127.0.0.1:{proxy.port}/{ref.repository}:{ref.tag}"
+
+
+def test_remote_image_reads_like_flatten(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def main():
+            async with Host.open(host_config(tmp_path, proxy)) as host:
+                att = await host.attach(via(proxy, ref))
+                data = await att.device.read(0, att.device.size)
+                assert data == flat
+                assert await att.device.read(12345, 70000) == flat[12345 : 12345 + 70000]
+
+        trio.run(main)
+
+
+def test_request_accounting(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def main():
+            async with Host.open(host_config(tmp_path, proxy)) as host:
+                proxy.reset_counters()
+                att = await host.attach(via(proxy, ref))
+                layers = len(att.opened.image.layers)
+                assert proxy.count("GET", "/manifests/") == 1
+                assert proxy.count("GET", "/blobs/") == layers  # one ranged GET of metadata per layer
+                assert proxy.count() == 1 + layers
+
+                proxy.reset_counters()
+                assert await att.device.read(1 << 20, 4096) == flat[1 << 20 : (1 << 20) + 4096]
+                gets = proxy.requests("GET", "/blobs/")
+                assert len(gets) == 1, gets
+                assert gets[0].body_bytes <= CHUNK + 1024  # the one chunk, not more
+
+                proxy.reset_counters()
+                results = []
+
+                async def reader():
+                    results.append(await att.device.read((2 << 20) + 100, 1000))
+
+                async with trio.open_nursery() as n:
+                    for _ in range(100):
+                        n.start_soon(reader)
+                assert results == [flat[(2 << 20) + 100 : (2 << 20) + 1100]] * 100
+                assert proxy.count("GET", "/blobs/") == 1
+
+                proxy.reset_counters()
+                n_chunks = 24  # base-layer chunks 40..63, adjacent in the blob, none cached
+                start = 40 * CHUNK
+                assert await att.device.read(start, n_chunks * CHUNK) == flat[start : start + n_chunks * CHUNK]
+                requests = proxy.count("GET", "/blobs/")
+                expected = n_chunks * CHUNK / (512 << 10)
+                assert expected <= requests <= expected + 2, requests
+
+        trio.run(main)
+
+
+def test_corrupt_bytes_are_never_served_and_a_good_mirror_wins(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as bad, FaultProxy.running_in_thread(registry.port) as good:
+        async def main():
+            # the bad proxy alone: flipped bytes -> IntegrityError, nothing cached
+            async with Host.open(host_config(tmp_path / "a", bad)) as host:
+                att = await host.attach(via(bad, ref))
+                bad.faults.corrupt(path="/blobs/", count=None)
+                with pytest.raises(IntegrityError):
+                    await att.device.read(3 << 20, 4096)
+                assert host.cache.statistics()["entries"] == 0
+                bad.faults.clear()
+                assert await att.device.read(3 << 20, 4096) == flat[3 << 20 : (3 << 20) + 4096]
+            # a mirror that corrupts, then the registry through a good proxy: the read succeeds
+            mirror = f"127.0.0.1:{bad.port}"
+            config = host_config(tmp_path / "b", good, mirrors=[mirror])
+            async with Host.open(config) as host:
+                att = await host.attach(via(good, ref))
+                bad.faults.corrupt(path="/blobs/", count=None)
+                good.reset_counters()
+                assert await att.device.read(3 << 20, 4096) == flat[3 << 20 : (3 << 20) + 4096]
+                assert bad.count("GET", "/blobs/") >= 1 and good.count("GET", "/blobs/") >= 1
+                bad.faults.clear()
+
+        trio.run(main)
+
+
+def test_5xx_and_resets_are_retried(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def main():
+            async with Host.open(host_config(tmp_path, proxy)) as host:
+                att = await host.attach(via(proxy, ref))
+                proxy.faults.fail(503, path="/blobs/", count=2)
+                assert await att.device.read(0, 8192) == flat[:8192]
+                proxy.faults.reset(path="/blobs/", count=2)
+                assert await att.device.read(CHUNK * 5, 8192) == flat[CHUNK * 5 : CHUNK * 5 + 8192]
+                statuses = [r.status for r in proxy.requests("GET", "/blobs/")]
+                assert statuses.count(503) == 2
+
+        trio.run(main)
+
+
+def test_stalled_registry_fails_within_deadline_while_others_are_served(registry, image, tmp_path):
+    local, flat, ref = image
+    # another image, with other blobs, served by another registry address
+    (tmp_path / "other.img").write_bytes(random.Random(9).randbytes(2 << 20))
+    other_local = LocalRef(str(tmp_path / "layout"), "other")
+    trio.run(lambda: create_image(other_local, from_file=str(tmp_path / "other.img"), chunk_size=CHUNK))
+    other_ref = parse_reference(f"{registry.registry}/test/other:1")
+
+    async def push():
+        async with ImageOpener(Config(registries=(RegistrySettings(registry.registry, plain_http=True),))) as opener:
+            await push_image(opener, other_local, other_ref)
+
+    trio.run(push)
+    other_data = (tmp_path / "other.img").read_bytes()
+    with FaultProxy.running_in_thread(registry.port) as stalled, FaultProxy.running_in_thread(registry.port) as fine:
+        async def main():
+            config = host_config(tmp_path, stalled, fine, fetch_deadline=3.0)
+            async with Host.open(config) as host:
+                slow = await host.attach(via(stalled, ref), "slow")
+                other = await host.attach(via(fine, other_ref), "other")
+                stalled.faults.stall(path="/blobs/", count=None)
+                outcome = {}
+
+                async def read_slow():
+                    start = trio.current_time()
+                    try:
+                        await slow.device.read((4 << 20) - 8192, 4096)
+                    except FetchError:
+                        outcome["slow"] = trio.current_time() - start
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(read_slow)
+                    await trio.sleep(0.2)
+                    # meanwhile the other image, on another registry, is served
+                    assert await other.device.read(1 << 20, 65536) == other_data[1 << 20 : (1 << 20) + 65536]
+                    outcome["other_served_while_stalled"] = "slow" not in outcome
+                stalled.faults.release_stalls()
+                assert outcome["other_served_while_stalled"]
+                assert "slow" in outcome and outcome["slow"] < 30
+
+        trio.run(main)
+
+
+def test_trace_replay_leaves_no_demand_misses(registry, image, tmp_path):
+    local, flat, ref = image
+    startup = [(0, 4096), (2 << 20, 300_000), (5 << 20, 8192), (123_456, 10)]
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def first():
+            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                assert att.trace.get("recording")
+                for off, n in startup:
+                    await att.device.read(off, n)
+                await host.detach(att.name)  # stores the trace next to the image
+                return att.trace
+
+        recorded = trio.run(first)
+        assert recorded.get("chunks", 0) >= 4 and recorded.get("saved")
+
+        async def second():
+            config = host_config(tmp_path / "two", proxy, trace_replay=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                with trio.fail_after(60):
+                    while "chunks" not in att.trace:  # replay finished
+                        await trio.sleep(0.05)
+                assert att.trace["replay"] == recorded["chunks"] and att.trace["failed"] == 0
+                for off, n in startup:
+                    assert await att.device.read(off, n) == flat[off : off + n]
+                return att.store.statistics()
+
+        stats = trio.run(second)
+        assert stats["chunk_reads"] > 0 and stats["demand_misses"] == 0
+
+
+def test_pull_is_metadata_only_and_mounts_lazily(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        remote = parse_reference(via(proxy, ref))
+        config = host_config(tmp_path, proxy)
+
+        async def main():
+            async with ImageOpener(config) as opener:
+                proxy.reset_counters()
+                pulled = await pull_image(opener, remote, LocalRef(str(tmp_path / "pulled"), "x"))
+                sent = sum(r.body_bytes for r in proxy.requests("GET"))
+                assert sent < 64 << 10  # manifest, config and metadata only
+                assert pulled["layers"] == 2
+            async with Host.open(dataclasses.replace(config)) as host:
+                proxy.reset_counters()
+                att = await host.attach(f"oci:{tmp_path}/pulled:x")
+                assert proxy.count("GET", "/manifests/") == 0 and proxy.count("GET", "/blobs/") == 0
+                assert await att.device.read(0, 1 << 20) == flat[: 1 << 20]
+
+        trio.run(main)
+        assert os.path.exists(tmp_path / "pulled/index.json")
