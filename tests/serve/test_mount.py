@@ -1,0 +1,262 @@
+"""`lazyfs mount/umount/export/commit/stats` end to end: real registry, FUSE, loop devices, ext4."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from lazyfs.config import Config, RegistrySettings
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.local import create_image, flatten_image
+from lazyfs.image.ref import LocalRef
+from lazyfs.image.remote import ImageOpener, push_image
+from lazyfs.serve import system
+from lazyfs.serve.control import call
+from lazyfs.testing.registry import registry_fixture
+from lazyfs.testing.trees import describe_tree, tree_differences
+from tests.image.test_local import make_busybox_tree
+
+pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+registry = registry_fixture()
+
+
+class Env:
+    def __init__(self, tmp, registry):
+        self.tmp = tmp
+        self.registry = registry
+        self.config_path = str(tmp / "config.json")
+        self.doc = {"run_dir": str(tmp / "run"), "state_dir": str(tmp / "state"), "cache_root": str(tmp / "cache"),
+                    "writable_root": str(tmp / "writable"), "trace_record_seconds": 0,
+                    "registries": [{"host": registry.registry, "plain_http": True}]}
+        with open(self.config_path, "w") as f:
+            json.dump(self.doc, f)
+        self.socket = os.path.join(self.doc["run_dir"], "lazyfs.sock")
+
+    def lazyfs(self, *args, check=True, timeout=120):
+        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config_path],
+                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        if check and proc.returncode:
+            raise AssertionError(f"lazyfs {' '.join(args)}: {proc.stderr}")
+        return proc
+
+    def daemon_pid(self):
+        return call(self.socket, "ping", timeout=10)["pid"]
+
+    def cleanup(self):
+        for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
+            if m.mountpoint.startswith(str(self.tmp)):
+                subprocess.run(["umount", "-l", m.mountpoint])
+        for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
+            if str(self.tmp) in line:
+                subprocess.run(["losetup", "-d", line.split(":")[0]])
+        try:
+            os.kill(self.daemon_pid(), signal.SIGTERM)
+        except Exception:
+            pass
+        deadline = time.monotonic() + 20
+        while os.path.exists(self.socket) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def env(registry, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mount")
+    e = Env(tmp, registry)
+    src = tmp / "src"
+    make_busybox_tree(str(src))
+    with open(src / "marker", "w") as f:
+        f.write("lazyfs marker\n")
+    local = LocalRef(str(tmp / "layout"), "v1")
+    trio.run(lambda: create_image(local, from_dir=str(src)))
+    e.src, e.local = src, local
+    e.ref = f"{registry.registry}/serve/busybox:v1"
+
+    async def push():
+        config = Config(registries=(RegistrySettings(registry.registry, plain_http=True),))
+        async with ImageOpener(config) as opener:
+            await push_image(opener, local, parse_reference(e.ref))
+
+    trio.run(push)
+    e.flat = str(tmp / "flat.img")
+    trio.run(flatten_image, local, e.flat)
+    yield e
+    e.cleanup()
+
+
+def leftovers(env) -> list[str]:
+    found = [m.mountpoint for m in system.mounts() if m.mountpoint.startswith(str(env.tmp) + "/mnt")]
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    found += [line for line in loops.splitlines() if "/export/" in line and str(env.tmp) in line]
+    return found
+
+
+def test_mount_registry_image_lazily(env):
+    target = env.tmp / "mnt1"
+    target.mkdir()
+    out = env.lazyfs("mount", env.ref, str(target), "--json").stdout
+    info = json.loads(out)
+    try:
+        assert info["seconds"] < 60 and info["loop"].startswith("/dev/loop")
+        diffs = tree_differences(describe_tree(str(env.src)), describe_tree(str(target)))
+        assert diffs == [], "\n".join(diffs[:20])
+        run = subprocess.run(["chroot", str(target), "/bin/sh", "-c", "cat /marker"], capture_output=True, text=True)
+        assert run.stdout == "lazyfs marker\n"
+        exported = info["path"]
+        fsck = subprocess.run(["e2fsck", "-fn", exported], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", exported, env.flat],
+                             capture_output=True, text=True)
+        assert cmp.returncode == 0 and "identical" in cmp.stdout, cmp.stdout + cmp.stderr
+        stats = json.loads(env.lazyfs("stats", str(target), "--json").stdout)
+        assert stats["device"]["bytes_read"] > 0 and stats["image"] == env.ref
+        human = env.lazyfs("stats", str(target)).stdout
+        assert "bytes fetched" in human and "hit rate" in human
+    finally:
+        env.lazyfs("umount", str(target))
+    assert leftovers(env) == []
+
+
+def test_writable_mount_commit_and_remount(env):
+    target = env.tmp / "mnt2"
+    target.mkdir()
+    env.lazyfs("mount", env.ref, str(target), "--writable")
+    try:
+        (target / "written").mkdir()
+        (target / "written/hello.txt").write_text("written through lazyfs\n")
+        os.sync()
+    finally:
+        env.lazyfs("umount", str(target))
+    env.lazyfs("mount", env.ref, str(target), "--writable")
+    try:
+        assert (target / "written/hello.txt").read_text() == "written through lazyfs\n"
+        committed = json.loads(env.lazyfs("commit", str(target), f"{env.registry.registry}/serve/busybox:v2", "--json").stdout)
+        assert committed["chunks_stored"] >= 1
+    finally:
+        env.lazyfs("umount", str(target))
+    # the writable data lives under the writable root only
+    wroot = env.doc["writable_root"]
+    assert any(os.path.exists(os.path.join(wroot, d, "layer.json")) for d in os.listdir(wroot))
+    other = env.tmp / "mnt3"
+    other.mkdir()
+    env.lazyfs("mount", f"{env.registry.registry}/serve/busybox:v2", str(other))
+    try:
+        assert (other / "written/hello.txt").read_text() == "written through lazyfs\n"
+        assert (other / "marker").read_text() == "lazyfs marker\n"
+    finally:
+        env.lazyfs("umount", str(other))
+    env.lazyfs("mount", env.ref, str(other))  # the base image is unchanged
+    try:
+        assert not (other / "written/hello.txt").exists()
+    finally:
+        env.lazyfs("umount", str(other))
+    assert leftovers(env) == []
+
+
+def test_kill_daemon_during_reads_then_recover(env):
+    target = env.tmp / "mnt4"
+    target.mkdir()
+    env.lazyfs("mount", env.ref, str(target))
+    reader = subprocess.Popen(["sh", "-c", f"while true; do cat {target}/bin/busybox {target}/data/owned > /dev/null "
+                               f"|| exit 7; echo 3 > /proc/sys/vm/drop_caches; done"],
+                              stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)
+        os.kill(env.daemon_pid(), signal.SIGKILL)
+        reader.wait(timeout=60)  # bounded: readers get EIO, never hang
+        assert reader.returncode == 7
+        assert b"Input/output error" in reader.stderr.read()
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+    env.lazyfs("umount", str(target))
+    assert leftovers(env) == []
+    assert not system.is_mountpoint(env.doc["run_dir"] + "/export")
+    env.lazyfs("mount", env.ref, str(target))  # a new daemon starts
+    try:
+        assert (target / "marker").read_text() == "lazyfs marker\n"
+    finally:
+        env.lazyfs("umount", str(target))
+    assert leftovers(env) == []
+
+
+def test_restart_restores_attachments(env):
+    export = env.tmp / "exp"
+    env.lazyfs("export", env.ref, str(export))
+    disk = export / "disk.img"
+    with open(disk, "rb") as f:
+        head = f.read(8192)
+    os.kill(env.daemon_pid(), signal.SIGKILL)
+    time.sleep(0.5)
+    # a new daemon (started by any command that needs one) attaches the image again
+    proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--config", env.config_path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if call(env.socket, "list", timeout=5):
+                    break
+            except Exception:
+                pass
+            time.sleep(0.1)
+        with open(disk, "rb") as f:
+            assert f.read(8192) == head
+        env.lazyfs("umount", str(export))
+        assert not disk.exists()
+        assert call(env.socket, "list") == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("case", ["unknown image", "not a directory", "already mounted", "wrong credentials"])
+def test_bad_input_is_one_clear_line(env, case, tmp_path):
+    target = env.tmp / "mnt5"
+    target.mkdir(exist_ok=True)
+    if case == "unknown image":
+        proc = env.lazyfs("mount", f"{env.registry.registry}/serve/nothing:here", str(target), check=False)
+        message = "not found"
+    elif case == "not a directory":
+        f = tmp_path / "file"
+        f.write_text("x")
+        proc = env.lazyfs("mount", env.ref, str(f), check=False)
+        message = "is not a directory"
+    elif case == "already mounted":
+        env.lazyfs("mount", env.ref, str(target))
+        try:
+            proc = env.lazyfs("mount", env.ref, str(target), check=False)
+        finally:
+            env.lazyfs("umount", str(target))
+        message = "already a mount point"
+    else:
+        from lazyfs.testing.registry import running_registry
+
+        with running_registry(tmp_path / "auth-registry", auth="htpasswd") as secured:
+            auths = secured.write_auth_file(tmp_path / "auths.json", password="wrong-password")
+            doc = dict(env.doc, credentials=str(auths), registries=[{"host": secured.registry, "plain_http": True}],
+                       run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"))
+            cfg = tmp_path / "cfg.json"
+            cfg.write_text(json.dumps(doc))
+            try:
+                proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", "mount", f"{secured.registry}/a/b:1",
+                                       str(target), "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT,
+                                      timeout=120)
+            finally:
+                try:
+                    call(str(tmp_path / "run/lazyfs.sock"), "stop", timeout=10)
+                except Exception:
+                    pass
+        message = "rejected the credentials"
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message.lower() in proc.stderr.lower(), proc.stderr
+    assert leftovers(env) == []
+    assert call(env.socket, "list") == []
