@@ -1,0 +1,627 @@
+"""The trio fetch executor: cache first, then single-flight, coalesced, prioritised, verified fetches.
+
+``FetchScheduler`` is the ``ChunkStore`` read-only layers use. It runs what the
+planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
+
+* ``get`` answers from the cache (memory, then disk), else joins the one
+  flight for that digest, else starts one (queued in the planner);
+* each planned job is one ranged read from the blob's primary backend,
+  retried with exponential backoff and jitter on ``FetchError``, each attempt
+  bounded by ``attempt_timeout`` and the whole job by ``deadline``;
+* every frame is decompressed and blake3-verified in a worker thread; a chunk
+  that fails verification (or a read that fails outright) is tried on the next
+  backend of the blob's list; when all fail, waiters get the error
+  (``IntegrityError`` if any backend served bad bytes). Bad bytes are never
+  served nor cached;
+* a reader that is cancelled or times out stops waiting; the shared fetch goes
+  on for the others (flights belong to the scheduler's nursery, not to readers).
+
+All tasks live in the scheduler's own nursery: ``async with
+FetchScheduler.open(backends, cache) as sched`` or ``await nursery.start(sched.run)``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.errors import AuthError, ConfigError, FetchError, FormatError, IntegrityError, LazyfsError, NotFoundError
+from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
+from lazyfs.format.chunk import decode_chunk
+
+__all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
+
+log = logging.getLogger(__name__)
+
+# Upper bounds (seconds) of the request latency histogram; the last bucket is +inf.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, math.inf,
+)  # fmt: skip
+
+
+class LatencyHistogram:
+    """Counts of observations per fixed bucket, with quantiles estimated from the buckets."""
+
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS) -> None:
+        if list(bounds) != sorted(bounds) or not bounds or bounds[-1] != math.inf:
+            raise ConfigError("histogram bounds must be sorted and end with +inf")
+        self.bounds = tuple(bounds)
+        self.counts = [0] * len(self.bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def quantile(self, q: float) -> float:
+        """Estimate of the *q* quantile: linear within its bucket (0.0 when empty)."""
+        if self.count == 0:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= rank:
+                lower = self.bounds[i - 1] if i else 0.0
+                upper = self.bounds[i]
+                if upper == math.inf:
+                    return lower
+                return min(upper, lower + (upper - lower) * max(0.0, rank - seen) / n)
+            seen += n
+        return self.bounds[-2]
+
+    def snapshot(self) -> dict:
+        return {
+            "buckets": [(b, c) for b, c in zip(self.bounds, self.counts)],
+            "count": self.count,
+            "sum": self.sum,
+            "p50": self.quantile(0.50),
+            "p95": self.quantile(0.95),
+            "p99": self.quantile(0.99),
+        }
+
+
+class _State(enum.Enum):
+    DISK = "disk"  # being read from the disk cache
+    FETCH = "fetch"  # queued in the planner or part of a running job
+
+
+class _Flight:
+    """The one resolution in progress of a digest; every reader of it waits on ``done``."""
+
+    __slots__ = ("loc", "priority", "state", "done", "result", "error")
+
+    def __init__(self, loc: ChunkLocation, priority: Priority, state: _State) -> None:
+        self.loc = loc
+        self.priority = priority
+        self.state = state
+        self.done = trio.Event()
+        self.result: bytes | None = None
+        self.error: LazyfsError | None = None
+
+
+WRITE_BACK_GRACE = 10.0  # seconds a stopping scheduler still spends writing fetched chunks to disk
+
+_COUNTERS = (
+    "requests",  # get() calls
+    "memory_hits",  # get() answered from the memory tier
+    "disk_hits",  # chunks loaded (and verified) from the disk tier for a reader
+    "joins",  # get() calls that waited on a flight someone else started
+    "fetches",  # chunks sent to the network (misses)
+    "ranged_gets",  # backend read_range calls, retries included
+    "bytes_fetched",  # bytes those calls returned
+    "bytes_served",  # raw bytes handed to get() callers
+    "wasted_bytes",  # gap bytes read only to coalesce
+    "retries",  # read attempts repeated after a FetchError
+    "failovers",  # reads moved to the next backend
+    "integrity_failures",  # frames that failed verification
+    "fetch_errors",  # failed read attempts
+    "deadline_exceeded",  # waits or jobs that ran out of time
+    "errors",  # get() calls that raised
+    "prefetched",  # chunks queued by prefetch()
+    "background_chunks",  # chunks fetched by background_download
+    "background_bytes",
+)
+
+
+class FetchScheduler(ChunkStore):
+    """Verified chunks from a cache over an ordered list of backends.
+
+    ``backends`` are tried in order for every blob, unless ``set_backends``
+    routes a blob elsewhere. Concurrency is bounded per primary backend
+    (``max_jobs_per_backend``, of which ``reserved_for_demand`` only serve
+    demand reads).
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        cache: ChunkCache,
+        *,
+        max_range: int = DEFAULT_MAX_RANGE,
+        max_gap: int = DEFAULT_MAX_GAP,
+        max_jobs_per_backend: int = 8,
+        reserved_for_demand: int = 2,
+        deadline: float = 30.0,
+        attempt_timeout: float = 10.0,
+        max_retries: int = 4,
+        backoff_base: float = 0.05,
+        backoff_max: float = 2.0,
+        verify_threads: int = 2,
+    ) -> None:
+        if not backends:
+            raise ConfigError("the fetch scheduler needs at least one backend")
+        if deadline <= 0 or attempt_timeout <= 0:
+            raise ConfigError(f"deadline and attempt_timeout must be positive ({deadline}, {attempt_timeout})")
+        if max_retries < 0 or backoff_base < 0 or backoff_max < 0:
+            raise ConfigError("retry settings must not be negative")
+        self._backends = tuple(backends)
+        self._routes: dict[str, tuple[Backend, ...]] = {}
+        self.cache = cache
+        self.deadline = deadline
+        self.attempt_timeout = attempt_timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._planner = FetchPlanner(
+            max_range=max_range, max_gap=max_gap, max_jobs=max_jobs_per_backend, reserved_for_demand=reserved_for_demand
+        )
+        self._verify_threads = verify_threads
+        self._cpu: trio.CapacityLimiter | None = None
+        self._flights: dict[bytes, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._wakeup: trio.Event | None = None
+        self._stopped: trio.Event | None = None
+        self._closed = False
+        self._demand_waiting = 0
+        self._demand_quiet: trio.Event | None = None
+        self._st = dict.fromkeys(_COUNTERS, 0)
+        self._latency = LatencyHistogram()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, backends: Sequence[Backend], cache: ChunkCache, **options) -> AsyncIterator["FetchScheduler"]:
+        """Run a scheduler for the duration of the block; its tasks end with it."""
+        sched = cls(backends, cache, **options)
+        body_error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sched.run)
+            try:
+                yield sched
+            except Exception as exc:
+                # Re-raised below, outside the nursery, so callers see their own
+                # exception rather than an ExceptionGroup wrapping it.
+                body_error = exc
+            finally:
+                sched._stop()
+        if body_error is not None:
+            raise body_error
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until ``aclose()`` (or cancellation); use as ``await nursery.start(sched.run)``."""
+        if self._nursery is not None or self._closed:
+            raise RuntimeError("a fetch scheduler runs once")
+        self._cpu = trio.CapacityLimiter(self._verify_threads)
+        self._wakeup = trio.Event()
+        self._stopped = trio.Event()
+        self._demand_quiet = trio.Event()
+        self._demand_quiet.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._dispatch_forever()
+        finally:
+            self._closed = True
+            self._nursery = None
+            stopped = FetchError("fetch scheduler stopped")
+            for flight in list(self._flights.values()):
+                self._settle(flight, stopped)
+            self._flights.clear()
+            self._stopped.set()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def aclose(self) -> None:
+        """Stop every task of the scheduler and fail whatever is still waiting.
+
+        The backends and the cache belong to the caller and stay open.
+        """
+        self._stop()
+        if self._stopped is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await self._stopped.wait()
+
+    # ------------------------------------------------------------ routing
+
+    def set_backends(self, blob: str, backends: Sequence[Backend]) -> None:
+        """Fetch *blob* from *backends* (in order) instead of the default list."""
+        if not backends:
+            raise ConfigError(f"no backends given for {blob}")
+        self._routes[blob] = tuple(backends)
+
+    def backends_for(self, blob: str) -> tuple[Backend, ...]:
+        return self._routes.get(blob, self._backends)
+
+    def _lane(self, blob: str) -> Hashable:
+        # Concurrency is bounded per primary backend; the object itself is the key.
+        return self.backends_for(blob)[0]
+
+    # ------------------------------------------------------------ reading
+
+    async def get(self, loc: ChunkLocation, priority: Priority = Priority.DEMAND, *, deadline: float | None = None) -> bytes:
+        """The verified raw bytes of the chunk at *loc*.
+
+        Raises FetchError (also when *deadline*, default ``self.deadline``,
+        passes first), IntegrityError, NotFoundError or FormatError.
+        """
+        started = time.perf_counter()
+        self._st["requests"] += 1
+        try:
+            raw = self.cache.get_memory(loc.digest)
+            if raw is not None:
+                self._st["memory_hits"] += 1
+            else:
+                flight = self._flight_for(loc, priority, joining=True)
+                raw = await self._wait(flight, priority, deadline)
+            if len(raw) != loc.raw_length:
+                raise IntegrityError(f"chunk {loc.digest.hex()}", f"{loc.raw_length} bytes", f"{len(raw)} bytes", "chunk table")
+        except LazyfsError:
+            self._st["errors"] += 1
+            raise
+        self._st["bytes_served"] += len(raw)
+        self._latency.observe(time.perf_counter() - started)
+        return raw
+
+    async def ensure(self, loc: ChunkLocation, priority: Priority = Priority.READAHEAD, *, deadline: float | None = None) -> None:
+        """Wait until the chunk at *loc* is cached (without reading it back when it already is)."""
+        if loc.digest in self.cache:
+            return
+        flight = self._flight_for(loc, priority, joining=False)
+        await self._wait(flight, priority, deadline)
+
+    def prefetch(self, locations: Iterable[ChunkLocation], priority: Priority = Priority.READAHEAD) -> int:
+        """Queue the chunks not cached yet at *priority* without waiting; return how many were new.
+
+        Concurrency stays bounded by the planner: queued chunks start as slots
+        free up, always after any waiting demand read.
+        """
+        queued = 0
+        for loc in locations:
+            if loc.digest in self.cache:
+                continue
+            existing = loc.digest in self._flights
+            self._flight_for(loc, priority, joining=False)
+            queued += not existing
+        self._st["prefetched"] += queued
+        return queued
+
+    def is_cached(self, digest: bytes) -> bool:
+        return digest in self.cache
+
+    def _flight_for(self, loc: ChunkLocation, priority: Priority, *, joining: bool) -> _Flight:
+        if self._closed or self._nursery is None:
+            raise FetchError("fetch scheduler is not running")
+        priority = Priority(priority)
+        flight = self._flights.get(loc.digest)
+        if flight is not None:
+            if joining:
+                self._st["joins"] += 1
+            if priority < flight.priority:
+                flight.priority = priority
+                if flight.state is _State.FETCH:
+                    self._planner.request(flight.loc, priority, self._lane(flight.loc.blob))
+                    self._kick()
+            return flight
+        if self.cache.on_disk(loc.digest):
+            flight = _Flight(loc, priority, _State.DISK)
+            self._flights[loc.digest] = flight
+            self._nursery.start_soon(self._load_from_disk, flight)
+        else:
+            flight = _Flight(loc, priority, _State.FETCH)
+            self._flights[loc.digest] = flight
+            self.cache.record_miss()
+            self._enqueue(flight)
+        return flight
+
+    def _enqueue(self, flight: _Flight) -> None:
+        flight.state = _State.FETCH
+        self._st["fetches"] += 1
+        self._planner.request(flight.loc, flight.priority, self._lane(flight.loc.blob))
+        self._kick()
+
+    async def _wait(self, flight: _Flight, priority: Priority, deadline: float | None) -> bytes:
+        limit = self.deadline if deadline is None else deadline
+        demand = priority == Priority.DEMAND
+        if demand:
+            self._demand_enter()
+        try:
+            with trio.move_on_after(limit):
+                await flight.done.wait()
+        finally:
+            if demand:
+                self._demand_exit()
+        if not flight.done.is_set():
+            self._st["deadline_exceeded"] += 1
+            raise FetchError(
+                f"chunk {flight.loc.digest.hex()[:16]} of {flight.loc.blob}: not fetched within the {limit}s deadline"
+            )
+        if flight.error is not None:
+            # The same error object reaches every waiter: reset its traceback each time.
+            raise flight.error.with_traceback(None)
+        return flight.result
+
+    def _demand_enter(self) -> None:
+        if self._demand_waiting == 0:
+            self._demand_quiet = trio.Event()
+        self._demand_waiting += 1
+
+    def _demand_exit(self) -> None:
+        self._demand_waiting -= 1
+        if self._demand_waiting == 0:
+            self._demand_quiet.set()
+
+    async def _load_from_disk(self, flight: _Flight) -> None:
+        try:
+            raw = await self.cache.get_disk(flight.loc.digest)
+        except Exception:  # a cache that cannot be read is a miss, not an outage
+            log.exception("chunk cache read failed for %s", flight.loc.digest.hex())
+            raw = None
+        if self._flights.get(flight.loc.digest) is not flight:
+            return
+        if raw is not None:
+            self._st["disk_hits"] += 1
+            del self._flights[flight.loc.digest]
+            self._settle(flight, raw)
+        else:
+            self.cache.record_miss()
+            self._enqueue(flight)
+
+    # ------------------------------------------------------------ executing
+
+    def _kick(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            wakeup = self._wakeup
+            await wakeup.wait()
+            # Waking one scheduling round after the request lets every reader
+            # that became runnable in the same round queue first, so their
+            # neighbouring frames coalesce into one read.
+            self._wakeup = trio.Event()
+            while (job := self._planner.next_job()) is not None:
+                self._nursery.start_soon(self._run_job, job)
+
+    async def _run_job(self, job: FetchJob) -> None:
+        outcome: dict[bytes, bytes | LazyfsError] = {}
+        self._st["wasted_bytes"] += job.wasted
+        try:
+            try:
+                await self._execute(job, outcome)
+            finally:
+                self._planner.finish(job)
+                self._kick()
+                self._sweep(job, outcome)
+        except Exception as exc:  # a bug must fail this job's readers, not the whole scheduler
+            log.exception("fetch job for %s failed unexpectedly", job.blob)
+            for loc in job.locations:
+                if loc.digest not in outcome:
+                    self._resolve(loc.digest, FetchError(f"internal error fetching {job.blob}: {exc!r}"), outcome)
+        finally:
+            stopped = FetchError("fetch scheduler stopped")
+            for loc in job.locations:
+                if loc.digest not in outcome:
+                    self._resolve(loc.digest, stopped, outcome)
+            # Chunks already served are written back even while the scheduler
+            # stops (bounded), so what was read survives a restart.
+            with trio.CancelScope(deadline=trio.current_time() + WRITE_BACK_GRACE, shield=True):
+                for digest, result in outcome.items():
+                    if isinstance(result, bytes):
+                        await self.cache.write_pending(digest)
+
+    def _sweep(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
+        """Serve flights that joined this job after it had resolved their digest.
+
+        Such a flight was told "in flight" by the planner, so nothing else
+        would ever resolve it.
+        """
+        if self._closed:
+            return
+        for loc in job.locations:
+            flight = self._flights.get(loc.digest)
+            if flight is None or flight.state is not _State.FETCH or self._planner.is_pending(loc.digest):
+                continue
+            result = outcome.get(loc.digest)
+            if isinstance(result, bytes):
+                del self._flights[loc.digest]
+                self._settle(flight, result)
+            else:
+                self._planner.request(flight.loc, flight.priority, self._lane(flight.loc.blob))
+
+    async def _execute(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
+        remaining = {loc.digest: loc for loc in job.locations}
+        bad_bytes: dict[bytes, IntegrityError] = {}
+        last_error: LazyfsError | None = None
+        with trio.move_on_after(self.deadline) as scope:
+            for i, backend in enumerate(self.backends_for(job.blob)):
+                if not remaining:
+                    break
+                if i:
+                    self._st["failovers"] += 1
+                locs = sorted(remaining.values(), key=lambda l: l.offset)
+                start = job.offset if i == 0 else locs[0].offset
+                end = job.end if i == 0 else max(l.end for l in locs)
+                try:
+                    data = await self._read_range(backend, job.blob, start, end - start)
+                except LazyfsError as exc:
+                    last_error = exc
+                    log.warning("fetch %s %d+%d from %s failed: %s", job.blob, start, end - start, backend.name, exc)
+                    continue
+                view = memoryview(data)
+                for loc in locs:
+                    frame = view[loc.offset - start : loc.end - start]
+                    try:
+                        raw = await trio.to_thread.run_sync(
+                            decode_chunk, loc.digest, frame, loc.compression, loc.raw_length, backend.name, limiter=self._cpu
+                        )
+                    except IntegrityError as exc:
+                        self._st["integrity_failures"] += 1
+                        bad_bytes[loc.digest] = exc
+                        log.warning("%s", exc)
+                        continue
+                    except FormatError as exc:  # the location itself is wrong: no mirror can help
+                        del remaining[loc.digest]
+                        self._resolve(loc.digest, exc, outcome)
+                        continue
+                    del remaining[loc.digest]
+                    self._resolve(loc.digest, raw, outcome)
+        if not remaining:
+            return
+        if scope.cancelled_caught:
+            self._st["deadline_exceeded"] += 1
+        for digest, loc in remaining.items():
+            if digest in bad_bytes:
+                error: LazyfsError = bad_bytes[digest]
+            elif scope.cancelled_caught:
+                error = FetchError(f"chunk {digest.hex()[:16]} of {job.blob}: deadline of {self.deadline}s exceeded")
+            else:
+                error = last_error or FetchError(f"no backend could serve {job.blob}")
+            self._resolve(digest, error, outcome)
+
+    async def _read_range(self, backend: Backend, blob: str, offset: int, length: int) -> bytes:
+        """One ranged read, retried on transient errors with exponential backoff and jitter."""
+        attempt = 0
+        while True:
+            self._st["ranged_gets"] += 1
+            try:
+                with trio.fail_after(self.attempt_timeout):
+                    data = await backend.read_range(blob, offset, length)
+                if len(data) != length:
+                    raise FetchError(f"{backend.name}: short read of {blob}: {len(data)} of {length} bytes at {offset}")
+            except trio.TooSlowError:
+                error = FetchError(f"{backend.name}: no answer for {blob} {offset}+{length} within {self.attempt_timeout}s")
+            except (AuthError, NotFoundError):
+                self._st["fetch_errors"] += 1
+                raise  # retrying cannot help; the next backend might
+            except FetchError as exc:
+                error = exc
+            except OSError as exc:
+                error = FetchError(f"{backend.name}: {exc}")
+            else:
+                self._st["bytes_fetched"] += len(data)
+                return data
+            self._st["fetch_errors"] += 1
+            attempt += 1
+            if attempt > self.max_retries:
+                raise error
+            self._st["retries"] += 1
+            cap = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
+            await trio.sleep(cap * random.uniform(0.5, 1.0))
+
+    def _resolve(self, digest: bytes, result: bytes | LazyfsError, outcome: dict) -> None:
+        outcome[digest] = result
+        flight = self._flights.pop(digest, None)
+        if isinstance(result, bytes):
+            # Bulk background chunks go to disk only, so they do not flush the hot set.
+            in_memory = flight is None or flight.priority != Priority.BACKGROUND
+            self.cache.admit(digest, result, memory=in_memory)
+        if flight is not None:
+            self._settle(flight, result)
+
+    @staticmethod
+    def _settle(flight: _Flight, result: bytes | LazyfsError) -> None:
+        if isinstance(result, bytes):
+            flight.result = result
+        else:
+            flight.error = result
+        flight.done.set()
+
+    # ------------------------------------------------------------ background download
+
+    async def background_download(
+        self,
+        locations: Iterable[ChunkLocation],
+        rate_bytes_per_s: float,
+        delay_s: float = 0.0,
+        *,
+        window: int = 64,
+    ) -> dict:
+        """After *delay_s*, fetch every chunk of *locations* not cached yet at BACKGROUND priority.
+
+        At most *rate_bytes_per_s* (stored bytes, token bucket with a burst of
+        one max range), at most *window* chunks outstanding, and no new chunk
+        is started while a demand read is waiting. Failed chunks are counted
+        and skipped. Returns counts: chunks, bytes, skipped (already cached or
+        listed twice), failed.
+        """
+        if window <= 0:
+            raise ConfigError(f"background window must be positive, got {window}")
+        await trio.sleep(delay_s)
+        bucket = TokenBucket(rate_bytes_per_s, self._planner.max_range, trio.current_time())
+        outstanding = trio.Semaphore(window)
+        result = {"chunks": 0, "bytes": 0, "skipped": 0, "failed": 0}
+        seen: set[bytes] = set()
+
+        async def fetch_one(loc: ChunkLocation) -> None:
+            try:
+                await self.ensure(loc, Priority.BACKGROUND, deadline=math.inf)
+            except LazyfsError as exc:
+                result["failed"] += 1
+                log.warning("background download of chunk %s failed: %s", loc.digest.hex()[:16], exc)
+            else:
+                result["chunks"] += 1
+                result["bytes"] += loc.compressed_length
+                self._st["background_chunks"] += 1
+                self._st["background_bytes"] += loc.compressed_length
+            finally:
+                outstanding.release()
+
+        async with trio.open_nursery() as nursery:
+            for loc in locations:
+                if loc.digest in seen or loc.digest in self.cache:
+                    result["skipped"] += 1
+                    continue
+                seen.add(loc.digest)
+                await outstanding.acquire()
+                await self._demand_quiet.wait()  # yield to readers first
+                if loc.digest in self.cache:
+                    outstanding.release()
+                    result["skipped"] += 1
+                    continue
+                delay = bucket.reserve(loc.compressed_length, trio.current_time())
+                if delay > 0:
+                    await trio.sleep(delay)
+                nursery.start_soon(fetch_one, loc)
+        return result
+
+    # ------------------------------------------------------------ statistics
+
+    def statistics(self) -> dict:
+        return {
+            **self._st,
+            "in_flight": len(self._flights),
+            "demand_waiting": self._demand_waiting,
+            "latency": self._latency.snapshot(),
+            "planner": self._planner.statistics(),
+            "cache": self.cache.statistics(),
+        }
