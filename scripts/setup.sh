@@ -47,9 +47,9 @@ _lazyfs_setup() (
     else
         say "apt-get update"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
+        apt-get -o DPkg::Lock::Timeout=900 update -qq
         say "apt-get install ${#LAZYFS_APT_PACKAGES[@]} packages"
-        apt-get install -y -qq --no-install-recommends "${LAZYFS_APT_PACKAGES[@]}" >/dev/null
+        apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${LAZYFS_APT_PACKAGES[@]}" >/dev/null
         printf '%s\n' "$wanted" >"$apt_stamp"
     fi
 
