@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lazyfs.errors import ConfigError
 
@@ -82,7 +82,7 @@ def _check(name: str, value: object) -> object:
     kind = _TYPES[name]
     if name == "registries":
         if not isinstance(value, list):
-            raise ConfigError(f"config field 'registries' must be a list")
+            raise ConfigError("config field 'registries' must be a list")
         out = []
         for i, r in enumerate(value):
             if not isinstance(r, dict) or not isinstance(r.get("host"), str):

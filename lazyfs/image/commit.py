@@ -16,7 +16,7 @@ from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, build_conf
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.build import layer_from_writable
 from lazyfs.image.layout import OciLayout
-from lazyfs.image.local import _copy_blobs, write_image
+from lazyfs.image.local import _copy_blobs
 from lazyfs.image.ref import parse_local_ref
 from lazyfs.image.remote import ANN_SOURCE, ImageOpener, OpenedImage
 

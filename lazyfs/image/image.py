@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -28,25 +28,22 @@ class Image:
         return MergedDevice(self.layers, store, writable, size=self.virtual_size)
 
 
-async def load_layer_meta(backend: Backend, layer: LayerDescriptor) -> LayerMeta:
-    """One ranged read: the layer's metadata and footer, checked against the manifest."""
-    tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
-    _, meta = await trio.to_thread.run_sync(parse_tail, tail, layer.size)
-    return meta
+async def load_image(manifest: ImageManifest, backend: Backend,
+                     saved_tail: Callable[[LayerDescriptor], bytes | None] | None = None) -> Image:
+    """Every layer's metadata, fetched concurrently: one ranged read per layer.
 
-
-async def load_image(manifest: ImageManifest, backend: Backend) -> Image:
-    """Fetch every layer's metadata concurrently (one ranged read per layer)."""
+    *saved_tail* may return a layer's metadata bytes kept from an earlier pull
+    (then no read is made); they are checked exactly like fetched ones.
+    """
     metas: list[LayerMeta | None] = [None] * len(manifest.layers)
 
     async def one(i: int, layer: LayerDescriptor) -> None:
-        metas[i] = await load_layer_meta(backend, layer)
+        tail = await trio.to_thread.run_sync(saved_tail, layer) if saved_tail else None
+        if tail is None:
+            tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
+        metas[i] = (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
 
     async with trio.open_nursery() as nursery:
         for i, layer in enumerate(manifest.layers):
             nursery.start_soon(one, i, layer)
-    return Image(manifest, tuple((meta, layer.digest) for meta, layer in zip(metas, manifest.layers)))
-
-
-def layers_of(image: Image | None) -> Sequence[tuple[LayerMeta, str]]:
-    return image.layers if image is not None else ()
+    return Image(manifest, tuple((meta, layer.digest) for meta, layer in zip(metas, manifest.layers, strict=True)))

@@ -166,7 +166,7 @@ async def image_info(ref: LocalRef) -> dict:
     """Layers, sizes, chunks, holes and the dedup ratio of an image."""
     image, _ = await open_local(ref)
     layers, stored_total, referenced_total = [], 0, 0
-    for (meta, digest), desc in zip(image.layers, image.manifest.layers):
+    for (meta, digest), desc in zip(image.layers, image.manifest.layers, strict=True):
         own = [c for c in meta.chunks if meta.blobs[c.blob] == SELF_BLOB]
         data_blocks = sum(e.count for e in meta.extents if e.chunk != ZEROED)
         zeroed = sum(e.count for e in meta.extents if e.chunk == ZEROED)

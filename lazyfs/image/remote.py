@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import trio
 
 from lazyfs.config import Config
 from lazyfs.errors import NotFoundError
@@ -16,7 +15,7 @@ from lazyfs.fetch.registry import RegistryBackend, RegistryClient, RegistryConfi
 from lazyfs.format.layer import FOOTER_SIZE, parse_tail
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
 from lazyfs.format.reference import Reference, parse_reference
-from lazyfs.image.image import Image
+from lazyfs.image.image import Image, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef, parse_local_ref
 
@@ -153,28 +152,16 @@ class ImageOpener:
 
 async def _load(manifest: ImageManifest, backend: Backend, layout: OciLayout | None) -> Image:
     """Layer metadata: from a pulled layout's saved tails where present, else one ranged read each."""
-    metas = [None] * len(manifest.layers)
 
-    async def one(i: int) -> None:
-        layer = manifest.layers[i]
-        tail = None
-        if layout is not None:
-            path = os.path.join(layout.path, META_DIR, layer.digest.split(":")[1])
-            if os.path.exists(path):
-                tail = await trio.to_thread.run_sync(_read_file, path)
-        if tail is None:
-            tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
-        metas[i] = (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
+    def saved(layer) -> bytes | None:
+        path = os.path.join(layout.path, META_DIR, layer.digest.split(":")[1])
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
 
-    async with trio.open_nursery() as nursery:
-        for i in range(len(manifest.layers)):
-            nursery.start_soon(one, i)
-    return Image(manifest, tuple((meta, layer.digest) for meta, layer in zip(metas, manifest.layers)))
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return await load_image(manifest, backend, saved if layout is not None else None)
 
 
 async def push_image(opener: ImageOpener, source: LocalRef, target: Reference) -> dict:

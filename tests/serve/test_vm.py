@@ -1,14 +1,13 @@
 """qemu guests on lazyfs images: the exported file as a virtio-blk disk, and a mount shared over virtio-fs."""
 
 import json
-import os
 import subprocess
 
 import pytest
 
 from lazyfs.serve.control import call
 from lazyfs.testing.guest import Drive, Share, require_qemu
-from tests.serve.test_mount import env, leftovers, registry  # noqa: F401  (module fixtures)
+from tests.serve.conftest import leftovers
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.qemu, pytest.mark.slow]
 GUEST_TIMEOUT = 180.0
