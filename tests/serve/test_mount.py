@@ -180,3 +180,41 @@ def test_bad_input_is_one_clear_line(env, case, tmp_path):
     assert message.lower() in proc.stderr.lower(), proc.stderr
     assert leftovers(env) == []
     assert call(env.socket, "list") == []
+
+
+def test_metrics_and_control_socket(env, tmp_path):
+    import socket as socketlib
+    import stat
+
+    import httpx
+
+    with socketlib.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    doc = dict(env.doc, run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
+               metrics_address=f"127.0.0.1:{port}")
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(doc))
+    export = tmp_path / "exp"
+    subprocess.run([sys.executable, "-m", "lazyfs.cli", "export", env.ref, str(export), "--config", str(cfg)],
+                   check=True, cwd=ROOT, capture_output=True, timeout=120)
+    sock = str(tmp_path / "run/lazyfs.sock")
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600  # root only
+        with open(export / "disk.img", "rb") as f:
+            f.read(1 << 20)
+        deadline = time.monotonic() + 30
+        while True:  # the exporter snapshots statistics every couple of seconds
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            line = next((l for l in text.splitlines() if l.startswith("lazyfs_image_bytes_read_total{")), "")
+            if line and float(line.split()[-1]) >= 1 << 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert env.ref in line and float(line.split()[-1]) >= 1 << 20, line
+        assert "lazyfs_fetch_bytes_fetched_total" in text
+        with pytest.raises(Exception, match="unknown control operation"):
+            call(sock, "format-the-disk")
+    finally:
+        subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", str(export), "--config", str(cfg)],
+                       cwd=ROOT, capture_output=True, timeout=120)
+        call(sock, "stop")
