@@ -20,10 +20,13 @@ def _run_and_kill(directory: str, kind: str, seed: int, delay: float) -> tuple[i
     child = subprocess.Popen([sys.executable, "-m", "tests.device.crash_writer", directory, kind, str(seed)],
                              cwd=ROOT, stdout=subprocess.PIPE)
     assert child.stdout.readline() == b"READY\n"
+    first = child.stdout.readline()  # kill only after a flush, however slow the machine is
+    assert first.startswith(b"FLUSHED"), first
     time.sleep(delay)
     child.send_signal(signal.SIGKILL)
     out, _ = child.communicate(timeout=30)
-    flushed = [int(line.split()[1]) for line in out.decode().splitlines() if line.startswith("FLUSHED")]
+    lines = [first.decode()] + out.decode().splitlines()
+    flushed = [int(line.split()[1]) for line in lines if line.startswith("FLUSHED")]
     return (flushed[-1] if flushed else 0), out
 
 
@@ -47,7 +50,7 @@ def test_sigkill_keeps_every_flushed_write(tmp_path, kind):
     for round_ in range(12):  # x2 kinds = 24 kills
         directory = str(tmp_path / f"{kind}{round_}")
         seed = rng.randrange(1 << 30)
-        flushed, _ = _run_and_kill(directory, kind, seed, rng.uniform(0.05, 0.6))
+        flushed, _ = _run_and_kill(directory, kind, seed, rng.uniform(0.0, 0.5))
         layer = open_writable(directory)
         try:
             # ops after the last acknowledged flush may or may not have reached the disk

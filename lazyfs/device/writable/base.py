@@ -9,12 +9,13 @@ import json
 import os
 from collections.abc import Iterator
 
-from lazyfs.device.writable.journal import write_atomically
+from lazyfs.device.writable.journal import Journal, write_atomically
 from lazyfs.errors import BusyError, FormatError, NotFoundError, RangeError
 
 LOWER, DATA, ZERO = 0, 1, 2  # block states: fall through / written here / discarded here
 KINDS = {"sparse": 1, "log": 2}
 DESCRIPTOR = "layer.json"
+COMPACT_BYTES = 8 << 20  # rewrite a journal once it grows past this
 
 Run = tuple[int, int, int]  # (start block, block count, state)
 
@@ -60,14 +61,36 @@ class WritableLayer(abc.ABC):
         """Make blocks read as zeros, hiding lower layers."""
 
     @abc.abstractmethod
-    def flush(self) -> None:
-        """Make every acknowledged write and discard durable."""
-
-    @abc.abstractmethod
     def runs(self) -> Iterator[Run]:
         """Every DATA and ZERO run, ascending (what commit turns into a layer)."""
 
+    @abc.abstractmethod
+    def _journal_records(self) -> Iterator[Run]:
+        """The whole current state as journal records (for compaction)."""
+
+    def _open(self, data_path: str, data_flags: int, journal_name: str, create: bool) -> None:
+        """Lock the layer, open its data file and replay its journal into ``self.journal.records``."""
+        self._lock()
+        self._fd = os.open(data_path, data_flags, 0o600)
+        self.journal = Journal(os.path.join(self.root, journal_name), KINDS[self.kind], self.block_size, self.size, create)
+        self._pending: list[Run] = []
+
+    def flush(self) -> None:
+        """Make every acknowledged write and discard durable: data first, then one journal batch."""
+        if not self._pending:
+            return
+        os.fdatasync(self._fd)  # the journal never points at data that is not on disk
+        self.journal.append(self._pending)
+        self._pending = []
+        self.flushes += 1
+        if self.journal.size > COMPACT_BYTES:
+            self.journal.rewrite(self._journal_records())
+
     def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.journal.close()
         fd = getattr(self, "_lock_fd", -1)
         if fd >= 0:
             os.close(fd)

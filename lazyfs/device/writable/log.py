@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from lazyfs.device.writable.base import DATA, KINDS, LOWER, ZERO, Run, WritableLayer
-from lazyfs.device.writable.journal import Journal
+from lazyfs.device.writable.base import DATA, LOWER, ZERO, Run, WritableLayer
 from lazyfs.errors import FormatError
 
 DATA_FILE, JOURNAL_FILE = "data.log", "index.journal"
-COMPACT_BYTES = 8 << 20
 _ZERO = -1  # journal value meaning "discarded"
 
 
@@ -23,12 +21,9 @@ class LogLayer(WritableLayer):
 
     def __init__(self, root: str, virtual_size: int, block_size: int, create: bool) -> None:
         super().__init__(root, virtual_size, block_size)
-        self._lock()
-        path = os.path.join(root, DATA_FILE)
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        self._fd = os.open(path, flags, 0o600)
+        self._open(os.path.join(root, DATA_FILE), os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0),
+                   JOURNAL_FILE, create)
         self._end = os.fstat(self._fd).st_size  # unflushed garbage after a crash is simply skipped
-        self.journal = Journal(os.path.join(root, JOURNAL_FILE), KINDS["log"], block_size, virtual_size, create)
         self.map: dict[int, int] = {}  # block -> byte offset in the log, or _ZERO
         for start, count, value in self.journal.records:
             if count <= 0 or start + count > self.blocks or value < _ZERO or (
@@ -37,7 +32,6 @@ class LogLayer(WritableLayer):
             for i in range(count):
                 self.map[start + i] = _ZERO if value == _ZERO else value + i * block_size
         self.journal.records = []
-        self._pending: list[Run] = []
 
     def _state(self, block: int) -> int:
         value = self.map.get(block)
@@ -84,17 +78,7 @@ class LogLayer(WritableLayer):
         self._pending.append((start, count, _ZERO))
         self.writes += 1
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        os.fdatasync(self._fd)
-        self.journal.append(self._pending)
-        self._pending = []
-        self.flushes += 1
-        if self.journal.size > COMPACT_BYTES:
-            self.journal.rewrite(self._records())
-
-    def _records(self) -> Iterator[Run]:
+    def _journal_records(self) -> Iterator[Run]:
         """The current map as coalesced journal records."""
         bs = self.block_size
         run: list[int] | None = None
@@ -124,9 +108,3 @@ class LogLayer(WritableLayer):
         if run:
             yield tuple(run)
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self.journal.close()
-        super().close()

@@ -11,12 +11,10 @@ import ctypes.util
 import os
 from collections.abc import Iterator
 
-from lazyfs.device.writable.base import DATA, KINDS, LOWER, ZERO, Run, WritableLayer, state_runs
-from lazyfs.device.writable.journal import Journal
+from lazyfs.device.writable.base import DATA, LOWER, ZERO, Run, WritableLayer, state_runs
 from lazyfs.errors import FormatError
 
 DATA_FILE, JOURNAL_FILE = "data", "map.journal"
-COMPACT_BYTES = 8 << 20  # rewrite the journal once it grows past this
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -31,22 +29,18 @@ class SparseLayer(WritableLayer):
 
     def __init__(self, root: str, virtual_size: int, block_size: int, create: bool) -> None:
         super().__init__(root, virtual_size, block_size)
-        self._lock()
         path = os.path.join(root, DATA_FILE)
+        self._open(path, os.O_RDWR | (os.O_CREAT if create else 0), JOURNAL_FILE, create)
         if create:
-            with open(path, "wb") as f:
-                f.truncate(virtual_size)
-        self._fd = os.open(path, os.O_RDWR)
+            os.ftruncate(self._fd, virtual_size)
         if os.fstat(self._fd).st_size != virtual_size:
             raise FormatError(f"{path}: size {os.fstat(self._fd).st_size}, expected {virtual_size}")
-        self.journal = Journal(os.path.join(root, JOURNAL_FILE), KINDS["sparse"], block_size, virtual_size, create)
         self.state = bytearray(self.blocks)
         for start, count, value in self.journal.records:
             if value not in (LOWER, DATA, ZERO) or start + count > self.blocks or count <= 0:
                 raise FormatError(f"{self.journal.path}: record ({start}, {count}, {value}) out of range")
             self.state[start : start + count] = bytes([value]) * count
         self.journal.records = []
-        self._pending: list[Run] = []
 
     def lookup(self, start: int, count: int) -> list[Run]:
         self._check(start, count)
@@ -71,24 +65,10 @@ class SparseLayer(WritableLayer):
         self._pending.append((start, count, ZERO))
         self.writes += 1
 
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        os.fdatasync(self._fd)  # data first: the journal never points at unwritten blocks
-        self.journal.append(self._pending)
-        self._pending = []
-        self.flushes += 1
-        if self.journal.size > COMPACT_BYTES:
-            self.journal.rewrite(self.runs())
-
     def runs(self) -> Iterator[Run]:
         for run in state_runs(self.state, 0):
             if run[2] != LOWER:
                 yield run
 
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-            self.journal.close()
-        super().close()
+    def _journal_records(self) -> Iterator[Run]:
+        return self.runs()
