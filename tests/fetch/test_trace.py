@@ -192,8 +192,8 @@ def test_record_then_replay_turns_later_reads_into_hits(tmp_path):
 
 
 def test_replay_counts_failures_without_raising(tmp_path):
-    locs = write_blob(tmp_path / "oci", [b"\7" * 8192, b"\8" * 8192])
-    missing = ChunkLocation(b"\9" * 32, "sha256:" + "d" * 64, 0, 10, 10, 0)
+    locs = write_blob(tmp_path / "oci", [b"\7" * 8192, b"\\8" * 8192])
+    missing = ChunkLocation(b"\\9" * 32, "sha256:" + "d" * 64, 0, 10, 10, 0)
 
     async def main():
         with trio.fail_after(60):
