@@ -13,6 +13,7 @@ import errno
 import json
 import mmap
 import os
+import time
 import queue
 import random
 import signal
@@ -344,6 +345,10 @@ def test_fsync_and_close_flush_the_source(tmp_path):
         finally:
             os.close(fd)  # dirty since the last flush: close flushes
         assert flushes() == 3
+        # FUSE_RELEASE reaches the server asynchronously after close() returns: wait for it, bounded
+        deadline = time.monotonic() + 30
+        while srv.stats()["open_handles"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         st = srv.stats()
         assert st["fsyncs"] == 2 and st["flushes"] == 3 and st["open_handles"] == 0
 
