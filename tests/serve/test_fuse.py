@@ -13,7 +13,7 @@ import errno
 import json
 import mmap
 import os
-import time
+import pytest
 import queue
 import random
 import signal
@@ -21,8 +21,7 @@ import stat
 import subprocess
 import sys
 import threading
-
-import pytest
+import time
 import trio
 
 from lazyfs.device.source import BlockSource, check_write, clamp_read
