@@ -13,7 +13,6 @@ import errno
 import json
 import mmap
 import os
-import pytest
 import queue
 import random
 import signal
@@ -22,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import pytest
 import trio
 
 from lazyfs.device.source import BlockSource, check_write, clamp_read
