@@ -258,3 +258,24 @@ def test_pull_is_metadata_only_and_mounts_lazily(registry, image, tmp_path):
 
         trio.run(main)
         assert os.path.exists(tmp_path / "pulled/index.json")
+
+
+def test_background_download_fetches_the_rest(registry, image, tmp_path):
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def main():
+            config = host_config(tmp_path, proxy, background_download=True, background_delay=0.0,
+                                 background_rate=64 << 20)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                wanted = {loc.digest for loc in att.device.index.locations()}
+                with trio.fail_after(120):
+                    while "background" not in att.trace:
+                        await trio.sleep(0.05)
+                assert att.trace["background"]["failed"] == 0
+                assert all(host.scheduler.is_cached(d) for d in wanted)
+                proxy.reset_counters()
+                assert await att.device.read(0, att.device.size) == flat
+                assert proxy.count("GET", "/blobs/") == 0  # everything was already here
+
+        trio.run(main)
