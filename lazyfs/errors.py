@@ -71,6 +71,12 @@ class BusyError(LazyfsError):
     errno = errno.EBUSY
 
 
+class AlreadyExistsError(LazyfsError):
+    """A name that must be new is taken (a snapshot key, an image tag)."""
+
+    errno = errno.EEXIST
+
+
 def to_errno(exc: BaseException) -> int:
     """The errno a FUSE handler returns for *exc* (EIO for anything unexpected)."""
     if isinstance(exc, LazyfsError):

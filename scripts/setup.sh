@@ -15,6 +15,8 @@ LAZYFS_APT_PACKAGES=(
     qemu-system-x86 linux-image-amd64 cpio
     # the demo's Debian root filesystem
     debootstrap
+    # the containerd snapshotter: real containerd + runc, and containerd's Go sources for its conformance suite
+    containerd runc golang-go golang-github-containerd-containerd-dev
     # a fresh Debian 12 has python3 without ensurepip; `python3 -m venv` needs python3-venv
     python3 python3-venv ca-certificates
 )

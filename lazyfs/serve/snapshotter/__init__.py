@@ -1,0 +1,1 @@
+"""containerd integration: `lazyfs snapshotter` (a proxy snapshotter) and `lazyfs rpull`."""

@@ -1,0 +1,269 @@
+"""lazyfs images under the snapshotter: remote layers registered from labels, devices mounted per snapshot.
+
+A lazyfs layer becomes a committed snapshot without downloading it: the snapshotter pulls the
+image's metadata (manifest, config, one metadata tail per layer) into an OCI layout under
+``ROOT/images/<manifest hex>`` whose index remembers the registry; chunks are fetched on demand
+by the host daemon once a snapshot on top of the layer is attached. A snapshot whose parent
+chain ends in lazyfs layers gets the merged device of that prefix of the image through the
+daemon's FUSE file, a loop device and ext4.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+
+import trio
+
+from lazyfs.config import Config
+from lazyfs.errors import FormatError, LazyfsError, NotFoundError
+from lazyfs.format.oci import ANN_VIRTUAL_SIZE, MEDIA_TYPE_MANIFEST, build_manifest, parse_manifest
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.layout import OciLayout
+from lazyfs.image.ref import LocalRef
+from lazyfs.image.remote import ANN_SOURCE, META_DIR, ImageOpener, pull_image
+from lazyfs.serve import system
+from lazyfs.serve.control import call
+from lazyfs.serve.mount import daemon_alive, ensure_daemon
+
+log = logging.getLogger(__name__)
+
+# labels containerd (its unpacker, its CRI plugin) and `lazyfs rpull` put on a layer's Prepare
+LABEL_SNAPSHOT_REF = "containerd.io/snapshot.ref"
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+# per snapshot: where the writable state of a container on a lazyfs image goes ("overlay" or "block")
+LABEL_MODE = "containerd.io/snapshot/lazyfs.mode"
+LAYOUT_TAG = "image"
+MANIFEST_CACHE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRequest:
+    """What the labels of a Prepare say about a remote layer."""
+
+    target: str  # the chain id the committed snapshot will be known by
+    image: str  # image reference
+    layer: str  # layer digest
+    manifest: str | None  # manifest digest, when the caller knows it
+
+
+def layer_request(labels: dict) -> LayerRequest | None:
+    """The remote layer named by *labels*, or None when they name none (sans-IO)."""
+    target, image, layer = labels.get(LABEL_SNAPSHOT_REF), labels.get(LABEL_IMAGE_REF), labels.get(LABEL_LAYER_DIGEST)
+    if not (target and image and layer):
+        return None
+    return LayerRequest(target, image, layer, labels.get(LABEL_MANIFEST_DIGEST) or None)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLayer:
+    """A lazyfs layer found in its image, with the image's metadata stored locally."""
+
+    layout: str
+    source: str  # registry reference with the manifest digest
+    manifest: str
+    index: int  # position in the manifest, bottom first
+    count: int
+    digests: tuple[str, ...]  # every layer digest of the manifest, bottom first
+    meta_bytes: int  # bytes the layer's metadata tail takes locally
+
+    def extra(self) -> dict:
+        return {"layout": self.layout, "source": self.source, "manifest": self.manifest, "index": self.index,
+                "count": self.count, "layer": self.digests[self.index], "digests": list(self.digests)}
+
+
+class LazyImages:
+    """Finds lazyfs layers in registries and keeps their images' metadata under *directory*."""
+
+    def __init__(self, config: Config, directory: str) -> None:
+        self.config, self.directory = config, directory
+        self._manifests: dict[tuple[str, str | None], tuple[float, bytes, str]] = {}
+        self._lock = threading.Lock()
+
+    def _fetch_manifest(self, image: str, digest: str | None) -> tuple[bytes, str]:
+        key = (image, digest)
+        with self._lock:
+            hit = self._manifests.get(key)
+            if hit and time.monotonic() - hit[0] < MANIFEST_CACHE_SECONDS:
+                return hit[1], hit[2]
+        ref = parse_reference(image)
+        if digest:
+            ref = ref.with_digest(digest)
+
+        async def get():
+            async with ImageOpener(self.config) as opener:
+                data, _, got = await opener.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+                return data, got
+
+        data, got = trio.run(get)
+        with self._lock:
+            self._manifests[key] = (time.monotonic(), data, got)
+        return data, got
+
+    def find(self, req: LayerRequest) -> RemoteLayer | None:
+        """The lazyfs layer *req* names, its image metadata stored; None if the image is not lazyfs."""
+        try:
+            data, digest = self._fetch_manifest(req.image, req.manifest)
+            manifest = parse_manifest(data)
+        except FormatError as exc:
+            log.info("%s is not a lazyfs image (%s): layer %s unpacks the ordinary way", req.image, exc, req.layer)
+            return None
+        digests = tuple(layer.digest for layer in manifest.layers)
+        if req.layer not in digests:
+            log.info("layer %s is not in lazyfs image %s", req.layer, req.image)
+            return None
+        index = digests.index(req.layer)
+        source = str(parse_reference(req.image).with_digest(digest))
+        layout = os.path.join(self.directory, digest.split(":", 1)[1])
+        if not _pulled(layout):
+            self._pull(source, layout)
+        meta = os.path.join(layout, META_DIR, req.layer.split(":", 1)[1])
+        return RemoteLayer(layout, source, digest, index, len(digests), digests, _disk_usage(meta))
+
+    def _pull(self, source: str, layout: str) -> None:
+        """Manifest, config and metadata tails into *layout* (made under a temporary name, then renamed)."""
+        tmp = f"{layout}.tmp-{os.getpid()}-{threading.get_ident()}"
+
+        async def pull():
+            async with ImageOpener(self.config) as opener:
+                return await pull_image(opener, parse_reference(source), LocalRef(tmp, LAYOUT_TAG))
+
+        try:
+            result = trio.run(pull)
+            try:
+                os.rename(tmp, layout)
+            except OSError:
+                if not _pulled(layout):  # not another thread's copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("registered lazyfs image %s: %d bytes of layer metadata, no layer data", source,
+                 result["metadata_bytes"])
+
+
+def _pulled(layout: str) -> bool:
+    return os.path.exists(os.path.join(layout, "index.json"))
+
+
+def _disk_usage(path: str) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def image_for(extra: dict) -> str:
+    """The local image reference of the lazyfs layers up to and including the one *extra* describes.
+
+    The whole image is the layout's own tag; a lower prefix gets its own manifest (same config,
+    fewer layers) the first time it is needed.
+    """
+    layout, index, count = extra["layout"], int(extra["index"]), int(extra["count"])
+    if index == count - 1:
+        return str(LocalRef(layout, LAYOUT_TAG))
+    tag = f"layers-{index + 1}"
+    store = OciLayout(layout)
+    if tag not in store.tags():
+        data, desc = store.read_manifest(LAYOUT_TAG)
+        manifest = parse_manifest(data)
+        annotations = {k: v for k, v in manifest.annotations.items() if k != ANN_VIRTUAL_SIZE}
+        prefix = build_manifest(manifest.config, list(manifest.layers[:index + 1]), manifest.virtual_size, annotations)
+        store.put_manifest(prefix, tag, annotations={ANN_SOURCE: desc.annotations[ANN_SOURCE]})
+    return str(LocalRef(layout, tag))
+
+
+class Devices:
+    """Attachments of the host daemon (named ``PREFIX-ID``), their loop devices and ext4 mounts."""
+
+    def __init__(self, config: Config, config_path: str | None, prefix: str) -> None:
+        self.config, self.config_path, self.prefix = config, config_path, prefix
+
+    def name(self, snapshot_id: int) -> str:
+        return f"{self.prefix}-{snapshot_id}"
+
+    def snapshot_id(self, name: str) -> int | None:
+        head, sep, tail = name.rpartition("-")
+        return int(tail) if head == self.prefix and tail.isdigit() else None
+
+    def export_path(self, name: str) -> str:
+        from lazyfs.serve.fuse import IMAGE_NAME
+
+        return os.path.join(self.config.export_dir, name, IMAGE_NAME)
+
+    def attachments(self) -> dict[str, dict]:
+        """This snapshotter's attachments in the daemon (none if no daemon runs)."""
+        if not daemon_alive(self.config):
+            return {}
+        return {a["name"]: a for a in call(self.config.socket_path, "list", timeout=30)
+                if self.snapshot_id(a["name"]) is not None}
+
+    def attach(self, name: str, image: str, writable_dir: str | None) -> dict:
+        ensure_daemon(self.config, self.config_path)
+        existing = self.attachments().get(name)
+        if existing is not None:
+            return existing
+        return call(self.config.socket_path, "attach", timeout=600, image=image, name=name,
+                    writable=writable_dir is not None, writable_dir=writable_dir, kind="sparse",
+                    extra={"owner": "snapshotter"})
+
+    def loop_for(self, name: str, known: str | None, read_only: bool) -> str:
+        """A loop device on the attachment's file: *known* if it still is one, else a new one."""
+        path = self.export_path(name)
+        found = trio.run(system.find_loop_devices, path)
+        if known in found:
+            return known
+        if found:
+            return found[0]
+        return trio.run(lambda: system.losetup_attach(path, read_only))
+
+    def mount_ro(self, dev: str, target: str) -> None:
+        entry = next((m for m in system.mounts() if m.mountpoint == target), None)
+        if entry is not None:
+            if entry.source == dev:
+                return
+            trio.run(lambda: system.umount(target, lazy=True))
+        os.makedirs(target, exist_ok=True)
+        # noload: never replay a journal of a read-only image
+        trio.run(lambda: system.mount(dev, target, "ext4", read_only=True, options=("noload",)))
+
+    def teardown(self, name: str, mountpoint: str | None) -> list[str]:
+        """Unmount *mountpoint*, detach the loop devices and the attachment; what failed, as messages."""
+        problems = []
+        if mountpoint is not None:
+            for _ in range(8):  # stacked mounts come off one by one
+                if not system.is_mountpoint(mountpoint):
+                    break
+                try:
+                    trio.run(system.umount, mountpoint)
+                except LazyfsError:
+                    # still used (a container's overlay over it): let the kernel finish later
+                    try:
+                        trio.run(lambda: system.umount(mountpoint, lazy=True))
+                    except LazyfsError as exc:
+                        problems.append(str(exc))
+                        break
+            try:
+                os.rmdir(mountpoint)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                problems.append(f"rmdir {mountpoint}: {exc}")
+        for dev in trio.run(system.find_loop_devices, self.export_path(name)):
+            try:
+                trio.run(system.losetup_detach, dev)
+            except LazyfsError as exc:
+                problems.append(str(exc))
+        if daemon_alive(self.config):
+            try:
+                call(self.config.socket_path, "detach", timeout=60, name=name)
+            except NotFoundError:
+                pass
+            except LazyfsError as exc:
+                problems.append(f"detach {name}: {exc}")
+        return problems

@@ -1,0 +1,372 @@
+"""`lazyfs snapshotter` under Debian's real containerd and runc, with `lazyfs rpull` for lazy pulls.
+
+One module-wide environment: a registry (lazyfs images are pulled through a counting proxy),
+the snapshotter with its cache root on the test's disk and its writable root on a tmpfs of its
+own (the "fast disk"), the lazyfs host daemon it starts, and containerd whose [proxy_plugins]
+point at the snapshotter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import trio
+
+from lazyfs.config import Config, RegistrySettings
+from lazyfs.fetch.credentials import Credentials
+from lazyfs.fetch.registry import RegistryClient
+from lazyfs.format.layer import FOOTER_SIZE
+from lazyfs.format.oci import parse_manifest
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.layout import OciLayout
+from lazyfs.image.local import create_image
+from lazyfs.image.ref import LocalRef
+from lazyfs.image.remote import ImageOpener, push_image
+from lazyfs.serve import system
+from lazyfs.serve.control import call
+from lazyfs.serve.snapshotter import api
+from lazyfs.testing.containerd import SnapshotterProcess, oci_image_from_trees, push_oci_image, running_containerd
+from lazyfs.testing.proxy import FaultProxy
+from lazyfs.testing.registry import registry_fixture
+from tests.conftest import require_fuse, require_loop
+from tests.image.test_local import make_busybox_tree
+
+pytestmark = [pytest.mark.containerd, pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.slow]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+registry = registry_fixture()
+SCRIPT = "cat /etc/os-release; echo hi > /root/x; cat /root/x"
+OS_RELEASE = 'NAME="lazyfs test"\n'
+OS_RELEASE_V2 = 'NAME="lazyfs test, second layer"\n'
+
+
+class Env:
+    def __init__(self, tmp, registry, proxy):
+        self.tmp, self.registry, self.proxy = tmp, registry, proxy
+        self.proxied = f"127.0.0.1:{proxy.port}"
+        self.cache_root = str(tmp / "cache-disk" / "snapshotter")
+        self.writable_disk = str(tmp / "fast-disk")
+        self.writable_root = os.path.join(self.writable_disk, "snapshotter")
+        self.config_path = str(tmp / "lazyfs.json")
+        self.doc = {"run_dir": str(tmp / "run"), "state_dir": str(tmp / "state"),
+                    "cache_root": str(tmp / "cache-disk" / "chunks"), "writable_root": str(tmp / "unused"),
+                    "trace_record_seconds": 0, "log_level": "info",
+                    "registries": [{"host": registry.registry, "plain_http": True},
+                                   {"host": self.proxied, "plain_http": True}]}
+        with open(self.config_path, "w") as f:
+            json.dump(self.doc, f)
+        self.daemon_socket = os.path.join(self.doc["run_dir"], "lazyfs.sock")
+        self.snapshotter: SnapshotterProcess | None = None
+        self.containerd = None
+
+    def lazyfs(self, *args, check=True, timeout=300):
+        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config_path],
+                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        if check and proc.returncode:
+            raise AssertionError(f"lazyfs {' '.join(args)}: {proc.stderr}\nsnapshotter log:\n{self.log_tail()}")
+        return proc
+
+    def rpull(self, ref):
+        return json.loads(self.lazyfs("rpull", ref, "--address", self.containerd.address, "--json").stdout)
+
+    def ctr(self, *args, **kw):
+        return self.containerd.ctr(*args, **kw)
+
+    def log_tail(self, n=40):
+        try:
+            with open(self.snapshotter.log) as f:
+                return "".join(f.readlines()[-n:])
+        except (OSError, AttributeError):
+            return ""
+
+    def snapshots_api(self, namespace="default"):
+        """containerd's snapshot service (as clients see it), through the generated stubs."""
+        import grpc
+
+        pb = api.load()
+        channel = grpc.insecure_channel("unix:" + self.containerd.address)
+        stub = pb.snapshots_grpc.SnapshotsStub(channel)
+        md = [("containerd-namespace", namespace)]
+        return pb, stub, md, channel
+
+    def usage(self, key):
+        pb, stub, md, channel = self.snapshots_api()
+        try:
+            r = stub.Usage(pb.snapshots.UsageRequest(snapshotter="lazyfs", key=key), metadata=md, timeout=60)
+            return r.size, r.inodes
+        finally:
+            channel.close()
+
+    def container_mounts(self, key):
+        pb, stub, md, channel = self.snapshots_api()
+        try:
+            return stub.Mounts(pb.snapshots.MountsRequest(snapshotter="lazyfs", key=key), metadata=md, timeout=60).mounts
+        finally:
+            channel.close()
+
+    def wait_for_snapshotter(self):
+        """After a restart, containerd reconnects to the proxy plugin with a back-off: wait for it."""
+        deadline = time.monotonic() + 60
+        while True:
+            proc = self.ctr("snapshots", "--snapshotter", "lazyfs", "ls", check=False)
+            if proc.returncode == 0 or time.monotonic() > deadline:
+                return proc
+            time.sleep(0.2)
+
+    def leftovers(self) -> list[str]:
+        """Whatever the snapshotter made that still exists: mounts, loop devices, directories."""
+        found = [f"mount {m.mountpoint} ({m.source})" for m in system.mounts()
+                 if m.mountpoint.startswith((self.cache_root, self.writable_root))]
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        found += [f"loop {line}" for line in loops.splitlines() if "ctrd-" in line and str(self.tmp) in line]
+        for base in (os.path.join(self.cache_root, d) for d in ("snapshots", "mnt", "images")):
+            found += [os.path.join(base, e) for e in os.listdir(base)]
+        base = os.path.join(self.writable_root, "snapshots")
+        found += [os.path.join(base, e) for e in os.listdir(base)]
+        try:
+            found += [f"attachment {a['name']}" for a in call(self.daemon_socket, "list", timeout=30)]
+        except Exception:
+            pass
+        return found
+
+    def cleanup(self):
+        """Cleanup, called on the snapshotter's own socket: containerd 1.6 runs it only after its GC
+        and does not offer it to clients."""
+        import grpc
+
+        pb = api.load()
+        with grpc.insecure_channel("unix:" + self.snapshotter.address) as channel:
+            pb.snapshots_grpc.SnapshotsStub(channel).Cleanup(pb.snapshots.CleanupRequest(), timeout=120)
+
+
+def _find(root: str, name: str) -> list[str]:
+    """Files called *name* under *root*, not crossing into other file systems (the lazyfs mounts)."""
+    out = []
+    dev = os.lstat(root).st_dev
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_dev == dev]
+        out += [os.path.join(dirpath, f) for f in filenames if f == name]
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(registry, tmp_path_factory):
+    require_fuse()
+    require_loop()
+    tmp = tmp_path_factory.mktemp("ctrd")
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        e = Env(tmp, registry, proxy)
+        os.makedirs(e.writable_disk)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "lazyfs-fast-disk", e.writable_disk], check=True)
+        try:
+            _images(e)
+            os.makedirs(tmp / "sn")
+            e.snapshotter = SnapshotterProcess(str(tmp / "sn" / "snapshotter.sock"), e.cache_root, e.writable_root,
+                                               config_path=e.config_path).start()
+            try:
+                with running_containerd(str(tmp / "containerd"), {"lazyfs": e.snapshotter.address}) as ctrd:
+                    e.containerd = ctrd
+                    yield e
+            finally:
+                e.snapshotter.stop()
+                try:
+                    call(e.daemon_socket, "stop", timeout=30)
+                except Exception:
+                    pass
+                deadline = time.monotonic() + 30
+                while os.path.exists(e.daemon_socket) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        finally:
+            for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
+                if m.mountpoint.startswith(str(tmp) + "/") and m.mountpoint != e.writable_disk:
+                    subprocess.run(["umount", "-l", m.mountpoint], check=False)
+            for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
+                if str(tmp) in line:
+                    subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+            subprocess.run(["umount", "-l", e.writable_disk], check=False)
+
+
+def _images(e: Env) -> None:
+    """An ordinary two-layer OCI image and a lazyfs image of the same busybox tree, in the registry."""
+    tree = e.tmp / "tree"
+    make_busybox_tree(str(tree))
+    os.makedirs(tree / "root")
+    (tree / "data" / "unread.bin").write_bytes(os.urandom(4 << 20))  # what a lazy pull never fetches
+    top = e.tmp / "top"
+    os.makedirs(top / "etc")
+    (top / "etc" / "os-release").write_text(OS_RELEASE)
+    (tree / "etc" / "os-release").write_text('NAME="the lower layer"\n')  # the upper layer replaces it
+    e.oci = oci_image_from_trees([(str(tree), ()), (str(top), ("data/dangling",))])
+    e.oci_ref = f"{e.registry.registry}/plain/busybox:1"
+    (tree / "etc" / "os-release").write_text(OS_RELEASE)
+    local = LocalRef(str(e.tmp / "layout"), "v1")
+    trio.run(lambda: create_image(local, from_dir=str(tree), size=96 << 20))
+    e.lazy_ref = f"{e.proxied}/lazy/busybox:v1"
+    manifest, _ = OciLayout(local.path).read_manifest("v1")
+    e.lazy_manifest = parse_manifest(manifest)
+    # v2: a second lazyfs layer over v1 (shares v1's layer, so their snapshots share a chain)
+    (tree / "etc" / "os-release").write_text(OS_RELEASE_V2)
+    local2 = LocalRef(str(e.tmp / "layout"), "v2")
+    trio.run(lambda: create_image(local2, from_dir=str(tree), size=96 << 20, base=local))
+    e.lazy_ref2 = f"{e.proxied}/lazy/busybox:v2"
+    config = Config(registries=(RegistrySettings(e.registry.registry, plain_http=True),))
+
+    async def push():
+        async with ImageOpener(config) as opener:
+            await push_image(opener, local, parse_reference(f"{e.registry.registry}/lazy/busybox:v1"))
+            await push_image(opener, local2, parse_reference(f"{e.registry.registry}/lazy/busybox:v2"))
+        client = RegistryClient(e.registry.configs(), Credentials(None))
+        try:
+            await push_oci_image(client, parse_reference(e.oci_ref), e.oci)
+        finally:
+            await client.aclose()
+
+    trio.run(push)
+
+
+def test_ordinary_oci_image_splits_reads_and_writes(env):
+    env.ctr("image", "pull", "--plain-http", "--snapshotter", "lazyfs", env.oci_ref)
+    layers = os.listdir(os.path.join(env.cache_root, "snapshots"))
+    assert len(layers) == 2, layers  # unpacked read-only layers: on the cache root, nothing on the fast disk
+    assert os.listdir(os.path.join(env.writable_root, "snapshots")) == []
+    try:
+        run = env.ctr("run", "--snapshotter", "lazyfs", env.oci_ref, "oci1", "/bin/sh", "-c", SCRIPT + "; ls /data")
+        assert run.stdout.startswith(OS_RELEASE + "hi\n"), run.stdout
+        assert "dangling" not in run.stdout.split()  # the top layer's whiteout
+        written = _find(env.writable_root, "x")
+        assert len(written) == 1 and written[0].endswith("/fs/root/x"), written
+        with open(written[0]) as f:
+            assert f.read() == "hi\n"
+        upper = os.path.dirname(os.path.dirname(written[0]))
+        assert os.path.isdir(os.path.join(os.path.dirname(upper), "work"))  # overlay's workdir beside it
+        assert _find(str(env.tmp), "x") == []  # nowhere else (the fast disk is another file system)
+        size, inodes = env.usage("oci1")
+        du = subprocess.run(["du", "-s", "--block-size=1", upper], capture_output=True, text=True, check=True)
+        assert size == int(du.stdout.split()[0]) and size > 0 and inodes >= 3
+    finally:
+        env.ctr("containers", "rm", "oci1", check=False)
+        env.ctr("images", "rm", "--sync", env.oci_ref, check=False)
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_rpull_of_a_lazyfs_image_fetches_metadata_only_then_runs(env):
+    env.proxy.reset_counters()
+    pulled = env.rpull(env.lazy_ref)
+    assert pulled["layers"] == len(env.lazy_manifest.layers) and pulled["registered"] == pulled["layers"]
+    for layer in env.lazy_manifest.layers:  # layer blobs: only ranged reads of their metadata tails
+        for record in env.proxy.requests("GET", layer.digest):
+            assert record.range is not None and int(record.range.split("=")[1].split("-")[0]) >= layer.meta_offset, \
+                record
+    fetched = env.proxy.statistics().body_bytes_to_client
+    metadata = sum(l.meta_length + FOOTER_SIZE for l in env.lazy_manifest.layers) + 32768  # + manifest, config
+    assert fetched <= metadata, (fetched, env.proxy.requests())
+    assert fetched < sum(l.size for l in env.lazy_manifest.layers) // 10
+    snapshots = env.ctr("snapshots", "--snapshotter", "lazyfs", "ls").stdout
+    assert pulled["snapshot"] in snapshots and "Committed" in snapshots
+    assert os.listdir(os.path.join(env.cache_root, "snapshots")) == []  # nothing unpacked
+    try:
+        run = env.ctr("run", "--snapshotter", "lazyfs", env.lazy_ref, "lazy1", "/bin/sh", "-c", SCRIPT)
+        assert run.stdout == OS_RELEASE + "hi\n", run.stdout + run.stderr
+        written = _find(env.writable_root, "x")
+        assert len(written) == 1 and written[0].endswith("/fs/root/x"), written
+        assert _find(str(env.tmp), "x") == []  # nowhere else: cache root, chunks, containerd's dirs...
+        # the image itself stays as it was: its read-only ext4 has no /root/x
+        mnt = [m for m in system.mounts() if m.mountpoint.startswith(os.path.join(env.cache_root, "mnt"))]
+        assert len(mnt) == 1 and mnt[0].fstype == "ext4" and mnt[0].source.startswith("/dev/loop")
+        assert not os.path.exists(os.path.join(mnt[0].mountpoint, "root", "x"))
+        image_bytes = sum(l.size for l in env.lazy_manifest.layers)
+        assert env.proxy.statistics().body_bytes_to_client < image_bytes  # lazily: not the whole image
+    finally:
+        env.ctr("containers", "rm", "lazy1", check=False)
+        env.ctr("images", "rm", "--sync", env.lazy_ref, check=False)
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_block_mode_keeps_writes_in_a_lazyfs_writable_layer(env, tmp_path):
+    env.rpull(env.lazy_ref)
+    try:
+        run = env.ctr("run", "--snapshotter", "lazyfs", "--snapshotter-label", "containerd.io/snapshot/lazyfs.mode=block",
+                      env.lazy_ref, "block1", "/bin/sh", "-c", SCRIPT)
+        assert run.stdout == OS_RELEASE + "hi\n", run.stdout + run.stderr
+        (mount,) = env.container_mounts("block1")
+        assert mount.type == "ext4" and mount.source.startswith("/dev/loop")  # a block device, as Kata wants
+        layers = [os.path.join(env.writable_root, "snapshots", d, "layer")
+                  for d in os.listdir(os.path.join(env.writable_root, "snapshots"))]
+        assert len(layers) == 1 and os.path.exists(os.path.join(layers[0], "layer.json")), layers
+        assert _find(env.cache_root, "x") == []
+        target = tmp_path / "look"
+        target.mkdir()
+        subprocess.run(["mount", "-t", "ext4", "-o", "ro,noload", mount.source, str(target)], check=True)
+        try:
+            assert (target / "root" / "x").read_text() == "hi\n"
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+        with pytest.raises(AssertionError, match="block mode"):  # containerd cannot use it as a layer
+            env.ctr("snapshots", "--snapshotter", "lazyfs", "commit", "block-commit", "block1")
+    finally:
+        env.ctr("containers", "rm", "block1", check=False)
+        env.ctr("images", "rm", "--sync", env.lazy_ref, check=False)
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_killed_snapshotter_restarts_under_running_containers(env):
+    env.rpull(env.lazy_ref)
+    env.ctr("image", "pull", "--plain-http", "--snapshotter", "lazyfs", env.oci_ref)
+    running = {"lazy-run": env.lazy_ref, "oci-run": env.oci_ref}
+    try:
+        for cid, ref in running.items():
+            env.ctr("run", "-d", "--snapshotter", "lazyfs", ref, cid, "/bin/sh", "-c",
+                    "echo started > /root/state; while true; do sleep 1; done")
+        env.snapshotter.kill()
+        for cid in running:
+            assert "RUNNING" in env.ctr("tasks", "ls").stdout
+            out = env.ctr("tasks", "exec", "--exec-id", f"e-{cid}", cid, "/bin/sh", "-c",
+                          "cat /etc/os-release /root/state; echo more >> /root/state").stdout
+            assert out == OS_RELEASE + "started\n", out
+        env.snapshotter.start()
+        assert env.wait_for_snapshotter().returncode == 0
+        for cid, ref in running.items():  # still running, still reading their images
+            out = env.ctr("tasks", "exec", "--exec-id", f"f-{cid}", cid, "cat", "/etc/os-release", "/root/state").stdout
+            assert out == OS_RELEASE + "started\nmore\n", out
+            fresh = env.ctr("run", "--rm", "--snapshotter", "lazyfs", ref, f"new-{cid}", "/bin/sh", "-c", SCRIPT)
+            assert fresh.stdout == OS_RELEASE + "hi\n", fresh.stdout
+    finally:
+        env.containerd.remove_everything()
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_rpull_of_an_ordinary_image_says_what_to_do_instead(env):
+    proc = env.lazyfs("rpull", env.oci_ref, "--address", env.containerd.address, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "not a lazyfs image" in proc.stderr and "ctr image pull" in proc.stderr
+    assert env.ctr("images", "ls", "-q").stdout.strip() == ""
+
+
+def test_a_two_layer_lazyfs_image_shares_its_lower_layer_with_the_image_below(env):
+    try:
+        pulled = env.rpull(env.lazy_ref2)
+        assert (pulled["layers"], pulled["registered"]) == (2, 2)
+        run = env.ctr("run", "--rm", "--snapshotter", "lazyfs", env.lazy_ref2, "two1", "cat", "/etc/os-release")
+        assert run.stdout == OS_RELEASE_V2
+        # v1 is v2's lower layer: already there as a snapshot, mounted from v2's metadata
+        below = env.rpull(env.lazy_ref)
+        assert (below["layers"], below["registered"]) == (1, 0)
+        run = env.ctr("run", "--rm", "--snapshotter", "lazyfs", env.lazy_ref, "one1", "cat", "/etc/os-release")
+        assert run.stdout == OS_RELEASE
+        assert len(os.listdir(os.path.join(env.cache_root, "images"))) == 1
+        env.ctr("images", "rm", "--sync", env.lazy_ref2)
+        run = env.ctr("run", "--rm", "--snapshotter", "lazyfs", env.lazy_ref, "one2", "cat", "/etc/os-release")
+        assert run.stdout == OS_RELEASE  # v1 still works: its snapshot outlived v2's image
+    finally:
+        env.containerd.remove_everything()
+    env.cleanup()
+    assert env.leftovers() == []
