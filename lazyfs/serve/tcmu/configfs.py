@@ -300,7 +300,8 @@ async def attach(source: BlockSource, name: str, *, nursery: trio.Nursery, block
 
     Raises ConfigError when configfs/target_core_user is missing, BusyError
     when *name* is attached already. On failure everything made so far is
-    removed again.
+    removed again. Use the disk (``device.disk``) from other threads or
+    processes, never blocking on it from the trio thread that serves it.
     """
     validate_name(name)
     check_available(configfs)

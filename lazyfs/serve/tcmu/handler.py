@@ -136,12 +136,19 @@ class TcmuHandler:
         return stats
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled. A broken ring raises FormatError."""
+        """Serve until cancelled. A broken ring ends it with FormatError (in an ExceptionGroup).
+
+        Never do blocking I/O on the served disk from the thread running this
+        handler: the kernel would wait for an answer the blocked loop cannot give.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._notifier)
                 task_status.started()
                 await self._dispatch(nursery)
+        except Exception:
+            log.exception("TCMU handler for %s stopped", self.info.name)
+            raise
         finally:
             self.ring.release()
 
@@ -181,6 +188,10 @@ class TcmuHandler:
                 self._stats["check_conditions"] += 1
             op = cmd.cdb[0] if cmd.cdb else -1
             self._stats["ops"][op] = self._stats["ops"].get(op, 0) + 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("TCMU %s cmd %d cdb %s iov %d bytes -> status %d sense %s data %s", self.info.name,
+                          cmd.cmd_id, cmd.cdb.hex(), cmd.data_length, result.status, result.sense[:14].hex(),
+                          read_len)
             if self.ring.complete(cmd.cmd_id, result.status, result.sense, read_len=read_len):
                 self._kick.set()
             self._stats["completed"] += 1

@@ -104,20 +104,21 @@ RSP_SCSI_STATUS = 8
 RSP_READ_LEN = 12
 RSP_SENSE_BUFFER = 16
 CMD_ENTRY_SIZE = 112  # sizeof(struct tcmu_cmd_entry)
-_REQ = struct.Struct("=III4xQ")  # iov_cnt, iov_bidi_cnt, iov_dif_cnt, cdb_off (at REQ_IOV_CNT)
 IOVEC_SIZE = 16  # sizeof(struct iovec) on 64-bit
-_IOVEC = struct.Struct("=QQ")
-_RSP = struct.Struct("=BxxI")  # scsi_status, __pad1, __pad2, read_len (at RSP_SCSI_STATUS)
+IOVEC_BASE = 0
+IOVEC_LEN = 8
 
 # struct tcmu_tmr_entry
 TMR_TYPE = 8
 TMR_CMD_CNT = 12
 TMR_CMD_IDS = 32
 TMR_ENTRY_SIZE = 32
-_TMR = struct.Struct("=BxxI")  # tmr_type, __pad1, __pad2, cmd_cnt (at TMR_TYPE)
 
+# Every field below is read and written at its own offset constant (checked against the
+# C header), never through a multi-field format whose padding could drift.
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
 
 # scsi_command_size(): CDB length by opcode group; 0x7f is variable length
 _GROUP_CDB_SIZE = (6, 10, 10, 12, 16, 12, 10, 10)
@@ -387,14 +388,20 @@ class Ring:
         end = base + length
         if length < CMD_ENTRY_SIZE:
             raise FormatError(f"TCMU CMD entry {cmd_id} at ring offset {pos} is {length} bytes, < {CMD_ENTRY_SIZE}")
-        iov_cnt, bidi_cnt, dif_cnt, cdb_off = _REQ.unpack_from(self._mem, base + REQ_IOV_CNT)
+        mem = self._mem
+        iov_cnt = _U32.unpack_from(mem, base + REQ_IOV_CNT)[0]
+        bidi_cnt = _U32.unpack_from(mem, base + REQ_IOV_BIDI_CNT)[0]
+        dif_cnt = _U32.unpack_from(mem, base + REQ_IOV_DIF_CNT)[0]
+        cdb_off = _U64.unpack_from(mem, base + REQ_CDB_OFF)[0]
         total = iov_cnt + bidi_cnt + dif_cnt
         if REQ_IOV + IOVEC_SIZE * total > length:
             raise FormatError(
                 f"TCMU CMD entry {cmd_id}: {total} iovecs do not fit in a {length}-byte entry")
         iovecs = []
         for i in range(iov_cnt + bidi_cnt):
-            iov_base, iov_len = _IOVEC.unpack_from(self._mem, base + REQ_IOV + IOVEC_SIZE * i)
+            at = base + REQ_IOV + IOVEC_SIZE * i
+            iov_base = _U64.unpack_from(mem, at + IOVEC_BASE)[0]
+            iov_len = _U64.unpack_from(mem, at + IOVEC_LEN)[0]
             if iov_base < self.data_off or iov_base + iov_len > len(self._mem):
                 raise FormatError(
                     f"TCMU CMD entry {cmd_id}: iovec {i} [{iov_base}, {iov_base + iov_len}) "
@@ -412,7 +419,8 @@ class Ring:
         base = self.cmdr_off + pos
         if length < TMR_ENTRY_SIZE:
             raise FormatError(f"TCMU TMR entry at ring offset {pos} is {length} bytes, < {TMR_ENTRY_SIZE}")
-        tmr_type, cmd_cnt = _TMR.unpack_from(self._mem, base + TMR_TYPE)
+        tmr_type = self._mem[base + TMR_TYPE]
+        cmd_cnt = _U32.unpack_from(self._mem, base + TMR_CMD_CNT)[0]
         if TMR_CMD_IDS + 2 * cmd_cnt > length:
             raise FormatError(f"TCMU TMR entry at ring offset {pos}: {cmd_cnt} ids do not fit in {length} bytes")
         ids = struct.unpack_from(f"={cmd_cnt}H", self._mem, base + TMR_CMD_IDS)
@@ -463,8 +471,8 @@ class Ring:
             uflags |= UFLAG_READ_LEN
         _U16.pack_into(self._mem, base + HDR_CMD_ID, cmd_id)
         self._mem[base + HDR_UFLAGS] = uflags
-        _RSP.pack_into(self._mem, base + RSP_SCSI_STATUS, status & 0xFF,
-                       (read_len or 0) if uflags & UFLAG_READ_LEN else 0)
+        self._mem[base + RSP_SCSI_STATUS : base + RSP_READ_LEN] = bytes([status & 0xFF, 0, 0, 0])
+        _U32.pack_into(self._mem, base + RSP_READ_LEN, (read_len or 0) if uflags & UFLAG_READ_LEN else 0)
         sense = bytes(sense[:SENSE_BUFFERSIZE]).ljust(SENSE_BUFFERSIZE, b"\0")
         self._mem[base + RSP_SENSE_BUFFER : base + RSP_SENSE_BUFFER + SENSE_BUFFERSIZE] = sense
 
