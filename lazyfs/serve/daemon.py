@@ -26,8 +26,10 @@ log = logging.getLogger("lazyfs.daemon")
 class Daemon:
     """Owns the Host and the FUSE export; answers control requests."""
 
-    def __init__(self, config: Config, host: Host, fs: ExportFS) -> None:
+    def __init__(self, config: Config, host: Host, fs: ExportFS, nursery: trio.Nursery | None = None) -> None:
         self.config, self.host, self.fs = config, host, fs
+        self.nursery = nursery  # runs TCMU handlers
+        self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
 
     # ------------------------------------------------------------ state
@@ -103,6 +105,33 @@ class Daemon:
         log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
         return result
 
+    async def tcmu_attach(self, image: str, name: str, writable: bool = False, block_size: int = 512) -> dict:
+        """Serve *image* as a SCSI disk through target_core_user (like overlaybd-tcmu)."""
+        from lazyfs.serve.tcmu import configfs
+
+        configfs.validate_name(name)
+        configfs.check_available()  # a clear error before anything is attached
+        att = await self.host.attach(image, f"tcmu-{name}", writable=writable, extra={"tcmu": name})
+        try:
+            device = await configfs.attach(att.device, name, nursery=self.nursery, block_size=block_size)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.host.detach(att.name, save=False)
+            raise
+        self.luns[name] = att.name
+        log.info("audit: tcmu attach %s image=%s disk=%s", name, image, device.disk)
+        return {**att.describe(), "disk": device.disk}
+
+    async def tcmu_detach(self, name: str) -> dict:
+        from lazyfs.serve.tcmu import configfs
+
+        await configfs.detach(name)
+        attachment = self.luns.pop(name, None)
+        if attachment in self.host.attachments:
+            await self.host.detach(attachment)
+        log.info("audit: tcmu detach %s", name)
+        return {"detached": name}
+
     async def handle(self, op: str, args: dict) -> object:
         if op == "ping":
             return {"pid": os.getpid(), "export_dir": self.config.export_dir}
@@ -129,6 +158,10 @@ class Daemon:
                 raise NotFoundError(f"no image attached as {args.get('name')!r}")
             await self.host.finish_trace(att)
             return att.trace
+        if op == "tcmu-attach":
+            return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size"))
+        if op == "tcmu-detach":
+            return await self.tcmu_detach(**_only(args, "name"))
         if op == "stop":
             self.stopping.set()
             return {"stopping": True}
@@ -159,8 +192,8 @@ async def run_daemon(config: Config) -> None:
     await clear_stale_export(config.export_dir)
     async with Host.open(config) as host:
         fs = ExportFS()
-        daemon = Daemon(config, host, fs)
         async with trio.open_nursery() as nursery:
+            daemon = Daemon(config, host, fs, nursery)
             await nursery.start(serve, config.export_dir, fs)
             await daemon.restore()
             await nursery.start(serve_control, config.socket_path, daemon.handle)
@@ -175,6 +208,11 @@ async def run_daemon(config: Config) -> None:
                 nursery.start_soon(wait_signal)
                 await daemon.stopping.wait()
             log.info("lazyfs daemon stopping")
+            for lun in list(daemon.luns):
+                try:
+                    await daemon.tcmu_detach(lun)
+                except LazyfsError as exc:
+                    log.warning("TCMU device %s: %s", lun, exc)
             for name in list(host.attachments):
                 try:
                     await fs.remove(name, wait=2.0)

@@ -145,7 +145,8 @@ class Host:
             raise body_error
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
-                     writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None) -> Attachment:
+                     writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,
+                     extra: dict | None = None) -> Attachment:
         """Open *ref* and make its merged device; with *writable*, a writable layer under the writable root."""
         name = name or attachment_name(ref)
         if not _NAME.match(name):
@@ -172,7 +173,7 @@ class Host:
             store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
             device = opened.image.device(store, layer)
             store.index = device.index
-            att = Attachment(name, ref, opened, device, store, writable_dir if writable else None)
+            att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, extra=dict(extra or {}))
             self.attachments[name] = att
         await self._start_trace(att, record_trace)
         log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, opened.image.manifest.digest,

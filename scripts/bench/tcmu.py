@@ -62,7 +62,105 @@ async def run_load(emu, size: int, io_bytes: int, sequential: bool, seconds: flo
     return done, time.perf_counter() - start
 
 
+def fuse_load(path: str, size: int, io_bytes: int, sequential: bool, seconds: float, depth: int) -> tuple[int, float]:
+    """The same load with pread(O_DIRECT) on the FUSE-exported file, *depth* threads."""
+    import concurrent.futures
+    import mmap
+
+    slots = size // io_bytes
+    deadline = time.perf_counter() + seconds
+    counts = [0] * depth
+    cursor = [0]
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        buf = mmap.mmap(-1, io_bytes)  # page-aligned, as O_DIRECT needs
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while time.perf_counter() < deadline:
+                if sequential:
+                    slot = cursor[0] = (cursor[0] + 1) % slots
+                else:
+                    slot = rng.randrange(slots)
+                if os.preadv(fd, [buf], slot * io_bytes) != io_bytes:
+                    raise RuntimeError("short read")
+                counts[i] += 1
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(depth) as pool:
+        list(pool.map(worker, range(depth)))
+    return sum(counts), time.perf_counter() - start
+
+
+async def compare_with_fuse(args: argparse.Namespace) -> None:
+    """Ring vs FUSE file on the same lazyfs image, cache warm for both."""
+    import json
+    import subprocess
+    import tempfile
+
+    from lazyfs.config import Config
+    from lazyfs.image.local import create_image
+    from lazyfs.image.ref import LocalRef
+    from lazyfs.serve.control import call
+    from lazyfs.serve.host import Host
+
+    size = args.size_mib << 20
+    work = tempfile.mkdtemp(prefix="lazyfs-bench-tcmu-", dir="/var/tmp")
+    raw = os.path.join(work, "disk.raw")
+    with open(raw, "wb") as f:  # half incompressible, half text: chunks that really decompress
+        for i in range(size // (2 << 20)):
+            text = (b"lazyfs block %08d " % i) * ((1 << 20) // 22)
+            f.write(os.urandom(1 << 20) + text + bytes((1 << 20) - len(text)))
+        f.truncate(size)
+    ref = LocalRef(os.path.join(work, "layout"), "bench")
+    await create_image(ref, from_file=raw)
+    config = Config(cache_root=os.path.join(work, "cache"), writable_root=os.path.join(work, "w"),
+                    run_dir=os.path.join(work, "run"), state_dir=os.path.join(work, "state"), trace_record_seconds=0,
+                    readahead_chunks=0)
+    loads = (("4 KiB random read", 4096, False), ("1 MiB sequential read", 1 << 20, True))
+    rows = {}
+    async with Host.open(config) as host:
+        att = await host.attach(str(ref))
+        for off in range(0, size, 4 << 20):  # warm the chunk cache
+            await att.device.read(off, 4 << 20)
+        async with serve_emulated(att.device, data_size=128 << 20, max_inflight=args.depth) as (emu, handler):
+            for label, io_bytes, sequential in loads:
+                n, elapsed = await run_load(emu, size, io_bytes, sequential, args.seconds, args.depth)
+                rows[label] = [n / elapsed]
+    cfg = os.path.join(work, "config.json")
+    with open(cfg, "w") as f:
+        json.dump({k: v for k, v in config.to_json().items() if k in ("cache_root", "writable_root", "run_dir",
+                   "state_dir", "trace_record_seconds", "readahead_chunks")}, f)
+    lazyfs = [sys.executable, "-m", "lazyfs.cli"]
+    export = os.path.join(work, "export")
+    subprocess.run(lazyfs + ["export", f"oci:{ref.path}:{ref.tag}", export, "--config", cfg], check=True)
+    try:
+        disk = os.path.join(export, "disk.img")
+        with open(disk, "rb") as f:  # warm
+            while f.read(4 << 20):
+                pass
+        for label, io_bytes, sequential in loads:
+            n, elapsed = await trio.to_thread.run_sync(fuse_load, disk, size, io_bytes, sequential, args.seconds,
+                                                       min(args.depth, 8))
+            rows[label].append(n / elapsed)
+    finally:
+        subprocess.run(lazyfs + ["umount", export, "--config", cfg])
+        call(os.path.join(work, "run", "lazyfs.sock"), "stop")
+        subprocess.run(["rm", "-rf", work])
+    print(f"same lazyfs image ({args.size_mib} MiB, chunk cache warm), queue depth {args.depth} (FUSE: 8 threads)")
+    print(f"  {'load':24s} {'TCMU ring IOPS':>15s} {'FUSE file IOPS':>15s} {'ring/FUSE':>10s}")
+    for label, (ring, fuse) in rows.items():
+        io = 4096 if "4 KiB" in label else 1 << 20
+        print(f"  {label:24s} {ring:15.0f} {fuse:15.0f} {ring / fuse:10.2f}   "
+              f"({ring * io / 1e6:.0f} vs {fuse * io / 1e6:.0f} MB/s)")
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.compare_fuse:
+        await compare_with_fuse(args)
+        return
     size = args.size_mib << 20
     src = MemorySource(os.urandom(size))
     results = []
@@ -86,4 +184,6 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each test")
     parser.add_argument("--size-mib", type=int, default=256, help="device size")
     parser.add_argument("--depth", type=int, default=32, help="commands in flight")
+    parser.add_argument("--compare-fuse", action="store_true",
+                        help="a lazyfs image through the ring vs the same image's FUSE-exported file")
     trio.run(main, parser.parse_args())
