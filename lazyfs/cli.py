@@ -128,7 +128,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         import dataclasses
 
         config = dataclasses.replace(config, writable_root=os.path.abspath(args.writable_root))
-    result = mount_image(config, args.config, args.image, args.target, writable=args.writable, kind=args.kind)
+    result = mount_image(config, args.config, args.image, args.target, writable=args.writable, kind=args.kind,
+                         prefer_lazyfs=args.prefer_lazyfs)
     if args.json:
         _print(result, True)
     else:
@@ -212,6 +213,65 @@ def cmd_flatten(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshotter(args: argparse.Namespace) -> int:
+    from lazyfs.serve.snapshotter.service import DEFAULT_ROOT, main as snapshotter_main
+
+    config = _config(args)
+    writable_root = args.writable_root or os.path.join(config.writable_root, "snapshotter")
+    return snapshotter_main(config, args.config, args.address, args.root or DEFAULT_ROOT, writable_root, args.mode)
+
+
+def cmd_rpull(args: argparse.Namespace) -> int:
+    from lazyfs.serve.snapshotter.rpull import rpull
+
+    result = rpull(_config(args), args.ref, address=args.address, namespace=args.namespace,
+                   snapshotter=args.snapshotter)
+    _print(result, args.json)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lazyfs.image.convert import convert_image
+    from lazyfs.image.remote import ImageOpener
+
+    async def run(progress):
+        async with ImageOpener(_config(args)) as opener:
+            return await convert_image(opener, args.source, args.target, platform=args.platform,
+                                       chunk_size=args.chunk_size, use_cache=not args.no_cache, progress=progress)
+
+    if args.quiet or args.json:
+        result = trio.run(run, None)
+    else:
+        from lazyfs.image.progress import RichProgress
+
+        with RichProgress() as progress:
+            result = trio.run(run, progress)
+    if args.json:
+        _print(result, True)
+    elif not args.quiet:
+        print(f"{result['target']}: {result['manifest']} ({result['layers_converted']} layer(s) converted, "
+              f"{result['layers_reused']} reused, {result['bytes_pushed']} bytes pushed, {result['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_tcmu(args: argparse.Namespace) -> int:
+    from lazyfs.serve.control import call
+    from lazyfs.serve.mount import ensure_daemon
+
+    config = _config(args)
+    if args.action == "attach":
+        if not args.image:
+            raise ConfigError("lazyfs tcmu attach needs IMAGE and NAME")
+        ensure_daemon(config, args.config)
+        result = call(config.socket_path, "tcmu-attach", image=args.image, name=args.name, writable=args.writable,
+                      block_size=args.block_size)
+        print(f"{args.image} is SCSI disk {result['disk']} (TCMU device {args.name})")
+    else:
+        call(config.socket_path, "tcmu-detach", name=args.name)
+        print(f"detached TCMU device {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazyfs", description="Lazy-loading block-layer images for containers and VMs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -266,12 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("daemon", cmd_daemon, "run the host daemon in the foreground (mount starts one if needed)")
 
+    p = add("convert", cmd_convert, "convert an OCI/Docker image (registry or layout) into a lazyfs image")
+    p.add_argument("source", help="registry reference or oci:DIR[:TAG]")
+    p.add_argument("target", help="registry reference or oci:DIR[:TAG]")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-arch index (default: this host's)")
+    p.add_argument("--chunk-size", **chunk)
+    p.add_argument("--no-cache", action="store_true",
+                   help="convert every layer again (no reuse from the local cache or the target)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress bars)")
+
     p = add("mount", cmd_mount, "mount IMAGE (registry reference or local layout) at TARGET, lazily")
     p.add_argument("image")
     p.add_argument("target")
     p.add_argument("--writable", action="store_true", help="writable, with a writable layer under the writable root")
     p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--kind", choices=["sparse", "log"], default="sparse", help="writable layer kind")
+    p.add_argument("--prefer-lazyfs", action="store_true",
+                   help="IMAGE may be an ordinary image: mount the lazyfs image converted from it")
     p.add_argument("--json", action="store_true")
 
     p = add("export", cmd_export, "export IMAGE as DIRECTORY/disk.img only (for qemu -drive and Kata)")
@@ -286,6 +358,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("stats", cmd_stats, "bytes read and fetched, cache hits and fetch latency (of TARGET, or all)")
     p.add_argument("target", nargs="?")
     p.add_argument("--json", action="store_true")
+
+    p = add("snapshotter", cmd_snapshotter, "serve containerd's snapshots API (a proxy plugin) on a unix socket")
+    p.add_argument("--address", default="/run/lazyfs/snapshotter.sock", help="unix socket to listen on")
+    p.add_argument("--root", help="snapshot data and metadata, big disk (default /var/lib/lazyfs/snapshotter)")
+    p.add_argument("--writable-root", metavar="DIR",
+                   help="containers' writable layers, fast disk (default WRITABLE_ROOT/snapshotter from the config)")
+    p.add_argument("--mode", choices=["overlay", "block"], default="overlay",
+                   help="writable state of containers on lazyfs images: overlay upper dir (default) or a lazyfs "
+                        "writable layer under a block device")
+
+    p = add("rpull", cmd_rpull, "pull a lazyfs image into containerd lazily (metadata only), ready for ctr run")
+    p.add_argument("ref", help="registry reference, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("--address", default="/run/containerd/containerd.sock", help="containerd's socket")
+    p.add_argument("--namespace", default="default", help="containerd namespace (k8s.io for CRI)")
+    p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")
+    p.add_argument("--json", action="store_true")
+
+    p = add("tcmu", cmd_tcmu, "serve an image as a SCSI disk through target_core_user: attach IMAGE NAME | detach NAME")
+    p.add_argument("action", choices=["attach", "detach"])
+    p.add_argument("image", nargs="?", help="the image (attach only)")
+    p.add_argument("name")
+    p.add_argument("--writable", action="store_true")
+    p.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
 
     for sp in sub.choices.values():
         sp.add_argument("--config", metavar="FILE", help="config file (default $LAZYFS_CONFIG or /etc/lazyfs/config.json)")

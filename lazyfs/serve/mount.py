@@ -77,10 +77,18 @@ def _check_target(target: str) -> str:
 
 
 def mount_image(config: Config, config_path: str | None, image: str, target: str, *, writable: bool = False,
-                writable_dir: str | None = None, kind: str = "sparse") -> dict:
-    """Attach *image* through the daemon, loop-attach its file and mount the ext4 at *target*."""
+                writable_dir: str | None = None, kind: str = "sparse", prefer_lazyfs: bool = False) -> dict:
+    """Attach *image* through the daemon, loop-attach its file and mount the ext4 at *target*.
+
+    *prefer_lazyfs*: *image* may be an ordinary image; mount its lazyfs twin (found through the
+    referrers fallback tag of its manifest, where ``lazyfs convert`` lists it).
+    """
     started = time.monotonic()
     target = _check_target(target)
+    if prefer_lazyfs:
+        from lazyfs.image.convert import resolve_twin_blocking
+
+        image = resolve_twin_blocking(config, image)
     name = target_name(image, target)
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,

@@ -1,0 +1,717 @@
+"""`lazyfs convert`: ordinary OCI / Docker images -> lazyfs images, one block layer per tar layer.
+
+For each source layer, in order: download it, scan it (every name checked and
+the diff ID verified before anything is written), grow the working ext4 if
+the layer needs room, mount it read-write, apply the tar (``tarapply``),
+unmount, normalize, and store the blocks that changed as a lazyfs layer
+(deduplicated against the layers below). See docs/convert.md for why.
+
+A layer is identified by the chain ID of its source layer (the layer over
+exactly the layers below it) *and* the lazyfs layer it is a diff over, so
+reusing it is always sound. Reuse comes from the local conversion cache
+(``<cache_root>/convert``) and from the target: the image already under the
+target tag and the lazyfs twins listed for the source manifest under the
+referrers fallback tag. Only the layers after the first one not found are
+converted; the state below them is materialized from the reused layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from lazyfs.config import Config
+from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
+from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.direct import DirectChunkStore
+from lazyfs.fetch.directory import DirectoryBackend
+from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, RegistryBackend, RegistryClient
+from lazyfs.format.layer import DEFAULT_CHUNK_SIZE, FOOTER_SIZE, LayerMeta, parse_tail
+from lazyfs.format.oci import (
+    MEDIA_TYPE_CONFIG,
+    MEDIA_TYPE_MANIFEST,
+    Descriptor,
+    parse_manifest,
+    sha256_digest,
+)
+from lazyfs.format.ociimage import (
+    ANN_SOURCE_MANIFEST,
+    ConvertedLayer,
+    SourceManifest,
+    build_converted_config,
+    build_converted_manifest,
+    chain_ids,
+    host_platform,
+    is_index,
+    media_type_of,
+    parse_converted_layers,
+    parse_platforms,
+    parse_source_config,
+    parse_source_manifest,
+    select_platform,
+)
+from lazyfs.format.reference import Reference, parse_reference
+from lazyfs.format.tarplan import next_fs_size
+from lazyfs.image.build import known_chunks, write_layer
+from lazyfs.image.layout import OciLayout
+from lazyfs.image.ref import LocalRef, parse_local_ref
+from lazyfs.image.referrers import (
+    add_referrer_local,
+    add_referrer_remote,
+    find_referrers_local,
+    find_referrers_remote,
+)
+from lazyfs.image.remote import FallbackBackend, ImageOpener
+from lazyfs.image.tarapply import LayerApplier, check_diff_id, open_layer, scan_layer
+from lazyfs.image.workfs import WorkFs, open_nursery
+
+TWIN_ARTIFACT_TYPE = MEDIA_TYPE_CONFIG  # a referrer's type is its config's media type when it has no artifactType
+DOWNLOAD_CONCURRENCY = 3
+MAX_REFERRER_TAGS = 64  # referrers fallback tags read when looking for reusable layers in the target
+_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
+POLL_SECONDS = 0.1
+
+
+# ---------------------------------------------------------------- progress
+
+
+class ConvertProgress:
+    """Where conversion reports progress (bytes) of its phases: "download", "convert", "push".
+
+    The default does nothing; ``lazyfs.image.progress.RichProgress`` draws bars.
+    Methods may be called from worker threads.
+    """
+
+    def add_total(self, phase: str, n: int) -> None:
+        pass
+
+    def advance(self, phase: str, n: int) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- the source image
+
+
+@dataclass(slots=True)
+class SourceImage:
+    """The image to convert: one platform's manifest, its config, and how to get its layers."""
+
+    text: str
+    platform: str
+    manifest: SourceManifest
+    config: dict
+    diff_ids: list[str]
+    chains: list[str]
+    layout: OciLayout | None = None
+    client: RegistryClient | None = None
+    ref: Reference | None = None
+
+    async def fetch_layer(self, i: int, directory: str) -> str:
+        """A local file holding layer *i* (verified against its digest when it is downloaded)."""
+        layer = self.manifest.layers[i]
+        if self.layout is not None:
+            path = self.layout.blob_path(layer.digest)
+            if not os.path.exists(path):
+                raise NotFoundError(f"layer {layer.digest} of {self.text} is not in {self.layout.path}")
+            return path  # its diff ID is verified when it is scanned
+        assert self.client is not None and self.ref is not None
+        dest = os.path.join(directory, f"layer-{i}-{layer.digest.split(':')[1][:16]}")
+        await self.client.get_blob_to_file(self.ref.repo(), layer.digest, dest)
+        return dest
+
+
+async def _choose(data: bytes, media_type: str, digest: str, platform: str, what: str,
+                  load: Callable) -> tuple[bytes, str, str]:
+    """Follow an index to the manifest for *platform*; ``load(descriptor)`` returns its bytes."""
+    media_type = media_type_of(data, media_type)
+    if not is_index(media_type):
+        return data, media_type, digest
+    entry = select_platform(parse_platforms(data, f"index of {what}"), platform)
+    data = await load(entry.descriptor)
+    return data, media_type_of(data, entry.descriptor.media_type), entry.descriptor.digest
+
+
+async def open_source(client_of: Callable[[], RegistryClient], text: str, platform: str | None = None) -> SourceImage:
+    """Resolve *text* (``oci:DIR[:TAG]`` or a registry reference) to one image manifest and its config."""
+    platform = platform or host_platform()
+    local = parse_local_ref(text)
+    if local is not None:
+        layout = OciLayout(local.path)
+        data, desc = layout.read_manifest(local.tag)
+
+        async def load_local(d: Descriptor) -> bytes:
+            return layout.read_blob(d.digest)
+
+        data, media_type, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
+        manifest = parse_source_manifest(data, digest, media_type)
+        config_bytes = layout.read_blob(manifest.config.digest)
+        source = SourceImage(text, platform, manifest, {}, [], [], layout=layout)
+    else:
+        client = client_of()
+        ref = parse_reference(text)
+        data, media_type, digest = await client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+
+        async def load_remote(d: Descriptor) -> bytes:
+            return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
+
+        data, media_type, digest = await _choose(data, media_type, digest, platform, text, load_remote)
+        manifest = parse_source_manifest(data, digest, media_type)
+        config_bytes = await client.get_blob(ref.repo(), manifest.config.digest, max_size=16 << 20)
+        source = SourceImage(text, platform, manifest, {}, [], [], client=client, ref=ref.with_digest(digest))
+    source.config, source.diff_ids = parse_source_config(config_bytes, f"config of {text}")
+    if len(source.diff_ids) != len(manifest.layers):
+        raise FormatError(f"{text}: {len(manifest.layers)} layers but {len(source.diff_ids)} diff IDs in its config")
+    if not manifest.layers:
+        raise FormatError(f"{text} has no layers: nothing to convert")
+    source.chains = chain_ids(source.diff_ids)
+    return source
+
+
+# ---------------------------------------------------------------- the target
+
+
+@dataclass(slots=True)
+class Target:
+    """Where the converted image goes: a layout directory and tag, or a registry repository and tag."""
+
+    text: str
+    layout: OciLayout | None = None
+    tag: str = "latest"
+    client: RegistryClient | None = None
+    ref: Reference | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self.layout is not None:
+            return DirectoryBackend(self.layout.path)
+        assert self.client is not None and self.ref is not None
+        return RegistryBackend(self.client, self.ref.repo())
+
+    async def current(self) -> bytes | None:
+        """The manifest now under the target tag (None if there is none)."""
+        try:
+            if self.layout is not None:
+                if not self.layout.exists():
+                    return None
+                return self.layout.read_manifest(self.tag)[0]
+            assert self.client is not None and self.ref is not None
+            return (await self.client.get_manifest(self.ref, accept=(MEDIA_TYPE_MANIFEST,)))[0]
+        except NotFoundError:
+            return None
+
+    async def all_twins(self, limit: int = MAX_REFERRER_TAGS) -> list[bytes]:
+        """Every converted image listed under any referrers fallback tag here (at most *limit* tags)."""
+        if self.layout is not None:
+            if not self.layout.exists():
+                return []
+            tags = [t for t in self.layout.tags() if _REFERRERS_TAG.match(t)]
+        else:
+            assert self.client is not None and self.ref is not None
+            try:
+                tags = [t for t in await self.client.list_tags(self.ref.repo()) if _REFERRERS_TAG.match(t)]
+            except NotFoundError:
+                return []
+        out: dict[str, bytes] = {}
+        for tag in sorted(tags)[:limit]:
+            for data in await self.twins("sha256:" + tag.split("-", 1)[1]):
+                out.setdefault(sha256_digest(data), data)
+        return list(out.values())
+
+    async def twins(self, subject_digest: str) -> list[bytes]:
+        """Converted images of *subject_digest* listed under its referrers fallback tag here."""
+        out = []
+        if self.layout is not None:
+            if not self.layout.exists():
+                return []
+            for entry in find_referrers_local(self.layout, subject_digest, TWIN_ARTIFACT_TYPE):
+                try:
+                    out.append(self.layout.read_blob(entry["digest"]))
+                except (NotFoundError, FormatError):
+                    continue
+            return out
+        assert self.client is not None and self.ref is not None
+        for entry in await find_referrers_remote(self.client, self.ref.repo(), subject_digest, TWIN_ARTIFACT_TYPE):
+            try:
+                out.append((await self.client.get_manifest(self.ref.with_digest(entry["digest"]),
+                                                           accept=(MEDIA_TYPE_MANIFEST,)))[0])
+            except (NotFoundError, FormatError):
+                continue
+        return out
+
+
+def open_target(client_of: Callable[[], RegistryClient], text: str) -> Target:
+    local = parse_local_ref(text)
+    if local is not None:
+        return Target(text, layout=OciLayout(local.path), tag=local.tag)
+    ref = parse_reference(text)
+    if ref.digest is not None:
+        raise ConfigError(f"target {text!r} names a digest; give a tag (the digest is known only after converting)")
+    ref = ref if ref.tag else ref.with_tag("latest")
+    return Target(text, tag=ref.tag, client=client_of(), ref=ref)
+
+
+# ---------------------------------------------------------------- the local cache
+
+
+class ConvertCache:
+    """Converted layers on this host: blobs in an OCI layout, one record per (chain ID, parent)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.layout = OciLayout(root).ensure()
+        self.records = os.path.join(root, "chains")
+        os.makedirs(self.records, exist_ok=True)
+
+    def _record_path(self, chain_id: str, parent: str) -> str:
+        below = parent.split(":")[-1][:16] if parent else "base"
+        return os.path.join(self.records, f"{chain_id.split(':')[-1]}-{below}.json")
+
+    def lookup(self, chain_id: str, parent: str, chunk_size: int) -> ConvertedLayer | None:
+        try:
+            with open(self._record_path(chain_id, parent), "rb") as f:
+                layer = ConvertedLayer.from_json(json.loads(f.read()), "conversion cache record")
+        except (OSError, ValueError, FormatError):
+            return None
+        if (layer.chain_id, layer.parent, layer.chunk_size) != (chain_id, parent, chunk_size):
+            return None
+        try:
+            if os.path.getsize(self.layout.blob_path(layer.digest)) != layer.size:
+                return None
+        except OSError:
+            return None
+        return layer
+
+    def store(self, layer: ConvertedLayer) -> None:
+        path = self._record_path(layer.chain_id, layer.parent)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(layer.to_json(), f, sort_keys=True)
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- converting
+
+
+@dataclass(slots=True)
+class LayerOutcome:
+    layer: ConvertedLayer
+    origin: str  # converted | cache | target
+    seconds: float = 0.0
+    tar_bytes: int = 0
+    changed_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: scan, mkfs, apply (incl. normalize), write
+
+
+async def _layer_meta(backend: Backend, layer: ConvertedLayer) -> LayerMeta:
+    """One ranged read: a layer's metadata, checked like any reader checks it."""
+    tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
+    return (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
+
+
+def _candidates(manifests: list[bytes], chunk_size: int) -> dict[tuple[str, str], ConvertedLayer]:
+    found: dict[tuple[str, str], ConvertedLayer] = {}
+    for data in manifests:
+        try:
+            layers = parse_converted_layers(data)
+        except FormatError:
+            continue  # not something convert wrote
+        for layer in layers:
+            if layer.chunk_size == chunk_size:
+                found.setdefault((layer.chain_id, layer.parent), layer)
+    return found
+
+
+def _apply_pinned(root: str, blob: str, compression: str, what: str, progress: ConvertProgress):
+    """Apply one layer from a worker thread pinned to one CPU (ext4's small-file allocator is per CPU)."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        with open_layer(blob, compression) as stream, LayerApplier(root, what) as applier:
+            counting = _Counting(stream, lambda n: progress.advance("convert", n))
+            report = applier.apply_stream(counting)
+            counting.drain()
+            return report
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+class _Counting:
+    def __init__(self, inner, advance: Callable[[int], None]) -> None:
+        self.inner, self.advance = inner, advance
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.inner.read(n if n is not None and n >= 0 else 1 << 20)
+        if data:
+            self.advance(len(data))
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+async def _polled(work: Callable, counter: Callable[[], int], advance: Callable[[int], None]):
+    """Run *work()* while reporting how much *counter()* grows (registry byte counters)."""
+    last = counter()
+    async with open_nursery() as nursery:
+        async def poll() -> None:
+            nonlocal last
+            while True:
+                await trio.sleep(POLL_SECONDS)
+                now = counter()
+                advance(now - last)
+                last = now
+
+        nursery.start_soon(poll)
+        result = await work()
+        nursery.cancel_scope.cancel()
+    advance(counter() - last)
+    return result
+
+
+class Converter:
+    """One conversion of *source* into *target*."""
+
+    def __init__(self, source: SourceImage, target: Target, cache: ConvertCache, chunk_size: int,
+                 progress: ConvertProgress, work_root: str, reuse: bool = True) -> None:
+        self.source, self.target, self.cache = source, target, cache
+        self.reuse = reuse
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.work_root = work_root
+        self.outcomes: list[LayerOutcome] = []
+        self.downloaded = 0
+        self.materialize_seconds = 0.0
+
+    # ------------------------------------------------------------ reuse
+
+    async def plan_reuse(self) -> list[LayerOutcome]:
+        """The longest run of bottom layers that exists already (local cache first, then the target)."""
+        manifests = [m for m in [await self.target.current()] if m is not None]
+        manifests += await self.target.twins(self.source.manifest.digest)
+        reused = self._reusable(_candidates(manifests, self.chunk_size))
+        if len(reused) < len(self.source.chains):  # look wider: every converted image in the target
+            wider = self._reusable(_candidates(manifests + await self.target.all_twins(), self.chunk_size))
+            reused = wider if len(wider) > len(reused) else reused
+        return reused
+
+    def _reusable(self, remote: dict[tuple[str, str], ConvertedLayer]) -> list[LayerOutcome]:
+        reused: list[LayerOutcome] = []
+        parent = ""
+        for i, chain in enumerate(self.source.chains):
+            layer = self.cache.lookup(chain, parent, self.chunk_size)
+            origin = "cache"
+            if layer is None:
+                layer, origin = remote.get((chain, parent)), "target"
+            if layer is None or layer.source_diff_id != self.source.diff_ids[i]:
+                break
+            reused.append(LayerOutcome(layer, origin))
+            parent = layer.digest
+        return reused
+
+    # ------------------------------------------------------------ the run
+
+    async def run(self) -> list[LayerOutcome]:
+        self.outcomes = await self.plan_reuse() if self.reuse else []
+        start = len(self.outcomes)
+        if start == len(self.source.manifest.layers):
+            return self.outcomes
+        with tempfile.TemporaryDirectory(prefix="convert-", dir=self.work_root) as work:
+            blobs: dict[int, str] = {}
+            ready = {i: trio.Event() for i in range(start, len(self.source.manifest.layers))}
+            async with open_nursery() as nursery:  # downloads run ahead of the conversion
+                nursery.start_soon(self._download_all, work, blobs, ready)
+                await self._convert_from(start, work, blobs, ready)
+        return self.outcomes
+
+    async def _download_all(self, work: str, blobs: dict[int, str], ready: dict[int, trio.Event]) -> None:
+        limiter = trio.CapacityLimiter(DOWNLOAD_CONCURRENCY)
+        source = self.source
+        if source.client is not None:
+            self.progress.add_total("download", sum(source.manifest.layers[i].size for i in ready))
+
+        async def one(i: int) -> None:
+            async with limiter:
+                blobs[i] = await source.fetch_layer(i, work)
+                ready[i].set()
+
+        async def all_of() -> None:
+            async with open_nursery() as nursery:
+                for i in sorted(ready):
+                    nursery.start_soon(one, i)
+
+        if source.client is not None:
+            before = source.client.statistics().bytes_received
+            await _polled(all_of, lambda: source.client.statistics().bytes_received,
+                          lambda n: self.progress.advance("download", n))
+            self.downloaded = source.client.statistics().bytes_received - before
+        else:
+            await all_of()
+
+    async def _convert_from(self, start: int, work: str, blobs: dict[int, str], ready: dict[int, trio.Event]) -> None:
+        fs = WorkFs(os.path.join(work, "fs"))
+        os.makedirs(fs.directory, exist_ok=True)
+        lower: list[tuple[LayerMeta, str]] = []
+        if start > 0:
+            lower = await self._materialize(fs)
+        for i in range(start, len(self.source.manifest.layers)):
+            await ready[i].wait()
+            lower.append(await self._convert_layer(i, fs, blobs[i], lower))
+
+    async def _materialize(self, fs: WorkFs) -> list[tuple[LayerMeta, str]]:
+        """The working ext4 as the reused layers leave it, and their metadata."""
+        backend = FallbackBackend([DirectoryBackend(self.cache.layout.path), self.target.backend])
+        metas = []
+        for outcome in self.outcomes:
+            meta = await _layer_meta(backend, outcome.layer)
+            metas.append((meta, outcome.layer.digest))
+        top = self.outcomes[-1].layer
+        self.progress.note(f"materializing {len(metas)} reused layer(s) to convert the rest")
+        started = time.monotonic()
+        await fs.load(metas, DirectChunkStore(backend), top.virtual_size)
+        self.materialize_seconds = round(time.monotonic() - started, 3)
+        return metas
+
+    async def _convert_layer(self, i: int, fs: WorkFs, blob: str,
+                             lower: list[tuple[LayerMeta, str]]) -> tuple[LayerMeta, str]:
+        started = time.monotonic()
+        source_layer = self.source.manifest.layers[i]
+        what = f"layer {i} ({source_layer.digest[:19]}) of {self.source.text}"
+        compression = source_layer.compression
+        progress = self.progress
+        phases: dict[str, float] = {}
+
+        def lap(name: str) -> None:
+            phases[name] = max(0.0, round(time.monotonic() - started - sum(phases.values()), 3))
+
+        if compression != "none":  # decompress once: the scan keeps the tar for the apply
+            spool = os.path.join(fs.directory, "layer.tar")
+            scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what, None, spool)
+            blob, compression = spool, "none"
+        else:
+            scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what)
+        check_diff_id(scanned, self.source.diff_ids[i], what)
+        progress.add_total("convert", scanned.stats.tar_bytes)
+        lap("scan")
+        if fs.size == 0:
+            await fs.create(next_fs_size(None, scanned.stats), self.source.chains[0])
+        else:
+            grown = next_fs_size(await trio.to_thread.run_sync(fs.usage), scanned.stats)
+            if grown is not None:
+                await fs.grow(grown)
+        lap("mkfs")
+        async with fs.mounted() as root:
+            report = await trio.to_thread.run_sync(_apply_pinned, root, blob, compression, what, progress)
+        lap("apply")
+        if blob.startswith(fs.directory):
+            os.unlink(blob)
+        parent = lower[-1][1] if lower else ""
+        layout = self.cache.layout
+        built = await trio.to_thread.run_sync(
+            lambda: write_layer(layout, fs.changed_pieces(self.chunk_size), fs.size, self.chunk_size,
+                                known_chunks(lower), mask_zeros=True))
+        d = built.descriptor
+        layer = ConvertedLayer(d.digest, d.size, d.meta_offset, d.meta_length, fs.size, self.chunk_size,
+                               self.source.chains[i], source_layer.digest, self.source.diff_ids[i], parent)
+        self.cache.store(layer)
+        lap("write")
+        self.outcomes.append(LayerOutcome(layer, "converted", round(time.monotonic() - started, 3),
+                                          scanned.stats.tar_bytes, built.stats.raw_bytes, report.warnings, phases))
+        return built.meta, d.digest
+
+
+# ---------------------------------------------------------------- output
+
+
+async def _write_layout(target: Target, cache: ConvertCache, outcomes: list[LayerOutcome],
+                        config: bytes, manifest: bytes, subject: str) -> dict:
+    layout = target.layout
+    assert layout is not None
+    layout.ensure()
+    copied = copied_bytes = copied_layers = 0
+    for outcome in outcomes:
+        digest = outcome.layer.digest
+        if layout.has_blob(digest):
+            continue
+        src = cache.layout.blob_path(digest)
+        try:
+            os.link(src, layout.blob_path(digest))
+        except OSError:
+            shutil.copyfile(src, layout.blob_path(digest))
+        copied += 1
+        copied_layers += 1
+        copied_bytes += outcome.layer.size
+    if not layout.has_blob(sha256_digest(config)):
+        layout.put_bytes(config, MEDIA_TYPE_CONFIG)
+        copied += 1
+        copied_bytes += len(config)
+    desc = layout.put_manifest(manifest, target.tag)
+    add_referrer_local(layout, manifest, TWIN_ARTIFACT_TYPE, subject, {ANN_SOURCE_MANIFEST: subject})
+    return {"manifest": desc.digest, "blobs_pushed": copied, "layers_pushed": copied_layers,
+            "bytes_pushed": copied_bytes}
+
+
+async def _push_registry(target: Target, cache: ConvertCache, outcomes: list[LayerOutcome], config: bytes,
+                         manifest: bytes, subject: str, progress: ConvertProgress) -> dict:
+    client, ref = target.client, target.ref
+    assert client is not None and ref is not None
+    repo = ref.repo()
+    uploads = [o for o in outcomes if o.origin != "target"]
+    progress.add_total("push", sum(o.layer.size for o in uploads) + len(config))
+    pushed = {"blobs": 0, "bytes": 0, "layers": 0}
+
+    async def push_all() -> None:
+        for o in uploads:
+            path = cache.layout.blob_path(o.layer.digest)
+            result = await client.push_blob(repo, path, o.layer.digest,
+                                            chunk_size=(16 << 20) if o.layer.size > (64 << 20) else None)
+            if result.outcome == "uploaded":
+                pushed["blobs"] += 1
+                pushed["layers"] += 1
+                pushed["bytes"] += o.layer.size
+        result = await client.push_blob(repo, config, sha256_digest(config))
+        if result.outcome == "uploaded":
+            pushed["blobs"] += 1
+            pushed["bytes"] += len(config)
+
+    await _polled(push_all, lambda: client.statistics().bytes_sent, lambda n: progress.advance("push", n))
+    digest = await client.put_manifest(ref, manifest, MEDIA_TYPE_MANIFEST)
+    await add_referrer_remote(client, repo, manifest, TWIN_ARTIFACT_TYPE, subject, {ANN_SOURCE_MANIFEST: subject})
+    return {"manifest": digest, "blobs_pushed": pushed["blobs"], "layers_pushed": pushed["layers"],
+            "bytes_pushed": pushed["bytes"]}
+
+
+def default_cache_dir(config: Config) -> str:
+    return os.path.join(config.cache_root, "convert")
+
+
+async def convert_image(opener: ImageOpener, source_text: str, target_text: str, *, platform: str | None = None,
+                        chunk_size: int = DEFAULT_CHUNK_SIZE, use_cache: bool = True, cache_dir: str | None = None,
+                        progress: ConvertProgress | None = None) -> dict:
+    """Convert *source_text* into a lazyfs image at *target_text*; a summary of what happened."""
+    started = time.monotonic()
+    progress = progress or ConvertProgress()
+    if chunk_size <= 0 or chunk_size & (chunk_size - 1) or chunk_size < 4096:
+        raise ConfigError(f"--chunk-size {chunk_size} must be a power of two of at least 4096")
+    if os.geteuid() != 0:
+        raise ConfigError("lazyfs convert needs root: layers are applied by the kernel's ext4 on a loop device")
+    source = await open_source(lambda: opener.client, source_text, platform)
+    target = open_target(lambda: opener.client, target_text)
+    cache_root = cache_dir or default_cache_dir(opener.config)
+    os.makedirs(cache_root, exist_ok=True)
+    # Without the cache, converted blobs still need a home: a scratch layout, removed afterwards.
+    scratch = None if use_cache else tempfile.mkdtemp(prefix="scratch-", dir=cache_root)
+    try:
+        cache = ConvertCache(scratch or cache_root)
+        converter = Converter(source, target, cache, chunk_size, progress, cache_root, reuse=use_cache)
+        outcomes = await converter.run()
+        layers = [o.layer for o in outcomes]
+        config = build_converted_config(source.config, layers)
+        config_desc = Descriptor(MEDIA_TYPE_CONFIG, sha256_digest(config), len(config))
+        manifest = build_converted_manifest(config_desc, layers, source.manifest.descriptor)
+        parse_manifest(manifest)  # what mount will read: check it now
+        subject = source.manifest.digest
+        if target.layout is not None:
+            written = await _write_layout(target, cache, outcomes, config, manifest, subject)
+        else:
+            written = await _push_registry(target, cache, outcomes, config, manifest, subject, progress)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "source": source_text,
+        "source_manifest": source.manifest.digest,
+        "platform": source.platform,
+        "target": target_text,
+        "manifest": written["manifest"],
+        "config": config_desc.digest,
+        "virtual_size": layers[-1].virtual_size,
+        "layers": [{"source_digest": o.layer.source_digest, "chain_id": o.layer.chain_id,
+                    "digest": o.layer.digest, "size": o.layer.size, "virtual_size": o.layer.virtual_size,
+                    "origin": o.origin, "seconds": o.seconds, "tar_bytes": o.tar_bytes,
+                    "changed_bytes": o.changed_bytes, **({"phases": o.phases} if o.phases else {}),
+                    **({"warnings": o.warnings} if o.warnings else {})}
+                   for o in outcomes],
+        "layers_converted": sum(o.origin == "converted" for o in outcomes),
+        "layers_reused": sum(o.origin != "converted" for o in outcomes),
+        "source_bytes": sum(layer.size for layer in source.manifest.layers),
+        "image_bytes": sum(layer.size for layer in layers) + len(config) + len(manifest),
+        "bytes_downloaded": converter.downloaded,
+        "materialize_seconds": converter.materialize_seconds,
+        "blobs_pushed": written["blobs_pushed"],
+        "layers_pushed": written["layers_pushed"],
+        "bytes_pushed": written["bytes_pushed"],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+# ---------------------------------------------------------------- finding a twin
+
+
+async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None = None) -> str:
+    """The reference of the lazyfs image converted from *text* (or *text* itself if it is lazyfs already)."""
+    platform = platform or host_platform()
+    local = parse_local_ref(text)
+    if local is not None:
+        layout = OciLayout(local.path)
+        data, desc = layout.read_manifest(local.tag)
+        if _is_lazyfs(data):
+            return text
+
+        async def load_local(d: Descriptor) -> bytes:
+            return layout.read_blob(d.digest)
+
+        _, _, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
+        twins = [e["digest"] for e in find_referrers_local(layout, digest, TWIN_ARTIFACT_TYPE)
+                 if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest]
+        tags = {d.digest: tag for tag, d in layout.tags().items()}
+        for twin in reversed(twins):
+            if twin in tags:
+                return str(LocalRef(layout.path, tags[twin]))
+        raise NotFoundError(f"no lazyfs image converted from {text} ({digest}) in {layout.path}; "
+                            f"run lazyfs convert first")
+    client = opener.client
+    ref = parse_reference(text)
+    data, media_type, digest = await client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+    if _is_lazyfs(data):
+        return text
+
+    async def load_remote(d: Descriptor) -> bytes:
+        return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
+
+    _, _, digest = await _choose(data, media_type, digest, platform, text, load_remote)
+    twins = [e["digest"] for e in await find_referrers_remote(client, ref.repo(), digest, TWIN_ARTIFACT_TYPE)
+             if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest]
+    if not twins:
+        raise NotFoundError(f"no lazyfs image converted from {text} ({digest}) in {ref.name}; run lazyfs convert first")
+    return str(ref.repo().with_digest(twins[-1]))
+
+
+def _is_lazyfs(data: bytes) -> bool:
+    try:
+        parse_manifest(data)
+        return True
+    except LazyfsError:
+        return False
+
+
+def resolve_twin_blocking(config: Config, text: str) -> str:
+    """``find_lazyfs_twin`` for synchronous callers (the mount command)."""
+
+    async def run() -> str:
+        async with ImageOpener(config) as opener:
+            return await find_lazyfs_twin(opener, text)
+
+    return trio.run(run)
