@@ -68,7 +68,7 @@ class ImageManifest:
     subject: Descriptor | None = None
 
 
-def _descriptor(doc: object, where: str) -> Descriptor:
+def parse_descriptor(doc: object, where: str) -> Descriptor:
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: descriptor is not an object")
     media_type, digest, size = doc.get("mediaType"), doc.get("digest"), doc.get("size")
@@ -110,13 +110,13 @@ def parse_manifest(data: bytes) -> ImageManifest:
         raise FormatError(f"{where}: schemaVersion {doc.get('schemaVersion')!r}, expected 2")
     if doc.get("mediaType", MEDIA_TYPE_MANIFEST) != MEDIA_TYPE_MANIFEST:
         raise FormatError(f"{where}: media type {doc.get('mediaType')!r} is not an OCI image manifest")
-    config = _descriptor(doc.get("config"), f"{where} config")
+    config = parse_descriptor(doc.get("config"), f"{where} config")
     raw_layers = doc.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers or len(raw_layers) > 255:
         raise FormatError(f"{where}: needs 1 to 255 layers")
     layers = []
     for i, raw in enumerate(raw_layers):
-        d = _descriptor(raw, f"{where} layers[{i}]")
+        d = parse_descriptor(raw, f"{where} layers[{i}]")
         if d.media_type != MEDIA_TYPE_LAYER:
             raise FormatError(f"{where} layers[{i}]: media type {d.media_type!r} is not a lazyfs layer "
                               f"(this is not a lazyfs image; convert it first)")
@@ -129,7 +129,7 @@ def parse_manifest(data: bytes) -> ImageManifest:
     if not isinstance(ann, dict):
         raise FormatError(f"{where}: annotations must be an object")
     size = _ann_int(ann, ANN_VIRTUAL_SIZE, where)
-    subject = _descriptor(doc["subject"], f"{where} subject") if "subject" in doc else None
+    subject = parse_descriptor(doc["subject"], f"{where} subject") if "subject" in doc else None
     return ImageManifest(digest, config, tuple(layers), size, ann, subject)
 
 
@@ -158,7 +158,7 @@ def parse_index(data: bytes, what: str = "index") -> list[Descriptor]:
     doc = parse_json(data, what)
     if doc.get("schemaVersion") != 2 or not isinstance(doc.get("manifests", []), list):
         raise FormatError(f"{what}: not an OCI image index")
-    return [_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(doc.get("manifests", []))]
+    return [parse_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(doc.get("manifests", []))]
 
 
 def build_index(manifests: list[Descriptor]) -> bytes:

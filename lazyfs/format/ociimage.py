@@ -30,8 +30,8 @@ from lazyfs.format.oci import (
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
-    _descriptor,
     canonical_json,
+    parse_descriptor,
     parse_json,
 )
 
@@ -121,7 +121,7 @@ def parse_source_manifest(data: bytes, digest: str, media_type: str) -> SourceMa
     doc = parse_json(data, where)
     if doc.get("schemaVersion") != 2:
         raise FormatError(f"{where}: schemaVersion {doc.get('schemaVersion')!r}, expected 2")
-    config = _descriptor(doc.get("config"), f"{where} config")
+    config = parse_descriptor(doc.get("config"), f"{where} config")
     if config.media_type not in CONFIG_TYPES:
         raise FormatError(f"{where}: config media type {config.media_type!r} is not an image config")
     raw_layers = doc.get("layers")
@@ -129,7 +129,7 @@ def parse_source_manifest(data: bytes, digest: str, media_type: str) -> SourceMa
         raise FormatError(f"{where}: needs a list of at most 255 layers")
     layers = []
     for i, raw in enumerate(raw_layers):
-        d = _descriptor(raw, f"{where} layers[{i}]")
+        d = parse_descriptor(raw, f"{where} layers[{i}]")
         if d.media_type == MEDIA_TYPE_LAYER:
             raise FormatError(f"{where}: this is already a lazyfs image")
         compression = LAYER_COMPRESSION.get(d.media_type)
@@ -147,7 +147,7 @@ def parse_platforms(data: bytes, what: str = "index") -> list[PlatformEntry]:
         raise FormatError(f"{what}: not an image index")
     out = []
     for i, raw in enumerate(entries):
-        d = _descriptor(raw, f"{what} manifests[{i}]")
+        d = parse_descriptor(raw, f"{what} manifests[{i}]")
         plat = raw.get("platform")
         if not isinstance(plat, dict) or d.media_type not in MANIFEST_TYPES:
             continue  # attestations, nested indexes, artifacts
@@ -238,7 +238,7 @@ class ConvertedLayer:
 
     @classmethod
     def from_json(cls, doc: dict, where: str) -> "ConvertedLayer":
-        d = _descriptor(doc, where)
+        d = parse_descriptor(doc, where)
         ann = d.annotations
 
         def number(key: str) -> int:

@@ -16,7 +16,7 @@ from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, build_conf
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.build import layer_from_writable
 from lazyfs.image.layout import OciLayout
-from lazyfs.image.local import _copy_blobs
+from lazyfs.image.local import copy_blobs
 from lazyfs.image.ref import parse_local_ref
 from lazyfs.image.remote import ANN_SOURCE, ImageOpener, OpenedImage
 
@@ -54,7 +54,7 @@ async def commit_writable(opener: ImageOpener, opened: OpenedImage, layer: Writa
         if local_out is not None:
             annotations = None
             if opened.local is not None and all(OciLayout(opened.local.path).has_blob(b) for b in base_blobs):
-                _copy_blobs(OciLayout(opened.local.path), layout, base_blobs)
+                copy_blobs(OciLayout(opened.local.path), layout, base_blobs)
             else:  # the base lives in a registry: the new image points at it for the lower layers
                 annotations = {ANN_SOURCE: str(opened.remote)}
             cfg = layout.put_bytes(build_config([l.digest for l in layers], config), MEDIA_TYPE_CONFIG)

@@ -40,7 +40,7 @@ def write_image(layout: OciLayout, tag: str, layers: list[LayerDescriptor], virt
     return layout.put_manifest(build_manifest(config, layers, virtual_size), tag).digest
 
 
-def _copy_blobs(src: OciLayout, dst: OciLayout, digests: list[str]) -> None:
+def copy_blobs(src: OciLayout, dst: OciLayout, digests: list[str]) -> None:
     for digest in digests:
         if src.path == dst.path or dst.has_blob(digest):
             continue
@@ -134,7 +134,7 @@ async def _diff_over_base(layout: OciLayout, out: LocalRef, raw: str, base: Loca
         built = await trio.to_thread.run_sync(layer_from_writable, layout, layer, image.layers, chunk_size)
     finally:
         layer.close()
-    _copy_blobs(base_layout, layout, [d for _, d in image.layers] + [loc.blob for loc in _referenced(built)])
+    copy_blobs(base_layout, layout, [d for _, d in image.layers] + [loc.blob for loc in _referenced(built)])
     layers = list(image.manifest.layers) + [built.descriptor]
     return _summary(built, write_image(layout, out.tag, layers, size))
 
@@ -157,7 +157,7 @@ async def commit_image(base: LocalRef, writable_dir: str, out: LocalRef, chunk_s
         built = await trio.to_thread.run_sync(layer_from_writable, layout, layer, image.layers, chunk_size)
     finally:
         layer.close()
-    _copy_blobs(base_layout, layout, [d for _, d in image.layers])
+    copy_blobs(base_layout, layout, [d for _, d in image.layers])
     layers = list(image.manifest.layers) + [built.descriptor]
     return _summary(built, write_image(layout, out.tag, layers, image.virtual_size))
 
