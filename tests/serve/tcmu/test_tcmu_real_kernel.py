@@ -125,8 +125,13 @@ mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t configfs none /host/sys/kernel/config
 mount -t devtmpfs devtmpfs /host/dev
+# the checkout may live under /tmp or /run (CI clones anywhere): keep it visible under the tmpfs mounts
+mkdir -p /repo
+mount --bind /host{repo} /repo
 mount -t tmpfs tmpfs /host/tmp
 mount -t tmpfs tmpfs /host/run
+mkdir -p /host{repo}
+mount --bind /repo /host{repo}
 chroot /host /bin/sh -c 'cd {repo} && PYTHONDONTWRITEBYTECODE=1 HOME=/tmp {python} -m pytest -q -x -p no:cacheprovider \
     --basetemp=/tmp/pt -s -o log_cli=true --log-cli-level={log_level} \
     tests/serve/tcmu/test_tcmu_real_kernel.py -k test_real_kernel_lun'
