@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -186,8 +187,20 @@ class Containerd:
 
     def ctr(self, *args: str, namespace: str = "default", timeout: float = 300.0, check: bool = True,
             input: str | None = None) -> subprocess.CompletedProcess:
+        log = None
+        if args and args[0] == "run" and "-d" not in args and input is None:
+            # `ctr run` copies the output through FIFOs and can lose all of it when the container
+            # exits at once (containerd#770); a file:// log URI makes the shim hand the container
+            # the file itself as stdout/stderr, so nothing is copied and nothing can be lost.
+            fd, log = tempfile.mkstemp(prefix="ctr-run-", suffix=".log")
+            os.close(fd)
+            args = ("run", "--log-uri", f"file://{log}", *args[1:])
         proc = subprocess.run(self.ctr_command(*args, namespace=namespace),
                               capture_output=True, text=True, timeout=timeout, input=input)
+        if log is not None:
+            with open(log, errors="replace") as f:
+                proc = subprocess.CompletedProcess(proc.args, proc.returncode, f.read(), proc.stderr)
+            os.unlink(log)
         if check and proc.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}\n"
                                  f"containerd log:\n{_tail(self.log, 30)}")
