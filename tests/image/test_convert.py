@@ -8,18 +8,16 @@ digests, symlink targets, hardlink groups, xattrs and file mtimes.
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import tarfile
-import time
 from io import BytesIO
 
 import pytest
 
 from lazyfs.serve import system
-from lazyfs.serve.control import call
+from lazyfs.testing.cleanup import release_under
 from lazyfs.testing.ociimages import (
     debian_minbase_tar,
     skopeo_copy,
@@ -88,19 +86,7 @@ class Env:
         return f"{self.registry.registry}/{name}"
 
     def cleanup(self):
-        for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
-            if m.mountpoint.startswith(str(self.tmp)):
-                subprocess.run(["umount", "-l", m.mountpoint])
-        for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
-            if str(self.tmp) in line:
-                subprocess.run(["losetup", "-d", line.split(":")[0]])
-        try:
-            os.kill(call(self.socket, "ping", timeout=10)["pid"], signal.SIGTERM)
-        except Exception:
-            pass
-        deadline = time.monotonic() + 20
-        while os.path.exists(self.socket) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        release_under(self.tmp, self.socket)
 
 
 def leftovers(tmp) -> list[str]:

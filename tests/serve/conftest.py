@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import trio
@@ -17,6 +15,7 @@ from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
+from lazyfs.testing.cleanup import release_under
 from lazyfs.testing.registry import registry_fixture
 from tests.image.test_local import make_busybox_tree
 
@@ -47,19 +46,7 @@ class Env:
         return call(self.socket, "ping", timeout=10)["pid"]
 
     def cleanup(self):
-        for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
-            if m.mountpoint.startswith(str(self.tmp)):
-                subprocess.run(["umount", "-l", m.mountpoint])
-        for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
-            if str(self.tmp) in line:
-                subprocess.run(["losetup", "-d", line.split(":")[0]])
-        try:
-            os.kill(self.daemon_pid(), signal.SIGTERM)
-        except Exception:
-            pass
-        deadline = time.monotonic() + 20
-        while os.path.exists(self.socket) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        release_under(self.tmp, self.socket)
 
 
 @pytest.fixture(scope="module")
