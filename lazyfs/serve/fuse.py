@@ -371,10 +371,10 @@ class ExportFS(pyfuse3.Operations):
             pyfuse3.readdir_reply(token, IMAGE_NAME.encode(), self._attr(entry[0].file_inode), 1)
 
     async def releasedir(self, fh):
-        pass
+        """Directory handles hold no state: nothing to release."""
 
     async def fsyncdir(self, fh, datasync):
-        pass
+        """The tree is fixed in memory: nothing to make durable."""
 
     async def forget(self, inode_list):
         pass  # inodes live as long as their export, not as long as the kernel knows them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,15 +107,12 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
 
 
 def _undo(config: Config, name: str, dev: str | None) -> None:
+    """Best-effort rollback of a failed mount; the error that caused it is what the user sees."""
     if dev is not None:
-        try:
+        with contextlib.suppress(LazyfsError):
             trio.run(system.losetup_detach, dev)
-        except LazyfsError:
-            pass
-    try:
+    with contextlib.suppress(LazyfsError):
         call(config.socket_path, "detach", name=name)
-    except LazyfsError:
-        pass
 
 
 def export_image(config: Config, config_path: str | None, image: str, directory: str, *, writable: bool = False,

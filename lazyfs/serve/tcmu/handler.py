@@ -155,7 +155,7 @@ class TcmuHandler:
     async def _dispatch(self, nursery: trio.Nursery) -> None:
         while True:
             while self.uio.read_event() is not None:
-                pass
+                continue  # drain every pending notification; the ring itself says what is new
             moves = self.ring.tail_moves
             for event in self.ring.receive():
                 if isinstance(event, Command):

@@ -233,7 +233,7 @@ class DiscardOp:
 
 @dataclass(frozen=True, slots=True)
 class FlushOp:
-    pass
+    """SYNCHRONIZE CACHE: make every completed write durable (no parameters)."""
 
 
 Op = Union[ReadOp, WriteOp, WriteSameOp, DiscardOp, FlushOp]
