@@ -70,3 +70,24 @@ def build_blob(
     blob = bytes(out)
     _, meta = parse_blob(blob)
     return blob, sha256_digest(blob), meta
+
+
+def write_frames_blob(root, raws: Iterable[bytes], trailer: bytes = b"") -> tuple[str, list[ChunkLocation]]:
+    """An OCI-layout blob file (``root/blobs/sha256/…``) of concatenated chunk frames plus *trailer*.
+
+    Returns the blob's digest and the location of every frame, in order.
+    """
+    from pathlib import Path
+
+    frames, metas, offset = [], [], 0
+    for raw in raws:
+        digest, stored, compression = encode_chunk(raw)
+        metas.append((digest, offset, len(stored), len(raw), compression))
+        frames.append(stored)
+        offset += len(stored)
+    data = b"".join(frames) + trailer
+    name = sha256_digest(data)
+    path = Path(root) / "blobs" / "sha256" / name[7:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return name, [ChunkLocation(d, name, o, c, r, comp) for d, o, c, r, comp in metas]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from pathlib import Path
@@ -16,7 +15,8 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
-from lazyfs.format.chunk import chunk_digest, encode_chunk
+from lazyfs.format.chunk import chunk_digest
+from lazyfs.testing.layers import write_frames_blob
 
 K = 1024
 
@@ -61,18 +61,7 @@ class CountingBackend(Backend):
 
 
 def write_blob(root: Path, raws: list[bytes]) -> list[ChunkLocation]:
-    frames, metas, offset = [], [], 0
-    for raw in raws:
-        digest, stored, compression = encode_chunk(raw)
-        metas.append((digest, offset, len(stored), len(raw), compression))
-        frames.append(stored)
-        offset += len(stored)
-    data = b"".join(frames)
-    name = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = root / "blobs" / "sha256" / name[7:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return [ChunkLocation(d, name, o, c, r, comp) for d, o, c, r, comp in metas]
+    return write_frames_blob(root, raws)[1]
 
 
 # ---------------------------------------------------------------- the cache alone

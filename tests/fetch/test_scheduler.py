@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from pathlib import Path
@@ -17,7 +16,8 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler, LatencyHistogram
-from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, encode_chunk
+from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD
+from lazyfs.testing.layers import write_frames_blob
 
 K = 1024
 
@@ -39,18 +39,7 @@ def make_chunks(n: int, size: int = 64 * K, seed: int = 0) -> list[bytes]:
 
 def write_blob(root: Path, raws: list[bytes], trailer: bytes = b"metadata+footer") -> tuple[str, list[ChunkLocation]]:
     """An OCI-layout blob file of concatenated chunk frames; returns its name and the frames' locations."""
-    frames, metas, offset = [], [], 0
-    for raw in raws:
-        digest, stored, compression = encode_chunk(raw)
-        metas.append((digest, offset, len(stored), len(raw), compression))
-        frames.append(stored)
-        offset += len(stored)
-    data = b"".join(frames) + trailer
-    name = "sha256:" + hashlib.sha256(data).hexdigest()
-    path = root / "blobs" / "sha256" / name[7:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return name, [ChunkLocation(d, name, o, c, r, comp) for d, o, c, r, comp in metas]
+    return write_frames_blob(root, raws, trailer)
 
 
 class Probe(Backend):
