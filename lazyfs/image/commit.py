@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -84,11 +85,9 @@ async def _ensure_blob(opener: ImageOpener, opened: OpenedImage, repo, blob: str
     if opened.local is not None and OciLayout(opened.local.path).has_blob(blob):
         await client.push_blob(repo, OciLayout(opened.local.path).blob_path(blob), blob)
         return
-    try:
+    with contextlib.suppress(NotFoundError):
         await client.blob_size(repo, blob)
         return  # already there (same repository, or pushed before)
-    except NotFoundError:
-        pass
     same_registry = opened.remote is not None and opened.remote.registry == repo.registry
     path = os.path.join(scratch, "lower-" + blob.split(":")[1])
     await client.get_blob_to_file(opened.remote.repo(), blob, path)  # the fallback if a mount is refused

@@ -16,6 +16,7 @@ attachments, which `cleanup` removes; `recover` remounts what running containers
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -251,10 +252,8 @@ class Snapshotter:
 
     def _forget(self, snap: Snapshot) -> None:
         """Undo a half-made snapshot: row, device, directories."""
-        try:
+        with contextlib.suppress(LazyfsError):  # the row may never have been written
             self.store.remove(snap.key)
-        except LazyfsError:
-            pass
         for problem in self._release_device(snap):
             log.warning("undoing %s: %s", snap.key, problem)
         remove_tree(self.snapshot_dir(snap))

@@ -19,6 +19,7 @@ Teardown is the reverse; it is idempotent and works from the names alone, so
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -210,10 +211,8 @@ def apply(step: Step) -> None:
         elif isinstance(step, Unlink):
             step.path.unlink(missing_ok=True)
         elif isinstance(step, Rmdir):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # already gone: that is the goal
                 step.path.rmdir()
-            except FileNotFoundError:
-                pass
     except OSError as exc:
         if isinstance(step, Rmdir) and exc.errno in (errno.ENOTEMPTY, errno.EBUSY):
             raise BusyError(f"cannot remove {step.path}: {exc.strerror}") from exc
