@@ -11,7 +11,7 @@ LAZYFS_APT_PACKAGES=(
     fuse3 libfuse3-dev pkg-config gcc python3-dev e2fsprogs busybox-static
     docker-registry skopeo umoci apache2-utils qemu-utils zstd curl fio nbdkit nbdfuse
     kmod iproute2 util-linux
-    # qemu guests for the VM tests: Debian's kernel + a busybox initrd built by lazyfs.testing.guest
+    # qemu guests for the VM tests: Debian's kernel + a busybox initrd built by tests.support.guest
     qemu-system-x86 linux-image-amd64 cpio
     # the demo's Debian root filesystem
     debootstrap

@@ -2,7 +2,7 @@
 
 Every layer, device and front end reads (and, where writable, writes) bytes by
 offset. Contract shared by all implementations (checked by
-``lazyfs.testing.conformance``):
+``tests.support.conformance``):
 
 * ``size`` is fixed for the life of the source, in bytes.
 * ``read(offset, length)`` returns ``min(length, size - offset)`` bytes; a read

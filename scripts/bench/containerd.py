@@ -48,14 +48,14 @@ from lazyfs.image.ref import LocalRef  # noqa: E402
 from lazyfs.image.remote import ImageOpener, push_image  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
-from lazyfs.testing.containerd import (  # noqa: E402
+from tests.support.containerd import (  # noqa: E402
     SnapshotterProcess,
     oci_image_from_trees,
     push_oci_image,
     running_containerd,
 )
-from lazyfs.testing.proxy import FaultProxy  # noqa: E402
-from lazyfs.testing.registry import running_registry  # noqa: E402
+from tests.support.proxy import FaultProxy  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
 
 ROOTFS_TARS = ("/var/cache/lazyfs-bench/bookworm-minbase.tar", "/var/cache/lazyfs-demo/debian-minbase.tar")
 WORKLOAD = ("head -n1 /etc/os-release; dpkg -l | wc -l; perl -e 'print qq(perl ok\\n)'; "

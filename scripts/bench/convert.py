@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from lazyfs.testing.ociimages import (  # noqa: E402
+from tests.support.ociimages import (  # noqa: E402
     debian_minbase_tar,
     run,
     skopeo_copy,
@@ -34,7 +34,7 @@ from lazyfs.testing.ociimages import (  # noqa: E402
     umoci_new,
     umoci_unpack,
 )
-from lazyfs.testing.registry import running_registry  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

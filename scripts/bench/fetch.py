@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark remote fetching (issue 4): cold sequential read vs curl, and the chunk-size trade-off.
 
-One run, one local docker-registry on 127.0.0.1 (``lazyfs.testing.registry``):
+One run, one local docker-registry on 127.0.0.1 (``tests.support.registry``):
 
 * Source: an ext4 image (``mkfs.ext4 -d``) of real binaries and libraries
   (by default /usr/lib/x86_64-linux-gnu, /usr/lib/jvm, /usr/bin, /usr/share —
@@ -62,8 +62,8 @@ from lazyfs.image.ref import LocalRef  # noqa: E402
 from lazyfs.image.remote import ImageOpener, push_image  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.host import Host  # noqa: E402
-from lazyfs.testing.proxy import FaultProxy  # noqa: E402
-from lazyfs.testing.registry import running_registry  # noqa: E402
+from tests.support.proxy import FaultProxy  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
 
 DEFAULT_SOURCES = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/jvm", "/usr/bin", "/usr/share", "/usr/lib"]
 CHUNK_SIZES = [64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]

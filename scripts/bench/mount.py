@@ -52,8 +52,8 @@ from lazyfs.errors import LazyfsError  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
-from lazyfs.testing.proxy import FaultProxy  # noqa: E402
-from lazyfs.testing.registry import running_registry  # noqa: E402
+from tests.support.proxy import FaultProxy  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
 
 CACHE_DIR = "/var/cache/lazyfs-bench"
 ROOTFS_TAR = os.path.join(CACHE_DIR, "bookworm-minbase.tar")

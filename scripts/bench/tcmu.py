@@ -24,8 +24,8 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from lazyfs.testing.memory import MemorySource  # noqa: E402
-from lazyfs.testing.tcmu_kernel import serve_emulated  # noqa: E402
+from tests.support.memory import MemorySource  # noqa: E402
+from tests.support.tcmu_kernel import serve_emulated  # noqa: E402
 
 BLOCK = 512
 

@@ -32,9 +32,9 @@ from lazyfs.image.local import create_image, flatten_image  # noqa: E402
 from lazyfs.image.ref import LocalRef  # noqa: E402
 from lazyfs.image.remote import ImageOpener, push_image  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
-from lazyfs.testing.guest import Drive, prepare_guest  # noqa: E402
-from lazyfs.testing.proxy import FaultProxy  # noqa: E402
-from lazyfs.testing.registry import running_registry  # noqa: E402
+from tests.support.guest import Drive, prepare_guest  # noqa: E402
+from tests.support.proxy import FaultProxy  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
 
 ROOTFS_TAR = "/var/cache/lazyfs-demo/debian-minbase.tar"
 SCRIPT = ("set -e\nmount -t ext4 -o ro,noload /dev/vda /mnt\n"

@@ -2,7 +2,7 @@ from hypothesis import given, settings, strategies as st
 
 from lazyfs.device.index import MergedIndex
 from lazyfs.format.layer import BLOCK_SIZE
-from lazyfs.testing.layers import build_blob
+from tests.support.layers import build_blob
 
 NBLOCKS = 48
 

@@ -8,9 +8,9 @@ from lazyfs.device.merged import MAX_LAYERS, MergedDevice
 from lazyfs.device.writable import create_writable
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.layer import BLOCK_SIZE
-from lazyfs.testing.conformance import check_source
-from lazyfs.testing.layers import MemoryBackend, build_blob
-from lazyfs.testing.stores import CountingStore
+from tests.support.conformance import check_source
+from tests.support.layers import MemoryBackend, build_blob
+from tests.support.stores import CountingStore
 
 SIZE = 96 * BLOCK_SIZE
 

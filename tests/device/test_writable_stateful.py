@@ -13,7 +13,7 @@ from lazyfs.device.writable import create_writable, open_writable
 from lazyfs.format.layer import BLOCK_SIZE
 from lazyfs.image.build import layer_from_writable
 from lazyfs.image.layout import OciLayout
-from lazyfs.testing.stores import CountingStore
+from tests.support.stores import CountingStore
 
 from tests.device.test_merged import SIZE, make_stack
 

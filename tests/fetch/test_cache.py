@@ -16,7 +16,7 @@ from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.format.chunk import chunk_digest
-from lazyfs.testing.layers import write_frames_blob
+from tests.support.layers import write_frames_blob
 
 K = 1024
 

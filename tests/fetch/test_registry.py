@@ -29,8 +29,8 @@ from lazyfs.fetch.registry import (
     RetryPolicy,
 )
 from lazyfs.format.reference import Reference, digest_of, parse_reference
-from lazyfs.testing.proxy import FaultProxy
-from lazyfs.testing.registry import RegistryInfo, free_port, registry_fixture, write_auth_file
+from tests.support.proxy import FaultProxy
+from tests.support.registry import RegistryInfo, free_port, registry_fixture, write_auth_file
 
 pytestmark = [pytest.mark.registry, pytest.mark.timeout(300)]
 

@@ -17,7 +17,7 @@ from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler, LatencyHistogram
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD
-from lazyfs.testing.layers import write_frames_blob
+from tests.support.layers import write_frames_blob
 
 K = 1024
 

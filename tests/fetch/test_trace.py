@@ -19,7 +19,7 @@ from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import RecordingChunkStore, TraceRecorder, decode_trace, encode_trace, replay
 from lazyfs.format.chunk import MAX_CHUNK_SIZE
-from lazyfs.testing.layers import write_frames_blob
+from tests.support.layers import write_frames_blob
 
 K = 1024
 

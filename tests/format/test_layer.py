@@ -8,7 +8,7 @@ from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.builder import BlobBuilder, split_window
 from lazyfs.format.chunk import decode_chunk, encode_chunk
 from lazyfs.format.layer import BLOCK_SIZE, FOOTER_SIZE, ZEROED, parse_blob, parse_tail
-from lazyfs.testing.layers import build_blob
+from tests.support.layers import build_blob
 
 
 def _read_all(blob: bytes, meta) -> bytearray:

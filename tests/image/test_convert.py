@@ -17,8 +17,8 @@ from io import BytesIO
 import pytest
 
 from lazyfs.serve import system
-from lazyfs.testing.cleanup import release_under
-from lazyfs.testing.ociimages import (
+from tests.support.cleanup import release_under
+from tests.support.ociimages import (
     debian_minbase_tar,
     skopeo_copy,
     tar_tree,
@@ -29,8 +29,8 @@ from lazyfs.testing.ociimages import (
     write_image,
     write_index,
 )
-from lazyfs.testing.registry import registry_fixture
-from lazyfs.testing.trees import describe_tree, tree_differences
+from tests.support.registry import registry_fixture
+from tests.support.trees import describe_tree, tree_differences
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

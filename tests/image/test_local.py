@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lazyfs.testing.trees import describe_tree, tree_differences
+from tests.support.trees import describe_tree, tree_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -14,8 +14,8 @@ from lazyfs.image.local import create_image, flatten_image
 from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, pull_image, push_image
 from lazyfs.serve.host import Host
-from lazyfs.testing.proxy import FaultProxy
-from lazyfs.testing.registry import registry_fixture
+from tests.support.proxy import FaultProxy
+from tests.support.registry import registry_fixture
 
 pytestmark = pytest.mark.registry
 registry = registry_fixture()

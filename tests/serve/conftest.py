@@ -15,8 +15,8 @@ from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
-from lazyfs.testing.cleanup import release_under
-from lazyfs.testing.registry import registry_fixture
+from tests.support.cleanup import release_under
+from tests.support.registry import registry_fixture
 from tests.image.test_local import make_busybox_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -37,7 +37,7 @@ from lazyfs.device.source import BlockSource, check_write, clamp_read  # noqa: E
 from lazyfs.errors import IntegrityError, LazyfsError, ReadOnlyError  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve  # noqa: E402
-from lazyfs.testing.memory import MemorySource  # noqa: E402
+from tests.support.memory import MemorySource  # noqa: E402
 
 
 class FileSource(BlockSource):

@@ -29,8 +29,8 @@ from lazyfs.device.source import BlockSource, check_write, clamp_read
 from lazyfs.errors import BusyError, NotFoundError
 from lazyfs.serve import system
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS
-from lazyfs.testing.conformance import check_source
-from lazyfs.testing.memory import MemorySource
+from tests.support.conformance import check_source
+from tests.support.memory import MemorySource
 from tests.conftest import require_root
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]

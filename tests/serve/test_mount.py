@@ -11,7 +11,7 @@ import pytest
 
 from lazyfs.serve import system
 from lazyfs.serve.control import call
-from lazyfs.testing.trees import describe_tree, tree_differences
+from tests.support.trees import describe_tree, tree_differences
 from tests.serve.conftest import ROOT, leftovers
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop]
@@ -156,7 +156,7 @@ def test_bad_input_is_one_clear_line(env, case, tmp_path):
             env.lazyfs("umount", str(target))
         message = "already a mount point"
     else:
-        from lazyfs.testing.registry import running_registry
+        from tests.support.registry import running_registry
 
         with running_registry(tmp_path / "auth-registry", auth="htpasswd") as secured:
             auths = secured.write_auth_file(tmp_path / "auths.json", password="wrong-password")

@@ -11,7 +11,7 @@ import trio
 from lazyfs.config import Config, RegistrySettings
 from lazyfs.serve.host import Host
 from lazyfs.serve.tcmu import configfs
-from lazyfs.testing.tcmu_kernel import serve_emulated
+from tests.support.tcmu_kernel import serve_emulated
 from tests.serve.conftest import ROOT
 
 pytestmark = [pytest.mark.registry]

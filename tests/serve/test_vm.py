@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from lazyfs.serve.control import call
-from lazyfs.testing.guest import Drive, Share, require_qemu
+from tests.support.guest import Drive, Share, require_qemu
 from tests.serve.conftest import leftovers
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.qemu, pytest.mark.slow]

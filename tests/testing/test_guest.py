@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.errors import FormatError, NotFoundError
-from lazyfs.testing.guest import (
+from tests.support.guest import (
     BEGIN_MARKER,
     END_MARKER,
     CpioEntry,

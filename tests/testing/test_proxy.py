@@ -17,7 +17,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyfs.testing.proxy import (
+from tests.support.proxy import (
     INJECTED_BODY,
     BodyShaper,
     BodyStep,

@@ -4,7 +4,7 @@ A :class:`Uio` is the userspace end of a UIO device: a file descriptor that
 becomes readable (4-byte event count) when the kernel queued work and accepts
 a 4-byte write to say "look at cmd_tail", plus the mmapped map0 region. For a
 real device both are ``/dev/uioN`` (``Uio.open``); the kernel emulation in
-``lazyfs.testing.tcmu_kernel`` hands in a socket and a shared file through
+``tests.support.tcmu_kernel`` hands in a socket and a shared file through
 ``Uio.from_fds`` — everything after that is the same code.
 
 :class:`TcmuHandler` waits for events, takes new entries off the ring, runs

@@ -30,9 +30,9 @@ from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.snapshotter import api
-from lazyfs.testing.containerd import SnapshotterProcess, oci_image_from_trees, push_oci_image, running_containerd
-from lazyfs.testing.proxy import FaultProxy
-from lazyfs.testing.registry import registry_fixture
+from tests.support.containerd import SnapshotterProcess, oci_image_from_trees, push_oci_image, running_containerd
+from tests.support.proxy import FaultProxy
+from tests.support.registry import registry_fixture
 from tests.conftest import require_fuse, require_loop
 from tests.image.test_local import make_busybox_tree
 

@@ -11,7 +11,7 @@ import trio
 from lazyfs.errors import BusyError, ConfigError, NotFoundError
 from lazyfs.serve.tcmu import configfs as C
 from lazyfs.serve.tcmu.scsi import DeviceInfo
-from lazyfs.testing.memory import MemorySource
+from tests.support.memory import MemorySource
 
 
 def test_missing_module_or_configfs_is_a_clear_config_error(tmp_path):

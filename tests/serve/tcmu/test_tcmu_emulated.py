@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from lazyfs.device.source import BlockSource
 from lazyfs.serve.tcmu import ring as R
-from lazyfs.testing.memory import MemorySource
-from lazyfs.testing.tcmu_kernel import CMDR_OFF, KernelEmulator, serve_emulated
+from tests.support.memory import MemorySource
+from tests.support.tcmu_kernel import CMDR_OFF, KernelEmulator, serve_emulated
 
 GOOD, CHECK_CONDITION = 0x00, 0x02
 

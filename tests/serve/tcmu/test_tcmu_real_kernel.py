@@ -19,7 +19,7 @@ import trio
 
 from lazyfs.errors import ConfigError
 from lazyfs.serve.tcmu import configfs as C
-from lazyfs.testing.memory import MemorySource
+from tests.support.memory import MemorySource
 
 SIZE = 64 << 20
 
@@ -142,7 +142,7 @@ chroot /host /bin/sh -c 'cd {repo} && PYTHONDONTWRITEBYTECODE=1 HOME=/tmp {pytho
 @pytest.mark.slow
 def test_real_kernel_in_qemu_guest():
     """Boot the host's kernel with target_core_user + tcm_loop and run test_real_kernel_lun inside it."""
-    from lazyfs.testing import guest as G
+    from tests.support import guest as G
 
     if unavailable_reason() is None:
         pytest.skip("the host kernel has target_core_user; test_real_kernel_lun ran on it directly")

@@ -18,7 +18,7 @@ REGION = DATA_OFF + 64 * 1024
 
 
 class Builder:
-    """Writes entries the way the kernel lays them out (independent of lazyfs.testing.tcmu_kernel)."""
+    """Writes entries the way the kernel lays them out (independent of tests.support.tcmu_kernel)."""
 
     def __init__(self, flags=R.CAP_OOOC | R.CAP_READ_LEN | R.CAP_TMR, head=0):
         self.mem = bytearray(REGION)

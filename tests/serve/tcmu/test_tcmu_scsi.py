@@ -13,7 +13,7 @@ from lazyfs.device.source import BlockSource
 from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.serve.tcmu import scsi
 from lazyfs.serve.tcmu.scsi import CHECK_CONDITION, GOOD, DeviceInfo, SenseKey
-from lazyfs.testing.memory import MemorySource
+from tests.support.memory import MemorySource
 
 SIZE = 1 << 20
 

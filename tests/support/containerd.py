@@ -81,7 +81,7 @@ def oci_image_from_trees(layers: list[tuple[str, tuple[str, ...]]], *, cmd: tupl
         "architecture": "amd64", "os": "linux",
         "config": {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": list(cmd), "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created_by": "lazyfs.testing.containerd"} for _ in layers],
+        "history": [{"created_by": "tests.support.containerd"} for _ in layers],
     }, sort_keys=True).encode()
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
