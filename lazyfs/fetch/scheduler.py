@@ -5,12 +5,15 @@ planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
 
 * ``get`` answers from the cache (memory, then disk), else joins the one
   flight for that digest, else starts one (queued in the planner);
-* each planned job is one ranged read from the blob's primary backend,
-  retried with exponential backoff and jitter on ``FetchError``, each attempt
-  bounded by ``attempt_timeout`` and the whole job by ``deadline``;
+* each planned job is one ranged read from the blob's primary backend, the
+  whole job bounded by ``deadline``; a backend that retries itself (the
+  registry client: ``Backend.retries``) is called once, others are retried
+  here with exponential backoff and jitter, each attempt bounded by
+  ``attempt_timeout`` (see docs/registry.md for the effective policy);
 * every frame is decompressed and blake3-verified in a worker thread; a chunk
-  that fails verification (or a read that fails outright) is tried on the next
-  backend of the blob's list; when all fail, waiters get the error
+  that fails verification is read again from another source of the same
+  backend (the source is excluded and reported), then from the next backend
+  of the blob's list, as is a read that fails outright; when all fail, waiters get the error
   (``IntegrityError`` if any backend served bad bytes). Bad bytes are never
   served nor cached;
 * a reader that is cancelled or times out stops waiting; the shared fetch goes
@@ -28,14 +31,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Hashable, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Hashable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.errors import AuthError, ConfigError, FetchError, FormatError, IntegrityError, LazyfsError, NotFoundError
-from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
 from lazyfs.format.chunk import decode_chunk
@@ -468,33 +471,47 @@ class FetchScheduler(ChunkStore):
                     break
                 if i:
                     self._st["failovers"] += 1
-                locs = sorted(remaining.values(), key=lambda l: l.offset)
-                start = job.offset if i == 0 else locs[0].offset
-                end = job.end if i == 0 else max(l.end for l in locs)
-                try:
-                    data = await self._read_range(backend, job.blob, start, end - start)
-                except LazyfsError as exc:
-                    last_error = exc
-                    log.warning("fetch %s %d+%d from %s failed: %s", job.blob, start, end - start, backend.name, exc)
-                    continue
-                view = memoryview(data)
-                for loc in locs:
-                    frame = view[loc.offset - start : loc.end - start]
+                bad_sources: set[str] = set()
+                # Each pass reads what is still unverified from a source not yet caught serving
+                # bad bytes; bounded by the backend's sources.
+                while remaining and not bad_sources.issuperset(backend.sources):
+                    locs = sorted(remaining.values(), key=lambda l: l.offset)
+                    whole = i == 0 and not bad_sources
+                    start = job.offset if whole else locs[0].offset
+                    end = job.end if whole else max(l.end for l in locs)
                     try:
-                        raw = await trio.to_thread.run_sync(
-                            decode_chunk, loc.digest, frame, loc.compression, loc.raw_length, backend.name, limiter=self._cpu
-                        )
-                    except IntegrityError as exc:
-                        self._st["integrity_failures"] += 1
-                        bad_bytes[loc.digest] = exc
-                        log.warning("%s", exc)
-                        continue
-                    except FormatError as exc:  # the location itself is wrong: no mirror can help
+                        got = await self._read_range(backend, job.blob, start, end - start, bad_sources)
+                    except LazyfsError as exc:
+                        last_error = exc
+                        log.warning("fetch %s %d+%d from %s failed: %s", job.blob, start, end - start, backend.name, exc)
+                        break
+                    view = memoryview(got.data)
+                    served_bad = False
+                    for loc in locs:
+                        frame = view[loc.offset - start : loc.end - start]
+                        try:
+                            raw = await trio.to_thread.run_sync(
+                                decode_chunk, loc.digest, frame, loc.compression, loc.raw_length, got.source,
+                                limiter=self._cpu,
+                            )
+                        except IntegrityError as exc:
+                            self._st["integrity_failures"] += 1
+                            bad_bytes[loc.digest] = exc
+                            served_bad = True
+                            log.warning("%s", exc)
+                            continue
+                        except FormatError as exc:  # the location itself is wrong: no mirror can help
+                            del remaining[loc.digest]
+                            self._resolve(loc.digest, exc, outcome)
+                            continue
                         del remaining[loc.digest]
-                        self._resolve(loc.digest, exc, outcome)
-                        continue
-                    del remaining[loc.digest]
-                    self._resolve(loc.digest, raw, outcome)
+                        self._resolve(loc.digest, raw, outcome)
+                    if not served_bad or got.source in bad_sources:
+                        break
+                    bad_sources.add(got.source)
+                    backend.source_failed_verification(got.source)
+                    if remaining and not bad_sources.issuperset(backend.sources):
+                        self._st["failovers"] += 1
         if not remaining:
             return
         if scope.cancelled_caught:
@@ -508,16 +525,26 @@ class FetchScheduler(ChunkStore):
                 error = last_error or FetchError(f"no backend could serve {job.blob}")
             self._resolve(digest, error, outcome)
 
-    async def _read_range(self, backend: Backend, blob: str, offset: int, length: int) -> bytes:
-        """One ranged read, retried on transient errors with exponential backoff and jitter."""
+    async def _read_range(self, backend: Backend, blob: str, offset: int, length: int,
+                          exclude: Collection[str] = ()) -> SourcedBytes:
+        """One ranged read from a source of *backend* not in *exclude*.
+
+        A backend that retries and fails over itself (``backend.retries``, the registry
+        client) is called once: its retry layer and deadline are the only ones. Others are
+        retried here on transient errors, with exponential backoff and jitter, each attempt
+        bounded by ``attempt_timeout``.
+        """
         attempt = 0
         while True:
             self._st["ranged_gets"] += 1
             try:
-                with trio.fail_after(self.attempt_timeout):
-                    data = await backend.read_range(blob, offset, length)
-                if len(data) != length:
-                    raise FetchError(f"{backend.name}: short read of {blob}: {len(data)} of {length} bytes at {offset}")
+                if backend.retries:
+                    got = await backend.read_range_from(blob, offset, length, exclude=exclude)
+                else:
+                    with trio.fail_after(self.attempt_timeout):
+                        got = await backend.read_range_from(blob, offset, length, exclude=exclude)
+                if len(got.data) != length:
+                    raise FetchError(f"{backend.name}: short read of {blob}: {len(got.data)} of {length} bytes at {offset}")
             except trio.TooSlowError:
                 error = FetchError(f"{backend.name}: no answer for {blob} {offset}+{length} within {self.attempt_timeout}s")
             except (AuthError, NotFoundError):
@@ -528,11 +555,11 @@ class FetchScheduler(ChunkStore):
             except OSError as exc:
                 error = FetchError(f"{backend.name}: {exc}")
             else:
-                self._st["bytes_fetched"] += len(data)
-                return data
+                self._st["bytes_fetched"] += len(got.data)
+                return got
             self._st["fetch_errors"] += 1
             attempt += 1
-            if attempt > self.max_retries:
+            if backend.retries or attempt > self.max_retries:
                 raise error
             self._st["retries"] += 1
             cap = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 
 from lazyfs.config import Config
-from lazyfs.errors import NotFoundError
-from lazyfs.fetch.backend import Backend
+from lazyfs.errors import FetchError, NotFoundError
+from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import RegistryBackend, RegistryClient, RegistryConfig
@@ -35,14 +35,10 @@ class OpenedImage:
 
     @property
     def backends(self) -> list[Backend]:
-        """Where chunks come from, in order: each registry mirror, then the registry (or the one local backend).
-
-        The scheduler moves to the next one when a chunk fails verification.
-        """
-        inner = self.backend.backends[-1] if isinstance(self.backend, FallbackBackend) else self.backend
-        if not isinstance(inner, RegistryBackend) or len(inner.sources) < 2:
-            return [self.backend]
-        return [SourceBackend(inner, source, self.backend) for source in inner.sources]
+        """Where chunks come from: the one backend, which picks among its sources (mirrors, the
+        registry) itself. The scheduler reads again with a source excluded when its bytes fail
+        verification."""
+        return [self.backend]
 
     @property
     def blobs(self) -> set[str]:
@@ -58,6 +54,14 @@ class FallbackBackend(Backend):
         self.backends = backends
         self.name = "+".join(b.name for b in backends)
 
+    @property
+    def retries(self) -> bool:  # one retry layer: the scheduler must not retry the registry again
+        return any(b.retries for b in self.backends)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(s for b in self.backends for s in b.sources)
+
     async def _first(self, call):
         error: NotFoundError | None = None
         for backend in self.backends:
@@ -70,28 +74,20 @@ class FallbackBackend(Backend):
     async def read_range(self, blob: str, offset: int, length: int) -> bytes:
         return await self._first(lambda b: b.read_range(blob, offset, length))
 
+    async def read_range_from(self, blob: str, offset: int, length: int, *, exclude=()) -> SourcedBytes:
+        candidates = [b for b in self.backends if not set(b.sources) <= set(exclude)]
+        if not candidates:
+            raise FetchError(f"{self.name}: every source is excluded")
+        return await FallbackBackend(candidates)._first(
+            lambda b: b.read_range_from(blob, offset, length, exclude=exclude))
+
+    def source_failed_verification(self, source: str) -> None:
+        for backend in self.backends:
+            if source in backend.sources:
+                backend.source_failed_verification(source)
+
     async def blob_size(self, blob: str) -> int:
         return await self._first(lambda b: b.blob_size(blob))
-
-
-class SourceBackend(Backend):
-    """One source (a mirror or the registry itself) of a RegistryBackend."""
-
-    def __init__(self, backend: RegistryBackend, source: str, fallback: Backend) -> None:
-        self.backend, self.source, self.fallback = backend, source, fallback
-        self._others = tuple(s for s in backend.sources if s != source)
-        self.name = f"{backend.name} via {source}"
-
-    async def read_range(self, blob: str, offset: int, length: int) -> bytes:
-        if self.fallback is not self.backend:  # a pulled layout: local blobs first
-            try:
-                return await self.fallback.backends[0].read_range(blob, offset, length)
-            except NotFoundError:
-                pass
-        return await self.backend.read_range(blob, offset, length, exclude=self._others)
-
-    async def blob_size(self, blob: str) -> int:
-        return await self.fallback.blob_size(blob)
 
 
 def make_client(config: Config) -> RegistryClient:
