@@ -86,6 +86,21 @@ def _config(args: argparse.Namespace):
     return config
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from lazyfs.config import config_path, config_schema
+
+    if args.action == "schema":
+        print(json.dumps(config_schema(), indent=2))
+        return 0
+    config = _config(args)
+    if args.toml:
+        print(f"# effective configuration (from {config_path(args.config) or 'built-in defaults'})")
+        print(config.to_toml(), end="")
+    else:
+        print(json.dumps(config.to_json(), indent=2))
+    return 0
+
+
 def _remote(text: str):
     from lazyfs.format.reference import parse_reference
 
@@ -324,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
 
+    p = add("config", cmd_config, "show the effective configuration, or the JSON schema of the config file")
+    p.add_argument("action", choices=["show", "schema"])
+    p.add_argument("--toml", action="store_true", help="show as TOML (default JSON)")
+
     add("daemon", cmd_daemon, "run the host daemon in the foreground (mount starts one if needed)")
 
     p = add("convert", cmd_convert, "convert an OCI/Docker image (registry or layout) into a lazyfs image")
@@ -383,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
 
     for sp in sub.choices.values():
-        sp.add_argument("--config", metavar="FILE", help="config file (default $LAZYFS_CONFIG or /etc/lazyfs/config.json)")
+        sp.add_argument("--config", metavar="FILE", help="config file, TOML or JSON (default $LAZYFS_CONFIG, /etc/lazyfs/config.toml or .json)")
         sp.add_argument("--plain-http", metavar="HOST:PORT", action="append",
                         help="talk plain HTTP to this registry (repeatable; only for trusted local registries)")
     return parser

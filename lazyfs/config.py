@@ -1,49 +1,104 @@
-"""Host configuration: one JSON file with sane defaults, validated with errors that name the field."""
+"""Host configuration: one TOML or JSON file with sane defaults, validated by msgspec.
+
+``Config`` is a frozen value the rest of the code reads (fields and a few derived paths).
+``load_config`` reads ``--config``, ``$LAZYFS_CONFIG``, ``/etc/lazyfs/config.toml`` or
+``/etc/lazyfs/config.json`` (the first that is given or exists) and fails with a
+ConfigError whose message names the file and the field. ``config_schema()`` is the JSON
+schema of the file (``lazyfs config schema``); ``Config.to_json()`` the effective values
+(``lazyfs config show``).
+
+Registries can also be configured the way containerd does, with a ``certs.d`` directory of
+``HOST/hosts.toml`` files (``hosts_dir``); an entry in ``registries`` wins over a
+``hosts.toml`` for the same host.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import ssl
+import tomllib
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from lazyfs.errors import ConfigError
+import msgspec
 
-DEFAULT_CONFIG_PATH = "/etc/lazyfs/config.json"
+from lazyfs.errors import ConfigError, FormatError
+from lazyfs.format.reference import check_registry
+
+DEFAULT_CONFIG_PATHS = ("/etc/lazyfs/config.toml", "/etc/lazyfs/config.json")
+DEFAULT_CONFIG_PATH = DEFAULT_CONFIG_PATHS[1]
+_MAX_FILE = 1 << 20
+
+
+def _doc(text: str, **constraints) -> msgspec.Meta:
+    return msgspec.Meta(description=text, **constraints)
+
+
+Bytes = Annotated[int, _doc("bytes", ge=0)]
+Seconds = Annotated[float, _doc("seconds", ge=0)]
+
+
+def _host(value: str, what: str) -> None:
+    scheme, sep, rest = value.partition("://")
+    try:
+        check_registry(rest if sep and scheme in ("http", "https") else value)
+    except FormatError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)
 class RegistrySettings:
-    host: str
-    plain_http: bool = False
-    ca_file: str | None = None
-    mirrors: tuple[str, ...] = ()
+    """One registry: how to reach it, and its mirrors (tried first for blobs)."""
+
+    host: Annotated[str, _doc("host[:port] as written in image references")]
+    plain_http: Annotated[bool, _doc("speak HTTP, not HTTPS (only for hosts you trust on the path)")] = False
+    ca_file: Annotated[str | None, _doc("PEM bundle that replaces the system CAs for this host")] = None
+    mirrors: Annotated[tuple[str, ...], _doc("host[:port] or http://host[:port], tried in order for blob reads")] = ()
+    client_cert: Annotated[str | None, _doc("client certificate (PEM) for mTLS")] = None
+    client_key: Annotated[str | None, _doc("its private key (PEM), if not in client_cert")] = None
+    skip_verify: Annotated[bool, _doc("accept any server certificate (testing only)")] = False
+
+    def __post_init__(self) -> None:
+        _host(self.host, "host")
+        object.__setattr__(self, "mirrors", tuple(self.mirrors))
+        for i, m in enumerate(self.mirrors):
+            _host(m, f"mirrors[{i}]")
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key without client_cert")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything the daemon and the commands need to know about this host."""
 
-    run_dir: str = "/run/lazyfs"  # control socket, FUSE export dir, state file
-    state_dir: str = "/var/lib/lazyfs"  # attachments to restore after a restart
-    cache_root: str = "/var/lib/lazyfs/cache"  # big, cheap disk: verified chunks
-    writable_root: str = "/var/lib/lazyfs/writable"  # fast disk: writable layers
-    cache_size: int = 10 << 30
-    memory_cache_size: int = 256 << 20
-    credentials: str | None = None  # docker-style config.json with "auths"; default ~/.docker/config.json
+    run_dir: Annotated[str, _doc("control socket, FUSE export dir, state file", min_length=1)] = "/run/lazyfs"
+    state_dir: Annotated[str, _doc("attachments to restore after a restart", min_length=1)] = "/var/lib/lazyfs"
+    cache_root: Annotated[str, _doc("big, cheap disk: verified chunks", min_length=1)] = "/var/lib/lazyfs/cache"
+    writable_root: Annotated[str, _doc("fast disk: writable layers", min_length=1)] = "/var/lib/lazyfs/writable"
+    cache_size: Bytes = 10 << 30
+    memory_cache_size: Bytes = 256 << 20
+    credentials: Annotated[str, _doc(
+        "docker-style config.json (auths, credsStore, credHelpers); default ~/.docker/config.json",
+        min_length=1)] | None = None
     registries: tuple[RegistrySettings, ...] = ()
-    max_range: int = 4 << 20  # largest coalesced ranged GET
-    fetch_concurrency: int = 8  # ranged GETs in flight per registry
-    fetch_deadline: float = 30.0  # seconds before a read fails with EIO
-    readahead_chunks: int = 4  # chunks queued after a demand miss (0: off)
-    trace_record_seconds: float = 30.0  # record a startup trace for this long after the first attach
+    hosts_dir: Annotated[str, _doc(
+        "containerd certs.d directory of HOST/hosts.toml files, e.g. /etc/containerd/certs.d", min_length=1)] | None = None
+    max_range: Annotated[int, _doc("largest coalesced ranged GET, bytes", gt=0)] = 4 << 20
+    fetch_concurrency: Annotated[int, _doc("ranged GETs in flight per registry", gt=0)] = 8
+    fetch_deadline: Annotated[float, _doc("seconds before a read fails with EIO (retries included)", gt=0)] = 30.0
+    readahead_chunks: Annotated[int, _doc("chunks queued after a demand miss (0: off)", ge=0)] = 4
+    trace_record_seconds: Annotated[float, _doc(
+        "record a startup trace for this long after the first attach", ge=0)] = 30.0
     trace_replay: bool = True
-    trace_concurrency: int = 8
+    trace_concurrency: Annotated[int, _doc("chunks in flight while replaying a trace", ge=0)] = 8
     background_download: bool = False
-    background_delay: float = 30.0
-    background_rate: int = 20 << 20  # bytes per second
-    metrics_address: str | None = None  # "127.0.0.1:9750" to serve Prometheus metrics
-    log_level: str = "info"
+    background_delay: Seconds = 30.0
+    background_rate: Annotated[int, _doc("bytes per second", ge=0)] = 20 << 20
+    metrics_address: Annotated[str, _doc(
+        "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9750", pattern=r"^\S+:[0-9]{1,5}$")] | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @property
     def socket_path(self) -> str:
@@ -67,82 +122,132 @@ class Config:
     def registry(self, host: str) -> RegistrySettings | None:
         return next((r for r in self.registries if r.host == host), None)
 
-    def with_registry(self, settings: RegistrySettings) -> "Config":
+    def with_registry(self, settings: RegistrySettings) -> Config:
         others = tuple(r for r in self.registries if r.host != settings.host)
         return dataclasses.replace(self, registries=others + (settings,))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The effective values as JSON types (every field, defaults included)."""
+        return msgspec.to_builtins(self)
+
+    def to_toml(self) -> str:
+        """The effective values as TOML (fields that are null are left out: TOML has no null)."""
+        import tomli_w
+
+        def strip(value):
+            if isinstance(value, dict):
+                return {k: strip(v) for k, v in value.items() if v is not None}
+            if isinstance(value, (list, tuple)):
+                return [strip(v) for v in value]
+            return value
+
+        return tomli_w.dumps(strip(self.to_json()))
 
 
-_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+def config_schema() -> dict:
+    """The JSON schema of a config file (unknown fields are errors)."""
+    schema = msgspec.json.schema(Config)
+    for definition in schema.get("$defs", {}).values():
+        if definition.get("type") == "object":
+            definition["additionalProperties"] = False
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "lazyfs host configuration"
+    return schema
 
 
-def _check(name: str, value: object) -> object:
-    kind = _TYPES[name]
-    if name == "registries":
-        if not isinstance(value, list):
-            raise ConfigError("config field 'registries' must be a list")
-        out = []
-        for i, r in enumerate(value):
-            if not isinstance(r, dict) or not isinstance(r.get("host"), str):
-                raise ConfigError(f"config field 'registries[{i}]' needs a string 'host'")
-            unknown = set(r) - {"host", "plain_http", "ca_file", "mirrors"}
-            if unknown:
-                raise ConfigError(f"config field 'registries[{i}]': unknown keys {sorted(unknown)}")
-            if not isinstance(r.get("plain_http", False), bool):
-                raise ConfigError(f"config field 'registries[{i}].plain_http' must be true or false")
-            mirrors = r.get("mirrors", [])
-            if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
-                raise ConfigError(f"config field 'registries[{i}].mirrors' must be a list of hosts")
-            out.append(RegistrySettings(r["host"], r.get("plain_http", False), r.get("ca_file"), tuple(mirrors)))
-        return tuple(out)
-    if kind in ("int", int):
-        if type(value) is not int or value < 0:
-            raise ConfigError(f"config field {name!r} must be a non-negative integer, not {value!r}")
-    elif kind in ("float", float):
-        if type(value) not in (int, float) or value < 0:
-            raise ConfigError(f"config field {name!r} must be a non-negative number, not {value!r}")
-        value = float(value)
-    elif kind in ("bool", bool):
-        if type(value) is not bool:
-            raise ConfigError(f"config field {name!r} must be true or false, not {value!r}")
-    elif kind in ("str", str):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"config field {name!r} must be a non-empty string")
-    elif value is not None and not isinstance(value, str):
-        raise ConfigError(f"config field {name!r} must be a string or null")
-    if name == "log_level" and value not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"config field 'log_level' must be debug, info, warning or error, not {value!r}")
-    if name == "metrics_address" and value is not None:
-        host, _, port = str(value).rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"config field 'metrics_address' must be HOST:PORT, not {value!r}")
-    return value
-
-
-def config_from_dict(doc: dict, where: str = "config") -> Config:
+def _unknown(doc: object, cls: type, path: str) -> str | None:
+    """The path of the first key in *doc* that is no field of *cls* (recursively), if any."""
     if not isinstance(doc, dict):
-        raise ConfigError(f"{where}: must be a JSON object")
-    unknown = set(doc) - set(_TYPES)
+        return None
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in doc:
+        if key not in names:
+            return f"{path}{key}" if not path else f"{path}.{key}"
+    registries = doc.get("registries") if cls is Config else None
+    if isinstance(registries, list):
+        for i, entry in enumerate(registries):
+            found = _unknown(entry, RegistrySettings, f"registries[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _field(path: str) -> str:
+    """msgspec's ``$.registries[0].ca_file`` as ``registries[0].ca_file``."""
+    return path.removeprefix("$").removeprefix(".") or "(top level)"
+
+
+def check_paths(config: Config, where: str = "config") -> None:
+    """Check the files the config names: CA bundles and client certificates load, the
+    hosts_dir is a directory, the credentials file (if it exists) is a file."""
+    for i, r in enumerate(config.registries):
+        field = f"{where}: registries[{i}]"
+        if r.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=r.ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"{field}.ca_file {r.ca_file}: cannot load: {getattr(e, 'strerror', None) or e}") from None
+        if r.client_cert is not None:
+            try:
+                ssl.create_default_context().load_cert_chain(r.client_cert, r.client_key)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"{field}.client_cert {r.client_cert}: cannot load with its key: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+    if config.hosts_dir is not None and not os.path.isdir(config.hosts_dir):
+        raise ConfigError(f"{where}: hosts_dir {config.hosts_dir}: not a directory")
+    if config.credentials is not None and os.path.exists(config.credentials) and not os.path.isfile(config.credentials):
+        raise ConfigError(f"{where}: credentials {config.credentials}: not a file")
+
+
+def config_from_dict(doc: dict, where: str = "config", *, check_files: bool = True) -> Config:
+    """A Config from parsed JSON or TOML; ConfigError naming *where* and the field."""
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where}: must be a JSON object or a TOML table")
+    unknown = _unknown(doc, Config, "")
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    values = {name: _check(name, value) for name, value in doc.items()}
-    if values.get("max_range", 1) <= 0 or values.get("fetch_concurrency", 1) <= 0:
-        raise ConfigError(f"{where}: max_range and fetch_concurrency must be positive")
-    return Config(**values)
+        raise ConfigError(f"{where}: unknown field {unknown!r}")
+    try:
+        config = msgspec.convert(doc, Config)
+    except msgspec.ValidationError as e:
+        message, _, path = str(e).rpartition(" - at `")
+        if not message:
+            message, path = str(e), "$`"
+        raise ConfigError(f"{where}: field {_field(path.rstrip('`'))}: {message}") from None
+    if check_files:
+        check_paths(config, where)
+    return config
+
+
+def parse_config(data: bytes, path: str) -> dict:
+    """The document in a config file: TOML if *path* ends in ``.toml``, else JSON."""
+    if path.endswith(".toml"):
+        try:
+            return tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not TOML: {exc}") from None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} is not JSON: {exc}") from None
+
+
+def config_path(path: str | None = None) -> str | None:
+    """Which file ``load_config(path)`` reads (None: built-in defaults)."""
+    return path or os.environ.get("LAZYFS_CONFIG") or next((p for p in DEFAULT_CONFIG_PATHS if os.path.exists(p)), None)
 
 
 def load_config(path: str | None = None) -> Config:
-    """The config at *path* (or $LAZYFS_CONFIG, or /etc/lazyfs/config.json if present), else defaults."""
-    path = path or os.environ.get("LAZYFS_CONFIG") or (DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None)
+    """The config at *path* (or $LAZYFS_CONFIG, or /etc/lazyfs/config.toml or .json if present), else defaults."""
+    path = config_path(path)
     if path is None:
         return Config()
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read())
+            data = f.read(_MAX_FILE + 1)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except ValueError as exc:
-        raise ConfigError(f"config file {path} is not JSON: {exc}") from None
-    return config_from_dict(doc, f"config file {path}")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > _MAX_FILE:
+        raise ConfigError(f"config file {path}: larger than {_MAX_FILE} bytes")
+    return config_from_dict(parse_config(data, path), f"config file {path}")

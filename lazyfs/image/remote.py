@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import trio
+
 
 from lazyfs.config import Config
 from lazyfs.errors import FetchError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.directory import DirectoryBackend
-from lazyfs.fetch.registry import RegistryBackend, RegistryClient, RegistryConfig
+from lazyfs.fetch.registry import ProxySettings, RegistryBackend, RegistryClient, RegistryConfig, RetryPolicy
+from lazyfs.fetch.registry.certsd import load_hosts_dir
+from lazyfs.fetch.registry.hosts import HostsEntry
 from lazyfs.format.layer import FOOTER_SIZE, parse_tail
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
 from lazyfs.format.reference import Reference, parse_reference
@@ -90,10 +94,31 @@ class FallbackBackend(Backend):
         return await self._first(lambda b: b.blob_size(blob))
 
 
+def registry_hosts(config: Config) -> tuple[list[RegistryConfig], list[HostsEntry]]:
+    """The registry configuration *config* names: its ``registries``, and the containerd
+    ``hosts.toml`` files under its ``hosts_dir`` (read here: blocking, small files)."""
+    registries = [RegistryConfig(r.host, r.plain_http, r.ca_file, r.mirrors, r.client_cert, r.client_key,
+                                 r.skip_verify) for r in config.registries]
+    hosts = load_hosts_dir(config.hosts_dir) if config.hosts_dir else []
+    return registries, hosts
+
+
 def make_client(config: Config) -> RegistryClient:
-    registries = [RegistryConfig(r.host, r.plain_http, r.ca_file, r.mirrors) for r in config.registries]
-    return RegistryClient(registries, Credentials(config.credentials_path),
+    """The registry client for *config*: its registries and hosts.toml files, its credentials
+    (re-read when they change), proxies from the environment, and one retry layer whose
+    deadline is ``fetch_deadline`` (the scheduler's too)."""
+    registries, hosts = registry_hosts(config)
+    return RegistryClient(registries, Credentials(config.credentials_path), hosts=hosts,
+                          retry=RetryPolicy(deadline=config.fetch_deadline,
+                                            attempt_timeout=min(10.0, config.fetch_deadline)),
                           max_connections=max(16, 2 * config.fetch_concurrency))
+
+
+async def reload_registries(client: RegistryClient, config: Config) -> None:
+    """Re-read the registry configuration (mirror lists, hosts.toml, TLS files, proxies) into
+    *client*; what the daemon's SIGHUP or control call runs. ConfigError changes nothing."""
+    registries, hosts = await trio.to_thread.run_sync(registry_hosts, config)
+    client.reconfigure(registries, hosts, ProxySettings.from_environment())
 
 
 class ImageOpener:

@@ -280,6 +280,7 @@ class RegistryAuth(httpx.Auth):
 
     async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
         st = self.state
+        replayable = isinstance(request.stream, httpx.ByteStream)  # decided before anything reads it
         extra: tuple[str, ...] = ()
         for resend in (False, True):
             header: str | None = None
@@ -307,7 +308,7 @@ class RegistryAuth(httpx.Auth):
                 return
             st.counters.auth_challenges += 1
             challenge = st.core.challenged(self.host, response.headers.get("www-authenticate", ""), self.scopes, header)
-            if not isinstance(request.stream, httpx.ByteStream):
+            if not replayable:
                 self.unreplayed = True
                 return
             await st.credentials.reload_async()  # rotated credentials take effect without a restart
