@@ -713,3 +713,298 @@ def test_config_validation() -> None:
             assert not client.config_for("elsewhere.example.com").plain_http
 
     run(main)
+
+
+# --- credential helpers ------------------------------------------------------------------------------
+
+HELPER_SCRIPT = """#!/bin/sh
+# docker-credential-lazyfstest: docker's credential helper protocol, answering for one registry
+[ "$1" = get ] || exit 2
+read server
+echo "asked for $server" >> "{log}"
+if [ "$server" = "{registry}" ]; then
+  printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{secret}"}}' "$server"
+else
+  echo "credentials not found in native keychain"; exit 1
+fi
+"""
+
+
+def install_helper(directory: Path, registry: str, user: str, secret: str) -> tuple[Path, Path]:
+    """docker-credential-lazyfstest in *directory*/bin and its call log."""
+    bindir = directory / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    log = directory / "helper.log"
+    script = bindir / "docker-credential-lazyfstest"
+    script.write_text(HELPER_SCRIPT.format(log=log, registry=registry, user=user, secret=secret))
+    script.chmod(0o755)
+    return bindir, log
+
+
+def test_credential_helper(basic_registry: RegistryInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = basic_registry
+    bindir, log = install_helper(tmp_path, info.registry, info.username, info.password)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {info.registry: {}}, "credsStore": "lazyfstest"}))
+    target = ref(info, "helped/app:1")
+
+    async def main() -> None:
+        async with client_for(info, Credentials(config)) as client:
+            manifest, _ = await push_image(client, target, seed=60)
+            assert (await client.get_manifest(target))[0] == manifest
+        assert log.read_text().split() == ["asked", "for", info.registry]  # asked once, then cached
+        config.write_text(json.dumps({"credHelpers": {"elsewhere.test": "lazyfstest"}}))  # no helper for us now
+        async with client_for(info, Credentials(config)) as client:
+            with pytest.raises(AuthError, match="has no credentials"):
+                await client.get_manifest(target)
+
+    run(main)
+
+
+# --- proxies -----------------------------------------------------------------------------------------
+
+PROXIED_NAME = "lazyfs-registry.test"  # resolvable only through the proxy
+proxied_registry = registry_fixture(tls=True, name="proxied_registry", tls_hosts=(PROXIED_NAME, "127.0.0.1"))
+
+
+def test_https_proxy_carries_the_traffic(proxied_registry: RegistryInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lazyfs.config import Config, RegistrySettings
+    from lazyfs.image.remote import make_client
+    from tests.support.httpproxy import ForwardProxy
+
+    info = proxied_registry
+    name = f"{PROXIED_NAME}:{info.port}"
+    config = Config(registries=(RegistrySettings(name, ca_file=str(info.ca_file)),), fetch_deadline=20)
+    blob = payload(100_000, seed=70)
+    for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    async def main() -> None:
+        with ForwardProxy({PROXIED_NAME: "127.0.0.1"}) as proxy:
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+            async with make_client(config) as client:
+                target = parse_reference(f"{name}/proxied/app")
+                digest = (await client.push_blob(target, blob)).digest
+                assert await client.read_range(target, digest, 10, 1000) == blob[10:1010]
+            assert proxy.count("CONNECT") >= 1
+            assert {t for _, t in proxy.requests} == {name}
+            monkeypatch.setenv("NO_PROXY", f"other.test,{PROXIED_NAME}")
+            seen = len(proxy.requests)
+            async with make_client(config) as client:  # direct: the name does not resolve here
+                with pytest.raises(FetchError, match="cannot connect"):
+                    await client.blob_size(parse_reference(f"{name}/proxied/app"), digest)
+            assert len(proxy.requests) == seen
+
+    run(main)
+
+
+# --- client certificates (mTLS) ---------------------------------------------------------------------
+
+mtls_registry = registry_fixture(tls=True, client_certs=True, name="mtls_registry")
+
+
+def test_client_certificates(mtls_registry: RegistryInfo) -> None:
+    info = mtls_registry
+    assert info.pki is not None
+    target = ref(info, "mtls/app:1")
+
+    async def main() -> None:
+        with_cert = info.config(client_cert=str(info.pki.client_cert_file), client_key=str(info.pki.client_key_file))
+        async with RegistryClient([with_cert], retry=FAST) as client:
+            manifest, _ = await push_image(client, target, seed=80)
+            assert (await client.get_manifest(target))[0] == manifest
+        async with RegistryClient([info.config()], retry=FAST) as client:
+            with pytest.raises(FetchError, match="client certificate") as e:
+                await client.get_manifest(target)
+            assert not isinstance(e.value, AuthError) and client.statistics().retries == 0
+        with pytest.raises(ConfigError, match="client_cert"):
+            RegistryClient([info.config(client_cert=str(info.pki.ca_file))])  # a certificate without its key
+
+    run(main)
+
+
+# --- containerd hosts.toml, pull-through mirrors, health and failover --------------------------------
+
+
+def write_hosts_toml(certs: Path, registry: str, server: str, hosts: list[tuple[str, str]]) -> None:
+    directory = certs / registry
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [f'server = "{server}"', ""]
+    for url, extra in hosts:
+        lines += [f'[host."{url}"]', '  capabilities = ["pull", "resolve"]', extra, ""]
+    (directory / "hosts.toml").write_text("\n".join(lines))
+
+
+def test_hosts_toml_mirrors_are_used_and_fail_over_both_ways(registry: RegistryInfo, tmp_path: Path) -> None:
+    from lazyfs.config import Config
+    from lazyfs.image.remote import make_client
+    from tests.support.registry import running_registry
+
+    blob = payload(200_000, seed=90)
+    with running_registry(tmp_path / "mirror", proxy_remote=registry.url) as mirror, \
+            FaultProxy.running_in_thread(mirror.port) as m1, FaultProxy.running_in_thread(mirror.port) as m2, \
+            FaultProxy.running_in_thread(registry.port) as origin:
+        name = f"127.0.0.1:{origin.port}"
+        certs = tmp_path / "certs.d"
+        write_hosts_toml(certs, name, f"http://{name}",
+                         [(f"http://127.0.0.1:{m1.port}", ""), (f"http://127.0.0.1:{m2.port}", "")])
+        target = parse_reference(f"{name}/mirrored/app:1")
+
+        async def main() -> None:
+            async with client_for(registry) as direct:
+                digest = (await direct.push_blob(ref(registry, "mirrored/app"), blob)).digest
+                await push_image(direct, ref(registry, "mirrored/app:1"), seed=90)
+            config = Config(hosts_dir=str(certs), fetch_deadline=30)
+            async with make_client(config) as client:
+                backend = RegistryBackend(client, target)
+                assert backend.sources == (f"127.0.0.1:{m1.port}", f"127.0.0.1:{m2.port}", name)
+                # the first mirror resolves the tag and serves the blob, pulling through from the origin
+                data, _, _ = await client.get_manifest(target)
+                # A cold pull-through mirror answers a ranged GET with the whole blob (HTTP 200) while
+                # it fills its cache: that read goes to the next source, and the mirror stays up.
+                got = await backend.read_range_from(digest, 100, 5000)
+                assert got.data == blob[100:5100] and got.source != f"127.0.0.1:{m1.port}"
+                assert [r.status for r in m1.requests("GET", "/blobs/")] == [200]
+                assert client.statistics().source(f"127.0.0.1:{m1.port}").errors == 0
+                assert await client.get_blob(target, digest) == blob  # a whole-blob read warms the mirror
+                m1.reset_counters()
+                origin.reset_counters()
+                got = await backend.read_range_from(digest, 100, 5000)
+                assert got.data == blob[100:5100] and got.source == f"127.0.0.1:{m1.port}"
+                assert [r.status for r in m1.requests("GET", "/blobs/")] == [206]
+                assert origin.count("GET", "/blobs/") == 0 and origin.count("GET", "/manifests/") == 0
+
+                # mirror -> next mirror -> origin
+                m1.faults.fail(503, count=None)
+                assert (await backend.read_range_from(digest, 0, 100)).source == f"127.0.0.1:{m2.port}"
+                m2.faults.fail(503, count=None)
+                for _ in range(3):
+                    assert (await backend.read_range_from(digest, 0, 100)).source == name
+                stats = client.statistics()
+                assert stats.source(f"127.0.0.1:{m1.port}").state == "down"
+                assert stats.source(f"127.0.0.1:{m2.port}").state == "down"
+                assert stats.source(name).state == "up" and stats.source(name).bytes >= 300
+                # origin -> another mirror: the origin fails while the second mirror is back
+                m2.faults.clear()
+                origin.faults.fail(503, path="/blobs/", count=None)
+                got = await backend.read_range_from(digest, 0, 100)
+                assert got.source == f"127.0.0.1:{m2.port}" and got.data == blob[:100]
+                assert client.statistics().source(f"127.0.0.1:{m2.port}").state == "up"
+                origin.faults.clear()
+                m1.faults.clear()
+                states = await client.probe_sources(name)
+                assert set(states.values()) == {"up"}
+
+                # a reload with another mirror list: the dropped mirror is no longer asked
+                (certs / name / "hosts.toml").unlink()
+                write_hosts_toml(certs, name, f"http://{name}", [(f"http://127.0.0.1:{m2.port}", "")])
+                from lazyfs.image.remote import reload_registries
+
+                await reload_registries(client, config)
+                assert backend.sources == (f"127.0.0.1:{m2.port}", name)
+                m1.reset_counters()
+                await backend.read_range(digest, 0, 10)
+                assert m1.count("GET", "/blobs/") == 0
+                assert client.statistics().source(f"127.0.0.1:{m1.port}") is None
+                assert client.statistics().reloads == 1
+
+        run(main)
+
+
+def test_tls_settings_from_hosts_toml(mtls_registry: RegistryInfo, tmp_path: Path) -> None:
+    from lazyfs.fetch.registry.certsd import load_hosts_dir
+
+    info = mtls_registry
+    assert info.pki is not None
+    certs = tmp_path / "certs.d"
+    host_dir = certs / f"127.0.0.1_{info.port}_"  # containerd's spelling of host:port
+    host_dir.mkdir(parents=True)
+    for f in (info.pki.ca_file, info.pki.client_cert_file, info.pki.client_key_file):
+        shutil.copy(f, host_dir / f.name)
+    (host_dir / "hosts.toml").write_text(
+        f'server = "https://{info.registry}"\nca = "ca.crt"\nclient = [["client.cert", "client.key"]]\n')
+    target = ref(info, "hoststoml/app:1")
+
+    async def main() -> None:
+        async with RegistryClient(hosts=load_hosts_dir(certs), retry=FAST) as client:
+            manifest, _ = await push_image(client, target, seed=91)
+            assert (await client.get_manifest(target))[0] == manifest
+        # docker's legacy layout (no hosts.toml): *.crt CAs, *.cert + *.key client pairs
+        (host_dir / "hosts.toml").unlink()
+        async with RegistryClient(hosts=load_hosts_dir(certs), retry=FAST) as client:
+            assert (await client.get_manifest(target))[0] == manifest
+        (host_dir / "client.cert").unlink()
+        async with RegistryClient(hosts=load_hosts_dir(certs), retry=FAST) as client:
+            with pytest.raises(FetchError, match="client certificate"):
+                await client.get_manifest(target)
+
+    run(main)
+
+
+@pytest.mark.fuse
+def test_daemon_uses_a_credential_helper_and_never_logs_its_secret(basic_registry: RegistryInfo,
+                                                                    tmp_path: Path) -> None:
+    """A real daemon (debug logging) reads an image from a password-protected registry with the
+    password coming from a credential helper; afterwards its log holds no trace of the secret."""
+    import base64
+    import random
+    import sys
+
+    from lazyfs.config import Config, RegistrySettings
+    from lazyfs.image.local import create_image
+    from lazyfs.image.ref import LocalRef
+    from lazyfs.image.remote import ImageOpener, push_image as push_local
+    from tests.support.cleanup import release_under
+
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse on this host")
+    info = basic_registry
+    bindir, helper_log = install_helper(tmp_path, info.registry, info.username, info.password)
+    docker_config = tmp_path / "docker.json"
+    docker_config.write_text(json.dumps({"credsStore": "lazyfstest"}))
+    raw = random.Random(3).randbytes(1 << 20)
+    (tmp_path / "disk.raw").write_bytes(raw)
+    local = LocalRef(str(tmp_path / "layout"), "v1")
+    trio.run(lambda: create_image(local, from_file=str(tmp_path / "disk.raw"), chunk_size=64 << 10))
+    image = f"{info.registry}/secret/disk:v1"
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    os.environ["PATH"] = env["PATH"]
+    try:
+        async def push() -> None:
+            config = Config(registries=(RegistrySettings(info.registry, plain_http=True),),
+                            credentials=str(docker_config))
+            async with ImageOpener(config) as opener:
+                await push_local(opener, local, parse_reference(image))
+
+        trio.run(push)
+    finally:
+        os.environ["PATH"] = env["PATH"].removeprefix(f"{bindir}:")
+    run_dir = tmp_path / "run"
+    config_path = tmp_path / "lazyfs.toml"
+    config_path.write_text(
+        f'run_dir = "{run_dir}"\nstate_dir = "{tmp_path / "state"}"\ncache_root = "{tmp_path / "cache"}"\n'
+        f'writable_root = "{tmp_path / "writable"}"\ncredentials = "{docker_config}"\nlog_level = "debug"\n'
+        f'trace_record_seconds = 0\n\n[[registries]]\nhost = "{info.registry}"\nplain_http = true\n')
+    export = tmp_path / "export"
+    export.mkdir()
+    root = Path(__file__).resolve().parents[2]
+
+    def lazyfs(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", str(config_path)],
+                              capture_output=True, text=True, cwd=root, env=env, timeout=120)
+
+    helper_log.write_text("")  # from here on, what the daemon asks
+    try:
+        done = lazyfs("export", image, str(export))
+        assert done.returncode == 0, done.stderr
+        with open(export / "disk.img", "rb") as f:
+            assert f.read(len(raw)) == raw
+        assert lazyfs("umount", str(export)).returncode == 0
+    finally:
+        release_under(tmp_path, str(run_dir / "lazyfs.sock"))
+    daemon_log = (run_dir / "daemon.log").read_text()
+    assert "DEBUG" in daemon_log  # the log is verbose...
+    secrets = [info.password, base64.b64encode(f"{info.username}:{info.password}".encode()).decode()]
+    assert not any(s in daemon_log for s in secrets)  # ...and still holds no secret
+    assert f"asked for {info.registry}" in helper_log.read_text()

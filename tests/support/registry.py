@@ -65,11 +65,13 @@ def free_port() -> int:
 
 @dataclass(frozen=True, slots=True)
 class LocalPKI:
-    """A CA and a server certificate signed by it, as PEM files."""
+    """A CA, and a server and a client certificate signed by it, as PEM files."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
 
 def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")) -> LocalPKI:
@@ -125,15 +127,32 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "loc
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    pki = LocalPKI(directory / "ca.crt", directory / "server.crt", directory / "server.key")
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lazyfs test client")]))
+        .issuer_name(ca_name)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = LocalPKI(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+                   directory / "client.cert", directory / "client.key")
     pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     pki.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    pki.client_cert_file.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    for path, private in ((pki.key_file, key), (pki.client_key_file, client_key)):
+        path.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
         )
-    )
-    os.chmod(pki.key_file, 0o600)
+        os.chmod(path, 0o600)
     return pki
 
 
@@ -410,6 +429,7 @@ class RegistryInfo:
     username: str | None = None
     password: str | None = None
     token_server: TokenServer | None = None
+    pki: LocalPKI | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     def config(self, **overrides: object) -> RegistryConfig:
@@ -444,12 +464,14 @@ class RegistryInfo:
             return ""
 
 
-def _probe(url: str, ca_file: Path | None, timeout: float) -> int | None:
+def _probe(url: str, ca_file: Path | None, timeout: float, pki: LocalPKI | None = None) -> int | None:
     """The status ``GET /v2/`` answers with, or None if nothing answers yet."""
     parts = urllib.parse.urlsplit(url)
     try:
         if parts.scheme == "https":
             ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            if pki is not None:
+                ctx.load_cert_chain(pki.client_cert_file, pki.client_key_file)
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 parts.hostname, parts.port, timeout=timeout, context=ctx
             )
@@ -486,13 +508,19 @@ def running_registry(
     token_expires_in: int = 300,
     anonymous_pull: bool = False,
     refresh_tokens: dict[str, str] | None = None,
+    client_certs: bool = False,
+    tls_hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost"),
+    proxy_remote: str | None = None,
     start_timeout: float = 30.0,
 ) -> Iterator[RegistryInfo]:
     """Run ``docker-registry`` on a free 127.0.0.1 port with storage under *tmpdir*.
 
     *auth*: None (anonymous), ``"htpasswd"`` (Basic) or ``"token"`` (Bearer via a
     ``TokenServer``); *password* defaults to a random one. The registry is
-    stopped, and the token server shut down, when the block exits.
+    stopped, and the token server shut down, when the block exits. With *client_certs* (and
+    *tls*) the registry demands a client certificate signed by its CA (``http.tls.clientcas``;
+    ``info.pki`` has one). *tls_hosts* are the names its certificate is for. *proxy_remote*
+    (a URL) makes it a pull-through mirror of that registry.
     """
     if auth not in (None, "htpasswd", "token"):
         raise ValueError(f"auth must be None, 'htpasswd' or 'token', not {auth!r}")
@@ -512,9 +540,13 @@ def running_registry(
         },
         "http": {"secret": secrets.token_hex(16), "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
-    pki = make_pki(base / "pki") if tls else None
+    pki = make_pki(base / "pki", tls_hosts) if tls else None
     if pki is not None:
         config["http"]["tls"] = {"certificate": str(pki.cert_file), "key": str(pki.key_file)}
+        if client_certs:
+            config["http"]["tls"]["clientcas"] = [str(pki.ca_file)]
+    if proxy_remote is not None:
+        config["proxy"] = {"remoteurl": proxy_remote}
     token_server: TokenServer | None = None
     with contextlib.ExitStack() as stack:
         if auth == "htpasswd":
@@ -548,7 +580,7 @@ def running_registry(
                 root=storage, config_file=config_file, log_file=log_file, auth=auth, tls=tls,
                 ca_file=pki.ca_file if pki else None,
                 username=username if auth else None, password=secret if auth else None,
-                token_server=token_server,
+                token_server=token_server, pki=pki,
             )
             with open(log_file, "ab") as log:
                 process = subprocess.Popen(
@@ -560,7 +592,7 @@ def running_registry(
                 deadline = time.monotonic() + start_timeout
                 status = None
                 while time.monotonic() < deadline and process.poll() is None:
-                    status = _probe(info.url, info.ca_file, timeout=2.0)
+                    status = _probe(info.url, info.ca_file, timeout=2.0, pki=pki if client_certs else None)
                     if status in (200, 401):
                         break
                     time.sleep(0.05)

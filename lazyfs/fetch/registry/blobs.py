@@ -36,6 +36,11 @@ MAX_BLOB_IN_MEMORY = 1 << 30
 COPY_CHUNK = 1 << 20
 
 
+class RangeIgnored(FetchError):
+    """A source answered a ranged GET with the whole blob (HTTP 200), as a cold pull-through
+    mirror does while it fills its cache: this read goes elsewhere, the source is not unhealthy."""
+
+
 async def blob_size(client: RegistryClient, repo: Reference | str, digest: str, *,
                     exclude: Collection[str] = ()) -> int:
     """The size of blob *digest* in *repo* (HEAD), NotFoundError if no source has it."""
@@ -97,7 +102,7 @@ async def read_range_from(client: RegistryClient, repo: Reference | str, digest:
                 check_content_range(response.headers.get("content-range"), offset, last, where)
             elif status == 200:
                 if offset != 0:
-                    raise FetchError(f"{where}: server ignored the Range header (HTTP 200)", 200)
+                    raise RangeIgnored(f"{where}: server ignored the Range header (HTTP 200)", 200)
             elif status == 416:
                 raise FetchError(f"{where}: range not satisfiable (beyond the end of the blob)", 416)
             else:
@@ -106,13 +111,13 @@ async def read_range_from(client: RegistryClient, repo: Reference | str, digest:
                 data = await read_body(response, length, where, lambda n: client.received(ep.host, n))
             except FetchError as e:
                 if status == 200:  # a whole blob larger than the range
-                    raise FetchError(f"{where}: server ignored the Range header (HTTP 200): {e}", 200) from None
+                    raise RangeIgnored(f"{where}: server ignored the Range header (HTTP 200): {e}", 200) from None
                 raise
         finally:
             await response.aclose()
         if len(data) != length:
             if status == 200:
-                raise FetchError(f"{where}: server ignored the Range header and the blob is {len(data)} bytes", 200)
+                raise RangeIgnored(f"{where}: server ignored the Range header and the blob is {len(data)} bytes", 200)
             raise Transient(f"{where}: short read, {len(data)} of {length} bytes", status)
         return SourcedBytes(data, ep.host)
 

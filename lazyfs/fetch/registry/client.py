@@ -19,6 +19,7 @@ from lazyfs.errors import AuthError, FetchError, IntegrityError, NotFoundError
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.registry import blobs, manifests, uploads
 from lazyfs.fetch.registry.answers import tls_failure
+from lazyfs.fetch.registry.blobs import RangeIgnored
 from lazyfs.fetch.registry.auth import AuthCore, AuthState, RegistryAuth
 from lazyfs.fetch.registry.hosts import PULL, Endpoint, HostsEntry, HostTable, RegistryConfig
 from lazyfs.fetch.registry.picker import HealthPolicy, Outcome, SourcePicker, SourceStatistics
@@ -227,6 +228,9 @@ class RegistryClient:
                     permanent.append(e)
                 except AuthError as e:
                     outcome = Outcome.OK  # the source answers; we may not have what it wants
+                    permanent.append(e)
+                except RangeIgnored as e:  # a cold pull-through mirror: alive, just not ranged yet
+                    outcome = Outcome.OK
                     permanent.append(e)
                 except FetchError as e:  # a malformed answer: this source is broken for us
                     permanent.append(e)
