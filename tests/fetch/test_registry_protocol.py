@@ -407,3 +407,30 @@ def test_proxy_settings(env, url, proxy) -> None:
 def test_socks_proxy_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="only http"):
         ProxySettings.from_environment({"HTTPS_PROXY": "socks5://p:1080"})
+
+
+def test_every_other_client_map_is_bounded(tmp_path) -> None:
+    """Blob sizes per backend, helper answers, the snapshotter's manifests: LRU/TTL bounded maps."""
+    from lazyfs.config import Config
+    from lazyfs.fetch.credentials import MAX_HELPER_CACHE
+    from lazyfs.fetch.registry import RegistryBackend, RegistryClient
+    from lazyfs.fetch.registry.backend import MAX_SIZES
+    from lazyfs.serve.snapshotter.lazy import MANIFEST_CACHE_ENTRIES, LazyImages
+
+    async def main() -> None:
+        async with RegistryClient() as client:
+            backend = RegistryBackend(client, "reg.test/app")
+            for i in range(MAX_SIZES + 100):
+                backend._sizes[f"sha256:{i:064x}"] = i
+            assert len(backend._sizes) == MAX_SIZES
+            assert client.statistics().sources == ()
+
+    trio.run(main)
+    creds = Credentials(None)
+    for i in range(MAX_HELPER_CACHE * 2):
+        creds._helped[f"h{i}.test"] = (0.0, None)
+    assert len(creds._helped) == MAX_HELPER_CACHE
+    images = LazyImages(Config(), str(tmp_path))
+    for i in range(MANIFEST_CACHE_ENTRIES * 4):
+        images._manifests[(f"reg.test/app{i}", None)] = (0.0, b"", "")
+    assert len(images._manifests) == MANIFEST_CACHE_ENTRIES

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cachetools
 import trio
 
 from lazyfs.config import Config
@@ -41,6 +42,7 @@ LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_MODE = "containerd.io/snapshot/lazyfs.mode"
 LAYOUT_TAG = "image"
 MANIFEST_CACHE_SECONDS = 60.0
+MANIFEST_CACHE_ENTRIES = 256  # images looked up within a minute; older or more are fetched again
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +85,8 @@ class LazyImages:
 
     def __init__(self, config: Config, directory: str) -> None:
         self.config, self.directory = config, directory
-        self._manifests: dict[tuple[str, str | None], tuple[float, bytes, str]] = {}
+        self._manifests: cachetools.TTLCache[tuple[str, str | None], tuple[float, bytes, str]] = cachetools.TTLCache(
+            MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_SECONDS)
         self._lock = threading.Lock()
 
     def _fetch_manifest(self, image: str, digest: str | None) -> tuple[bytes, str]:
