@@ -434,3 +434,64 @@ def test_every_other_client_map_is_bounded(tmp_path) -> None:
     for i in range(MANIFEST_CACHE_ENTRIES * 4):
         images._manifests[(f"reg.test/app{i}", None)] = (0.0, b"", "")
     assert len(images._manifests) == MANIFEST_CACHE_ENTRIES
+
+
+# --- one retry layer, one failover layer: the scheduler over a multi-source backend ------------------
+
+
+def test_scheduler_calls_a_self_retrying_backend_once_and_excludes_bad_sources(tmp_path) -> None:
+    from lazyfs.fetch.backend import Backend, SourcedBytes
+    from lazyfs.fetch.cache import ChunkCache
+    from lazyfs.fetch.scheduler import FetchScheduler
+    from tests.fetch.test_scheduler import make_chunks, write_blob
+    from tests.support.layers import write_frames_blob  # noqa: F401  (write_blob's helper)
+
+    blob, locs = write_blob(tmp_path / "oci", raws := make_chunks(2))
+    data = (tmp_path / "oci" / "blobs" / "sha256" / blob.split(":")[1]).read_bytes()
+
+    class Sourced(Backend):
+        """Three sources: the first serves corrupt bytes, the second fails, the third is good."""
+
+        retries = True
+        name = "multi"
+
+        def __init__(self, fail_all: bool = False) -> None:
+            self.calls: list[frozenset[str]] = []
+            self.reported: list[str] = []
+            self.fail_all = fail_all
+
+        @property
+        def sources(self) -> tuple[str, ...]:
+            return ("bad", "good")
+
+        async def read_range(self, blob, offset, length):
+            raise AssertionError("the scheduler reads with read_range_from")
+
+        async def read_range_from(self, blob, offset, length, *, exclude=()):
+            self.calls.append(frozenset(exclude))
+            if self.fail_all:
+                raise FetchError("gave up after 4 attempts")
+            piece = data[offset : offset + length]
+            if "bad" not in exclude:
+                return SourcedBytes(bytes(b ^ 0xFF for b in piece), "bad")
+            return SourcedBytes(piece, "good")
+
+        def source_failed_verification(self, source):
+            self.reported.append(source)
+
+        async def blob_size(self, blob):
+            return len(data)
+
+    async def main() -> None:
+        backend = Sourced()
+        async with FetchScheduler.open([backend], ChunkCache(None, 0, 1 << 20), backoff_base=0.001) as sched:
+            assert await sched.get(locs[0]) == raws[0]
+        assert backend.calls == [frozenset(), frozenset({"bad"})] and backend.reported == ["bad"]
+        failing = Sourced(fail_all=True)
+        async with FetchScheduler.open([failing], ChunkCache(None, 0, 1 << 20), backoff_base=0.001) as sched:
+            with pytest.raises(FetchError):
+                await sched.get(locs[1])
+            assert sched.statistics()["retries"] == 0
+        assert len(failing.calls) == 1  # the backend's own retry layer is the only one
+
+    trio.run(main)
