@@ -495,3 +495,55 @@ def test_scheduler_calls_a_self_retrying_backend_once_and_excludes_bad_sources(t
         assert len(failing.calls) == 1  # the backend's own retry layer is the only one
 
     trio.run(main)
+
+
+# --- containerd hosts.toml -------------------------------------------------------------------------
+
+
+def test_hosts_toml_parsing(tmp_path) -> None:
+    from lazyfs.fetch.registry.certsd import load_hosts_dir, parse_hosts_toml, registry_of_dir
+
+    data = b'''
+server = "https://registry.example.com"
+ca = "origin-ca.pem"
+
+[host."https://mirror-a.example.com:5000"]
+  capabilities = ["pull"]
+  ca = ["/abs/a.pem", "b.pem"]
+  client = [["c.crt", "c.key"]]
+
+[host."http://10.1.2.3:5000/prefix/v2"]
+  skip_verify = true
+  override_path = true
+  header = {"x-extra" = "ignored"}
+'''
+    entry = parse_hosts_toml(data, "registry.example.com", "/etc/containerd/certs.d/registry.example.com")
+    a, b, origin = entry.endpoints
+    assert (a.host, a.scheme, a.path, sorted(a.capabilities)) == ("mirror-a.example.com:5000", "https", "/v2", ["pull"])
+    assert a.tls.ca_files == ("/abs/a.pem", "/etc/containerd/certs.d/registry.example.com/b.pem")
+    assert a.tls.client_cert.endswith("/c.crt") and a.tls.client_key.endswith("/c.key")
+    assert (b.scheme, b.path, b.tls.skip_verify, len(b.capabilities)) == ("http", "/prefix/v2", True, 3)
+    assert b.url("app/blobs/x") == "http://10.1.2.3:5000/prefix/v2/app/blobs/x"
+    assert (origin.host, origin.tls.ca_files[0].endswith("origin-ca.pem")) == ("registry.example.com", True)
+    assert registry_of_dir("host_5000_") == "host:5000" and registry_of_dir("host:5000") == "host:5000"
+    assert registry_of_dir("_default") == "_default" and registry_of_dir("not a host") is None
+    for bad, needle in [
+        (b'[host."https://m"]\ncapabilitys = ["pull"]\n', "unknown key 'capabilitys'"),
+        (b'[host."https://m"]\ncapabilities = ["fly"]\n', "unknown capability 'fly'"),
+        (b'[host."https://m"]\nclient = ["a.pem", "b.pem", "c.pem"]\n', "one per host"),
+        (b'server = [1]\n', "server must be a URL"),
+        (b'server = "https://ok\n', "not valid TOML"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            parse_hosts_toml(bad, "r.test", "/d", "/d/hosts.toml")
+    # a directory: per-host files and _default for every other registry
+    (tmp_path / "r.test_5000_").mkdir()
+    (tmp_path / "r.test_5000_" / "hosts.toml").write_text('[host."http://m.test:1"]\ncapabilities = ["pull"]\n')
+    (tmp_path / "_default").mkdir()
+    (tmp_path / "_default" / "hosts.toml").write_text("skip_verify = true\n")
+    table = HostTable.build(hosts=load_hosts_dir(tmp_path))
+    assert [e.host for e in table.endpoints("r.test:5000")] == ["m.test:1", "r.test:5000"]
+    assert [e.host for e in table.endpoints_for("r.test:5000", RESOLVE)] == ["r.test:5000"]
+    other = table.endpoints("elsewhere.test")
+    assert [e.host for e in other] == ["elsewhere.test"] and other[0].tls.skip_verify
+    assert table.tls_for("elsewhere.test").skip_verify
