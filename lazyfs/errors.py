@@ -77,6 +77,18 @@ class AlreadyExistsError(LazyfsError):
     errno = errno.EEXIST
 
 
+class StorageError(LazyfsError):
+    """Local storage refused a write or a sync: disk full (ENOSPC), an I/O error (EIO), ...
+
+    ``errno`` is the one the kernel reported, so a full writable root reaches a
+    FUSE or SCSI client as ENOSPC and a failing disk as EIO.
+    """
+
+    def __init__(self, message: str, errno_: int = errno.EIO) -> None:
+        self.errno = errno_
+        super().__init__(message)
+
+
 def to_errno(exc: BaseException) -> int:
     """The errno a FUSE handler returns for *exc* (EIO for anything unexpected)."""
     if isinstance(exc, LazyfsError):

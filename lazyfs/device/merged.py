@@ -158,9 +158,12 @@ class MergedDevice(BlockSource):
                 await trio.to_thread.run_sync(self.writable.flush)
 
     async def aclose(self) -> None:
+        """Flush and close the writable layer; it is closed (lock released) even if the flush fails."""
         if self.writable is not None:
-            await self.flush()
-            self.writable.close()
+            try:
+                await self.flush()
+            finally:
+                self.writable.close()
 
     def statistics(self) -> dict:
         stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments)}

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-from lazyfs.device.writable.journal import write_atomically
+from lazyfs.durable import write_atomically
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
 from lazyfs.format.oci import (
     ANN_REF_NAME,

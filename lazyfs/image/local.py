@@ -12,6 +12,7 @@ import trio
 
 from lazyfs.device.index import MergedIndex
 from lazyfs.device.writable import create_writable, open_writable, writable_base
+from lazyfs.durable import pwrite_all
 from lazyfs.errors import ConfigError, IntegrityError, LazyfsError, NotFoundError
 from lazyfs.fetch.direct import DirectChunkStore
 from lazyfs.fetch.directory import DirectoryBackend
@@ -226,7 +227,7 @@ async def flatten_image(ref: LocalRef, out: str) -> int:
         for offset in range(0, image.virtual_size, COPY_WINDOW):
             data = await device.read(offset, COPY_WINDOW)
             if data != zero[: len(data)]:
-                await trio.to_thread.run_sync(os.pwrite, f.fileno(), data, offset)
+                await trio.to_thread.run_sync(pwrite_all, f.fileno(), data, offset)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)

@@ -36,6 +36,7 @@ from decimal import Decimal, InvalidOperation
 
 import zstandard
 
+from lazyfs.durable import pwrite_all, write_all
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
 from lazyfs.format.tarplan import (
     Done,
@@ -484,9 +485,7 @@ class LayerApplier:
             if sparse:
                 self._write_sparse(fd, piece, written)
             else:
-                view = memoryview(piece)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, piece)
             written += len(piece)
         if written != entry.size:
             raise FormatError(f"tar entry {entry.name!r}: {written} bytes of data, header says {entry.size}")
@@ -503,13 +502,13 @@ class LayerApplier:
             block_end = min(n, (offset + pos) // 4096 * 4096 + 4096 - offset)
             zero = piece[pos:block_end] == _ZERO_BLOCK[: block_end - pos]
             if zero and start is not None:
-                os.pwrite(fd, piece[start:pos], offset + start)
+                pwrite_all(fd, piece[start:pos], offset + start)
                 start = None
             elif not zero and start is None:
                 start = pos
             pos = block_end
         if start is not None:
-            os.pwrite(fd, piece[start:], offset + start)
+            pwrite_all(fd, piece[start:], offset + start)
 
     def _whiteout(self, path: Path, entry: TarEntry) -> None:
         opened = self._open_dir(path[:-1], entry, create=False)

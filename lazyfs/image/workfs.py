@@ -26,6 +26,7 @@ import trio
 
 from lazyfs.device.chunks import ChunkStore
 from lazyfs.device.merged import MergedDevice
+from lazyfs.durable import pwrite_all
 from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.format import ext4
 from lazyfs.format.layer import BLOCK_SIZE, LayerMeta
@@ -166,7 +167,7 @@ class WorkFs:
                 offset = window * READ_WINDOW
                 data = await device.read(offset, min(READ_WINDOW, size - offset))
                 digests = await trio.to_thread.run_sync(_block_digests, data)
-                await trio.to_thread.run_sync(os.pwrite, fd, data, offset)
+                await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
                 first = offset // BLOCK_SIZE * DIGEST_SIZE
                 self.digests[first : first + len(digests)] = digests
                 if progress is not None:
@@ -196,7 +197,7 @@ class WorkFs:
         raw = self._read_superblock()
         ext4.set_journal_flag(raw, on)
         with open(self.path, "r+b") as f:
-            os.pwrite(f.fileno(), bytes(raw), ext4.SUPERBLOCK_OFFSET)
+            pwrite_all(f.fileno(), bytes(raw), ext4.SUPERBLOCK_OFFSET)
 
     async def grow(self, size: int) -> None:
         """Grow the filesystem (offline) to *size* bytes; the new blocks read as zeros until used."""
@@ -262,9 +263,9 @@ class WorkFs:
                         changed += touched
                         dirty |= touched
                     if dirty:
-                        os.pwrite(fd, bytes(buf), off)
+                        pwrite_all(fd, bytes(buf), off)
             if ext4.normalize_superblock(raw, STAMP):
-                os.pwrite(fd, bytes(raw), ext4.SUPERBLOCK_OFFSET)
+                pwrite_all(fd, bytes(raw), ext4.SUPERBLOCK_OFFSET)
         return changed
 
     # ------------------------------------------------------------ the diff

@@ -11,7 +11,7 @@ import sys
 import trio
 
 from lazyfs.config import Config
-from lazyfs.device.writable.journal import write_atomically
+from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.serve import system
@@ -82,8 +82,10 @@ class Daemon:
         if name not in self.host.attachments:
             raise NotFoundError(f"no image attached as {name!r}")
         await self.fs.remove(name, wait=10.0)
-        await self.host.detach(name)
-        self.save_state()
+        try:
+            await self.host.detach(name)  # detached even if its last flush fails (which is reported)
+        finally:
+            self.save_state()
         return {"detached": name}
 
     async def mark(self, name: str, extra: dict) -> dict:

@@ -27,6 +27,7 @@ from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import TraceRecorder, replay
 from lazyfs.image.remote import ImageOpener, OpenedImage
 from lazyfs.image.traces import load_trace, save_trace
+from lazyfs.serve.diskbudget import DiskBudget
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -115,6 +116,7 @@ class Host:
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
             deadline=config.fetch_deadline)
         self.attachments: dict[str, Attachment] = {}
+        self.budget = DiskBudget(config, cache)
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
 
@@ -128,6 +130,7 @@ class Host:
             async with trio.open_nursery() as nursery:
                 host._nursery = nursery
                 await nursery.start(host.scheduler.run)
+                nursery.start_soon(host.budget.run, host.writable_layers)
                 try:
                     yield host
                 except Exception as exc:  # re-raised below as itself, not inside an exception group
@@ -170,6 +173,7 @@ class Host:
                 if layer.size != opened.image.virtual_size:
                     layer.close()
                     raise ConfigError(f"writable layer {writable_dir} is {layer.size} bytes, image is {opened.image.virtual_size}")
+                layer.keep_free = self.budget.reserve_for(writable_dir)  # the chunk cache's share of a shared disk
             store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
             device = opened.image.device(store, layer)
             store.index = device.index
@@ -227,6 +231,10 @@ class Host:
         await att.device.aclose()
         log.info("audit: detach %s image=%s", name, att.ref)
 
+    def writable_layers(self) -> dict:
+        """The writable layer of every writable attachment, by attachment name."""
+        return {n: a.device.writable for n, a in self.attachments.items() if a.device.writable is not None}
+
     def statistics(self) -> dict:
         return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
-                "scheduler": self.scheduler.statistics()}
+                "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics()}

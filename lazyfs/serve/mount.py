@@ -13,7 +13,7 @@ import time
 import trio
 
 from lazyfs.config import Config
-from lazyfs.device.writable.journal import write_atomically
+from lazyfs.durable import write_atomically
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
 from lazyfs.serve import system
 from lazyfs.serve.control import call

@@ -1,4 +1,10 @@
-"""SIGKILL a process writing to a writable layer; every flushed write must survive."""
+"""SIGKILL a process writing to a writable layer; every flushed write must survive.
+
+This checks the journal's logic (torn tails, ordering of data and batches), not
+durability: the page cache survives SIGKILL, so these tests pass even with every
+fsync skipped (checked with ``crash_writer --skip-fsync '*'``). Power loss is
+tested in test_power_loss.py.
+"""
 
 import os
 import random

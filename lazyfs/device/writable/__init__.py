@@ -6,9 +6,9 @@ import os
 import shutil
 
 from lazyfs.device.writable.base import DATA, KINDS, LOWER, ZERO, WritableLayer, read_descriptor, write_descriptor
-from lazyfs.device.writable.journal import fsync_dir
 from lazyfs.device.writable.log import LogLayer
 from lazyfs.device.writable.sparse import SparseLayer
+from lazyfs.durable import fsync_dir, makedirs_durable, storage_error
 from lazyfs.errors import BusyError, ConfigError
 
 __all__ = ["DATA", "LOWER", "ZERO", "WritableLayer", "create_writable", "open_writable"]
@@ -27,11 +27,21 @@ def create_writable(root: str, kind: str, virtual_size: int, block_size: int = 4
     # build it beside, then rename: a crash never leaves a half-made layer at *root*
     staging = f"{root}.creating-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    write_descriptor(staging, kind, virtual_size, block_size, base)
-    _CLASSES[kind](staging, virtual_size, block_size, create=True).close()
-    os.rename(staging, root)
-    fsync_dir(os.path.dirname(root))
+    try:
+        makedirs_durable(os.path.dirname(root))
+        os.mkdir(staging)
+        write_descriptor(staging, kind, virtual_size, block_size, base)
+        _CLASSES[kind](staging, virtual_size, block_size, create=True).close()
+        os.rename(staging, root)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise storage_error(f"cannot create writable layer {root}", exc) from None
+        raise
+    try:
+        fsync_dir(os.path.dirname(root))  # the rename is what makes the layer exist
+    except OSError as exc:
+        raise storage_error(f"cannot create writable layer {root}", exc) from None
     return open_writable(root)
 
 def open_writable(root: str) -> WritableLayer:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import abc
+import errno
 import fcntl
 import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 
-from lazyfs.device.writable.journal import Journal, write_atomically
-from lazyfs.errors import BusyError, FormatError, NotFoundError, RangeError
+from lazyfs.device.writable.journal import MAX_BATCH_RECORDS, Journal
+from lazyfs.durable import pwrite_all, storage_error, write_atomically
+from lazyfs.errors import BusyError, FormatError, NotFoundError, RangeError, StorageError
 
 LOWER, DATA, ZERO = 0, 1, 2  # block states: fall through / written here / discarded here
 KINDS = {"sparse": 1, "log": 2}
@@ -31,7 +34,20 @@ def state_runs(states: bytes | bytearray, start: int) -> list[Run]:
 
 
 class WritableLayer(abc.ABC):
-    """A layer that records written and discarded blocks under its own directory."""
+    """A layer that records written and discarded blocks under its own directory.
+
+    Durability contract (docs/durability.md): a write is durable once a later
+    flush() returns. A write or flush that fails raises StorageError with the
+    kernel's errno (ENOSPC, EIO) and acknowledges nothing; the blocks a failed
+    write covered may read as before or as written, every other block is
+    unchanged. A failed fsync makes the layer ``failed``: from then on writes,
+    discards and flushes raise StorageError(EIO) until the layer is closed and
+    reopened, which reads the journal back from the disk. Reads keep working.
+
+    ``keep_free``, if set, returns how many bytes must stay free on the layer's
+    file system (the chunk cache's unused budget when both share a disk); a
+    write that could eat into them fails with ENOSPC instead.
+    """
 
     kind: str
 
@@ -39,6 +55,9 @@ class WritableLayer(abc.ABC):
         self.root, self.size, self.block_size = root, virtual_size, block_size
         self.blocks = virtual_size // block_size
         self.writes = self.flushes = 0
+        self.write_errors = self.flush_errors = self.refused_for_reserve = 0
+        self.failed: str | None = None
+        self.keep_free: Callable[[], int] | None = None
 
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.blocks:
@@ -70,34 +89,119 @@ class WritableLayer(abc.ABC):
 
     def _open(self, data_path: str, data_flags: int, journal_name: str, create: bool) -> None:
         """Lock the layer, open its data file and replay its journal into ``self.journal.records``."""
-        self._lock()
-        self._fd = os.open(data_path, data_flags, 0o600)
-        self.journal = Journal(os.path.join(self.root, journal_name), KINDS[self.kind], self.block_size, self.size, create)
+        self._fd = -1
         self._pending: list[Run] = []
+        self._lock()
+        try:
+            self._fd = os.open(data_path, data_flags, 0o600)
+            self.journal = Journal(os.path.join(self.root, journal_name), KINDS[self.kind], self.block_size,
+                                   self.size, create)
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                raise storage_error(f"cannot open writable layer {self.root}", exc) from None
+            raise
+
+    # ------------------------------------------------------------ the write path (subclasses call these)
+
+    def _before_write(self, allocating: int) -> None:
+        """Refuse a write to a failed layer, or one that would eat into ``keep_free``; keep batches bounded."""
+        self._usable()
+        if len(self._pending) >= MAX_BATCH_RECORDS:
+            self.flush()  # one flush is one journal batch, and a batch has a bounded size
+        if allocating and self.keep_free is not None:
+            reserve = self.keep_free()
+            if reserve > 0:
+                st = os.fstatvfs(self._fd)
+                free = st.f_bavail * st.f_frsize
+                if free - allocating < reserve:
+                    self.refused_for_reserve += 1
+                    raise StorageError(f"writable layer {self.root}: {free} bytes free on its disk and "
+                                       f"{reserve} of them are kept for the chunk cache", errno.ENOSPC)
+
+    def _write_data(self, data: bytes, offset: int) -> None:
+        """Write all of *data* to the data file, or raise StorageError (nothing recorded)."""
+        try:
+            pwrite_all(self._fd, data, offset)
+        except OSError as exc:
+            self.write_errors += 1
+            raise storage_error(f"writable layer {self.root}: cannot write", exc) from None
+
+    def _record(self, run: Run) -> None:
+        self._pending.append(run)
+        self.writes += 1
+
+    def _usable(self) -> None:
+        why = self.failed or getattr(self, "journal", None) and self.journal.failed
+        if why:
+            raise StorageError(f"writable layer {self.root} failed earlier ({why}); "
+                               "it takes no writes until it is reopened", errno.EIO)
+
+    # ------------------------------------------------------------ flush, close
 
     def flush(self) -> None:
-        """Make every acknowledged write and discard durable: data first, then one journal batch."""
+        """Make every write and discard so far durable: data first, then one journal batch.
+
+        StorageError (nothing acknowledged) if the disk refuses; after a failed
+        fsync the layer is ``failed`` (see the class docstring).
+        """
+        self._usable()
         if not self._pending:
             return
-        os.fdatasync(self._fd)  # the journal never points at data that is not on disk
-        self.journal.append(self._pending)
+        try:
+            os.fdatasync(self._fd)  # the journal never points at data that is not on disk
+        except OSError as exc:
+            self.flush_errors += 1
+            self.failed = f"fdatasync of its data failed ({exc.strerror}); unsynced writes may be lost"
+            raise storage_error(f"writable layer {self.root}: cannot sync", exc) from None
+        try:
+            self.journal.append(self._pending)
+        except StorageError:
+            self.flush_errors += 1
+            raise
         self._pending = []
         self.flushes += 1
         if self.journal.size > COMPACT_BYTES:
+            # The batch above is durable in the old journal and in the new one, so a
+            # compaction that fails does not fail this flush (a failed dir sync fails the next).
             self.journal.rewrite(self._journal_records())
 
     def close(self) -> None:
+        """Release the files and the lock (unflushed writes are dropped: flush first).
+
+        Errors of close(2) are ignored: the descriptor is gone either way, and
+        durability was decided by the last flush, not here.
+        """
         if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
+            with suppress(OSError):
+                os.close(self._fd)
             self._fd = -1
+        if getattr(self, "journal", None) is not None:
             self.journal.close()
         fd = getattr(self, "_lock_fd", -1)
         if fd >= 0:
-            os.close(fd)
+            with suppress(OSError):
+                os.close(fd)
             self._lock_fd = -1
 
+    def disk_usage(self) -> int:
+        """Bytes the layer's files occupy on disk now (allocated blocks, not apparent size).
+
+        By path, not by descriptor, so another thread may call it while the layer closes.
+        """
+        return directory_usage(self.root)
+
+    @property
+    def max_disk_bytes(self) -> int | None:
+        """The most disk the layer can take, or None if it is unbounded (see docs/durability.md)."""
+        return None
+
     def statistics(self) -> dict:
-        return {"kind": self.kind, "writes": self.writes, "flushes": self.flushes}
+        return {"kind": self.kind, "writes": self.writes, "flushes": self.flushes, "pending": len(self._pending),
+                "write_errors": self.write_errors, "flush_errors": self.flush_errors,
+                "refused_for_reserve": self.refused_for_reserve,
+                "compactions": self.journal.compactions, "compaction_errors": self.journal.compaction_errors,
+                "failed": self.failed or self.journal.failed, "max_disk_bytes": self.max_disk_bytes}
 
     def _lock(self) -> None:
         self._lock_fd = os.open(os.path.join(self.root, DESCRIPTOR), os.O_RDONLY)
@@ -107,6 +211,24 @@ class WritableLayer(abc.ABC):
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise BusyError(f"writable layer {self.root} is in use by another process") from None
+
+
+def directory_usage(path: str) -> int:
+    """Bytes the files under *path* occupy on disk (0 for files that vanish while counted)."""
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += directory_usage(entry.path)
+            else:
+                total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            continue
+    return total
 
 
 def write_descriptor(root: str, kind: str, virtual_size: int, block_size: int, base: str | None) -> None:

@@ -28,6 +28,7 @@ class LogLayer(WritableLayer):
         for start, count, value in self.journal.records:
             if count <= 0 or start + count > self.blocks or value < _ZERO or (
                     value != _ZERO and value + count * block_size > self._end):
+                self.close()
                 raise FormatError(f"{self.journal.path}: record ({start}, {count}, {value}) out of range")
             for i in range(count):
                 self.map[start + i] = _ZERO if value == _ZERO else value + i * block_size
@@ -64,19 +65,21 @@ class LogLayer(WritableLayer):
     def write_blocks(self, start: int, data: bytes) -> None:
         count = len(data) // self.block_size
         self._check(start, count)
-        os.pwrite(self._fd, data, self._end)
+        self._before_write(len(data))
+        # Appended after the end: if this fails, nothing points at the partial bytes
+        # and the next write overwrites them.
+        self._write_data(data, self._end)
         for i in range(count):
             self.map[start + i] = self._end + i * self.block_size
-        self._pending.append((start, count, self._end))
+        self._record((start, count, self._end))
         self._end += len(data)
-        self.writes += 1
 
     def zero_blocks(self, start: int, count: int) -> None:
         self._check(start, count)
+        self._before_write(0)
         for i in range(count):
             self.map[start + i] = _ZERO
-        self._pending.append((start, count, _ZERO))
-        self.writes += 1
+        self._record((start, count, _ZERO))
 
     def _journal_records(self) -> Iterator[Run]:
         """The current map as coalesced journal records."""

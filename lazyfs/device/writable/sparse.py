@@ -11,7 +11,8 @@ import ctypes.util
 import os
 from collections.abc import Iterator
 
-from lazyfs.device.writable.base import DATA, LOWER, ZERO, Run, WritableLayer, state_runs
+from lazyfs.device.writable.base import COMPACT_BYTES, DATA, LOWER, ZERO, Run, WritableLayer, state_runs
+from lazyfs.durable import storage_error
 from lazyfs.errors import FormatError
 
 DATA_FILE, JOURNAL_FILE = "data", "map.journal"
@@ -31,13 +32,21 @@ class SparseLayer(WritableLayer):
         super().__init__(root, virtual_size, block_size)
         path = os.path.join(root, DATA_FILE)
         self._open(path, os.O_RDWR | (os.O_CREAT if create else 0), JOURNAL_FILE, create)
-        if create:
-            os.ftruncate(self._fd, virtual_size)
-        if os.fstat(self._fd).st_size != virtual_size:
-            raise FormatError(f"{path}: size {os.fstat(self._fd).st_size}, expected {virtual_size}")
+        try:
+            if create:
+                os.ftruncate(self._fd, virtual_size)
+                os.fsync(self._fd)  # the size is metadata: without this a new layer can come back empty
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            self.close()
+            raise storage_error(f"cannot create writable layer {root}", exc) from None
+        if size != virtual_size:
+            self.close()
+            raise FormatError(f"{path}: size {size}, expected {virtual_size}")
         self.state = bytearray(self.blocks)
         for start, count, value in self.journal.records:
             if value not in (LOWER, DATA, ZERO) or start + count > self.blocks or count <= 0:
+                self.close()
                 raise FormatError(f"{self.journal.path}: record ({start}, {count}, {value}) out of range")
             self.state[start : start + count] = bytes([value]) * count
         self.journal.records = []
@@ -53,17 +62,25 @@ class SparseLayer(WritableLayer):
     def write_blocks(self, start: int, data: bytes) -> None:
         count = len(data) // self.block_size
         self._check(start, count)
-        os.pwrite(self._fd, data, start * self.block_size)
+        # blocks not yet DATA are holes in the data file: writing them takes disk space
+        self._before_write((count - self.state.count(DATA, start, start + count)) * self.block_size)
+        # Overwritten in place: if this fails, the blocks keep their state, so LOWER and
+        # ZERO blocks still read as before; DATA blocks may hold part of the new bytes.
+        self._write_data(data, start * self.block_size)
         self.state[start : start + count] = bytes([DATA]) * count
-        self._pending.append((start, count, DATA))
-        self.writes += 1
+        self._record((start, count, DATA))
 
     def zero_blocks(self, start: int, count: int) -> None:
         self._check(start, count)
+        self._before_write(0)
         punch_hole(self._fd, start * self.block_size, count * self.block_size)
         self.state[start : start + count] = bytes([ZERO]) * count
-        self._pending.append((start, count, ZERO))
-        self.writes += 1
+        self._record((start, count, ZERO))
+
+    @property
+    def max_disk_bytes(self) -> int:
+        """The data file never grows past the device size; the journal is compacted past COMPACT_BYTES."""
+        return self.size + 2 * COMPACT_BYTES
 
     def runs(self) -> Iterator[Run]:
         for run in state_runs(self.state, 0):
