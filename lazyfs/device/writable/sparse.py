@@ -64,9 +64,14 @@ class SparseLayer(WritableLayer):
         self._check(start, count)
         # blocks not yet DATA are holes in the data file: writing them takes disk space
         self._before_write((count - self.state.count(DATA, start, start + count)) * self.block_size)
-        # Overwritten in place: if this fails, the blocks keep their state, so LOWER and
-        # ZERO blocks still read as before; DATA blocks may hold part of the new bytes.
-        self._write_data(data, start * self.block_size)
+        # Holes first: only they take space, so a write that fails for lack of it has not
+        # touched the DATA blocks yet, and the others keep their state: nothing visible changes.
+        # (An EIO on a DATA block may leave it half new, as a failed write on a disk does.)
+        bs = self.block_size
+        runs = state_runs(self.state[start : start + count], start)
+        for run_start, run_count, state in sorted(runs, key=lambda r: r[2] == DATA):
+            offset = (run_start - start) * bs
+            self._write_data(data[offset : offset + run_count * bs], run_start * bs)
         self.state[start : start + count] = bytes([DATA]) * count
         self._record((start, count, DATA))
 
