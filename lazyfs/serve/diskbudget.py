@@ -64,6 +64,7 @@ class DiskBudget:
     def __init__(self, config: Config, cache: ChunkCache) -> None:
         self.config, self.cache = config, cache
         self._sample: dict = {}
+        self._changed = trio.Event()
 
     def cache_unused(self) -> int:
         """The part of the chunk cache's budget not filled yet (what writable layers must leave free)."""
@@ -78,15 +79,21 @@ class DiskBudget:
 
     # ------------------------------------------------------------ sampling
 
+    def changed(self) -> None:
+        """Sample again soon (an image was attached or detached)."""
+        self._changed.set()
+
     async def run(self, layers: Callable[[], Mapping[str, WritableLayer]], interval: float = SAMPLE_SECONDS) -> None:
-        """Sample the numbers every *interval* seconds (in a worker thread) until cancelled."""
+        """Sample the numbers every *interval* seconds, and after changed(), in a worker thread, until cancelled."""
         while True:
+            self._changed = trio.Event()
             current = dict(layers())
             try:
-                self._sample = await trio.to_thread.run_sync(self.sample, current, abandon_on_cancel=True)
+                self._sample = await trio.to_thread.run_sync(self.sample, current)
             except OSError as exc:
                 log.warning("disk budget: cannot sample: %s", exc)
-            await trio.sleep(interval)
+            with trio.move_on_after(interval):
+                await self._changed.wait()
 
     def sample(self, layers: Mapping[str, WritableLayer]) -> dict:
         """Measure now (blocking: file system calls)."""

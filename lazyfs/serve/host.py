@@ -179,6 +179,7 @@ class Host:
             store.index = device.index
             att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, extra=dict(extra or {}))
             self.attachments[name] = att
+            self.budget.changed()
         await self._start_trace(att, record_trace)
         log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, opened.image.manifest.digest,
                  att.writable_dir)
@@ -228,6 +229,7 @@ class Host:
         if save:
             await self.finish_trace(att)
         del self.attachments[name]
+        self.budget.changed()
         await att.device.aclose()
         log.info("audit: detach %s image=%s", name, att.ref)
 

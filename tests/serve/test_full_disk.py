@@ -7,7 +7,8 @@
 * The cache root is a small tmpfs: every read still returns the image's
   bytes, and the chunk cache counts the writes it could not make.
 
-Break-test (by hand): with ``WritableLayer._write_data`` swallowing the
+Break-tests (by hand): with ``ChunkCache.write_pending`` re-raising its
+OSError, reads fail with EIO. With ``WritableLayer._write_data`` swallowing the
 ENOSPC of its pwrite (as the old code ignored short writes), the fsync of the
 file being written when the root fills "succeeds", and after the remount that
 file is gone: "a file fsynced before the disk filled up was lost or changed".
@@ -124,6 +125,8 @@ def test_writable_root_full(registry, big_image, tmp_path):
         assert failures, "the writable root never filled up"
         assert len(acknowledged) >= 5, f"only {len(acknowledged)} files fitted: the test proves little"
         writable = json.loads(env.lazyfs("stats", str(target), "--json").stdout)["device"]["writable"]
+        layers = call(env.socket, "stats")["disk"]["writable_layers"]
+        assert layers["bytes"] > 0 and layers["max_bytes"] == writable["max_disk_bytes"], layers
         done = env.lazyfs("umount", str(target), check=False)
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 1, done.stderr
         assert leftovers(env) == []
@@ -159,7 +162,9 @@ def test_cache_root_full(registry, env, tmp_path):
             stats = call(full.socket, "stats")
             cache = stats["scheduler"]["cache"]
             assert cache["write_errors"] > 0 and cache["bytes"] <= 1 << 20, cache
-            assert stats["disk"] == {} or stats["disk"]["chunk_cache"]["root"] == croot
+            disk = stats["disk"]  # the budget, sampled at the attach
+            assert disk["chunk_cache"]["root"] == croot and disk["writable_reserve"] == 0
+            assert any(croot in f["roots"] for f in disk["filesystems"])
         finally:
             full.lazyfs("umount", str(target))
         assert leftovers(full) == []

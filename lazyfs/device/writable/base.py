@@ -91,8 +91,8 @@ class WritableLayer(abc.ABC):
         """Lock the layer, open its data file and replay its journal into ``self.journal.records``."""
         self._fd = -1
         self._pending: list[Run] = []
-        self._lock()
         try:
+            self._lock()
             self._fd = os.open(data_path, data_flags, 0o600)
             self.journal = Journal(os.path.join(self.root, journal_name), KINDS[self.kind], self.block_size,
                                    self.size, create)
