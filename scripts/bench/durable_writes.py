@@ -209,12 +209,13 @@ def main() -> None:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
     base, loop = med["local file"]["iops"], med["local loop ext4"]["iops"]
     fuse = med["FUSE file export"]["iops"]
-    print("| run | IOPS | fsync p50 | fsync p99 | vs local file | vs local loop ext4 | vs FUSE file export | "
-          "layer flushes per fsync |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | IOPS (median) | IOPS (min–max) | fsync p50 | fsync p99 | vs local file | vs local loop ext4 | "
+          "vs FUSE file export | layer flushes per fsync |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, m in med.items():
         flushes = f"{m['flushes_per_fsync']:.2f}" if "flushes_per_fsync" in m else "—"
-        print(f"| {name} | {m['iops']:.0f} | {m['fsync_p50_ms']:.2f} ms | {m['fsync_p99_ms']:.2f} ms | "
+        spread = f"{min(r['iops'] for r in results[name]):.0f}–{max(r['iops'] for r in results[name]):.0f}"
+        print(f"| {name} | {m['iops']:.0f} | {spread} | {m['fsync_p50_ms']:.2f} ms | {m['fsync_p99_ms']:.2f} ms | "
               f"{m['iops'] / base:.2f}× | {m['iops'] / loop:.2f}× | {m['iops'] / fuse:.2f}× | {flushes} |")
 
 
