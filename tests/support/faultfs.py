@@ -226,13 +226,16 @@ class Model:
                             parents[child.ino] = node.ino
                 node.disk_entries = dict(node.entries)
             else:
-                size = rng.choice([len(old.disk), len(old.data)]) if old.size_dirty or len(old.disk) != len(old.data) else len(old.disk)
+                # an unsynced size change may or may not have reached the disk
+                sizes = [len(old.disk), len(old.data)]
+                size = rng.choice(sizes) if old.size_dirty or sizes[0] != sizes[1] else sizes[0]
                 content = bytearray(old.disk[:size]) + bytes(max(0, size - len(old.disk)))
-                for page in sorted(old.dirty):
+                for page in sorted(old.dirty):  # each unsynced page survives, or not
                     if page * PAGE < size and rng.random() < 0.5:
                         piece = old.data[page * PAGE : (page + 1) * PAGE]
                         piece += bytes(PAGE - len(piece))
-                        content[page * PAGE : min(size, (page + 1) * PAGE)] = piece[: min(size, (page + 1) * PAGE) - page * PAGE]
+                        end = min(size, (page + 1) * PAGE)
+                        content[page * PAGE : end] = piece[: end - page * PAGE]
                 node.data, node.disk = content, bytearray(content)
             return node
 
