@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import trio
 
-from lazyfs.errors import ConfigError, LazyfsError
+from lazyfs.errors import ConfigError, one_line
+from lazyfs.nursery import single_error
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -413,18 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except LazyfsError as exc:
-        if args.debug:
-            raise
-        print(f"lazyfs: error: {exc}", file=sys.stderr)
+    except BaseException as raised:  # every failure is one line on stderr; --debug shows the traceback
+        exc = single_error(raised)
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        if args.debug or not isinstance(exc, Exception):
+            raise exc
+        print(f"lazyfs: error: {one_line(exc)}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        if args.debug:
-            raise
-        print(f"lazyfs: error: {exc.strerror or exc}{': ' + exc.filename if exc.filename else ''}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":

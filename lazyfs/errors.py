@@ -89,6 +89,57 @@ class StorageError(LazyfsError):
         super().__init__(message)
 
 
+class ManyErrors(LazyfsError):
+    """Several different errors at once (concurrent tasks); says the first and counts the rest.
+
+    ``errors`` holds them all; the errno is the first one's.
+    """
+
+    def __init__(self, errors: list[BaseException] | tuple[BaseException, ...]) -> None:
+        self.errors = tuple(errors)
+        self.errno = to_errno(self.errors[0])
+        rest = len(self.errors) - 1
+        super().__init__(f"{describe(self.errors[0])} (and {rest} more error{'s' if rest > 1 else ''}: "
+                         + "; ".join(describe(e) for e in self.errors[1:3]) + ("; ..." if rest > 2 else "") + ")")
+
+
+def describe(exc: BaseException) -> str:
+    """*exc* as text that always says something: its message, else the first message in its
+    cause chain (``[SSL: WRONG_VERSION_NUMBER] wrong version number``), else its type name.
+
+    Some exceptions (httpx's, trio's BrokenResourceError) have an empty ``str()``; a message
+    built as ``f"...: {exc}"`` then ends in nothing. Format causes with this instead.
+    """
+    text = str(exc).strip()
+    if text:
+        return text
+    seen = {id(exc)}
+    inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        text = str(inner).strip()
+        if text:
+            return text
+        inner = inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)
+    return type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """What a command prints after ``lazyfs: error:``: one line, always with a cause.
+
+    A LazyfsError is its message; an OSError its strerror and file name; anything else is a
+    bug and says so (``--debug`` shows its traceback).
+    """
+    if isinstance(exc, LazyfsError):
+        text = describe(exc)
+    elif isinstance(exc, OSError):
+        text = (exc.strerror or describe(exc)) + (f": {exc.filename}" if exc.filename else "")
+    else:
+        message = str(exc).strip()
+        text = f"internal error: {type(exc).__name__}{': ' + message if message else ''} (run with --debug for the traceback)"
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
 def to_errno(exc: BaseException) -> int:
     """The errno a FUSE handler returns for *exc* (EIO for anything unexpected)."""
     if isinstance(exc, LazyfsError):

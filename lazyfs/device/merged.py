@@ -11,8 +11,9 @@ from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.index import MergedIndex, Segment
 from lazyfs.device.source import BlockSource, check_write, clamp_read
 from lazyfs.device.writable import DATA, LOWER, WritableLayer
-from lazyfs.errors import FormatError, LazyfsError, ReadOnlyError
+from lazyfs.errors import FormatError, ReadOnlyError
 from lazyfs.format.layer import LayerMeta
+from lazyfs.nursery import open_nursery
 
 MAX_LAYERS = 255
 
@@ -81,19 +82,12 @@ class MergedDevice(BlockSource):
             (loc,) = wanted.values()
             chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
         else:
-            errors: list[LazyfsError] = []
-
             async def fetch(loc: ChunkLocation) -> None:
-                try:
-                    chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
-                except LazyfsError as exc:  # report one clear error, not an exception group
-                    errors.append(exc)
+                chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
 
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 for loc in wanted.values():
                     nursery.start_soon(fetch, loc)
-            if errors:
-                raise errors[0]
         for seg in segments:
             _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
 

@@ -42,6 +42,7 @@ from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
 from lazyfs.format.chunk import decode_chunk
+from lazyfs.nursery import open_nursery
 
 __all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
 
@@ -201,19 +202,12 @@ class FetchScheduler(ChunkStore):
     async def open(cls, backends: Sequence[Backend], cache: ChunkCache, **options) -> AsyncIterator["FetchScheduler"]:
         """Run a scheduler for the duration of the block; its tasks end with it."""
         sched = cls(backends, cache, **options)
-        body_error: Exception | None = None
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             await nursery.start(sched.run)
             try:
                 yield sched
-            except Exception as exc:
-                # Re-raised below, outside the nursery, so callers see their own
-                # exception rather than an ExceptionGroup wrapping it.
-                body_error = exc
             finally:
                 sched._stop()
-        if body_error is not None:
-            raise body_error
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until ``aclose()`` (or cancellation); use as ``await nursery.start(sched.run)``."""
@@ -225,7 +219,7 @@ class FetchScheduler(ChunkStore):
         self._demand_quiet = trio.Event()
         self._demand_quiet.set()
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
                 await self._dispatch_forever()
@@ -623,7 +617,7 @@ class FetchScheduler(ChunkStore):
             finally:
                 outstanding.release()
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for loc in locations:
                 if loc.digest in seen or loc.digest in self.cache:
                     result["skipped"] += 1

@@ -24,6 +24,7 @@ import trio
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
+from lazyfs.nursery import open_nursery
 
 __all__ = [
     "TRACE_FORMAT",
@@ -198,7 +199,7 @@ async def replay(scheduler, trace: Iterable[ChunkLocation], concurrency: int = 1
         finally:
             limit.release()
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for loc in trace:
             await limit.acquire()
             nursery.start_soon(one, loc)

@@ -71,7 +71,8 @@ from lazyfs.image.referrers import (
 )
 from lazyfs.image.remote import FallbackBackend, ImageOpener
 from lazyfs.image.tarapply import LayerApplier, check_diff_id, open_layer, scan_layer
-from lazyfs.image.workfs import WorkFs, open_nursery
+from lazyfs.image.workfs import WorkFs
+from lazyfs.nursery import open_nursery
 
 TWIN_ARTIFACT_TYPE = MEDIA_TYPE_CONFIG  # a referrer's type is its config's media type when it has no artifactType
 DOWNLOAD_CONCURRENCY = 3

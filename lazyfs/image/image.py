@@ -13,6 +13,7 @@ from lazyfs.device.writable import WritableLayer
 from lazyfs.fetch.backend import Backend
 from lazyfs.format.layer import FOOTER_SIZE, LayerMeta, parse_tail
 from lazyfs.format.oci import ImageManifest, LayerDescriptor
+from lazyfs.nursery import open_nursery
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ async def load_image(manifest: ImageManifest, backend: Backend,
             tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
         metas[i] = (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         for i, layer in enumerate(manifest.layers):
             nursery.start_soon(one, i, layer)
     return Image(manifest, tuple((meta, layer.digest) for meta, layer in zip(metas, manifest.layers, strict=True)))

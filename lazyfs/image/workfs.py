@@ -31,6 +31,7 @@ from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.format import ext4
 from lazyfs.format.layer import BLOCK_SIZE, LayerMeta
 from lazyfs.format.tarplan import BYTES_PER_INODE, FsUsage
+from lazyfs.nursery import open_nursery
 from lazyfs.serve import system
 
 STAMP = 946684800  # 2000-01-01T00:00:00Z: every time mkfs, resize2fs and the normalizer write
@@ -95,32 +96,6 @@ def _block_digests(data: bytes) -> bytes:
     for off in range(0, len(data), BLOCK_SIZE):
         out += hashlib.blake2b(view[off : off + BLOCK_SIZE], digest_size=DIGEST_SIZE).digest()
     return bytes(out)
-
-
-def first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error a nursery's exception group is about (the other tasks' cancellations are echoes)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]
-
-
-@contextlib.asynccontextmanager
-async def open_nursery():
-    """A trio nursery whose failure surfaces as the failing task's own exception, not a group."""
-    try:
-        async with trio.open_nursery() as nursery:
-            yield nursery
-    except BaseExceptionGroup as group:
-        raise first_error(group) from None
 
 
 class WorkFs:

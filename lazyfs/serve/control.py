@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from lazyfs import errors
-from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.errors import FormatError, LazyfsError, describe
+from lazyfs.nursery import single_error
 
 log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
@@ -39,7 +40,7 @@ def decode(line: bytes) -> dict:
 
 
 def error_reply(exc: BaseException) -> dict:
-    return {"ok": False, "error": str(exc), "type": type(exc).__name__}
+    return {"ok": False, "error": describe(exc), "type": type(exc).__name__}
 
 
 def raise_reply(reply: dict) -> object:
@@ -99,10 +100,10 @@ async def _connection(stream: trio.SocketStream, handle: Handler) -> None:
                     if not isinstance(op, str) or not isinstance(args, dict):
                         raise FormatError("control request needs a string 'op' and an object 'args'")
                     reply = {"ok": True, "result": await handle(op, args)}
-                except LazyfsError as exc:
-                    reply = error_reply(exc)
-                except Exception as exc:  # a bug must not kill the daemon: report it
-                    log.exception("control request failed")
+                except Exception as raised:  # cancellation (a BaseException) is no reply: it goes on
+                    exc = single_error(raised)
+                    if not isinstance(exc, (LazyfsError, OSError)):  # a bug must not kill the daemon: report it
+                        log.error("control request failed", exc_info=exc)
                     reply = error_reply(exc)
                 try:
                     await stream.send_all(encode(reply))

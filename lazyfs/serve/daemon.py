@@ -14,6 +14,7 @@ from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
+from lazyfs.nursery import open_nursery
 from lazyfs.serve import system
 from lazyfs.serve.control import serve_control
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
@@ -194,7 +195,7 @@ async def run_daemon(config: Config) -> None:
     await clear_stale_export(config.export_dir)
     async with Host.open(config) as host:
         fs = ExportFS()
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             daemon = Daemon(config, host, fs, nursery)
             await nursery.start(serve, config.export_dir, fs)
             await daemon.restore()

@@ -28,6 +28,7 @@ from lazyfs.fetch.trace import TraceRecorder, replay
 from lazyfs.image.remote import ImageOpener, OpenedImage
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
+from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -125,16 +126,13 @@ class Host:
     async def open(cls, config: Config) -> AsyncIterator["Host"]:
         cache = await ChunkCache.load(config.cache_root, config.cache_size, config.memory_cache_size)
         host = cls(config, cache)
-        body_error: Exception | None = None
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 host._nursery = nursery
                 await nursery.start(host.scheduler.run)
                 nursery.start_soon(host.budget.run, host.writable_layers)
                 try:
                     yield host
-                except Exception as exc:  # re-raised below as itself, not inside an exception group
-                    body_error = exc
                 finally:
                     with trio.CancelScope(shield=True):
                         for name in list(host.attachments):
@@ -144,8 +142,6 @@ class Host:
             with trio.CancelScope(shield=True):
                 await host.opener.aclose()
                 await cache.aclose()
-        if body_error is not None:
-            raise body_error
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import httpx
 
-from lazyfs.errors import AuthError, FetchError, FormatError, IntegrityError, NotFoundError
+from lazyfs.errors import AuthError, FetchError, FormatError, IntegrityError, NotFoundError, describe
 from lazyfs.fetch.registry.retry import Transient, parse_retry_after
 from lazyfs.fetch.registry.transport import BodyTooLarge
 
@@ -40,7 +40,7 @@ async def read_body(response: httpx.Response, limit: int, what: str,
     except httpx.TimeoutException:
         raise Transient(f"{what}: timed out reading the body") from None
     except (httpx.TransportError, httpx.DecodingError) as e:
-        raise Transient(f"{what}: body cut short: {type(e).__name__}: {e}") from None
+        raise Transient(f"{what}: body cut short: {type(e).__name__}: {describe(e)}") from None
     except BodyTooLarge as e:
         raise FetchError(f"{what}: {e}", response.status_code) from None
     return b"".join(parts)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import httpx
 import trio
 
-from lazyfs.errors import FetchError, IntegrityError, RangeError
+from lazyfs.errors import FetchError, IntegrityError, RangeError, describe
 from lazyfs.fetch.backend import SourcedBytes
 from lazyfs.fetch.registry.answers import check_content_range, fail, read_body
 from lazyfs.fetch.registry.auth import pull_scope
@@ -180,7 +180,7 @@ async def get_blob_to_file(client: RegistryClient, repo: Reference | str, digest
                     except httpx.TimeoutException:
                         raise Transient(f"{what} at {ep.host}: timed out reading the body") from None
                     except (httpx.TransportError, httpx.DecodingError) as e:
-                        raise Transient(f"{what} at {ep.host}: body cut short: {e}") from None
+                        raise Transient(f"{what} at {ep.host}: body cut short: {describe(e)}") from None
                 got = f"{digest.partition(':')[0]}:{hasher.hexdigest()}"
                 if got != digest:
                     raise IntegrityError(f"blob {digest}", digest, got, ep.host)

@@ -15,7 +15,7 @@ from typing import TypeVar
 import httpx
 import trio
 
-from lazyfs.errors import AuthError, FetchError, IntegrityError, NotFoundError
+from lazyfs.errors import AuthError, FetchError, IntegrityError, NotFoundError, describe
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.registry import blobs, manifests, uploads
 from lazyfs.fetch.registry.answers import tls_failure
@@ -307,16 +307,16 @@ class RegistryClient:
             reason = tls_failure(e)
             if reason is not None:
                 raise FetchError(f"{ep.host}: {reason}") from None
-            raise Transient(f"cannot connect to {ep.base_url}: {e}") from None
+            raise Transient(f"cannot connect to {ep.base_url}: {describe(e)}") from None
         except httpx.TooManyRedirects as e:
-            raise FetchError(f"{method} {url}: {e}") from None
+            raise FetchError(f"{method} {url}: {describe(e)}") from None
         except httpx.TransportError as e:
             reason = tls_failure(e)
             if reason is not None:
                 raise FetchError(f"{ep.host}: {reason}") from None
-            raise Transient(f"{method} {url}: {type(e).__name__}: {e}") from None
+            raise Transient(f"{method} {url}: {type(e).__name__}: {describe(e)}") from None
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as e:
-            raise FetchError(f"{method} {url}: {type(e).__name__}: {e}") from None
+            raise FetchError(f"{method} {url}: {type(e).__name__}: {describe(e)}") from None
         if response.status_code == 401 and (auth.refused or auth.unreplayed):
             await response.aclose()
             if auth.unreplayed:  # a streamed body: the retry layer repeats the exchange with a fresh token

@@ -16,7 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from lazyfs.config import Config
-from lazyfs.errors import AlreadyExistsError, BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.errors import AlreadyExistsError, BusyError, ConfigError, LazyfsError, NotFoundError, describe
+from lazyfs.nursery import single_error
 from lazyfs.serve.snapshotter import api
 from lazyfs.serve.snapshotter.core import Snapshotter
 from lazyfs.serve.snapshotter.store import ACTIVE, COMMITTED, VIEW, Snapshot
@@ -47,13 +48,14 @@ def _rpc(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except (LazyfsError, OSError) as exc:
-            if not isinstance(exc, (NotFoundError, AlreadyExistsError)):
-                log.warning("%s: %s", method.__name__, exc)
-            context.abort(_status(exc), str(exc))
-        except Exception as exc:  # a bug must not take the service down: report it
-            log.exception("%s failed", method.__name__)
-            context.abort(_status(exc), f"{type(exc).__name__}: {exc}")
+        except Exception as raised:
+            exc = single_error(raised)
+            if isinstance(exc, (LazyfsError, OSError)):
+                if not isinstance(exc, (NotFoundError, AlreadyExistsError)):
+                    log.warning("%s: %s", method.__name__, describe(exc))
+                context.abort(_status(exc), describe(exc))
+            log.error("%s failed", method.__name__, exc_info=exc)  # a bug must not take the service down
+            context.abort(_status(exc), f"{type(exc).__name__}: {describe(exc)}")
     return wrapper
 
 
@@ -62,8 +64,11 @@ def _walk_stream(method):
     def wrapper(self, request, context):
         try:
             yield from method(self, request, context)
-        except LazyfsError as exc:
-            context.abort(_status(exc), str(exc))
+        except Exception as raised:
+            exc = single_error(raised)
+            if not isinstance(exc, LazyfsError):
+                raise exc
+            context.abort(_status(exc), describe(exc))
     return wrapper
 
 

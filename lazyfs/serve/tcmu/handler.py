@@ -26,6 +26,7 @@ import trio
 
 from lazyfs.device.source import BlockSource
 from lazyfs.errors import ConfigError
+from lazyfs.nursery import open_nursery
 from lazyfs.serve.tcmu import scsi
 from lazyfs.serve.tcmu.ring import Command, Ring, TaskManagement
 
@@ -136,13 +137,13 @@ class TcmuHandler:
         return stats
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled. A broken ring ends it with FormatError (in an ExceptionGroup).
+        """Serve until cancelled. A broken ring ends it with FormatError.
 
         Never do blocking I/O on the served disk from the thread running this
         handler: the kernel would wait for an answer the blocked loop cannot give.
         """
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(self._notifier)
                 task_status.started()
                 await self._dispatch(nursery)

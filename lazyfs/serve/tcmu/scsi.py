@@ -757,15 +757,8 @@ _HANDLERS = {
 WRITE_SAME_CHUNK = 1 << 20  # bytes of pattern written per call, so memory stays bounded
 
 
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
 def error_result(exc: BaseException, op: Op) -> Result:
     """The one mapping from a block-source error to SCSI sense data."""
-    exc = _leaf(exc)
     reading = isinstance(op, ReadOp)
     if isinstance(exc, (IntegrityError, FetchError)):
         return check(SenseKey.MEDIUM_ERROR, UNRECOVERED_READ_ERROR)
