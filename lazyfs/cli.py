@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import trio
 
-from lazyfs.errors import ConfigError, one_line
+from lazyfs.errors import ConfigError, LazyfsError, one_line
 from lazyfs.nursery import single_error
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -69,7 +69,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     if args.out is None:  # lazyfs commit TARGET REF: a mounted writable image, through the daemon
         from lazyfs.serve.mount import commit_target
 
-        result = commit_target(_config(args), args.image, args.writable)
+        result = commit_target(_config(args), args.image, args.writable, plain_http=_plain_http(args))
     else:
         from lazyfs.image.local import commit_image
 
@@ -79,12 +79,14 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace):
-    from lazyfs.config import RegistrySettings, load_config
+    """The config file, with this call's --plain-http registries."""
+    from lazyfs.config import load_config
 
-    config = load_config(args.config)
-    for host in getattr(args, "plain_http", None) or []:
-        config = config.with_registry(RegistrySettings(host, plain_http=True))
-    return config
+    return load_config(args.config).with_plain_http(_plain_http(args))
+
+
+def _plain_http(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(getattr(args, "plain_http", None) or ())
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -139,13 +141,9 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_mount(args: argparse.Namespace) -> int:
     from lazyfs.serve.mount import mount_image
 
-    config = _config(args)
-    if args.writable_root:
-        import dataclasses
-
-        config = dataclasses.replace(config, writable_root=os.path.abspath(args.writable_root))
-    result = mount_image(config, args.config, args.image, args.target, writable=args.writable, kind=args.kind,
-                         prefer_lazyfs=args.prefer_lazyfs)
+    result = mount_image(_config(args), args.config, args.image, args.target, writable=args.writable,
+                         writable_root=args.writable_root, kind=args.kind, prefer_lazyfs=args.prefer_lazyfs,
+                         plain_http=_plain_http(args))
     if args.json:
         _print(result, True)
     else:
@@ -157,7 +155,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from lazyfs.serve.mount import export_image
 
-    result = export_image(_config(args), args.config, args.image, args.directory, writable=args.writable, kind=args.kind)
+    result = export_image(_config(args), args.config, args.image, args.directory, writable=args.writable,
+                          writable_root=args.writable_root, kind=args.kind, plain_http=_plain_http(args))
     print(result["file"])
     return 0
 
@@ -215,8 +214,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"BAD {problem}")
     if problems:
-        print(f"lazyfs: {len(problems)} problem(s) in {args.image}", file=sys.stderr)
-        return 1
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        raise LazyfsError(f"{problems[0]}{more}")
     print(f"{args.image}: every blob and chunk digest matches")
     return 0
 
@@ -240,6 +239,11 @@ def cmd_snapshotter(args: argparse.Namespace) -> int:
 def cmd_rpull(args: argparse.Namespace) -> int:
     from lazyfs.serve.snapshotter.rpull import rpull
 
+    if args.plain_http:
+        # the layers are fetched by the snapshotter, a service with settings of its own
+        raise ConfigError(f"--plain-http {args.plain_http[0]} cannot reach the snapshotter, which fetches the layers: "
+                          f"list {{\"host\": \"{args.plain_http[0]}\", \"plain_http\": true}} in the registries of "
+                          "its config file (or start `lazyfs snapshotter --plain-http HOST:PORT`)")
     result = rpull(_config(args), args.ref, address=args.address, namespace=args.namespace,
                    snapshotter=args.snapshotter)
     _print(result, args.json)
@@ -272,17 +276,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_tcmu(args: argparse.Namespace) -> int:
     from lazyfs.serve.control import call
-    from lazyfs.serve.mount import ensure_daemon
+    from lazyfs.serve.mount import ensure_daemon, writable_dir_under
 
     config = _config(args)
     if args.action == "attach":
         if not args.image:
             raise ConfigError("lazyfs tcmu attach needs IMAGE and NAME")
+        writable_dir = writable_dir_under(args.writable_root, f"tcmu-{args.name}", args.writable)
         ensure_daemon(config, args.config)
         result = call(config.socket_path, "tcmu-attach", image=args.image, name=args.name, writable=args.writable,
-                      block_size=args.block_size)
+                      block_size=args.block_size, writable_dir=writable_dir, plain_http=list(_plain_http(args)))
         print(f"{args.image} is SCSI disk {result['disk']} (TCMU device {args.name})")
     else:
+        if args.image or args.writable or args.writable_root or args.plain_http:
+            raise ConfigError("lazyfs tcmu detach takes only NAME")
         call(config.socket_path, "tcmu-detach", name=args.name)
         print(f"detached TCMU device {args.name}")
     return 0
@@ -370,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("directory")
     p.add_argument("--writable", action="store_true")
+    p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--kind", choices=["sparse", "log"], default="sparse")
 
     p = add("umount", cmd_umount, "unmount (or unexport) TARGET and detach everything behind it")
@@ -400,13 +408,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="the image (attach only)")
     p.add_argument("name")
     p.add_argument("--writable", action="store_true")
+    p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
 
-    for sp in sub.choices.values():
+    for name, sp in sub.choices.items():
         sp.add_argument("--config", metavar="FILE", help="config file, TOML or JSON (default $LAZYFS_CONFIG, /etc/lazyfs/config.toml or .json)")
-        sp.add_argument("--plain-http", metavar="HOST:PORT", action="append",
-                        help="talk plain HTTP to this registry (repeatable; only for trusted local registries)")
+        if name in REGISTRY_COMMANDS:
+            sp.add_argument("--plain-http", metavar="HOST:PORT", action="append",
+                            help="talk plain HTTP to this registry (repeatable; only for trusted local registries)")
     return parser
+
+
+# Commands that reach a registry, and so take --plain-http (and `config`, which shows its effect).
+# Through the daemon (mount, export, commit TARGET REF, tcmu attach) the flag travels with the
+# request; rpull refuses it, because the snapshotter fetches the layers with its own config.
+# See docs/errors.md.
+REGISTRY_COMMANDS = frozenset({"push", "pull", "convert", "mount", "export", "commit", "tcmu", "rpull", "daemon",
+                               "snapshotter", "config"})
+
+
+_SUBJECT = {"pull": "ref", "rpull": "ref", "convert": "source", "umount": "target", "stats": "target"}
+
+
+def error_line(args: argparse.Namespace, exc: BaseException) -> str:
+    """The one line a failed command prints: what it was doing and to what, then the cause.
+
+    The subject (the image, reference or target as typed) is named unless the message already does.
+    """
+    line = one_line(exc)
+    subject = getattr(args, _SUBJECT.get(args.command, "image"), None) or getattr(args, "name", None)
+    if subject and str(subject) not in line:
+        action = f"{args.command} {args.action}" if args.command == "tcmu" else args.command
+        line = f"{action} {subject}: {line}"
+    return f"lazyfs: error: {line}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if args.debug or not isinstance(exc, Exception):
             raise exc
-        print(f"lazyfs: error: {one_line(exc)}", file=sys.stderr)
+        print(error_line(args, exc), file=sys.stderr)
         return 1
 
 

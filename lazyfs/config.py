@@ -19,6 +19,7 @@ import json
 import os
 import ssl
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -125,6 +126,19 @@ class Config:
     def with_registry(self, settings: RegistrySettings) -> Config:
         others = tuple(r for r in self.registries if r.host != settings.host)
         return dataclasses.replace(self, registries=others + (settings,))
+
+    def with_plain_http(self, hosts: Iterable[str]) -> "Config":
+        """This config with *hosts* spoken to over plain HTTP (their other settings kept)."""
+        config = self
+        for host in hosts:
+            known = config.registry(host)
+            config = config.with_registry(dataclasses.replace(known, plain_http=True) if known
+                                          else RegistrySettings(host, plain_http=True))
+        return config
+
+    def plain_http_hosts(self) -> tuple[str, ...]:
+        """The registries this config speaks plain HTTP to."""
+        return tuple(r.host for r in self.registries if r.plain_http)
 
     def to_json(self) -> dict:
         """The effective values as JSON types (every field, defaults included)."""

@@ -114,13 +114,14 @@ def describe(exc: BaseException) -> str:
     if text:
         return text
     seen = {id(exc)}
-    inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    # __context__ too, even where suppressed: httpcore raises its errors "from None" over the real one
+    inner = exc.__cause__ or exc.__context__
     while inner is not None and id(inner) not in seen:
         seen.add(id(inner))
         text = str(inner).strip()
         if text:
             return text
-        inner = inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)
+        inner = inner.__cause__ or inner.__context__
     return type(exc).__name__
 
 

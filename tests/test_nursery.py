@@ -111,6 +111,13 @@ def test_describe_falls_back_to_the_cause_and_then_the_type_name():
             raise Quiet() from inner
     except Quiet as exc:
         assert describe(exc) == "[Errno 111] Connection refused"
+    try:
+        try:
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        except OSError:
+            raise Quiet() from None  # as httpcore does: the reason is only in the suppressed context
+    except Quiet as exc:
+        assert describe(exc) == "[Errno 111] Connection refused"
     assert describe(Quiet()) == "Quiet"
 
 

@@ -37,7 +37,8 @@ class Daemon:
 
     def _records(self) -> list[dict]:
         return [{"name": a.name, "image": a.ref, "writable_dir": a.writable_dir,
-                 "kind": a.device.writable.kind if a.device.writable else None, "extra": a.extra}
+                 "kind": a.device.writable.kind if a.device.writable else None, "extra": a.extra,
+                 "plain_http": list(a.plain_http)}
                 for a in self.host.attachments.values()]
 
     def save_state(self) -> None:
@@ -58,7 +59,7 @@ class Daemon:
             try:
                 await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
                                   writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
-                                  extra=rec.get("extra") or {}, save=False)
+                                  extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False)
                 log.info("restored attachment %s (%s)", rec["name"], rec["image"])
             except (LazyfsError, KeyError, TypeError) as exc:
                 log.error("could not restore attachment %s: %s", rec.get("name"), exc)
@@ -70,9 +71,10 @@ class Daemon:
         return os.path.join(self.config.export_dir, name, IMAGE_NAME)
 
     async def attach(self, image: str, name: str | None = None, writable: bool = False, writable_dir: str | None = None,
-                     kind: str = "sparse", extra: dict | None = None, save: bool = True, record_trace: bool | None = None) -> dict:
+                     kind: str = "sparse", extra: dict | None = None, save: bool = True, record_trace: bool | None = None,
+                     plain_http: list[str] | tuple[str, ...] = ()) -> dict:
         att = await self.host.attach(image, name, writable=writable, writable_dir=writable_dir, kind=kind,
-                                     record_trace=record_trace)
+                                     record_trace=record_trace, plain_http=_hosts(plain_http))
         att.extra.update(extra or {})
         self.fs.add(att.name, att.device)
         if save:
@@ -97,24 +99,27 @@ class Daemon:
         self.save_state()
         return att.describe()
 
-    async def commit(self, name: str, out: str) -> dict:
+    async def commit(self, name: str, out: str, plain_http: list[str] | tuple[str, ...] = ()) -> dict:
         att = self.host.attachments.get(name)
         if att is None:
             raise NotFoundError(f"no image attached as {name!r}")
         if att.device.writable is None:
             raise ConfigError(f"{name} is attached read-only: nothing to commit")
         async with att.device.writes_held():
-            result = await commit_writable(self.host.opener, att.opened, att.device.writable, out)
+            opener = self.host.opener_for(att.plain_http + _hosts(plain_http))
+            result = await commit_writable(opener, att.opened, att.device.writable, out)
         log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
         return result
 
-    async def tcmu_attach(self, image: str, name: str, writable: bool = False, block_size: int = 512) -> dict:
+    async def tcmu_attach(self, image: str, name: str, writable: bool = False, block_size: int = 512,
+                          writable_dir: str | None = None, plain_http: list[str] | tuple[str, ...] = ()) -> dict:
         """Serve *image* as a SCSI disk through target_core_user (like overlaybd-tcmu)."""
         from lazyfs.serve.tcmu import configfs
 
         configfs.validate_name(name)
         configfs.check_available()  # a clear error before anything is attached
-        att = await self.host.attach(image, f"tcmu-{name}", writable=writable, extra={"tcmu": name})
+        att = await self.host.attach(image, f"tcmu-{name}", writable=writable, writable_dir=writable_dir,
+                                     extra={"tcmu": name}, plain_http=_hosts(plain_http))
         try:
             device = await configfs.attach(att.device, name, nursery=self.nursery, block_size=block_size)
         except BaseException:
@@ -139,7 +144,8 @@ class Daemon:
         if op == "ping":
             return {"pid": os.getpid(), "export_dir": self.config.export_dir}
         if op == "attach":
-            return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "extra", "record_trace"))
+            return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "extra", "record_trace",
+                                             "plain_http"))
         if op == "detach":
             return await self.detach(**_only(args, "name"))
         if op == "list":
@@ -154,7 +160,7 @@ class Daemon:
         if op == "mark":
             return await self.mark(**_only(args, "name", "extra"))
         if op == "commit":
-            return await self.commit(**_only(args, "name", "out"))
+            return await self.commit(**_only(args, "name", "out", "plain_http"))
         if op == "trace-finish":
             att = self.host.attachments.get(args.get("name"))
             if att is None:
@@ -162,13 +168,21 @@ class Daemon:
             await self.host.finish_trace(att)
             return att.trace
         if op == "tcmu-attach":
-            return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size"))
+            return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size", "writable_dir",
+                                                  "plain_http"))
         if op == "tcmu-detach":
             return await self.tcmu_detach(**_only(args, "name"))
         if op == "stop":
             self.stopping.set()
             return {"stopping": True}
         raise ConfigError(f"unknown control operation {op!r}")
+
+
+def _hosts(value: object) -> tuple[str, ...]:
+    """A request's ``plain_http``: a list of registry hosts."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) and h for h in value):
+        raise ConfigError(f"plain_http must be a list of registry hosts, not {value!r}")
+    return tuple(value)
 
 
 def _only(args: dict, *names: str) -> dict:

@@ -12,7 +12,7 @@ import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
 import trio
 
@@ -20,7 +20,7 @@ from lazyfs.config import Config
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.merged import MergedDevice
 from lazyfs.device.writable import create_writable, open_writable
-from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, describe
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.scheduler import FetchScheduler
@@ -53,6 +53,7 @@ class ImageStore(ChunkStore):
         self.scheduler, self.index, self.readahead = scheduler, index, readahead
         self.recorder: TraceRecorder | None = None
         self.reads = self.misses = self.bytes_served = self.bytes_missed = 0
+        self.last_error: str | None = None  # why the last failed demand read failed
 
     async def get(self, loc: ChunkLocation, priority: Priority = Priority.DEMAND) -> bytes:
         if priority == Priority.DEMAND:
@@ -64,7 +65,12 @@ class ImageStore(ChunkStore):
                 self.bytes_missed += loc.compressed_length
                 if self.readahead:
                     self._read_ahead(loc)
-        raw = await self.scheduler.get(loc, priority)
+        try:
+            raw = await self.scheduler.get(loc, priority)
+        except LazyfsError as exc:
+            if priority == Priority.DEMAND:
+                self.last_error = describe(exc)
+            raise
         self.bytes_served += len(raw)
         return raw
 
@@ -76,7 +82,7 @@ class ImageStore(ChunkStore):
 
     def statistics(self) -> dict:
         return {"chunk_reads": self.reads, "demand_misses": self.misses, "bytes_served": self.bytes_served,
-                "bytes_missed": self.bytes_missed}
+                "bytes_missed": self.bytes_missed, "last_error": self.last_error}
 
 
 @dataclass
@@ -87,6 +93,8 @@ class Attachment:
     device: MergedDevice
     store: ImageStore
     writable_dir: str | None
+    opener: ImageOpener  # the registry client this image was opened with (and its traces go through)
+    plain_http: tuple[str, ...] = ()  # registries the attach request asked to speak plain HTTP to
     attached_at: float = field(default_factory=time.time)
     trace: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what front ends record (loop device, target)
@@ -94,7 +102,8 @@ class Attachment:
     def describe(self) -> dict:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
                 "size": self.device.size, "writable": self.writable_dir, "layers": len(self.opened.image.layers),
-                "attached_at": self.attached_at, "trace": self.trace, **self.extra}
+                "plain_http": list(self.plain_http), "attached_at": self.attached_at, "trace": self.trace,
+                **self.extra}
 
     def statistics(self) -> dict:
         return {**self.describe(), **self.store.statistics(), "device": self.device.statistics()}
@@ -113,6 +122,7 @@ class Host:
         self.config = config
         self.cache = cache
         self.opener = ImageOpener(config)
+        self._openers: dict[tuple[str, ...], ImageOpener] = {(): self.opener}
         self.scheduler = FetchScheduler(
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
             deadline=config.fetch_deadline)
@@ -140,20 +150,43 @@ class Host:
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await host.opener.aclose()
+                for opener in host._openers.values():
+                    await opener.aclose()
                 await cache.aclose()
+
+    def opener_for(self, plain_http: Iterable[str] = ()) -> ImageOpener:
+        """The opener that also speaks plain HTTP to *plain_http* (registries the config does not
+        list as plain HTTP). Each such set gets a client of its own, so one request's plain-HTTP
+        registry never downgrades the TLS of the others' attachments."""
+        known = set(self.config.plain_http_hosts())
+        extra = tuple(sorted({host for host in plain_http if host not in known}))
+        if extra not in self._openers:
+            self._openers[extra] = ImageOpener(self.config.with_plain_http(extra))
+        return self._openers[extra]
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,
-                     extra: dict | None = None) -> Attachment:
-        """Open *ref* and make its merged device; with *writable*, a writable layer under the writable root."""
+                     extra: dict | None = None, plain_http: Iterable[str] = ()) -> Attachment:
+        """Open *ref* and make its merged device; with *writable*, a writable layer in *writable_dir*
+        (an absolute path; default: a directory under the config's writable root).
+
+        *plain_http*: registries to speak plain HTTP to for this image, besides the config's.
+        """
         name = name or attachment_name(ref)
         if not _NAME.match(name):
             raise ConfigError(f"attachment name {name!r}: use letters, digits, '.', '_' and '-'")
+        plain_http = tuple(plain_http)
+        if not all(isinstance(host, str) and host for host in plain_http):
+            raise ConfigError(f"plain_http must be a list of registry hosts, not {plain_http!r}")
+        if writable_dir is not None and not (isinstance(writable_dir, str) and os.path.isabs(writable_dir)):
+            raise ConfigError(f"writable_dir must be an absolute path, not {writable_dir!r}")
+        if writable_dir is not None and not writable:
+            raise ConfigError("a writable directory is for a writable attachment only")
+        opener = self.opener_for(plain_http)
         async with self._lock:
             if name in self.attachments:
                 raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
-            opened = await self.opener.open(ref)
+            opened = await opener.open(ref)
             backends = opened.backends
             for blob in opened.blobs:
                 # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
@@ -173,7 +206,8 @@ class Host:
             store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
             device = opened.image.device(store, layer)
             store.index = device.index
-            att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, extra=dict(extra or {}))
+            att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, opener,
+                             plain_http, extra=dict(extra or {}))
             self.attachments[name] = att
             self.budget.changed()
         await self._start_trace(att, record_trace)
@@ -182,7 +216,7 @@ class Host:
         return att
 
     async def _start_trace(self, att: Attachment, record: bool | None) -> None:
-        trace = await load_trace(self.opener, att.opened) if self.config.trace_replay else None
+        trace = await load_trace(att.opener, att.opened) if self.config.trace_replay else None
         if trace:
             att.trace = {"replay": len(trace)}
             self._nursery.start_soon(self._replay, att, trace)
@@ -209,7 +243,7 @@ class Host:
         att.trace["recording"] = False
         if len(recorder):
             try:
-                att.trace["saved"] = await save_trace(self.opener, att.opened, list(recorder.locations))
+                att.trace["saved"] = await save_trace(att.opener, att.opened, list(recorder.locations))
                 att.trace["chunks"] = len(recorder)
             except LazyfsError as exc:
                 log.warning("could not store the startup trace of %s: %s", att.ref, exc)

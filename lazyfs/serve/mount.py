@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import trio
 
@@ -77,10 +78,23 @@ def _check_target(target: str) -> str:
     return target
 
 
+def writable_dir_under(writable_root: str | None, name: str, writable: bool) -> str | None:
+    """The writable layer directory of attachment *name* under *writable_root* (None: the daemon's default)."""
+    if writable_root is None:
+        return None
+    if not writable:
+        raise ConfigError("--writable-root is for a writable image: add --writable")
+    return os.path.join(os.path.abspath(writable_root), name)
+
+
 def mount_image(config: Config, config_path: str | None, image: str, target: str, *, writable: bool = False,
-                writable_dir: str | None = None, kind: str = "sparse", prefer_lazyfs: bool = False) -> dict:
+                writable_root: str | None = None, kind: str = "sparse", prefer_lazyfs: bool = False,
+                plain_http: Sequence[str] = ()) -> dict:
     """Attach *image* through the daemon, loop-attach its file and mount the ext4 at *target*.
 
+    *writable_root*: the writable layer goes in a directory of its own under it (default: under
+    the daemon's configured writable root). *plain_http*: registries the daemon speaks plain
+    HTTP to for this image, besides those its config lists.
     *prefer_lazyfs*: *image* may be an ordinary image; mount its lazyfs twin (found through the
     referrers fallback tag of its manifest, where ``lazyfs convert`` lists it).
     """
@@ -89,21 +103,38 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     if prefer_lazyfs:
         from lazyfs.image.convert import resolve_twin_blocking
 
-        image = resolve_twin_blocking(config, image)
+        image = resolve_twin_blocking(config.with_plain_http(plain_http), image)
     name = target_name(image, target)
+    writable_dir = writable_dir_under(writable_root, name, writable)
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
-                    writable_dir=writable_dir, kind=kind, extra={"target": target, "mode": "mount"})
+                    writable_dir=writable_dir, kind=kind, extra={"target": target, "mode": "mount"},
+                    plain_http=list(plain_http))
     dev = None
     try:
         dev = trio.run(system.losetup_attach, attached["path"], not writable)
         call(config.socket_path, "mark", name=name, extra={"loop": dev})
         options = () if writable else ("noload",)  # noload: never replay a journal on a read-only image
         trio.run(lambda: system.mount(dev, target, "ext4", read_only=not writable, options=options))
+    except LazyfsError as exc:
+        cause = _read_error(config, name)
+        _undo(config, name, dev)
+        if cause is None:
+            raise
+        # mount(8) says only "can't read superblock": say why the image could not be read
+        raise LazyfsError(f"{exc} (reading the image failed: {cause})") from exc
     except BaseException:
         _undo(config, name, dev)
         raise
     return {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+
+
+def _read_error(config: Config, name: str) -> str | None:
+    """Why the last read of attachment *name* failed, if one did (best effort)."""
+    try:
+        return call(config.socket_path, "stats", timeout=10, name=name).get("last_error")
+    except LazyfsError:
+        return None
 
 
 def _undo(config: Config, name: str, dev: str | None) -> None:
@@ -116,18 +147,27 @@ def _undo(config: Config, name: str, dev: str | None) -> None:
 
 
 def export_image(config: Config, config_path: str | None, image: str, directory: str, *, writable: bool = False,
-                 writable_dir: str | None = None, kind: str = "sparse") -> dict:
-    """Attach *image* and make ``DIRECTORY/disk.img`` point at its exported file (for qemu, Kata)."""
+                 writable_root: str | None = None, kind: str = "sparse", plain_http: Sequence[str] = ()) -> dict:
+    """Attach *image* and make ``DIRECTORY/disk.img`` point at its exported file (for qemu, Kata).
+
+    *writable_root* and *plain_http* as for `mount_image`.
+    """
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
     link = os.path.join(directory, IMAGE_NAME)
     if os.path.lexists(link):
         raise BusyError(f"{link} already exists")
     name = target_name(image, directory)
+    writable_dir = writable_dir_under(writable_root, name, writable)
+    os.makedirs(directory, exist_ok=True)
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
-                    writable_dir=writable_dir, kind=kind, extra={"target": directory, "mode": "export"})
-    os.symlink(attached["path"], link)
+                    writable_dir=writable_dir, kind=kind, extra={"target": directory, "mode": "export"},
+                    plain_http=list(plain_http))
+    try:
+        os.symlink(attached["path"], link)
+    except BaseException:
+        _undo(config, name, None)
+        raise
     return {**attached, "file": link}
 
 
@@ -196,8 +236,11 @@ def umount_target(config: Config, target: str) -> dict:
     return {"target": target, "done": done}
 
 
-def commit_target(config: Config, target: str, out: str) -> dict:
-    """Freeze the writable ext4 at *target*, commit its writable layer as *out*, thaw."""
+def commit_target(config: Config, target: str, out: str, plain_http: Sequence[str] = ()) -> dict:
+    """Freeze the writable ext4 at *target*, commit its writable layer as *out*, thaw.
+
+    *plain_http*: registries the daemon speaks plain HTTP to for this commit (*out* may be on one).
+    """
     att = _attachment_for(config, target)
     if att is None:
         raise NotFoundError(f"no lazyfs image is mounted at {os.path.abspath(target)}")
@@ -206,7 +249,7 @@ def commit_target(config: Config, target: str, out: str) -> dict:
         subprocess.run(["sync", "-f", target], check=False)
         frozen = subprocess.run(["fsfreeze", "-f", target], capture_output=True).returncode == 0
     try:
-        return call(config.socket_path, "commit", timeout=3600, name=att["name"], out=out)
+        return call(config.socket_path, "commit", timeout=3600, name=att["name"], out=out, plain_http=list(plain_http))
     finally:
         if frozen:
             subprocess.run(["fsfreeze", "-u", target], check=False)

@@ -213,7 +213,7 @@ class Devices:
             return existing
         return call(self.config.socket_path, "attach", timeout=600, image=image, name=name,
                     writable=writable_dir is not None, writable_dir=writable_dir, kind="sparse",
-                    extra={"owner": "snapshotter"})
+                    extra={"owner": "snapshotter"}, plain_http=list(self.config.plain_http_hosts()))
 
     def loop_for(self, name: str, known: str | None, read_only: bool) -> str:
         """A loop device on the attachment's file: *known* if it still is one, else a new one."""
