@@ -404,8 +404,10 @@ def test_a_restarted_daemon_restores_with_the_same_flags(world):
     with open(disk, "rb") as f:
         head = f.read(8192)
     os.kill(call(world.socket, "ping", timeout=10)["pid"], signal.SIGKILL)
-    daemon = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--config", world.config], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    log = world.tmp / "restarted-daemon.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--config", world.config], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         restored: list = []
@@ -414,7 +416,7 @@ def test_a_restarted_daemon_restores_with_the_same_flags(world):
                 restored = call(world.socket, "list", timeout=5)
             except Exception:  # not up yet
                 time.sleep(0.1)
-        assert restored, "the new daemon restored nothing"
+        assert restored, f"the new daemon restored nothing:\n{log.read_text(errors='replace')[-3000:]}"
         assert restored[0]["plain_http"] == [world.reg]
         assert restored[0]["writable"].startswith(str(root) + "/")
         with open(disk, "rb") as f:

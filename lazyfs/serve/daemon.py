@@ -205,8 +205,9 @@ async def clear_stale_export(export_dir: str) -> None:
 
 async def run_daemon(config: Config) -> None:
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
-    os.makedirs(config.export_dir, exist_ok=True)
+    # first: a killed daemon's FUSE mount answers ENOTCONN, and makedirs takes it for a file
     await clear_stale_export(config.export_dir)
+    os.makedirs(config.export_dir, exist_ok=True)
     async with Host.open(config) as host:
         fs = ExportFS()
         async with open_nursery() as nursery:
