@@ -100,6 +100,11 @@ class Config:
     metrics_address: Annotated[str, _doc(
         "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9750", pattern=r"^\S+:[0-9]{1,5}$")] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Bounds on what a registry or a tar may make this host hold (docs/format.md, "Limits"):
+    max_virtual_size: Annotated[int, _doc("largest image (virtual disk) accepted, bytes: 1 TiB", gt=0)] = 1 << 40
+    metadata_budget: Annotated[int, _doc("memory one image's layer metadata may take, bytes", gt=0)] = 128 << 20
+    convert_max_layer_bytes: Annotated[int, _doc(
+        "decompressed tar bytes one source layer may have in lazyfs convert", gt=0)] = 32 << 30
 
     @property
     def socket_path(self) -> str:
