@@ -32,12 +32,12 @@ import urllib.parse
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 
 import zstandard
 
 from lazyfs.durable import pwrite_all, write_all
 from lazyfs.errors import FormatError, IntegrityError, LazyfsError
+from lazyfs.format.numbers import NS, decimal, pax_time_ns
 from lazyfs.format.tarplan import (
     Done,
     Kind,
@@ -57,6 +57,12 @@ from lazyfs.format.tarplan import (
 )
 
 COPY_SIZE = 1 << 20
+DEFAULT_MAX_LAYER_BYTES = 32 << 30  # decompressed bytes of one layer (Config.convert_max_layer_bytes)
+MAX_LAYER_ENTRIES = 1 << 21  # members of one layer: each costs memory while it is applied
+MAX_EXTENDED_HEADER = 1 << 20  # one pax or GNU long-name header, and all global pax headers together
+MAX_SPARSE_REGIONS = 1 << 16  # data regions of one sparse file
+MAX_TAR_ID = (1 << 32) - 1  # uid, gid, device major and minor
+MAX_FILE_SIZE = 1 << 44  # what ext4 holds in one file (16 TiB)
 IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")  # host-specific: never part of an image
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZERO_BLOCK = bytes(4096)
@@ -68,17 +74,24 @@ Progress = Callable[[int], None]
 
 
 class HashingReader:
-    """A file-like reader that hashes (and counts, and maybe copies to *spool*) every byte read through it."""
+    """A file-like reader that hashes (and counts, and maybe copies to *spool*) every byte read through it.
 
-    def __init__(self, inner, progress: Progress | None = None, spool=None) -> None:
+    More than *limit* bytes is a FormatError, raised before the bytes past it
+    are hashed, spooled or handed on.
+    """
+
+    def __init__(self, inner, progress: Progress | None = None, spool=None, limit: int | None = None) -> None:
         self.inner = inner
         self.sha = hashlib.sha256()
         self.count = 0
         self.progress = progress
         self.spool = spool
+        self.limit = limit
 
     def read(self, n: int = -1) -> bytes:
         data = self.inner.read(n if n is not None and n >= 0 else COPY_SIZE * 64)
+        if self.limit is not None and self.count + len(data) > self.limit:
+            raise FormatError(f"more than {self.limit} bytes decompressed (the config's convert_max_layer_bytes)")
         self.sha.update(data)
         self.count += len(data)
         if self.spool is not None:
@@ -123,16 +136,146 @@ def open_layer(path: str, compression: str):
     raise FormatError(f"layer compression {compression!r} is not supported (gzip, zstd or none)")
 
 
+# ---------------------------------------------------------------- tar headers, bounded
+
+
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
+_SPARSE_MAP_LINE = 32  # bytes of one decimal line of a GNU sparse 1.0 map, newline included, at most
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tarfile member whose header parsing allocates a bounded amount of memory.
+
+    tarfile reads a pax or GNU long-name header whole, however large its
+    header claims it is, reads GNU sparse maps as long as they go on, and
+    lets ValueError escape from malformed ones. These hooks bound each and
+    turn every malformed header into FormatError. They use tarfile's
+    ``_proc_member`` and ``_proc_gnusparse_*`` hooks (``TarFile.tarinfo`` is
+    the documented way to plug a TarInfo subclass in); tests/image/test_tarbounds.py
+    fails if those hooks move.
+    """
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED and self.size > MAX_EXTENDED_HEADER:
+            raise FormatError(f"tar header at byte {self.offset}: an extended header of {self.size} bytes "
+                              f"(at most {MAX_EXTENDED_HEADER})")
+        try:
+            member = super()._proc_member(tarfile_)
+        except (ValueError, OverflowError, IndexError, UnicodeError) as exc:
+            raise FormatError(f"tar header at byte {self.offset} does not parse: {exc}") from None
+        if self.type == tarfile.XGLTYPE and \
+                sum(len(k) + len(v) for k, v in tarfile_.pax_headers.items()) > MAX_EXTENDED_HEADER:
+            raise FormatError(f"tar header at byte {self.offset}: global pax headers of more than "
+                              f"{MAX_EXTENDED_HEADER} bytes")
+        return member
+
+    def _proc_sparse(self, tarfile_):
+        return _bounded_old_sparse(self, tarfile_)
+
+    def _proc_gnusparse_01(self, next, pax_headers):
+        fields = pax_headers["GNU.sparse.map"].split(",")
+        if len(fields) % 2 or len(fields) > 2 * MAX_SPARSE_REGIONS:
+            raise FormatError(f"tar entry at byte {self.offset}: GNU.sparse.map has {len(fields)} fields")
+        numbers = [decimal(f, "GNU.sparse.map") for f in fields]
+        next.sparse = list(zip(numbers[::2], numbers[1::2]))
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile_):
+        next.sparse = _read_sparse_map(tarfile_.fileobj, f"tar entry at byte {self.offset}")
+        next.offset_data = tarfile_.fileobj.tell()
+
+
+def _read_sparse_map(fileobj, what: str) -> list[tuple[int, int]]:
+    """A GNU sparse 1.0 map (decimal lines: count, then offset and length pairs, padded to a block)."""
+    block = tarfile.BLOCKSIZE
+    pending = b""
+    lines: list[int] = []
+    wanted = None
+    while wanted is None or len(lines) < 1 + 2 * wanted:
+        if b"\n" not in pending:
+            if len(pending) > _SPARSE_MAP_LINE:
+                raise FormatError(f"{what}: a GNU sparse map line is longer than {_SPARSE_MAP_LINE} bytes")
+            more = fileobj.read(block)
+            if len(more) != block:
+                raise FormatError(f"{what}: the GNU sparse map is cut short")
+            pending += more
+            continue
+        line, pending = pending.split(b"\n", 1)
+        lines.append(decimal(line.decode("ascii", "replace"), f"{what}: GNU sparse map"))
+        if wanted is None:
+            wanted = lines[0]
+            if wanted > MAX_SPARSE_REGIONS:
+                raise FormatError(f"{what}: a GNU sparse map of {wanted} regions (at most {MAX_SPARSE_REGIONS})")
+    return list(zip(lines[1::2], lines[2::2]))
+
+
+def _bounded_old_sparse(info: tarfile.TarInfo, tarfile_):
+    """An old GNU sparse member ('S'): its regions, from the header and the extension blocks after it."""
+    regions, extended, real_size = info._sparse_structs
+    del info._sparse_structs
+    regions = list(regions)
+    while extended:
+        if len(regions) > MAX_SPARSE_REGIONS:
+            raise FormatError(f"tar entry at byte {info.offset}: more than {MAX_SPARSE_REGIONS} sparse regions")
+        block = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
+        if len(block) != tarfile.BLOCKSIZE:
+            raise FormatError(f"tar entry at byte {info.offset}: the sparse extension is cut short")
+        for start in range(0, 21 * 24, 24):  # 21 (offset, length) pairs of 12-byte numbers, then a flag
+            try:
+                region = (tarfile.nti(block[start : start + 12]), tarfile.nti(block[start + 12 : start + 24]))
+            except tarfile.HeaderError:
+                break
+            if all(region):
+                regions.append(region)
+        extended = block[504] != 0
+    info.sparse = regions
+    info.offset_data = tarfile_.fileobj.tell()
+    tarfile_.offset = info.offset_data + info._block(info.size)
+    info.size = real_size
+    return info
+
+
+def members(tf: tarfile.TarFile, what: str):
+    """The members of a streamed tar, one at a time, at most MAX_LAYER_ENTRIES of them.
+
+    tarfile keeps every member it has read in ``TarFile.members``; a stream
+    does not need them (nothing seeks back), so each is dropped once the next
+    one is asked for.
+    """
+    count = 0
+    while True:
+        tf.members.clear()
+        member = tf.next()
+        if member is None:
+            return
+        count += 1
+        if count > MAX_LAYER_ENTRIES:
+            raise FormatError(f"{what}: more than {MAX_LAYER_ENTRIES} tar entries")
+        yield member
+
+
 # ---------------------------------------------------------------- tar members -> entries
 
 
-def _pax_time_ns(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(Decimal(value) * 1_000_000_000)
-    except (InvalidOperation, ValueError):
-        return None
+_PAX_NUMBERS = ("size", "uid", "gid", "GNU.sparse.size", "GNU.sparse.realsize", "GNU.sparse.major",
+                "GNU.sparse.minor", "GNU.sparse.numblocks", "GNU.sparse.offset", "GNU.sparse.numbytes")
+_PAX_TIMES = ("mtime", "atime", "ctime")
+
+
+def _check_pax(pax: dict[str, str], name: str) -> None:
+    """Every number of a pax header is ASCII digits (tarfile's int() and float() take far more)."""
+    for key in _PAX_NUMBERS:
+        if key in pax:
+            decimal(pax[key], f"tar entry {name!r}: pax {key}")
+    for key in _PAX_TIMES:
+        if key in pax:
+            pax_time_ns(pax[key], f"tar entry {name!r}: pax {key}")
+
+
+def _bounded(value: int, lo: int, hi: int, what: str) -> int:
+    if not lo <= value <= hi:
+        raise FormatError(f"{what}: {value} is outside [{lo}, {hi}]")
+    return value
 
 
 def _xattrs(pax: dict[str, str], name: str) -> tuple[tuple[str, bytes], ...]:
@@ -171,22 +314,33 @@ def entry_from_tarinfo(ti: tarfile.TarInfo) -> TarEntry:
     else:
         raise FormatError(f"tar entry {ti.name!r}: unsupported type {ti.type!r}")
     pax = ti.pax_headers or {}
-    mtime_ns = _pax_time_ns(pax.get("mtime"))
-    if mtime_ns is None:
-        mtime_ns = int(ti.mtime) * 1_000_000_000
-    if ti.size < 0 or ti.uid < 0 or ti.gid < 0:
-        raise FormatError(f"tar entry {ti.name!r}: negative size, uid or gid")
+    _check_pax(pax, ti.name)
+    what = f"tar entry {ti.name!r}"
+    if "mtime" in pax:
+        mtime_ns = pax_time_ns(pax["mtime"], f"{what}: pax mtime")
+    else:  # the header's own field: an integer (octal or base-256), bounded like a pax time
+        mtime_ns = _bounded(int(ti.mtime), -(1 << 40), 1 << 40, f"{what}: mtime") * NS
+    atime_ns = pax_time_ns(pax["atime"], f"{what}: pax atime") if "atime" in pax else None
+    size = _bounded(ti.size, 0, MAX_FILE_SIZE, f"{what}: size")
+    sparse = None
+    if ti.sparse is not None:
+        if len(ti.sparse) > MAX_SPARSE_REGIONS:
+            raise FormatError(f"{what}: {len(ti.sparse)} sparse regions (at most {MAX_SPARSE_REGIONS})")
+        sparse = tuple((_bounded(o, 0, size, f"{what}: sparse offset"), _bounded(n, 0, size - o, f"{what}: sparse length"))
+                       for o, n in ti.sparse)
     return TarEntry(
-        name=ti.name, kind=kind, mode=ti.mode & 0o7777, uid=ti.uid, gid=ti.gid, mtime_ns=mtime_ns,
-        atime_ns=_pax_time_ns(pax.get("atime")), size=ti.size if kind is Kind.FILE else 0, linkname=ti.linkname,
-        devmajor=ti.devmajor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
-        devminor=ti.devminor if kind in (Kind.CHAR, Kind.BLOCK) else 0,
-        xattrs=_xattrs(pax, ti.name), sparse=tuple(ti.sparse) if ti.sparse is not None else None,
+        name=ti.name, kind=kind, mode=ti.mode & 0o7777, uid=_bounded(ti.uid, 0, MAX_TAR_ID, f"{what}: uid"),
+        gid=_bounded(ti.gid, 0, MAX_TAR_ID, f"{what}: gid"), mtime_ns=mtime_ns,
+        atime_ns=atime_ns, size=size if kind is Kind.FILE else 0, linkname=ti.linkname,
+        devmajor=_bounded(ti.devmajor, 0, MAX_TAR_ID, f"{what}: device major") if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        devminor=_bounded(ti.devminor, 0, MAX_TAR_ID, f"{what}: device minor") if kind in (Kind.CHAR, Kind.BLOCK) else 0,
+        xattrs=_xattrs(pax, ti.name), sparse=sparse,
     )
 
 
 def _open_tar(stream) -> tarfile.TarFile:
-    return tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape")
+    return tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
+                        tarinfo=BoundedTarInfo)
 
 
 _READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, UnicodeError)
@@ -199,26 +353,31 @@ class ScanResult:
 
 
 def scan_layer(path: str, compression: str, what: str, progress: Progress | None = None,
-               spool: str | None = None) -> ScanResult:
-    """Validate every entry name and hash the uncompressed stream, writing nothing but *spool*.
+               spool: str | None = None, limit: int = DEFAULT_MAX_LAYER_BYTES) -> ScanResult:
+    """Validate every entry and hash the uncompressed stream, writing nothing but *spool*.
 
-    *spool*: a file to keep the uncompressed tar in, so applying it does not decompress again.
+    *spool*: a file to keep the uncompressed tar in, so applying it does not
+    decompress again. More than *limit* uncompressed bytes is a FormatError
+    as soon as the stream passes it (the spool never holds more).
     """
     stats = LayerStats()
-    with open_layer(path, compression) as stream, \
-            (open(spool, "wb") if spool is not None else contextlib.nullcontext()) as copy:
-        reader = HashingReader(stream, progress, copy)
-        try:
-            with _open_tar(reader) as tf:
-                for ti in tf:
-                    entry = entry_from_tarinfo(ti)
-                    stats.add(entry, plan_entry(entry))
-            reader.drain()
-        except FormatError as exc:
-            raise FormatError(f"{what}: {exc}") from None
-        except _READ_ERRORS as exc:
-            kind = "" if compression == "none" else f"{compression} "
-            raise FormatError(f"{what}: not a valid {kind}tar stream: {exc}") from None
+    try:
+        with open_layer(path, compression) as stream, \
+                (open(spool, "wb") if spool is not None else contextlib.nullcontext()) as copy:
+            reader = HashingReader(stream, progress, copy, limit)
+            try:
+                with _open_tar(reader) as tf:
+                    for ti in members(tf, what):
+                        entry = entry_from_tarinfo(ti)
+                        stats.add(entry, plan_entry(entry))
+                reader.drain()
+            except FormatError as exc:
+                raise FormatError(f"{what}: {exc}") from None
+            except _READ_ERRORS as exc:
+                kind = "" if compression == "none" else f"{compression} "
+                raise FormatError(f"{what}: not a valid {kind}tar stream: {exc}") from None
+    except OSError as exc:
+        raise LazyfsError(f"{what}: cannot read or spool it: {exc.strerror or exc}") from None
     stats.tar_bytes = reader.count
     return ScanResult(stats, reader.digest)
 
@@ -270,7 +429,7 @@ class LayerApplier:
         """Apply every member of the tar *stream*, then set directory times."""
         try:
             with _open_tar(stream) as tf:
-                for ti in tf:
+                for ti in members(tf, self.what):
                     entry = entry_from_tarinfo(ti)
                     action = plan_entry(entry)
                     if action is None:
