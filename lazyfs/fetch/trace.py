@@ -41,11 +41,13 @@ log = logging.getLogger(__name__)
 
 TRACE_FORMAT = "lazyfs-trace"
 TRACE_VERSION = 1
-MAX_TRACE_ENTRIES = 1 << 20  # what decode_trace accepts at most
-MAX_TRACE_BYTES = 64 << 20
+MAX_TRACE_ENTRIES = 1 << 17  # what decode_trace accepts at most (recording keeps 65536 by default)
+MAX_TRACE_BLOBS = 1024
+MAX_TRACE_BYTES = 8 << 20
+_MIN_ENTRY_BYTES = 40  # fixarray + bin8(32) + 5 fixints
 # A stored frame may be a little larger than its raw bytes (incompressible data is stored raw, but be lenient).
 _MAX_FRAME = MAX_CHUNK_SIZE + (1 << 16)
-_BLOB = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_BLOB = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 _COMPRESSIONS = (COMPRESSION_NONE, COMPRESSION_ZSTD)
 
 
@@ -119,23 +121,55 @@ def encode_trace(locations: Iterable[ChunkLocation]) -> bytes:
 
 
 def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[ChunkLocation, ...]:
-    """Parse and validate a trace; FormatError for anything malformed."""
+    """Parse and validate a trace; FormatError for anything malformed.
+
+    Decoded entry by entry: a container is read only after its header was
+    counted against the limits (at most MAX_TRACE_BYTES in, *max_entries*
+    chunks and MAX_TRACE_BLOBS blob names out), so a hostile trace costs no
+    more memory than a legitimate one of its size.
+    """
     if len(data) > MAX_TRACE_BYTES:
         raise FormatError(f"trace: {len(data)} bytes is larger than the {MAX_TRACE_BYTES}-byte limit")
+    max_entries = min(max_entries, MAX_TRACE_ENTRIES)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(1, len(data)), max_str_len=1024,
+                                max_bin_len=64, max_array_len=0, max_map_len=0, max_ext_len=0)
+    unpacker.feed(data)
+    doc: dict = {}
     try:
-        doc = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_array_len=MAX_TRACE_ENTRIES,
-            max_map_len=16,
-            max_str_len=1024,
-            max_bin_len=64,
-        )
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
-        raise FormatError(f"trace: not valid msgpack ({exc})") from None
-    if not isinstance(doc, dict):
-        raise FormatError("trace: top level is not a map")
+        keys = unpacker.read_map_header()
+        if keys > 16:
+            raise FormatError(f"trace: a map of {keys} keys")
+        for _ in range(keys):
+            key = unpacker.unpack()
+            if not isinstance(key, str) or key in doc:
+                raise FormatError(f"trace: key {key!r} is not a string or appears twice")
+            if key == "blobs":
+                n = unpacker.read_array_header()
+                if n > MAX_TRACE_BLOBS:
+                    raise FormatError(f"trace: {n} blobs, more than the limit of {MAX_TRACE_BLOBS}")
+                doc[key] = [unpacker.unpack() for _ in range(n)]
+            elif key == "chunks":
+                n = unpacker.read_array_header()
+                if n > max_entries:
+                    raise FormatError(f"trace: {n} chunks, more than the limit of {max_entries}")
+                if n * _MIN_ENTRY_BYTES > len(data) - unpacker.tell():
+                    raise FormatError(f"trace: {n} chunks cannot fit in {len(data) - unpacker.tell()} bytes")
+                rows = []
+                for i in range(n):
+                    if unpacker.read_array_header() != 6:
+                        raise FormatError(f"trace: chunk {i} is not a 6-element list")
+                    rows.append([unpacker.unpack() for _ in range(6)])
+                doc[key] = rows
+            elif key in ("format", "version"):
+                doc[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+        if unpacker.tell() != len(data):
+            raise FormatError(f"trace: {len(data) - unpacker.tell()} bytes after the trace")
+    except FormatError:
+        raise
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
+        raise FormatError(f"trace: not valid msgpack ({exc or type(exc).__name__})") from None
     if doc.get("format") != TRACE_FORMAT:
         raise FormatError(f"trace: format is {doc.get('format')!r}, expected {TRACE_FORMAT!r}")
     if doc.get("version") != TRACE_VERSION:
@@ -145,12 +179,7 @@ def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[Chu
         raise FormatError("trace: 'blobs' must be a list of blob digests")
     if not isinstance(chunks, list):
         raise FormatError("trace: 'chunks' must be a list")
-    if len(chunks) > max_entries:
-        raise FormatError(f"trace: {len(chunks)} chunks, more than the limit of {max_entries}")
-    out = []
-    for i, entry in enumerate(chunks):
-        out.append(_decode_entry(i, entry, blobs))
-    return tuple(out)
+    return tuple(_decode_entry(i, entry, blobs) for i, entry in enumerate(chunks))
 
 
 def _decode_entry(i: int, entry, blobs: Sequence[str]) -> ChunkLocation:

@@ -16,6 +16,7 @@ from lazyfs.format.oci import (
     MEDIA_TYPE_MANIFEST,
     Descriptor,
     canonical_json,
+    parse_descriptor,
     parse_json,
     sha256_digest,
 )
@@ -46,19 +47,27 @@ def artifact_manifest(artifact_type: str, blob: Descriptor, subject: Descriptor,
     return canonical_json(doc)
 
 
+MAX_REFERRERS = 1024  # entries of one referrers index
+
+
 def _entries(index: bytes | None) -> list[dict]:
+    """The descriptors a referrers index lists (each checked: media type, digest, size, annotations)."""
     if index is None:
         return []
     doc = parse_json(index, "referrers index")
     entries = doc.get("manifests", [])
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise FormatError("referrers index: manifests must be a list of descriptors")
+    if not isinstance(entries, list) or len(entries) > MAX_REFERRERS:
+        raise FormatError(f"referrers index: manifests must be a list of at most {MAX_REFERRERS} descriptors")
+    for i, entry in enumerate(entries):
+        parse_descriptor(entry, f"referrers index manifests[{i}]")
+        if not isinstance(entry.get("artifactType", ""), str):
+            raise FormatError(f"referrers index manifests[{i}]: artifactType is not a string")
     return entries
 
 
 def _add(index: bytes | None, referrer: dict) -> bytes:
     entries = [e for e in _entries(index) if e.get("digest") != referrer["digest"]]
-    entries.append(referrer)
+    entries = entries[-(MAX_REFERRERS - 1):] + [referrer]  # the oldest go first: readers take the newest
     return canonical_json({"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": entries})
 
 

@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 
 from lazyfs.errors import FormatError, LazyfsError
-from lazyfs.fetch.trace import decode_trace, encode_trace
+from lazyfs.fetch.trace import MAX_TRACE_BYTES, decode_trace, encode_trace
 from lazyfs.format.layer import ChunkLocation
-from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, MEDIA_TYPE_TRACE, Descriptor, parse_json, sha256_digest
+from lazyfs.format.oci import (
+    MAX_MANIFEST_SIZE,
+    MEDIA_TYPE_MANIFEST,
+    MEDIA_TYPE_TRACE,
+    Descriptor,
+    parse_descriptor,
+    parse_json,
+    sha256_digest,
+)
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.referrers import (
     EMPTY_CONFIG,
@@ -54,21 +62,26 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage) -> tuple[ChunkLoc
             if not found:
                 return None
             manifest, _, _ = await client.get_manifest(repo.with_digest(found[-1]["digest"]))
-            blob_digest = _trace_blob(manifest)
-            return decode_trace(await client.get_blob(repo, blob_digest))
+            blob = _trace_blob(manifest)
+            return decode_trace(await client.get_blob(repo, blob, max_size=MAX_TRACE_BYTES))
         layout = OciLayout(opened.local.path)
         found = find_referrers_local(layout, digest, ARTIFACT_TYPE)
         if not found:
             return None
-        return decode_trace(layout.read_blob(_trace_blob(layout.read_blob(found[-1]["digest"]))))
+        manifest = layout.read_blob(found[-1]["digest"], MAX_MANIFEST_SIZE)
+        return decode_trace(layout.read_blob(_trace_blob(manifest), MAX_TRACE_BYTES))
     except LazyfsError as exc:
         log.warning("ignoring the startup trace of %s: %s", opened.name, exc)
         return None
 
 
 def _trace_blob(manifest: bytes) -> str:
+    """The digest of the one blob of a trace manifest (at most MAX_TRACE_BYTES)."""
     doc = parse_json(manifest, "trace manifest")
     layers = doc.get("layers")
-    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
+    if not isinstance(layers, list) or len(layers) != 1:
         raise FormatError("trace manifest must have exactly one layer")
-    return str(layers[0].get("digest"))
+    blob = parse_descriptor(layers[0], "trace manifest layers[0]")
+    if blob.size > MAX_TRACE_BYTES:
+        raise FormatError(f"trace manifest: a trace of {blob.size} bytes (at most {MAX_TRACE_BYTES})")
+    return blob.digest
