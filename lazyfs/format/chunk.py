@@ -27,6 +27,34 @@ def _compressor() -> zstandard.ZstdCompressor:
     return _local.c
 
 
+def declared_size(frame: bytes | memoryview, what: str) -> int:
+    """The content size a zstd frame declares in its header (FormatError if it declares none).
+
+    Read before decompressing: python-zstandard allocates what a frame declares
+    whatever ``max_output_size`` says, so this is the number to bound.
+    """
+    try:
+        size = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what}: not a zstd frame ({exc})") from None
+    if size < 0:
+        raise FormatError(f"{what}: the zstd frame does not declare its content size")
+    return size
+
+
+def decompress_declared(frame: bytes | memoryview, size: int, what: str) -> bytes:
+    """Decompress one zstd frame whose header declared *size* (checked with ``declared_size``).
+
+    The frame must yield exactly *size* bytes and fill *frame* (no trailing bytes).
+    """
+    try:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        raw = dobj.decompress(frame)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"{what}: the zstd frame does not decode ({exc})") from None
+    if not dobj.eof or dobj.unused_data or len(raw) != size:
+        raise FormatError(f"{what}: the zstd frame is truncated, has trailing bytes or is not {size} bytes")
+    return raw
 
 
 def chunk_digest(raw: bytes) -> bytes:

@@ -1,13 +1,18 @@
-"""Layer blob format v1 (see docs/format.md): values, metadata codec, footer.
+"""Layer blob format 2 (see docs/format.md): values, metadata codec, footer, tail anchoring.
 
-A blob is ``frames | metadata | footer``. Everything here is sans-IO: bytes in,
-values out (or the reverse), with every length checked before it is trusted.
+A blob is ``frames | metadata | footer``; the *tail* is ``metadata | footer``.
+Everything here is sans-IO: bytes in, values out (or the reverse), with every
+length and count checked before it is trusted and before anything is
+allocated for it. A tail is parsed only after its sha256 matched the
+``meta-digest`` its manifest gives (``parse_anchored_tail``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
+import threading
 from dataclasses import dataclass
 
 import msgpack
@@ -19,20 +24,38 @@ from lazyfs.format.chunk import (
     COMPRESSION_ZSTD,
     MAX_CHUNK_SIZE,
     chunk_digest,
+    decompress_declared,
+    declared_size,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"LZFSLAYR"
 FOOTER = struct.Struct("<8sHHIQQ32s")
 FOOTER_SIZE = FOOTER.size  # 64
 BLOCK_SIZE = 4096
 DEFAULT_CHUNK_SIZE = 256 * 1024
-MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB
-MAX_METADATA_SIZE = 512 << 20  # decompressed
+MAX_VIRTUAL_SIZE = 1 << 50  # 1 PiB: what the format can describe
+DEFAULT_MAX_VIRTUAL_SIZE = 1 << 40  # 1 TiB: what a host accepts unless configured (Config.max_virtual_size)
+MAX_METADATA_SIZE = 512 << 20  # compressed or decompressed, per layer
+DEFAULT_METADATA_BUDGET = 128 << 20  # memory one image's metadata may take (Config.metadata_budget)
+MAX_BLOBS = 4096
+MAX_METADATA_KEYS = 32
 ZEROED = -1  # extent.chunk value: this range reads as zeros, hiding lower layers
 SELF_BLOB = ""  # blobs[0]: the blob that holds this metadata
 _BLOB_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-MEDIA_TYPE_LAYER = "application/vnd.lazyfs.layer.v1"
+_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
+MEDIA_TYPE_LAYER = "application/vnd.lazyfs.layer.v2"
+MEDIA_TYPE_LAYER_V1 = "application/vnd.lazyfs.layer.v1"  # refused: its metadata is not anchored
+
+# Memory a decoded table entry costs at most (its row while decoding plus its value afterwards:
+# object headers, the digest bytes, non-cached ints), measured with tracemalloc by
+# tests/format/test_bounds.py. Charged to the budget before the entries are read.
+CHUNK_COST = 480
+EXTENT_COST = 320
+BLOB_NAME_COST = 192
+# The fewest bytes one entry takes in msgpack: a chunk is fixarray + bin8(32) + 5 fixints, an extent 1 + 4.
+_CHUNK_MIN_BYTES = 40
+_EXTENT_MIN_BYTES = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +100,36 @@ class ChunkLocation:
         return self.offset + self.compressed_length
 
 
+class MetadataBudget:
+    """The memory one image's layer metadata may take, charged before it is allocated.
+
+    Shared by the concurrent parses of an image's layers (thread-safe). What a
+    parse holds only while it runs (the tail, the decompressed bytes) is
+    refunded when it ends; the decoded tables stay charged.
+    """
+
+    def __init__(self, limit: int = DEFAULT_METADATA_BUDGET, what: str = "image") -> None:
+        if limit <= 0:
+            raise FormatError(f"metadata budget must be positive, not {limit}")
+        self.limit, self.what = limit, what
+        self.used = self.peak = 0
+        self._lock = threading.Lock()
+
+    def charge(self, n: int, what: str) -> None:
+        """Take *n* bytes, or raise FormatError naming *what* if that would pass the limit."""
+        with self._lock:
+            if n < 0 or self.used + n > self.limit:
+                raise FormatError(
+                    f"{what}: needs {n} bytes of memory, over the metadata budget of {self.what} "
+                    f"({self.used} of {self.limit} bytes in use; the config's metadata_budget sets it)")
+            self.used += n
+            self.peak = max(self.peak, self.used)
+
+    def refund(self, n: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - n)
+
+
 @dataclass(frozen=True, slots=True)
 class Footer:
     version: int
@@ -117,7 +170,7 @@ class LayerMeta:
 
 
 def encode_metadata(meta: LayerMeta) -> bytes:
-    """Metadata section bytes (zstd-compressed msgpack)."""
+    """Metadata section bytes (zstd-compressed msgpack, content size declared)."""
     doc = {
         "version": FORMAT_VERSION,
         "virtual_size": meta.virtual_size,
@@ -127,11 +180,16 @@ def encode_metadata(meta: LayerMeta) -> bytes:
         "chunks": [[c.digest, c.blob, c.offset, c.compressed_length, c.raw_length, c.compression] for c in meta.chunks],
         "extents": [[e.start, e.count, e.chunk, e.chunk_offset] for e in meta.extents],
     }
-    return zstandard.ZstdCompressor(level=3).compress(msgpack.packb(doc, use_bin_type=True))
+    return zstandard.ZstdCompressor(level=3, write_content_size=True).compress(msgpack.packb(doc, use_bin_type=True))
 
 
 def encode_footer(meta_offset: int, metadata: bytes) -> bytes:
     return FOOTER.pack(MAGIC, FORMAT_VERSION, 0, 0, meta_offset, len(metadata), chunk_digest(metadata))
+
+
+def tail_digest(tail: bytes | memoryview) -> str:
+    """The ``meta-digest`` of a tail: ``sha256:<hex>`` of its exact bytes."""
+    return "sha256:" + hashlib.sha256(tail).hexdigest()
 
 
 # ---------------------------------------------------------------- decoding
@@ -157,33 +215,120 @@ def parse_footer(data: bytes, blob_size: int | None = None) -> Footer:
     return Footer(version, meta_offset, meta_length, digest)
 
 
-def parse_tail(tail: bytes, blob_size: int | None = None) -> tuple[Footer, LayerMeta]:
-    """Decode ``blob[meta_offset:]`` (metadata + footer): the one ranged read a mount needs."""
+def parse_anchored_tail(tail: bytes, meta_digest: str, blob_size: int, *, budget: MetadataBudget | None = None,
+                        max_virtual_size: int = MAX_VIRTUAL_SIZE, what: str = "layer",
+                        source: str = "") -> tuple[Footer, LayerMeta]:
+    """Check *tail* against the manifest's *meta_digest* (IntegrityError), then decode it.
+
+    Nothing of the tail is looked at before its digest matched.
+    """
+    if not _SHA256.fullmatch(meta_digest):
+        raise FormatError(f"{what}: meta-digest {meta_digest!r} is not sha256:<64 hex>")
+    got = tail_digest(tail)
+    if got != meta_digest:
+        raise IntegrityError(f"metadata of {what}", meta_digest, got, source)
+    return parse_tail(tail, blob_size, budget=budget, max_virtual_size=max_virtual_size)
+
+
+def parse_tail(tail: bytes, blob_size: int | None = None, *, budget: MetadataBudget | None = None,
+               max_virtual_size: int = MAX_VIRTUAL_SIZE) -> tuple[Footer, LayerMeta]:
+    """Decode ``blob[meta_offset:]`` (metadata + footer): the one ranged read a mount needs.
+
+    Readers call it through ``parse_anchored_tail``; writers call it on what they wrote.
+    """
     footer = parse_footer(tail, blob_size)
     if len(tail) != footer.meta_length + FOOTER_SIZE:
         raise FormatError(f"layer tail is {len(tail)} bytes, footer says {footer.meta_length + FOOTER_SIZE}")
-    return footer, parse_metadata(tail[: footer.meta_length], footer)
+    return footer, parse_metadata(memoryview(tail)[: footer.meta_length], footer, budget=budget,
+                                  max_virtual_size=max_virtual_size)
 
 
 def parse_blob(blob: bytes) -> tuple[Footer, LayerMeta]:
-    """Decode a whole blob held in memory."""
+    """Decode a whole blob held in memory (writers' self-checks and tests; not anchored)."""
     footer = parse_footer(blob, len(blob))
     return footer, parse_metadata(blob[footer.meta_offset : footer.meta_offset + footer.meta_length], footer)
 
 
-def parse_metadata(data: bytes, footer: Footer) -> LayerMeta:
-    """Verify, decompress and validate the metadata section."""
+def parse_metadata(data: bytes | memoryview, footer: Footer, *, budget: MetadataBudget | None = None,
+                   max_virtual_size: int = MAX_VIRTUAL_SIZE, what: str = "layer metadata") -> LayerMeta:
+    """Verify, decompress, decode and validate the metadata section, within *budget*."""
     if len(data) != footer.meta_length:
         raise FormatError(f"metadata is {len(data)} bytes, footer says {footer.meta_length}")
     got = chunk_digest(data)
     if got != footer.meta_digest:
-        raise IntegrityError("layer metadata", footer.meta_digest.hex(), got.hex())
+        raise IntegrityError("layer metadata (footer digest)", footer.meta_digest.hex(), got.hex())
+    budget = budget if budget is not None else MetadataBudget()
+    size = declared_size(data, what)
+    if size > MAX_METADATA_SIZE:
+        raise FormatError(f"{what}: declares {size} bytes decompressed, more than the {MAX_METADATA_SIZE}-byte limit")
+    budget.charge(size, what)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_METADATA_SIZE)
-        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except (zstandard.ZstdError, ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException) as exc:
-        raise FormatError(f"layer metadata does not decode: {exc}") from None
-    return validate_metadata(doc, footer.meta_offset)
+        raw = decompress_declared(data, size, what)
+        doc = decode_metadata(raw, budget, what)
+        del raw
+    finally:
+        budget.refund(size)
+    return validate_metadata(doc, footer.meta_offset, max_virtual_size)
+
+
+# Scalars only: containers are walked header by header (read_*_header ignores these limits),
+# so no container is ever built that was not counted first.
+_SCALARS = {"max_str_len": 128, "max_bin_len": 32, "max_array_len": 0, "max_map_len": 0, "max_ext_len": 0}
+_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.exceptions.UnpackException)
+
+
+def decode_metadata(raw: bytes, budget: MetadataBudget | None = None, what: str = "layer metadata") -> dict:
+    """The metadata map of decompressed bytes, decoded entry by entry within *budget*.
+
+    Tables come back as lists of tuples. Only the shape is checked here (a
+    map of at most MAX_METADATA_KEYS keys; ``blobs`` an array of strings;
+    ``chunks`` and ``extents`` arrays of 6 and 4 scalars); the values are
+    ``validate_metadata``'s. Keys it does not know are skipped unread.
+    """
+    budget = budget if budget is not None else MetadataBudget()
+    end = len(raw)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(1, end), **_SCALARS)
+    unpacker.feed(raw)
+    doc: dict = {}
+    try:
+        keys = unpacker.read_map_header()
+        if keys > MAX_METADATA_KEYS:
+            raise FormatError(f"{what}: a map of {keys} keys (at most {MAX_METADATA_KEYS})")
+        for _ in range(keys):
+            key = unpacker.unpack()
+            if not isinstance(key, str) or key in doc:
+                raise FormatError(f"{what}: key {key!r} is not a string or appears twice")
+            if key == "blobs":
+                n = unpacker.read_array_header()
+                if n > MAX_BLOBS:
+                    raise FormatError(f"{what}: {n} blobs (at most {MAX_BLOBS})")
+                budget.charge(n * BLOB_NAME_COST, what)
+                doc[key] = [unpacker.unpack() for _ in range(n)]
+            elif key in ("chunks", "extents"):
+                width, cost, least = (6, CHUNK_COST, _CHUNK_MIN_BYTES) if key == "chunks" else \
+                    (4, EXTENT_COST, _EXTENT_MIN_BYTES)
+                n = unpacker.read_array_header()
+                if n * least > end - unpacker.tell():
+                    raise FormatError(f"{what}: {key} claims {n} entries, more than its "
+                                      f"{end - unpacker.tell()} remaining bytes can hold")
+                budget.charge(n * cost, what)
+                rows = []
+                for i in range(n):
+                    if unpacker.read_array_header() != width:
+                        raise FormatError(f"{what}: {key}[{i}] is not an array of {width}")
+                    rows.append(tuple(unpacker.unpack() for _ in range(width)))
+                doc[key] = rows
+            elif key in ("version", "virtual_size", "block_size", "chunk_size"):
+                doc[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+        if unpacker.tell() != end:
+            raise FormatError(f"{what}: {end - unpacker.tell()} bytes after the metadata map")
+    except FormatError:
+        raise
+    except _MSGPACK_ERRORS as exc:
+        raise FormatError(f"{what} does not decode: {exc or type(exc).__name__}") from None
+    return doc
 
 
 def _int(doc: dict, key: str, lo: int, hi: int) -> int:
@@ -197,26 +342,32 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def validate_metadata(doc: object, frames_end: int) -> LayerMeta:
+def _row(entry: object, width: int) -> bool:
+    return isinstance(entry, (list, tuple)) and len(entry) == width
+
+
+def validate_metadata(doc: object, frames_end: int, max_virtual_size: int = MAX_VIRTUAL_SIZE) -> LayerMeta:
     """Turn a decoded metadata document into a LayerMeta, or raise FormatError saying where."""
     if not isinstance(doc, dict):
         raise FormatError("layer metadata: not a map")
-    if doc.get("version") != FORMAT_VERSION:
+    if doc.get("version") != FORMAT_VERSION or type(doc.get("version")) is not int:
         raise FormatError(f"layer metadata: version {doc.get('version')!r}, expected {FORMAT_VERSION}")
+    if type(frames_end) is not int or frames_end < 0:
+        raise FormatError(f"layer metadata: frames end at {frames_end!r}")
     block_size = _int(doc, "block_size", 512, 65536)
     if not _power_of_two(block_size):
         raise FormatError(f"layer metadata: block_size {block_size} is not a power of two")
-    virtual_size = _int(doc, "virtual_size", block_size, MAX_VIRTUAL_SIZE)
+    virtual_size = _int(doc, "virtual_size", block_size, min(MAX_VIRTUAL_SIZE, max_virtual_size))
     if virtual_size % block_size:
         raise FormatError(f"layer metadata: virtual_size {virtual_size} not a multiple of block_size {block_size}")
     chunk_size = _int(doc, "chunk_size", block_size, MAX_CHUNK_SIZE)
     if not _power_of_two(chunk_size):
         raise FormatError(f"layer metadata: chunk_size {chunk_size} is not a power of two")
     blobs = doc.get("blobs")
-    if not isinstance(blobs, list) or not blobs or blobs[0] != SELF_BLOB or len(blobs) > 4096:
+    if not isinstance(blobs, list) or not blobs or blobs[0] != SELF_BLOB or len(blobs) > MAX_BLOBS:
         raise FormatError("layer metadata: blobs must be a list starting with the self entry ''")
     for i, name in enumerate(blobs[1:], 1):
-        if not isinstance(name, str) or not _BLOB_DIGEST.match(name):
+        if not isinstance(name, str) or not _BLOB_DIGEST.fullmatch(name):
             raise FormatError(f"layer metadata: blobs[{i}]={name!r} is not a sha256 digest")
     nblocks = virtual_size // block_size
     raw_chunks, raw_extents = doc.get("chunks"), doc.get("extents")
@@ -226,8 +377,7 @@ def validate_metadata(doc: object, frames_end: int) -> LayerMeta:
         raise FormatError("layer metadata: more chunks or extents than blocks")
     chunks = []
     for i, c in enumerate(raw_chunks):
-        if not (isinstance(c, list) and len(c) == 6 and isinstance(c[0], bytes) and len(c[0]) == 32
-                and all(type(x) is int for x in c[1:])):
+        if not (_row(c, 6) and isinstance(c[0], bytes) and len(c[0]) == 32 and all(type(x) is int for x in c[1:])):
             raise FormatError(f"layer metadata: chunks[{i}] malformed")
         ref = ChunkRef(*c)
         if not 0 <= ref.blob < len(blobs):
@@ -239,13 +389,14 @@ def validate_metadata(doc: object, frames_end: int) -> LayerMeta:
         if ref.compressed_length <= 0 or (ref.compression == COMPRESSION_NONE and ref.compressed_length != ref.raw_length) \
                 or ref.compressed_length > ref.raw_length:
             raise FormatError(f"layer metadata: chunks[{i}] stored length {ref.compressed_length} invalid")
-        if ref.offset < 0 or (ref.blob == 0 and ref.offset + ref.compressed_length > frames_end):
+        if ref.offset < 0 or ref.offset > MAX_VIRTUAL_SIZE or \
+                (ref.blob == 0 and ref.offset + ref.compressed_length > frames_end):
             raise FormatError(f"layer metadata: chunks[{i}] frame at {ref.offset}+{ref.compressed_length} past the frames")
         chunks.append(ref)
     extents = []
     prev_end = 0
     for i, e in enumerate(raw_extents):
-        if not (isinstance(e, list) and len(e) == 4 and all(type(x) is int for x in e)):
+        if not (_row(e, 4) and all(type(x) is int for x in e)):
             raise FormatError(f"layer metadata: extents[{i}] malformed")
         ext = Extent(*e)
         if ext.count <= 0 or ext.start < prev_end:

@@ -1,4 +1,10 @@
-"""OCI image JSON for lazyfs images: build and parse manifests, configs and indexes. Sans-IO."""
+"""OCI image JSON for lazyfs images: build and parse manifests, configs and indexes. Sans-IO.
+
+Every JSON document from the wire goes through ``parse_json``: at most
+``MAX_JSON_SIZE`` bytes, ``MAX_JSON_DEPTH`` levels and ``MAX_JSON_CONTAINERS``
+arrays and objects (checked on the bytes, before ``json.loads`` builds
+anything), no NaN or Infinity, no duplicate keys.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,15 @@ import re
 from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError
-from lazyfs.format.layer import MEDIA_TYPE_LAYER
+from lazyfs.format.layer import (
+    DEFAULT_MAX_VIRTUAL_SIZE,
+    FOOTER_SIZE,
+    MAX_METADATA_SIZE,
+    MAX_VIRTUAL_SIZE,
+    MEDIA_TYPE_LAYER,
+    MEDIA_TYPE_LAYER_V1,
+)
+from lazyfs.format.numbers import decimal
 
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -16,10 +30,20 @@ MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
 MEDIA_TYPE_TRACE = "application/vnd.lazyfs.trace.v1"
 ANN_META_OFFSET = "dev.lazyfs.layer.meta-offset"
 ANN_META_LENGTH = "dev.lazyfs.layer.meta-length"
+ANN_META_DIGEST = "dev.lazyfs.layer.meta-digest"
 ANN_VIRTUAL_SIZE = "dev.lazyfs.image.virtual-size"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 MAX_MANIFEST_SIZE = 4 << 20
+MAX_JSON_SIZE = MAX_MANIFEST_SIZE
+MAX_JSON_DEPTH = 32
+MAX_JSON_CONTAINERS = 1 << 16
+MAX_LAYERS = 255
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.S)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+UPGRADE_HINT = ("lazyfs format 1 layers are not anchored by their manifest and are refused: "
+                "rebuild the image with this lazyfs (lazyfs convert SOURCE TARGET from its source image, "
+                "or lazyfs create / commit)")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -46,16 +70,24 @@ class Descriptor:
 
 @dataclass(frozen=True, slots=True)
 class LayerDescriptor:
-    """A lazyfs layer blob as the manifest lists it."""
+    """A lazyfs layer blob as the manifest lists it.
+
+    Its tail (metadata and footer) is ``[meta_offset, meta_offset + meta_length)``,
+    which ends the blob, and ``meta_digest`` is the sha256 of exactly those bytes.
+    """
 
     digest: str
     size: int
     meta_offset: int
-    meta_length: int
+    meta_length: int  # of the tail: metadata and footer
+    meta_digest: str
+
+    def annotations(self) -> dict[str, str]:
+        return {ANN_META_OFFSET: str(self.meta_offset), ANN_META_LENGTH: str(self.meta_length),
+                ANN_META_DIGEST: self.meta_digest}
 
     def to_json(self) -> dict:
-        return Descriptor(MEDIA_TYPE_LAYER, self.digest, self.size, {
-            ANN_META_OFFSET: str(self.meta_offset), ANN_META_LENGTH: str(self.meta_length)}).to_json()
+        return Descriptor(MEDIA_TYPE_LAYER, self.digest, self.size, self.annotations()).to_json()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +104,9 @@ def parse_descriptor(doc: object, where: str) -> Descriptor:
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: descriptor is not an object")
     media_type, digest, size = doc.get("mediaType"), doc.get("digest"), doc.get("size")
-    if not isinstance(media_type, str) or not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(media_type, str) or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise FormatError(f"{where}: bad mediaType or digest {digest!r}")
-    if type(size) is not int or size < 0:
+    if type(size) is not int or not 0 <= size < 1 << 62:
         raise FormatError(f"{where}: bad size {size!r}")
     ann = doc.get("annotations") or {}
     if not isinstance(ann, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items()):
@@ -82,27 +114,82 @@ def parse_descriptor(doc: object, where: str) -> Descriptor:
     return Descriptor(media_type, digest, size, ann)
 
 
-def _ann_int(ann: dict, key: str, where: str) -> int:
-    value = ann.get(key)
-    if not isinstance(value, str) or not value.isdigit():
-        raise FormatError(f"{where}: annotation {key} missing or not a number ({value!r})")
-    return int(value)
+def _ann_int(ann: dict, key: str, where: str, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    if key not in ann:
+        raise FormatError(f"{where}: annotation {key} missing")
+    return decimal(ann[key], f"{where}: annotation {key}", lo, hi)
 
 
-def parse_json(data: bytes, what: str) -> dict:
-    if len(data) > MAX_MANIFEST_SIZE:
-        raise FormatError(f"{what}: {len(data)} bytes is too large")
+def json_shape(data: bytes) -> tuple[int, int]:
+    """``(depth, containers)`` of a JSON text, counted on its bytes (strings skipped).
+
+    Depth counting stops one past MAX_JSON_DEPTH; a text whose brackets do not
+    pair up gets the depth at which they stopped pairing (``json.loads`` then
+    says what is wrong).
+    """
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    containers = brackets.count(b"[") + brackets.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        return 0, containers
+    depth = 0
+    while brackets and depth <= MAX_JSON_DEPTH:
+        inner = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if len(inner) == len(brackets):
+            break
+        brackets, depth = inner, depth + 1
+    return depth, containers
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice")
+    return doc
+
+
+def parse_json(data: bytes, what: str, max_size: int = MAX_JSON_SIZE) -> dict:
+    """A JSON object from the wire, within the limits of this module (FormatError otherwise)."""
+    if len(data) > max_size:
+        raise FormatError(f"{what}: {len(data)} bytes is more than the {max_size}-byte limit")
+    depth, containers = json_shape(data)
+    if containers > MAX_JSON_CONTAINERS:
+        raise FormatError(f"{what}: {containers} arrays and objects, more than {MAX_JSON_CONTAINERS}")
+    if depth > MAX_JSON_DEPTH:
+        raise FormatError(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FormatError(f"{what}: not JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{what}: not a JSON object")
     return doc
 
 
-def parse_manifest(data: bytes) -> ImageManifest:
-    """Parse a lazyfs image manifest (FormatError if it is not one)."""
+def parse_layer_descriptor(d: Descriptor, where: str) -> LayerDescriptor:
+    """A lazyfs layer descriptor with its anchor: meta-offset, meta-length and meta-digest."""
+    if d.media_type == MEDIA_TYPE_LAYER_V1 or (d.media_type == MEDIA_TYPE_LAYER and ANN_META_DIGEST not in d.annotations):
+        raise FormatError(f"{where}: layer {d.digest[:19]} has no {ANN_META_DIGEST}; {UPGRADE_HINT}")
+    if d.media_type != MEDIA_TYPE_LAYER:
+        raise FormatError(f"{where}: media type {d.media_type!r} is not a lazyfs layer "
+                          f"(this is not a lazyfs image; convert it first)")
+    off = _ann_int(d.annotations, ANN_META_OFFSET, where, 0, MAX_VIRTUAL_SIZE)
+    length = _ann_int(d.annotations, ANN_META_LENGTH, where, FOOTER_SIZE + 1, MAX_METADATA_SIZE + FOOTER_SIZE)
+    if off + length != d.size:
+        raise FormatError(f"{where}: the tail {off}+{length} does not end the blob of {d.size} bytes")
+    meta_digest = d.annotations[ANN_META_DIGEST]
+    if not _DIGEST.fullmatch(meta_digest):
+        raise FormatError(f"{where}: annotation {ANN_META_DIGEST} {meta_digest!r} is not sha256:<64 hex>")
+    return LayerDescriptor(d.digest, d.size, off, length, meta_digest)
+
+
+def parse_manifest(data: bytes, max_virtual_size: int = DEFAULT_MAX_VIRTUAL_SIZE) -> ImageManifest:
+    """Parse a lazyfs image manifest (FormatError if it is not one, or is larger than *max_virtual_size*)."""
     digest = sha256_digest(data)
     doc = parse_json(data, f"manifest {digest}")
     where = f"manifest {digest[:19]}"
@@ -112,25 +199,24 @@ def parse_manifest(data: bytes) -> ImageManifest:
         raise FormatError(f"{where}: media type {doc.get('mediaType')!r} is not an OCI image manifest")
     config = parse_descriptor(doc.get("config"), f"{where} config")
     raw_layers = doc.get("layers")
-    if not isinstance(raw_layers, list) or not raw_layers or len(raw_layers) > 255:
-        raise FormatError(f"{where}: needs 1 to 255 layers")
-    layers = []
-    for i, raw in enumerate(raw_layers):
-        d = parse_descriptor(raw, f"{where} layers[{i}]")
-        if d.media_type != MEDIA_TYPE_LAYER:
-            raise FormatError(f"{where} layers[{i}]: media type {d.media_type!r} is not a lazyfs layer "
-                              f"(this is not a lazyfs image; convert it first)")
-        off = _ann_int(d.annotations, ANN_META_OFFSET, f"{where} layers[{i}]")
-        length = _ann_int(d.annotations, ANN_META_LENGTH, f"{where} layers[{i}]")
-        if off + length > d.size:
-            raise FormatError(f"{where} layers[{i}]: metadata {off}+{length} past the blob of {d.size} bytes")
-        layers.append(LayerDescriptor(d.digest, d.size, off, length))
+    if not isinstance(raw_layers, list) or not raw_layers or len(raw_layers) > MAX_LAYERS:
+        raise FormatError(f"{where}: needs 1 to {MAX_LAYERS} layers")
+    layers = tuple(parse_layer_descriptor(parse_descriptor(raw, f"{where} layers[{i}]"), f"{where} layers[{i}]")
+                   for i, raw in enumerate(raw_layers))
     ann = doc.get("annotations") or {}
-    if not isinstance(ann, dict):
-        raise FormatError(f"{where}: annotations must be an object")
-    size = _ann_int(ann, ANN_VIRTUAL_SIZE, where)
+    if not isinstance(ann, dict) or not all(isinstance(v, str) for v in ann.values()):
+        raise FormatError(f"{where}: annotations must map strings to strings")
+    cap = min(max_virtual_size, MAX_VIRTUAL_SIZE)
+    if ANN_VIRTUAL_SIZE not in ann:
+        raise FormatError(f"{where}: annotation {ANN_VIRTUAL_SIZE} missing")
+    size = decimal(ann[ANN_VIRTUAL_SIZE], f"{where}: virtual size", 1)
+    if size > cap:
+        raise FormatError(f"{where}: virtual size {size} bytes is larger than the {cap}-byte limit "
+                          f"(the config's max_virtual_size)")
+    if size % 512:
+        raise FormatError(f"{where}: virtual size {size} is not a multiple of 512")
     subject = parse_descriptor(doc["subject"], f"{where} subject") if "subject" in doc else None
-    return ImageManifest(digest, config, tuple(layers), size, ann, subject)
+    return ImageManifest(digest, config, layers, size, ann, subject)
 
 
 def build_config(diff_ids: list[str], base: dict | None = None) -> bytes:

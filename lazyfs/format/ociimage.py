@@ -21,18 +21,19 @@ import platform as _platform
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError, NotFoundError
-from lazyfs.format.layer import MEDIA_TYPE_LAYER
+from lazyfs.format.layer import MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1
+from lazyfs.format.numbers import decimal
 from lazyfs.format.oci import (
-    ANN_META_LENGTH,
-    ANN_META_OFFSET,
     ANN_VIRTUAL_SIZE,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
+    LayerDescriptor,
     canonical_json,
     parse_descriptor,
     parse_json,
+    parse_layer_descriptor,
 )
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -63,7 +64,7 @@ ANN_LAYER_SIZE = "dev.lazyfs.layer.virtual-size"
 ANN_CHUNK_SIZE = "dev.lazyfs.layer.chunk-size"
 ANN_SOURCE_MANIFEST = "dev.lazyfs.convert.source-manifest"
 ANN_CONVERTER = "dev.lazyfs.convert.version"
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ def parse_source_manifest(data: bytes, digest: str, media_type: str) -> SourceMa
     layers = []
     for i, raw in enumerate(raw_layers):
         d = parse_descriptor(raw, f"{where} layers[{i}]")
-        if d.media_type == MEDIA_TYPE_LAYER:
+        if d.media_type in (MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1):
             raise FormatError(f"{where}: this is already a lazyfs image")
         compression = LAYER_COMPRESSION.get(d.media_type)
         if compression is None:
@@ -188,9 +189,12 @@ def select_platform(entries: list[PlatformEntry], wanted: str) -> PlatformEntry:
     return matches[0]
 
 
+MAX_SOURCE_CONFIG = 16 << 20  # image configs with long histories are larger than manifests
+
+
 def parse_source_config(data: bytes, what: str = "image config") -> tuple[dict, list[str]]:
     """The config document and its ``rootfs.diff_ids``."""
-    doc = parse_json(data, what)
+    doc = parse_json(data, what, MAX_SOURCE_CONFIG)
     rootfs = doc.get("rootfs")
     if not isinstance(rootfs, dict) or rootfs.get("type") != "layers" or not isinstance(rootfs.get("diff_ids"), list):
         raise FormatError(f"{what}: rootfs must be {{'type': 'layers', 'diff_ids': [...]}}")
@@ -216,10 +220,7 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 class ConvertedLayer:
     """A lazyfs layer made from one source layer, with what reuse needs to know about it."""
 
-    digest: str
-    size: int
-    meta_offset: int
-    meta_length: int
+    descriptor: LayerDescriptor  # the lazyfs layer, with its anchored tail
     virtual_size: int
     chunk_size: int
     chain_id: str
@@ -227,9 +228,17 @@ class ConvertedLayer:
     source_diff_id: str
     parent: str  # the lazyfs layer below ("" for the first)
 
+    @property
+    def digest(self) -> str:
+        return self.descriptor.digest
+
+    @property
+    def size(self) -> int:
+        return self.descriptor.size
+
     def to_json(self) -> dict:
         return Descriptor(MEDIA_TYPE_LAYER, self.digest, self.size, {
-            ANN_META_OFFSET: str(self.meta_offset), ANN_META_LENGTH: str(self.meta_length),
+            **self.descriptor.annotations(),
             ANN_LAYER_SIZE: str(self.virtual_size), ANN_CHUNK_SIZE: str(self.chunk_size),
             ANN_CHAIN_ID: self.chain_id, ANN_SOURCE_DIGEST: self.source_digest,
             ANN_SOURCE_DIFF_ID: self.source_diff_id, ANN_PARENT: self.parent,
@@ -239,21 +248,13 @@ class ConvertedLayer:
     @classmethod
     def from_json(cls, doc: dict, where: str) -> "ConvertedLayer":
         d = parse_descriptor(doc, where)
+        descriptor = parse_layer_descriptor(d, where)
         ann = d.annotations
-
-        def number(key: str) -> int:
-            value = ann.get(key)
-            if not isinstance(value, str) or not value.isdigit():
-                raise FormatError(f"{where}: annotation {key} missing or not a number")
-            return int(value)
-
-        if d.media_type != MEDIA_TYPE_LAYER:
-            raise FormatError(f"{where}: not a lazyfs layer")
         strings = [ann.get(k) for k in (ANN_CHAIN_ID, ANN_SOURCE_DIGEST, ANN_SOURCE_DIFF_ID, ANN_PARENT)]
         if not all(isinstance(s, str) for s in strings):
             raise FormatError(f"{where}: not a converted layer (no source annotations)")
-        return cls(d.digest, d.size, number(ANN_META_OFFSET), number(ANN_META_LENGTH), number(ANN_LAYER_SIZE),
-                   number(ANN_CHUNK_SIZE), *strings)
+        return cls(descriptor, decimal(ann.get(ANN_LAYER_SIZE), f"{where}: annotation {ANN_LAYER_SIZE}", 1),
+                   decimal(ann.get(ANN_CHUNK_SIZE), f"{where}: annotation {ANN_CHUNK_SIZE}", 1), *strings)
 
 
 def build_converted_config(source_config: dict, layers: list[ConvertedLayer]) -> bytes:

@@ -17,7 +17,7 @@ from lazyfs.device.writable import DATA, ZERO, WritableLayer
 from lazyfs.errors import FormatError
 from lazyfs.format.builder import BlobBuilder, BuildStats, split_window
 from lazyfs.format.chunk import encode_chunk
-from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, ChunkLocation, LayerMeta, parse_tail
+from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, ChunkLocation, LayerMeta, parse_tail, tail_digest
 from lazyfs.format.oci import LayerDescriptor
 from lazyfs.image.layout import OciLayout
 
@@ -108,7 +108,8 @@ def write_layer(
         raise
     size = builder.offset + len(tail)
     footer, meta = parse_tail(tail, size)  # the reader's check, applied to what we wrote
-    return BuiltLayer(LayerDescriptor(digest, size, footer.meta_offset, len(tail) - 64), meta, builder.stats)
+    descriptor = LayerDescriptor(digest, size, footer.meta_offset, len(tail), tail_digest(tail))
+    return BuiltLayer(descriptor, meta, builder.stats)
 
 
 def _data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:

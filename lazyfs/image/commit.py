@@ -19,7 +19,7 @@ from lazyfs.image.build import layer_from_writable
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.local import copy_blobs
 from lazyfs.image.ref import parse_local_ref
-from lazyfs.image.remote import ANN_SOURCE, ImageOpener, OpenedImage
+from lazyfs.image.remote import ANN_SOURCE, MAX_CONFIG_SIZE, ImageOpener, OpenedImage
 
 
 async def _base_config(opener: ImageOpener, opened: OpenedImage) -> dict:
@@ -27,8 +27,8 @@ async def _base_config(opener: ImageOpener, opened: OpenedImage) -> dict:
     if opened.local is not None and OciLayout(opened.local.path).has_blob(digest):
         data = OciLayout(opened.local.path).read_blob(digest)
     else:
-        data = await opener.client.get_blob(opened.remote.repo(), digest)
-    return parse_json(data, f"config of {opened.name}")
+        data = await opener.client.get_blob(opened.remote.repo(), digest, max_size=MAX_CONFIG_SIZE)
+    return parse_json(data, f"config of {opened.name}", MAX_CONFIG_SIZE)
 
 
 async def commit_writable(opener: ImageOpener, opened: OpenedImage, layer: WritableLayer, out: str,

@@ -17,6 +17,7 @@ converted; the state below them is materialized from the reused layers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,16 +35,18 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.direct import DirectChunkStore
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, RegistryBackend, RegistryClient
-from lazyfs.format.layer import DEFAULT_CHUNK_SIZE, FOOTER_SIZE, LayerMeta, parse_tail
+from lazyfs.format.layer import DEFAULT_CHUNK_SIZE, MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1, LayerMeta, MetadataBudget
 from lazyfs.format.oci import (
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
+    parse_json,
     parse_manifest,
     sha256_digest,
 )
 from lazyfs.format.ociimage import (
     ANN_SOURCE_MANIFEST,
+    MAX_SOURCE_CONFIG,
     ConvertedLayer,
     SourceManifest,
     build_converted_config,
@@ -61,6 +64,7 @@ from lazyfs.format.ociimage import (
 from lazyfs.format.reference import Reference, parse_reference
 from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.build import known_chunks, write_layer
+from lazyfs.image.image import ImageLimits, load_layer
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef, parse_local_ref
 from lazyfs.image.referrers import (
@@ -70,7 +74,7 @@ from lazyfs.image.referrers import (
     find_referrers_remote,
 )
 from lazyfs.image.remote import FallbackBackend, ImageOpener
-from lazyfs.image.tarapply import LayerApplier, check_diff_id, open_layer, scan_layer
+from lazyfs.image.tarapply import DEFAULT_MAX_LAYER_BYTES, LayerApplier, check_diff_id, open_layer, scan_layer
 from lazyfs.image.workfs import WorkFs
 from lazyfs.nursery import open_nursery
 
@@ -156,7 +160,7 @@ async def open_source(client_of: Callable[[], RegistryClient], text: str, platfo
 
         data, media_type, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
         manifest = parse_source_manifest(data, digest, media_type)
-        config_bytes = layout.read_blob(manifest.config.digest)
+        config_bytes = layout.read_blob(manifest.config.digest, MAX_SOURCE_CONFIG)
         source = SourceImage(text, platform, manifest, {}, [], [], layout=layout)
     else:
         client = client_of()
@@ -168,7 +172,7 @@ async def open_source(client_of: Callable[[], RegistryClient], text: str, platfo
 
         data, media_type, digest = await _choose(data, media_type, digest, platform, text, load_remote)
         manifest = parse_source_manifest(data, digest, media_type)
-        config_bytes = await client.get_blob(ref.repo(), manifest.config.digest, max_size=16 << 20)
+        config_bytes = await client.get_blob(ref.repo(), manifest.config.digest, max_size=MAX_SOURCE_CONFIG)
         source = SourceImage(text, platform, manifest, {}, [], [], client=client, ref=ref.with_digest(digest))
     source.config, source.diff_ids = parse_source_config(config_bytes, f"config of {text}")
     if len(source.diff_ids) != len(manifest.layers):
@@ -315,10 +319,11 @@ class LayerOutcome:
     phases: dict[str, float] = field(default_factory=dict)  # seconds: scan, mkfs, apply (incl. normalize), write
 
 
-async def _layer_meta(backend: Backend, layer: ConvertedLayer) -> LayerMeta:
-    """One ranged read: a layer's metadata, checked like any reader checks it."""
-    tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
-    return (await trio.to_thread.run_sync(parse_tail, tail, layer.size))[1]
+async def _layer_meta(i: int, backend: Backend, layer: ConvertedLayer, limits: ImageLimits,
+                      budget: MetadataBudget) -> LayerMeta:
+    """One ranged read: a layer's metadata, checked against its meta-digest like any reader checks it."""
+    return await load_layer(i, layer.descriptor, [backend], image="the reused layers", budget=budget,
+                            max_virtual_size=limits.max_virtual_size)
 
 
 def _candidates(manifests: list[bytes], chunk_size: int) -> dict[tuple[str, str], ConvertedLayer]:
@@ -386,8 +391,10 @@ class Converter:
     """One conversion of *source* into *target*."""
 
     def __init__(self, source: SourceImage, target: Target, cache: ConvertCache, chunk_size: int,
-                 progress: ConvertProgress, work_root: str, reuse: bool = True) -> None:
+                 progress: ConvertProgress, work_root: str, reuse: bool = True,
+                 limits: ImageLimits = ImageLimits(), max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
         self.source, self.target, self.cache = source, target, cache
+        self.limits, self.max_layer_bytes = limits, max_layer_bytes
         self.reuse = reuse
         self.chunk_size = chunk_size
         self.progress = progress
@@ -444,8 +451,17 @@ class Converter:
             self.progress.add_total("download", sum(source.manifest.layers[i].size for i in ready))
 
         async def one(i: int) -> None:
+            layer = source.manifest.layers[i]
+            what = f"layer {i} ({layer.digest[:19]}) of {source.text}"
+            if layer.size > self.max_layer_bytes:
+                raise FormatError(f"{what}: {layer.size} bytes, more than the {self.max_layer_bytes}-byte limit "
+                                  f"(the config's convert_max_layer_bytes)")
             async with limiter:
-                blobs[i] = await source.fetch_layer(i, work)
+                path = await source.fetch_layer(i, work)
+                size = await trio.to_thread.run_sync(os.path.getsize, path)
+                if size != layer.size:
+                    raise FormatError(f"{what}: the blob is {size} bytes, its descriptor says {layer.size}")
+                blobs[i] = path
                 ready[i].set()
 
         async def all_of() -> None:
@@ -475,8 +491,9 @@ class Converter:
         """The working ext4 as the reused layers leave it, and their metadata."""
         backend = FallbackBackend([DirectoryBackend(self.cache.layout.path), self.target.backend])
         metas = []
-        for outcome in self.outcomes:
-            meta = await _layer_meta(backend, outcome.layer)
+        budget = MetadataBudget(self.limits.metadata_budget, "the reused layers")
+        for i, outcome in enumerate(self.outcomes):
+            meta = await _layer_meta(i, backend, outcome.layer, self.limits, budget)
             metas.append((meta, outcome.layer.digest))
         top = self.outcomes[-1].layer
         self.progress.note(f"materializing {len(metas)} reused layer(s) to convert the rest")
@@ -499,10 +516,17 @@ class Converter:
 
         if compression != "none":  # decompress once: the scan keeps the tar for the apply
             spool = os.path.join(fs.directory, "layer.tar")
-            scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what, None, spool)
+            try:
+                scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what, None, spool,
+                                                        self.max_layer_bytes)
+            except LazyfsError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(spool)  # what a refused layer left is no use to anyone
+                raise
             blob, compression = spool, "none"
         else:
-            scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what)
+            scanned = await trio.to_thread.run_sync(scan_layer, blob, compression, what, None, None,
+                                                    self.max_layer_bytes)
         check_diff_id(scanned, self.source.diff_ids[i], what)
         progress.add_total("convert", scanned.stats.tar_bytes)
         lap("scan")
@@ -524,7 +548,7 @@ class Converter:
             lambda: write_layer(layout, fs.changed_pieces(self.chunk_size), fs.size, self.chunk_size,
                                 known_chunks(lower), mask_zeros=True))
         d = built.descriptor
-        layer = ConvertedLayer(d.digest, d.size, d.meta_offset, d.meta_length, fs.size, self.chunk_size,
+        layer = ConvertedLayer(d, fs.size, self.chunk_size,
                                self.source.chains[i], source_layer.digest, self.source.diff_ids[i], parent)
         self.cache.store(layer)
         lap("write")
@@ -616,13 +640,14 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
     scratch = None if use_cache else tempfile.mkdtemp(prefix="scratch-", dir=cache_root)
     try:
         cache = ConvertCache(scratch or cache_root)
-        converter = Converter(source, target, cache, chunk_size, progress, cache_root, reuse=use_cache)
+        converter = Converter(source, target, cache, chunk_size, progress, cache_root, reuse=use_cache,
+                              limits=opener.limits, max_layer_bytes=opener.config.convert_max_layer_bytes)
         outcomes = await converter.run()
         layers = [o.layer for o in outcomes]
         config = build_converted_config(source.config, layers)
         config_desc = Descriptor(MEDIA_TYPE_CONFIG, sha256_digest(config), len(config))
         manifest = build_converted_manifest(config_desc, layers, source.manifest.descriptor)
-        parse_manifest(manifest)  # what mount will read: check it now
+        parse_manifest(manifest, opener.limits.max_virtual_size)  # what mount will read: check it now
         subject = source.manifest.digest
         if target.layout is not None:
             written = await _write_layout(target, cache, outcomes, config, manifest, subject)
@@ -701,11 +726,13 @@ async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None 
 
 
 def _is_lazyfs(data: bytes) -> bool:
+    """Whether *data* is a lazyfs manifest (of any format version: opening it says what is wrong with it)."""
     try:
-        parse_manifest(data)
-        return True
+        layers = parse_json(data, "manifest").get("layers")
     except LazyfsError:
         return False
+    return isinstance(layers, list) and any(isinstance(layer, dict) and layer.get("mediaType") in
+                                            (MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1) for layer in layers)
 
 
 def resolve_twin_blocking(config: Config, text: str) -> str:

@@ -20,7 +20,7 @@ from lazyfs.format.chunk import decode_chunk
 from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, SELF_BLOB, ZEROED
 from lazyfs.format.oci import MEDIA_TYPE_CONFIG, LayerDescriptor, build_config, build_manifest, parse_manifest
 from lazyfs.image.build import BuiltLayer, layer_from_file, layer_from_writable
-from lazyfs.image.image import Image, load_image
+from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
 
@@ -28,10 +28,12 @@ MKFS_OPTIONS = ["-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
 COPY_WINDOW = 4 << 20
 
 
-async def open_local(ref: LocalRef) -> tuple[Image, OciLayout]:
+async def open_local(ref: LocalRef, limits: ImageLimits = ImageLimits()) -> tuple[Image, OciLayout]:
+    """An image of a layout whose blobs are all there, every layer checked against its meta-digest."""
     layout = OciLayout(ref.path)
     data, _ = layout.read_manifest(ref.tag)
-    return await load_image(parse_manifest(data), DirectoryBackend(layout.path)), layout
+    manifest = parse_manifest(data, limits.max_virtual_size)
+    return await load_image(manifest, [DirectoryBackend(layout.path)], name=str(ref), limits=limits), layout
 
 
 def write_image(layout: OciLayout, tag: str, layers: list[LayerDescriptor], virtual_size: int,
@@ -193,11 +195,18 @@ async def image_info(ref: LocalRef) -> dict:
 
 
 async def verify_image(ref: LocalRef) -> list[str]:
-    """Check every blob's sha256 and every chunk's blake3; return the problems found."""
+    """Check the config's and every blob's sha256 and every chunk's blake3; return the problems found.
+
+    Opening the image already checked each layer's metadata against its meta-digest.
+    """
     image, layout = await open_local(ref)
     backend = DirectoryBackend(layout.path)
     problems: list[str] = []
     checked: set[bytes] = set()
+    try:
+        await trio.to_thread.run_sync(layout.verify_blob_file, image.manifest.config.digest)
+    except (IntegrityError, OSError) as exc:
+        problems.append(f"config blob {image.manifest.config.digest}: {exc}")
     for meta, digest in image.layers:
         try:
             await trio.to_thread.run_sync(layout.verify_blob_file, digest)

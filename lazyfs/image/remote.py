@@ -9,20 +9,21 @@ import trio
 
 
 from lazyfs.config import Config
-from lazyfs.errors import FetchError, NotFoundError
+from lazyfs.errors import FetchError, LazyfsError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import ProxySettings, RegistryBackend, RegistryClient, RegistryConfig, RetryPolicy
 from lazyfs.fetch.registry.certsd import load_hosts_dir
 from lazyfs.fetch.registry.hosts import HostsEntry
-from lazyfs.format.layer import FOOTER_SIZE, parse_tail
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
 from lazyfs.format.reference import Reference, parse_reference
-from lazyfs.image.image import Image, load_image
+from lazyfs.device.writable.journal import write_atomically
+from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef, parse_local_ref
 
+MAX_CONFIG_SIZE = 4 << 20  # an image config is small JSON; more is an attack or a bug
 ANN_SOURCE = "dev.lazyfs.source"  # on a pulled layout's index entry: where its blobs live
 META_DIR = "lazyfs-meta"  # in a pulled layout: layer metadata tails, one file per blob
 
@@ -126,6 +127,7 @@ class ImageOpener:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.limits = ImageLimits.from_config(config)
         self._client: RegistryClient | None = None
 
     @property
@@ -151,38 +153,44 @@ class ImageOpener:
             return await self._open_local(text, local)
         ref = parse_reference(text)
         data, _, digest = await self.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
-        manifest = parse_manifest(data)
+        manifest = parse_manifest(data, self.limits.max_virtual_size)
         backend = RegistryBackend(self.client, ref.repo())
-        image = await _load(manifest, backend, None)
+        image = await _load(text, manifest, backend, None, self.limits)
         return OpenedImage(text, image, backend, remote=ref.with_digest(digest))
 
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
         data, desc = layout.read_manifest(local.tag)
-        manifest = parse_manifest(data)
+        manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)
         if source is not None and not all(layout.has_blob(layer.digest) for layer in manifest.layers):
             # pulled (metadata only), maybe with local layers on top: local blobs first, then the registry
             ref = parse_reference(source)
             backend: Backend = FallbackBackend([DirectoryBackend(layout.path), RegistryBackend(self.client, ref.repo())])
-            image = await _load(manifest, backend, layout)
+            image = await _load(text, manifest, backend, layout, self.limits)
             return OpenedImage(text, image, backend, local=local, remote=ref)
         backend = DirectoryBackend(layout.path)
-        return OpenedImage(text, await _load(manifest, backend, None), backend, local=local)
+        return OpenedImage(text, await _load(text, manifest, backend, None, self.limits), backend, local=local)
 
 
-async def _load(manifest: ImageManifest, backend: Backend, layout: OciLayout | None) -> Image:
-    """Layer metadata: from a pulled layout's saved tails where present, else one ranged read each."""
+def _saved_tail_path(layout: OciLayout, digest: str) -> str:
+    return os.path.join(layout.path, META_DIR, digest.split(":")[1])
+
+
+async def _load(name: str, manifest: ImageManifest, backend: Backend, layout: OciLayout | None,
+                limits: ImageLimits) -> Image:
+    """Layer metadata: from a pulled layout's saved tails where present, else one ranged read each
+    (each from the next source when one serves a tail that fails its meta-digest)."""
 
     def saved(layer) -> bytes | None:
-        path = os.path.join(layout.path, META_DIR, layer.digest.split(":")[1])
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            with open(_saved_tail_path(layout, layer.digest), "rb") as f:
+                return f.read(layer.meta_length + 1)
         except FileNotFoundError:
             return None
 
-    return await load_image(manifest, backend, saved if layout is not None else None)
+    return await load_image(manifest, [backend], name=name, limits=limits,
+                            saved_tail=saved if layout is not None else None)
 
 
 async def push_image(opener: ImageOpener, source: LocalRef, target: Reference) -> dict:
@@ -215,20 +223,22 @@ async def pull_image(opener: ImageOpener, source: Reference, target: LocalRef) -
     """Metadata only: manifest, config and each layer's metadata into a layout that remembers *source*."""
     client = opener.client
     data, _, digest = await client.get_manifest(source, accept=(MEDIA_TYPE_MANIFEST,))
-    manifest = parse_manifest(data)
+    manifest = parse_manifest(data, opener.limits.max_virtual_size)
     layout = OciLayout(target.path).ensure()
-    config = await client.get_blob(source.repo(), manifest.config.digest)
-    parse_json(config, f"config of {source}")
+    config = await client.get_blob(source.repo(), manifest.config.digest, max_size=MAX_CONFIG_SIZE)
+    parse_json(config, f"config of {source}", MAX_CONFIG_SIZE)
     layout.put_bytes(config)
     os.makedirs(os.path.join(layout.path, META_DIR), exist_ok=True)
-    backend = RegistryBackend(client, source.repo())
-    fetched = 0
-    for layer in manifest.layers:
-        tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length + FOOTER_SIZE)
-        parse_tail(tail, layer.size)
-        fetched += len(tail)
-        with open(os.path.join(layout.path, META_DIR, layer.digest.split(":")[1]), "wb") as f:
-            f.write(tail)
+    backends = [RegistryBackend(client, source.repo())]
+
+    def keep(layer, tail: bytes) -> None:  # a tail that matched its meta-digest and parsed
+        try:
+            write_atomically(_saved_tail_path(layout, layer.digest), tail)
+        except OSError as exc:
+            raise LazyfsError(f"cannot save the metadata of {layer.digest} in {layout.path}: {exc}") from None
+
+    await load_image(manifest, backends, name=str(source), limits=opener.limits, on_tail=keep)
+    fetched = sum(layer.meta_length for layer in manifest.layers)
     desc = layout.put_manifest(data, target.tag, annotations={ANN_SOURCE: str(source.with_digest(digest))})
     return {"image": str(target), "manifest": desc.digest, "layers": len(manifest.layers),
             "metadata_bytes": fetched, "virtual_size": manifest.virtual_size}

@@ -7,7 +7,7 @@ import pytest
 
 from lazyfs.errors import FormatError, NotFoundError
 from lazyfs.format.layer import MEDIA_TYPE_LAYER
-from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, Descriptor, parse_manifest, sha256_digest
+from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, Descriptor, LayerDescriptor, parse_manifest, sha256_digest
 from lazyfs.format.ociimage import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -108,8 +108,8 @@ def test_config_and_converted_manifest_round_trip():
                      "history": [{"created_by": "x"}]}
     doc, diff_ids = parse_source_config(json.dumps(source_config).encode())
     assert diff_ids == [d(1)]
-    layers = [ConvertedLayer(d(10), 1000, 900, 36, 1 << 30, 262144, d(1), d(20), d(1), ""),
-              ConvertedLayer(d(11), 500, 400, 36, 2 << 30, 262144, d(2), d(21), d(3), d(10))]
+    layers = [ConvertedLayer(LayerDescriptor(d(10), 1000, 900, 100, d(40)), 1 << 30, 262144, d(1), d(20), d(1), ""),
+              ConvertedLayer(LayerDescriptor(d(11), 500, 400, 100, d(41)), 2 << 30, 262144, d(2), d(21), d(3), d(10))]
     config = build_converted_config(doc, layers)
     out = json.loads(config)
     assert out["config"] == source_config["config"] and out["history"] == source_config["history"]
@@ -118,7 +118,7 @@ def test_config_and_converted_manifest_round_trip():
     data = build_converted_manifest(Descriptor(MEDIA_TYPE_CONFIG, sha256_digest(config), len(config)), layers, subject)
     parsed = parse_manifest(data)  # what mount reads
     assert parsed.virtual_size == 2 << 30 and parsed.subject == subject
-    assert [(l.digest, l.meta_offset) for l in parsed.layers] == [(d(10), 900), (d(11), 400)]
+    assert [(l.digest, l.meta_offset, l.meta_digest) for l in parsed.layers] == [(d(10), 900, d(40)), (d(11), 400, d(41))]
     assert parse_converted_layers(data) == layers
 
 

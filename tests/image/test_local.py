@@ -73,7 +73,7 @@ def test_create_from_dir_round_trip(tmp_path):
     if shutil.which("skopeo"):
         out = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{tmp_path}/layout:v1"], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["layers"][0]["mediaType"] == "application/vnd.lazyfs.layer.v1"
+        assert json.loads(out.stdout)["layers"][0]["mediaType"] == "application/vnd.lazyfs.layer.v2"
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
