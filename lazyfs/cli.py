@@ -209,7 +209,30 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from lazyfs.image.local import verify_image
+    from lazyfs.image.ref import parse_local_ref
 
+    if parse_local_ref(args.image) is None:  # a registry image: every object against the chain of digests
+        from lazyfs.image.remote import ImageOpener
+        from lazyfs.image.verify import verify_remote
+
+        async def run(progress):
+            async with ImageOpener(_config(args)) as opener:
+                return await verify_remote(opener, args.image, progress)
+
+        if args.quiet or args.json:
+            result = trio.run(run, None)
+        else:
+            from lazyfs.image.progress import RichProgress
+
+            with RichProgress() as progress:
+                result = trio.run(run, progress)
+        if args.json:
+            _print(result, True)
+        elif not args.quiet:
+            print(f"{args.image}: {result['manifest']}, anchored by {result['anchor']}: config, "
+                  f"{result['layers']} layer(s), {result['chunks_checked']} chunks and {result['bytes_checked']} "
+                  f"bytes match their digests")
+        return 0
     problems = trio.run(verify_image, _local(args.image))
     for problem in problems:
         print(f"BAD {problem}")
@@ -331,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
 
-    p = add("verify", cmd_verify, "check every blob and chunk digest; exit 1 on any mismatch")
-    p.add_argument("image")
+    p = add("verify", cmd_verify, "check every blob and chunk digest of a local or registry image against the "
+                                  "manifest; exit 1 naming the first mismatch")
+    p.add_argument("image", help="oci:DIR[:TAG], a path, or a registry reference")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary (registry images)")
 
     p = add("flatten", cmd_flatten, "write the merged device to a raw file")
     p.add_argument("image")

@@ -89,13 +89,18 @@ async def load_layer(i: int, layer: LayerDescriptor, backends: Sequence[Backend]
                     raise FetchError(f"{backend.name}: short read of {layer.digest}: {len(tail)} of {layer.meta_length}")
             except LazyfsError as exc:
                 failed.append(exc)
-                log.warning("metadata of %s from %s: %s", what, backend.name, exc)
+                log.info("metadata of %s from %s: %s", what, backend.name, exc)
                 continue
             try:
-                return await _parse(tail, layer, what, budget, max_virtual_size, backend.name, on_tail)
+                meta = await _parse(tail, layer, what, budget, max_virtual_size, backend.name, on_tail)
             except IntegrityError as exc:
                 bad.append(exc)
-                log.warning("%s", exc)
+                log.info("%s", exc)
+                continue
+            if bad or failed:  # the failover worked: say which sources did not
+                log.warning("metadata of %s came from %s; %s", what, backend.name,
+                            "; ".join(str(e) for e in [*bad, *failed]))
+            return meta
         if bad:
             sources = ", ".join(e.source for e in bad)
             raise IntegrityError(f"metadata of {what}", layer.meta_digest, bad[-1].got,

@@ -17,7 +17,7 @@ from rich.progress import (
 
 from lazyfs.image.convert import ConvertProgress
 
-_LABELS = {"download": "download", "convert": "convert ", "push": "push    "}
+_LABELS = {"download": "download", "convert": "convert ", "push": "push    ", "verify": "verify  "}
 
 
 class RichProgress(ConvertProgress):

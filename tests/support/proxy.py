@@ -10,6 +10,9 @@ the upstream's answers, except where `Faults` say otherwise:
 * ``faults.corrupt(offset=N)``: flip one byte of the response body (at N, or a random one);
 * ``faults.stall(seconds=S, after=N)``: hold the response for S seconds (None: until
   `Faults.clear` or `Faults.release_stalls`), before its head or after N body bytes;
+* ``faults.forge(content, path=...)``: answer GET and HEAD with *content* as if it were the
+  blob (ranges sliced from it, 206 with Content-Range), never asking the upstream: a mirror
+  that serves forged but self-consistent bytes;
 * ``faults.latency = L``: wait L seconds before forwarding each request (one round trip,
   since there is no tc netem here); ``faults.bandwidth = B``: share B bytes/s between all
   responses.
@@ -81,6 +84,7 @@ class FaultKind(enum.Enum):
     TRUNCATE = "truncate"
     CORRUPT = "corrupt"
     STALL = "stall"
+    FORGE = "forge"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -101,6 +105,7 @@ class FaultRule:
     status: int = 503
     at: int | None = None
     seconds: float | None = None
+    content: bytes | None = None  # FORGE: what to serve instead of the upstream's blob
 
     def __post_init__(self) -> None:
         if self.count is not None and self.count < 1:
@@ -113,6 +118,8 @@ class FaultRule:
             raise ValueError("a truncation needs the number of body bytes to keep")
         if self.seconds is not None and not self.seconds >= 0:
             raise ValueError(f"stall seconds must be >= 0, got {self.seconds}")
+        if (self.kind is FaultKind.FORGE) != (self.content is not None):
+            raise ValueError("a forgery, and only a forgery, needs the content to serve")
 
     def matches(self, method: str, target: str) -> bool:
         """Whether a request with *method* and *target* (path and query) is one of ours."""
@@ -223,6 +230,17 @@ class Faults:
                 seconds=seconds,
             )
         )
+
+    def forge(
+        self,
+        content: bytes,
+        *,
+        path: str | re.Pattern[str] | None = None,
+        count: int | None = None,
+    ) -> FaultRule:
+        """Answer matching GET and HEAD requests with *content* (a whole forged blob): a Range
+        gets its slice (206), no Range the whole (200). The upstream is never asked."""
+        return self.add(FaultRule(FaultKind.FORGE, _pattern(path), None, count, content=bytes(content)))
 
     def remove(self, rule: FaultRule) -> None:
         """Drop *rule* if it is still active."""
@@ -870,6 +888,9 @@ class FaultProxy:
         if rule is not None and rule.kind is FaultKind.STATUS:
             await self._answer(client, request, exchange, rule.status, INJECTED_BODY)
             return _next_cycle(client.conn)
+        if rule is not None and rule.kind is FaultKind.FORGE:
+            await self._forged(client, request, exchange, rule.content, range_)
+            return _next_cycle(client.conn)
         if rule is not None and rule.kind is FaultKind.STALL and rule.at is None:
             await self._stall(rule)
 
@@ -933,6 +954,16 @@ class FaultProxy:
                 return None
             parts.append(bytes(event.data))
 
+    async def _forged(self, client: _Peer, request: h11.Request, exchange: _Exchange, content: bytes,
+                      range_: str | None) -> None:
+        """Serve *content* as the blob this request asks for."""
+        status, headers, body = forged_answer(content, range_)
+        exchange.status = status
+        await self._to_client(client, h11.Response(status_code=status, headers=headers), exchange)
+        if request.method != b"HEAD" and body:
+            await self._to_client(client, h11.Data(data=body), exchange)
+        await self._to_client(client, h11.EndOfMessage(), exchange)
+
     async def _answer(
         self, client: _Peer, request: h11.Request, exchange: _Exchange, status: int, body: bytes
     ) -> None:
@@ -946,6 +977,23 @@ class FaultProxy:
         if request.method != b"HEAD":
             await self._to_client(client, h11.Data(data=body), exchange)
         await self._to_client(client, h11.EndOfMessage(), exchange)
+
+
+def forged_answer(content: bytes, range_: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``(status, headers, body)`` serving *content* for a request with Range header *range_*."""
+    headers = [(b"Content-Type", b"application/octet-stream"), (b"Accept-Ranges", b"bytes")]
+    m = re.fullmatch(r"bytes=(\d+)-(\d*)", range_.strip()) if range_ else None
+    if range_ and m is None:
+        return 416, headers + [(b"Content-Length", b"0")], b""
+    if m is None:
+        return 200, headers + [(b"Content-Length", str(len(content)).encode())], content
+    first = int(m.group(1))
+    last = min(int(m.group(2)) if m.group(2) else len(content) - 1, len(content) - 1)
+    if first > last:
+        return 416, headers + [(b"Content-Range", f"bytes */{len(content)}".encode()), (b"Content-Length", b"0")], b""
+    body = content[first : last + 1]
+    return 206, headers + [(b"Content-Range", f"bytes {first}-{last}/{len(content)}".encode()),
+                           (b"Content-Length", str(len(body)).encode())], body
 
 
 def _body_length(method: bytes, response: h11.Response) -> int | None:
