@@ -261,13 +261,14 @@ def parse_metadata(data: bytes | memoryview, footer: Footer, *, budget: Metadata
     size = declared_size(data, what)
     if size > MAX_METADATA_SIZE:
         raise FormatError(f"{what}: declares {size} bytes decompressed, more than the {MAX_METADATA_SIZE}-byte limit")
-    budget.charge(size, what)
+    # The decompressed bytes, and the decoder's own copy of them, while the parse runs.
+    budget.charge(2 * size, what)
     try:
         raw = decompress_declared(data, size, what)
         doc = decode_metadata(raw, budget, what)
         del raw
     finally:
-        budget.refund(size)
+        budget.refund(2 * size)
     return validate_metadata(doc, footer.meta_offset, max_virtual_size)
 
 

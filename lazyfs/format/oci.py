@@ -1,9 +1,9 @@
 """OCI image JSON for lazyfs images: build and parse manifests, configs and indexes. Sans-IO.
 
 Every JSON document from the wire goes through ``parse_json``: at most
-``MAX_JSON_SIZE`` bytes, ``MAX_JSON_DEPTH`` levels and ``MAX_JSON_CONTAINERS``
-arrays and objects (checked on the bytes, before ``json.loads`` builds
-anything), no NaN or Infinity, no duplicate keys.
+``MAX_JSON_SIZE`` bytes and ``MAX_JSON_CONTAINERS`` arrays and objects
+(checked on the bytes, before ``json.loads`` builds anything), at most
+``MAX_JSON_DEPTH`` levels deep, no NaN or Infinity, no duplicate keys.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ MAX_JSON_DEPTH = 32
 MAX_JSON_CONTAINERS = 1 << 16
 MAX_LAYERS = 255
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.S)
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 UPGRADE_HINT = ("lazyfs format 1 layers are not anchored by their manifest and are refused: "
                 "rebuild the image with this lazyfs (lazyfs convert SOURCE TARGET from its source image, "
                 "or lazyfs create / commit)")
@@ -120,24 +118,18 @@ def _ann_int(ann: dict, key: str, where: str, lo: int = 0, hi: int = (1 << 63) -
     return decimal(ann[key], f"{where}: annotation {key}", lo, hi)
 
 
-def json_shape(data: bytes) -> tuple[int, int]:
-    """``(depth, containers)`` of a JSON text, counted on its bytes (strings skipped).
-
-    Depth counting stops one past MAX_JSON_DEPTH; a text whose brackets do not
-    pair up gets the depth at which they stopped pairing (``json.loads`` then
-    says what is wrong).
-    """
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    containers = brackets.count(b"[") + brackets.count(b"{")
-    if containers > MAX_JSON_CONTAINERS:
-        return 0, containers
-    depth = 0
-    while brackets and depth <= MAX_JSON_DEPTH:
-        inner = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if len(inner) == len(brackets):
-            break
-        brackets, depth = inner, depth + 1
-    return depth, containers
+def json_depth(doc: object, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply *doc* nests arrays and objects (counting stops past *limit*)."""
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > limit:
+                break
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _no_constants(name: str) -> None:
@@ -154,18 +146,26 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 
 def parse_json(data: bytes, what: str, max_size: int = MAX_JSON_SIZE) -> dict:
-    """A JSON object from the wire, within the limits of this module (FormatError otherwise)."""
+    """A JSON object from the wire, within the limits of this module (FormatError otherwise).
+
+    The size and the number of containers are checked on the bytes, before
+    anything is built (every ``[`` and ``{`` counts, even inside strings: an
+    upper bound that allocates nothing); the depth on what ``json.loads``
+    built, whose own recursion guard stops it long before it costs memory.
+    """
     if len(data) > max_size:
         raise FormatError(f"{what}: {len(data)} bytes is more than the {max_size}-byte limit")
-    depth, containers = json_shape(data)
+    containers = data.count(b"[") + data.count(b"{")
     if containers > MAX_JSON_CONTAINERS:
         raise FormatError(f"{what}: {containers} arrays and objects, more than {MAX_JSON_CONTAINERS}")
-    if depth > MAX_JSON_DEPTH:
-        raise FormatError(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
     try:
         doc = json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except RecursionError:
+        raise FormatError(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except (ValueError, UnicodeDecodeError) as exc:
         raise FormatError(f"{what}: not JSON ({exc})") from None
+    if json_depth(doc) > MAX_JSON_DEPTH:
+        raise FormatError(f"{what}: nested more than {MAX_JSON_DEPTH} levels deep")
     if not isinstance(doc, dict):
         raise FormatError(f"{what}: not a JSON object")
     return doc
