@@ -316,3 +316,29 @@ def test_the_digest_gate_comes_before_everything():
     assert isinstance(result, IntegrityError) and peak < 64 << 10
     assert "declares" in one_line(pytest.raises(FormatError, parse_anchored_tail, tail, layer.meta_digest,
                                                 layer.size).value)
+
+
+# ---------------------------------------------------------------- traces
+
+
+def test_trace_bombs_allocate_nothing():
+    from lazyfs.fetch.trace import MAX_TRACE_BYTES, decode_trace
+
+    base = msgpack.packb({"format": "lazyfs-trace", "version": 1, "blobs": [], "chunks": []})
+    claim = base.replace(b"\xa6chunks\x90", b"\xa6chunks\xdd" + struct.pack(">I", (1 << 32) - 1)) + b"\x90" * 1000
+    nested = base.replace(b"\xa6chunks\x90", b"\xa6chunks\xdc" + struct.pack(">H", 60_000)) + b"\x90" * 60_000
+    for data in (claim, nested, b"\x90" * 100, bytes(MAX_TRACE_BYTES + 1)):
+        result, peak = peak_of(lambda: decode_trace(data))
+        one_line(result)
+        assert peak < 2 * len(data) + (64 << 10), peak
+
+
+def test_config_defaults_match_the_format():
+    from lazyfs.config import Config
+    from lazyfs.format.layer import DEFAULT_METADATA_BUDGET
+    from lazyfs.image.tarapply import DEFAULT_MAX_LAYER_BYTES
+
+    config = Config()
+    assert ImageLimits.from_config(config) == ImageLimits()
+    assert (config.max_virtual_size, config.metadata_budget, config.convert_max_layer_bytes) == \
+        (DEFAULT_MAX_VIRTUAL_SIZE, DEFAULT_METADATA_BUDGET, DEFAULT_MAX_LAYER_BYTES)
