@@ -11,8 +11,9 @@ FormatError or IntegrityError:
 * ``trace``: the bytes -> ``decode_trace``;
 * ``tar``: the bytes as a layer tar -> ``scan_layer`` (headers, pax, sparse maps).
 
-A longer run (what was run for the first wave of bounds, see BENCHMARKS.md):
+A longer run: seed a corpus with valid inputs, then fuzz (per target):
 
+    .venv/bin/python -m tests.fuzz.atheris_parsers seed metadata CORPUS_DIR
     .venv/bin/python -m tests.fuzz.atheris_parsers metadata -max_total_time=600 -rss_limit_mb=1024 CORPUS_DIR
 
 ``-rss_limit_mb`` makes libFuzzer fail on any input that takes more memory than
@@ -27,7 +28,12 @@ import tempfile
 
 import atheris
 
-with atheris.instrument_imports(include=["lazyfs"]):
+# tarfile and msgpack's pure-Python fallback are where the header and map parsing happens
+with atheris.instrument_imports(include=["lazyfs", "tarfile", "gzip"]):
+    import io
+    import tarfile
+
+    import msgpack
     import zstandard
 
     from lazyfs.errors import FormatError, IntegrityError
@@ -90,7 +96,32 @@ def tar(data: bytes) -> None:
 TARGETS = {"metadata": metadata, "msgpack": msgpack_, "manifest": manifest, "trace": trace, "tar": tar}
 
 
+def seeds(target: str) -> list[bytes]:
+    """Valid inputs of *target*, for a corpus to start from."""
+    from tests.format.test_fuzz import VALID_MANIFEST, VALID_METADATA, VALID_TAR
+    from lazyfs.fetch.trace import encode_trace
+    from lazyfs.format.layer import ChunkLocation
+
+    raw = zstandard.ZstdDecompressor().decompress(VALID_METADATA)
+    return {
+        "metadata": [raw, VALID_METADATA],
+        "msgpack": [raw],
+        "manifest": [VALID_MANIFEST],
+        "trace": [encode_trace([ChunkLocation(bytes(32), "sha256:" + "a" * 64, 0, 100, 4096, 1)] * 3)],
+        "tar": [VALID_TAR],
+    }[target]
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) == 4 and argv[1] == "seed" and argv[2] in TARGETS:
+        import hashlib
+        import os
+
+        os.makedirs(argv[3], exist_ok=True)
+        for data in seeds(argv[2]):
+            with open(os.path.join(argv[3], hashlib.sha1(data).hexdigest()), "wb") as f:
+                f.write(data)
+        return
     if len(argv) < 2 or argv[1] not in TARGETS:
         raise SystemExit(f"usage: {argv[0]} {{{','.join(TARGETS)}}} [libFuzzer options] [corpus dirs]")
     target = TARGETS[argv[1]]
