@@ -65,8 +65,10 @@ async def load_layer(i: int, layer: LayerDescriptor, backends: Sequence[Backend]
                      saved: bytes | None = None, on_tail: TailSink | None = None) -> LayerMeta:
     """The metadata of one layer, from the first source whose tail matches the layer's meta-digest.
 
-    Sources are tried in order, as the scheduler tries them for chunks: a read
-    that fails, or bytes that fail the digest, move on to the next source. A
+    Sources are tried in order, as the scheduler tries them for chunks: bytes
+    that fail the digest are read again from another source of the same
+    backend (that source excluded and reported to the backend), then from the
+    next backend, as is a read that fails outright. A
     tail that matches its digest but does not parse is the image's fault and
     fails at once. *saved* (a tail kept from an earlier pull) is tried first.
     *on_tail* is given the bytes of the tail that passed (in a worker thread).
@@ -83,24 +85,34 @@ async def load_layer(i: int, layer: LayerDescriptor, backends: Sequence[Backend]
         bad: list[IntegrityError] = []
         failed: list[LazyfsError] = []
         for backend in backends:
-            try:
-                tail = await backend.read_range(layer.digest, layer.meta_offset, layer.meta_length)
-                if len(tail) != layer.meta_length:
-                    raise FetchError(f"{backend.name}: short read of {layer.digest}: {len(tail)} of {layer.meta_length}")
-            except LazyfsError as exc:
-                failed.append(exc)
-                log.info("metadata of %s from %s: %s", what, backend.name, exc)
-                continue
-            try:
-                meta = await _parse(tail, layer, what, budget, max_virtual_size, backend.name, on_tail)
-            except IntegrityError as exc:
-                bad.append(exc)
-                log.info("%s", exc)
-                continue
-            if bad or failed:  # the failover worked: say which sources did not
-                log.warning("metadata of %s came from %s; %s", what, backend.name,
-                            "; ".join(str(e) for e in [*bad, *failed]))
-            return meta
+            excluded: set[str] = set()
+            # Each pass reads from a source of this backend not yet caught serving bad bytes:
+            # bounded by its sources.
+            while not excluded.issuperset(backend.sources):
+                try:
+                    got = await backend.read_range_from(layer.digest, layer.meta_offset, layer.meta_length,
+                                                        exclude=excluded)
+                    if len(got.data) != layer.meta_length:
+                        raise FetchError(f"{got.source}: short read of {layer.digest}: {len(got.data)} of "
+                                         f"{layer.meta_length} bytes")
+                except LazyfsError as exc:
+                    failed.append(exc)
+                    log.info("metadata of %s from %s: %s", what, backend.name, exc)
+                    break
+                try:
+                    meta = await _parse(got.data, layer, what, budget, max_virtual_size, got.source, on_tail)
+                except IntegrityError as exc:
+                    bad.append(exc)
+                    log.info("%s", exc)
+                    backend.source_failed_verification(got.source)
+                    if got.source in excluded:  # a backend that ignored the exclusion: do not loop
+                        break
+                    excluded.add(got.source)
+                    continue
+                if bad or failed:  # the failover worked: say which sources did not
+                    log.warning("metadata of %s came from %s; %s", what, got.source,
+                                "; ".join(str(e) for e in [*bad, *failed]))
+                return meta
         if bad:
             sources = ", ".join(e.source for e in bad)
             raise IntegrityError(f"metadata of {what}", layer.meta_digest, bad[-1].got,

@@ -25,7 +25,7 @@ from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, parse_json, parse_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.convert import ConvertProgress
 from lazyfs.image.image import layer_name, load_image
-from lazyfs.image.remote import MAX_CONFIG_SIZE, ImageOpener, source_backends
+from lazyfs.image.remote import MAX_CONFIG_SIZE, ImageOpener
 
 WINDOW = 8 << 20  # bytes of a blob read at once
 
@@ -59,7 +59,7 @@ async def verify_remote(opener: ImageOpener, text: str, progress: ConvertProgres
         raise FormatError(f"config {manifest.config.digest} of {text}: rootfs.diff_ids do not name the "
                           f"manifest's layers")
     backend = RegistryBackend(client, repo)
-    image = await load_image(manifest, source_backends(backend), name=text, limits=opener.limits)
+    image = await load_image(manifest, [backend], name=text, limits=opener.limits)
     progress.add_total("verify", sum(layer.size for layer in manifest.layers))
     checked = _Checked(blobs=2)  # manifest and config
     for i, ((meta, blob), layer) in enumerate(zip(image.layers, manifest.layers, strict=True)):
