@@ -64,7 +64,7 @@ def image(registry, tmp_path_factory):
     meta = opened.image.layers[0][0]
     forged, forged_digests = forge_blob(len(true_blob), layer.meta_offset, meta.virtual_size, meta.chunk_size,
                                         MARKER * (len(base) // len(MARKER)))
-    return {"ref": ref, "flat": (tmp / "flat.img").read_bytes(), "layer": layer, "forged": forged,
+    return {"ref": ref, "flat": (tmp / "flat.img").read_bytes(), "layer": layer, "forged": forged, "true_blob": true_blob,
             "forged_digests": forged_digests, "true_digests": {c.digest for m, _ in opened.image.layers
                                                               for c in m.chunks}}
 
@@ -102,10 +102,12 @@ def test_the_forgery_is_self_consistent(image):
         parse_anchored_tail(tail, layer.meta_digest, layer.size, what="layer 0")
 
 
-def test_forging_mirror_before_attach_fails_over_to_the_registry(registry, image, tmp_path):
+def attach_through_mirror(registry, image, tmp_path, content: bytes) -> tuple[dict, FaultProxy]:
+    """Attach the image with a mirror serving *content* for the forged layer from before the attach;
+    read it whole (it must equal the true image) and return the scheduler's statistics."""
     ref, layer = image["ref"], image["layer"]
     with FaultProxy.running_in_thread(registry.port) as mirror, FaultProxy.running_in_thread(registry.port) as origin:
-        mirror.faults.forge(image["forged"], path=layer.digest)  # active before the attach
+        mirror.faults.forge(content, path=layer.digest)
 
         async def main():
             config = host_config(tmp_path, f"127.0.0.1:{origin.port}", mirrors=[f"127.0.0.1:{mirror.port}"])
@@ -114,13 +116,29 @@ def test_forging_mirror_before_attach_fails_over_to_the_registry(registry, image
                 assert await att.device.read(0, att.device.size) == image["flat"]
                 for digest in image["forged_digests"]:
                     assert digest not in host.cache
-                assert mirror.count("GET", layer.digest) >= 2  # the tail and chunks were asked of the mirror first
-                assert host.scheduler.statistics()["integrity_failures"] >= 1
-                return host.cache.statistics()
+                return host.scheduler.statistics()
 
-        trio.run(main)
-        assert any(r.fault is not None for r in mirror.requests("GET", layer.digest))
+        stats = trio.run(main)
+        asked = [r for r in mirror.requests("GET", layer.digest) if r.fault is not None]
+    assert asked, "the mirror was never asked"
     assert MARKER not in cache_bytes(tmp_path / "cache")
+    return stats, asked
+
+
+def test_forging_mirror_before_attach_fails_over_to_the_registry(registry, image, tmp_path):
+    """A forged tail (and forged chunks behind it): the tail fails its meta-digest, the registry serves it.
+
+    The registry client then holds the mirror unhealthy, so the chunks may never be asked of it;
+    the next test forges the chunks alone."""
+    attach_through_mirror(registry, image, tmp_path, image["forged"])
+
+
+def test_forged_chunks_behind_a_true_tail_fail_over_to_the_registry(registry, image, tmp_path):
+    """The true tail, forged frames: the chunks fail their blake3 and come from the registry."""
+    layer = image["layer"]
+    true_tail = image["true_blob"][layer.meta_offset:]
+    stats, asked = attach_through_mirror(registry, image, tmp_path, image["forged"][: layer.meta_offset] + true_tail)
+    assert stats["integrity_failures"] >= 1 and len(asked) >= 2
 
 
 def test_no_good_source_fails_naming_the_layer(registry, image, tmp_path):

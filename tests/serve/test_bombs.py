@@ -230,7 +230,7 @@ def test_mount_through_a_forging_mirror(env, tmp_path):
                 assert diffs == [], "\n".join(diffs[:20])
             finally:
                 lazyfs("umount", str(target))
-            assert mirror.count("GET", layer.digest) >= 2  # the tail and chunks were asked of it first
+            assert mirror.count("GET", layer.digest) >= 1  # asked first (then held unhealthy by the client)
         finally:
             try:
                 call(str(tmp_path / "run/lazyfs.sock"), "stop", timeout=10)
