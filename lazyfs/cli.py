@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 # request; rpull refuses it, because the snapshotter fetches the layers with its own config.
 # See docs/errors.md.
 REGISTRY_COMMANDS = frozenset({"push", "pull", "convert", "mount", "export", "commit", "tcmu", "rpull", "daemon",
-                               "snapshotter", "config"})
+                               "snapshotter", "config", "verify"})
 
 
 _SUBJECT = {"pull": "ref", "rpull": "ref", "convert": "source", "umount": "target", "stats": "target"}

@@ -191,6 +191,9 @@ def _cmd(w: World, command: str, fault: str):
     remote = {"meta-proxy": (w.flip, "errors/img:v1"), "unreachable": (w.dead, "errors/img:v1"),
               "credentials": (w.wrong, "errors/img:v1"), "unknown-tag": (w.reg, "errors/img:nosuch"),
               "truncated-manifest": (w.trunc, "errors/img:v1")}
+    if command == "verify" and fault in remote:  # a registry image: checked against the chain of digests
+        host, path = remote[fault]
+        return ["verify", f"{host}/{path}", "--quiet", "--plain-http", host], host
     if command in ("info", "verify", "flatten"):
         if fault not in local:
             return NO_REGISTRY if fault in ("unreachable", "credentials") else LOCAL_ONLY

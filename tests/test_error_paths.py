@@ -56,7 +56,7 @@ def layouts(tmp_path_factory):
 
 
 def test_load_image_raises_the_integrity_error_itself(layouts):
-    with pytest.raises(IntegrityError, match="layer metadata"):
+    with pytest.raises(IntegrityError, match="metadata of layer 0"):
         trio.run(open_local, layouts["bad-meta"])
 
 
@@ -68,7 +68,7 @@ def test_host_attach_raises_the_integrity_error_itself(layouts, tmp_path):
         async with Host.open(config) as host:
             await host.attach(f"oci:{layouts['bad-meta'].path}:v1", "bad")
 
-    with pytest.raises(IntegrityError, match="layer metadata"):
+    with pytest.raises(IntegrityError, match="metadata of layer 0"):
         trio.run(main)
 
 
