@@ -96,14 +96,17 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     the daemon's configured writable root). *plain_http*: registries the daemon speaks plain
     HTTP to for this image, besides those its config lists.
     *prefer_lazyfs*: *image* may be an ordinary image; mount its lazyfs twin (found through the
-    referrers fallback tag of its manifest, where ``lazyfs convert`` lists it).
+    referrers fallback tag of its manifest, where ``lazyfs convert`` lists it) if the trust
+    policy accepts one. The result's ``note`` then says what was mounted instead of *image*.
     """
     started = time.monotonic()
     target = _check_target(target)
+    twin = None
     if prefer_lazyfs:
         from lazyfs.image.convert import resolve_twin_blocking
 
-        image = resolve_twin_blocking(config.with_plain_http(plain_http), image)
+        twin = resolve_twin_blocking(config.with_plain_http(plain_http), image)
+        image = twin.ref
     name = target_name(image, target)
     writable_dir = writable_dir_under(writable_root, name, writable)
     ensure_daemon(config, config_path)
@@ -126,7 +129,11 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     except BaseException:
         _undo(config, name, dev)
         raise
-    return {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+    result = {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+    if twin is not None and twin.replaced:
+        result["twin"] = twin.to_json()
+        result["note"] = twin.note()
+    return result
 
 
 def _read_error(config: Config, name: str) -> str | None:
