@@ -665,7 +665,9 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
     source = await open_source(lambda: opener.client, source_text, platform)
     target = open_target(lambda: opener.client, target_text)
     cache_root = cache_dir or default_cache_dir(opener.config)
-    os.makedirs(cache_root, exist_ok=True)
+    for private in ((opener.config.cache_root,) if cache_dir is None else ()) + (cache_root,):
+        os.makedirs(private, mode=0o700, exist_ok=True)  # converted layers of private images: root's alone
+        os.chmod(private, 0o700)
     ledger = HostLedger(os.path.join(cache_root, "converted"))
     policy = TrustPolicy((ledger,), load_trust_store(opener.config.trust))
     # Without the cache, converted blobs still need a home: a scratch layout, removed afterwards.
