@@ -143,12 +143,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     result = mount_image(_config(args), args.config, args.image, args.target, writable=args.writable,
                          writable_root=args.writable_root, kind=args.kind, prefer_lazyfs=args.prefer_lazyfs,
-                         plain_http=_plain_http(args))
+                         plain_http=_plain_http(args), devices=args.dev, setuid=args.suid)
+    if result.get("note"):  # a twin was mounted instead of the image named: never silently
+        print(f"lazyfs: {result['note']}", file=sys.stderr)
     if args.json:
         _print(result, True)
     else:
         mode = "read-write" if args.writable else "read-only"
-        print(f"mounted {args.image} at {result['target']} ({mode}, {result['loop']}) in {result['seconds']:.3f} s")
+        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}) in "
+              f"{result['seconds']:.3f} s")
     return 0
 
 
@@ -396,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--kind", choices=["sparse", "log"], default="sparse", help="writable layer kind")
     p.add_argument("--prefer-lazyfs", action="store_true",
-                   help="IMAGE may be an ordinary image: mount the lazyfs image converted from it")
+                   help="IMAGE may be an ordinary image: mount the lazyfs image converted from it, if this host "
+                        "converted it or it is signed by a trusted key (docs/trust.md)")
+    p.add_argument("--dev", action="store_true", help="honour device nodes in the image (default: nodev)")
+    p.add_argument("--suid", action="store_true", help="honour set-user/group-ID files in the image (default: nosuid)")
     p.add_argument("--json", action="store_true")
 
     p = add("export", cmd_export, "export IMAGE as DIRECTORY/disk.img only (for qemu -drive and Kata)")

@@ -71,6 +71,38 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustSettings:
+    """Which artifacts found through referrers (lazyfs twins, reusable layers) this host accepts (docs/trust.md).
+
+    Artifacts this host made are always accepted; others only with a Notary Project signature
+    that verifies against ``trust_store``.
+    """
+
+    trust_store: Annotated[tuple[str, ...], _doc(
+        "PEM files, or directories of .pem/.crt files, holding the root certificates signatures must chain to "
+        "(a Notary Project trust store of type ca)")] = ()
+    trusted_identities: Annotated[tuple[str, ...], _doc(
+        "signers accepted under those roots: '*' or 'x509.subject: C=.., ST=.., O=..' entries")] = ("*",)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trust_store", tuple(self.trust_store))
+        object.__setattr__(self, "trusted_identities", tuple(self.trusted_identities))
+        if "*" in self.trusted_identities:
+            if len(self.trusted_identities) > 1:
+                raise ValueError("'*' must be the only trusted identity")
+            return
+        if not self.trusted_identities:
+            raise ValueError("no trusted identity (use '*' to accept every signer under the roots)")
+        from lazyfs.format.notation import parse_identity
+
+        for text in self.trusted_identities:
+            try:
+                parse_identity(text)
+            except FormatError as e:
+                raise ValueError(str(e)) from None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Everything the daemon and the commands need to know about this host."""
 
@@ -93,6 +125,8 @@ class Config:
     trace_record_seconds: Annotated[float, _doc(
         "record a startup trace for this long after the first attach", ge=0)] = 30.0
     trace_replay: bool = True
+    trace_publish: Annotated[bool, _doc(
+        "record startup traces and push them into the image's repository (off: traces are only read)")] = False
     trace_concurrency: Annotated[int, _doc("chunks in flight while replaying a trace", ge=0)] = 8
     background_download: bool = False
     background_delay: Seconds = 30.0
@@ -105,6 +139,7 @@ class Config:
     metadata_budget: Annotated[int, _doc("memory one image's layer metadata may take, bytes", gt=0)] = 128 << 20
     convert_max_layer_bytes: Annotated[int, _doc(
         "decompressed tar bytes one source layer may have in lazyfs convert", gt=0)] = 32 << 30
+    trust: TrustSettings = TrustSettings()
 
     @property
     def socket_path(self) -> str:
@@ -188,6 +223,8 @@ def _unknown(doc: object, cls: type, path: str) -> str | None:
             found = _unknown(entry, RegistrySettings, f"registries[{i}]")
             if found:
                 return found
+    if cls is Config and "trust" in doc:
+        return _unknown(doc["trust"], TrustSettings, "trust")
     return None
 
 
@@ -216,6 +253,9 @@ def check_paths(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: hosts_dir {config.hosts_dir}: not a directory")
     if config.credentials is not None and os.path.exists(config.credentials) and not os.path.isfile(config.credentials):
         raise ConfigError(f"{where}: credentials {config.credentials}: not a file")
+    for i, path in enumerate(config.trust.trust_store):
+        if not os.path.exists(path):
+            raise ConfigError(f"{where}: trust.trust_store[{i}] {path}: does not exist")
 
 
 def config_from_dict(doc: dict, where: str = "config", *, check_files: bool = True) -> Config:

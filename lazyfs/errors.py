@@ -77,6 +77,15 @@ class AlreadyExistsError(LazyfsError):
     errno = errno.EEXIST
 
 
+class TrustError(LazyfsError):
+    """An artifact this host's trust policy refuses: not made here, unsigned, or signed by no trusted key.
+
+    The message says which artifact and why (docs/trust.md).
+    """
+
+    errno = errno.EACCES
+
+
 class StorageError(LazyfsError):
     """Local storage refused a write or a sync: disk full (ENOSPC), an I/O error (EIO), ...
 

@@ -89,7 +89,8 @@ class ChunkCache:
             ("memory_hits", "disk_hits", "misses", "evictions", "damaged", "writes", "bytes_written", "write_errors"), 0
         )
         if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o700)  # chunks of private images: the cache's user alone (docs/trust.md)
             self._scan()
 
     @classmethod
@@ -105,6 +106,8 @@ class ChunkCache:
         for sub in os.scandir(self.root):
             if not (sub.is_dir(follow_symlinks=False) and _is_hex(sub.name, 2)):
                 continue
+            if sub.stat(follow_symlinks=False).st_mode & 0o077:
+                os.chmod(sub.path, 0o700)  # made readable by an older lazyfs
             for entry in os.scandir(sub.path):
                 if entry.name.startswith(_TMP_PREFIX):
                     _unlink(entry.path)  # an interrupted write
@@ -112,6 +115,8 @@ class ChunkCache:
                 if not _is_hex(entry.name, 62) or not entry.is_file(follow_symlinks=False):
                     continue
                 st = entry.stat(follow_symlinks=False)
+                if st.st_mode & 0o077:
+                    os.chmod(entry.path, 0o600)
                 if st.st_size == 0 or st.st_size > MAX_CHUNK_SIZE:
                     _unlink(entry.path)
                     self._stats["damaged"] += 1
@@ -323,10 +328,10 @@ def _read_verified(path: Path, digest: bytes):
 
 
 def _write_atomic(path: Path, tmp_name: str, data: bytes, fsync: bool) -> None:
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.parent / tmp_name
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
             f.write(data)
             if fsync:
                 f.flush()

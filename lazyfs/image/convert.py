@@ -8,11 +8,15 @@ unmount, normalize, and store the blocks that changed as a lazyfs layer
 
 A layer is identified by the chain ID of its source layer (the layer over
 exactly the layers below it) *and* the lazyfs layer it is a diff over, so
-reusing it is always sound. Reuse comes from the local conversion cache
-(``<cache_root>/convert``) and from the target: the image already under the
-target tag and the lazyfs twins listed for the source manifest under the
-referrers fallback tag. Only the layers after the first one not found are
-converted; the state below them is materialized from the reused layers.
+reusing it is sound when that claim is true. Reuse comes from the local
+conversion cache (``<cache_root>/convert``) and from the target: the image
+already under the target tag and the lazyfs twins listed for the source
+manifest under the referrers fallback tag. A layer from the target is reused
+only from an image the trust policy accepts (``lazyfs.image.trust``: converted
+on this host, or signed by a trusted key): annotations alone are anyone's
+claim. Only the layers after the first one not found are converted; the state
+below them is materialized from the reused layers. Every image convert writes
+is recorded in the host's conversion ledger.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 
 from lazyfs.config import Config
-from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
+from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError, TrustError
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.direct import DirectChunkStore
 from lazyfs.fetch.directory import DirectoryBackend
@@ -75,12 +79,23 @@ from lazyfs.image.referrers import (
 )
 from lazyfs.image.remote import FallbackBackend, ImageOpener
 from lazyfs.image.tarapply import DEFAULT_MAX_LAYER_BYTES, LayerApplier, check_diff_id, open_layer, scan_layer
+from lazyfs.image.trust import (
+    ArtifactSource,
+    HostLedger,
+    LayoutSource,
+    RegistrySource,
+    TrustDecision,
+    TrustPolicy,
+    describe,
+    load_trust_store,
+)
 from lazyfs.image.workfs import WorkFs
 from lazyfs.nursery import open_nursery
 
 TWIN_ARTIFACT_TYPE = MEDIA_TYPE_CONFIG  # a referrer's type is its config's media type when it has no artifactType
 DOWNLOAD_CONCURRENCY = 3
 MAX_REFERRER_TAGS = 64  # referrers fallback tags read when looking for reusable layers in the target
+MAX_TWINS_CHECKED = 16  # twins of one image whose trust --prefer-lazyfs checks, newest first
 _REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
 POLL_SECONDS = 0.1
 
@@ -202,6 +217,14 @@ class Target:
             return DirectoryBackend(self.layout.path)
         assert self.client is not None and self.ref is not None
         return RegistryBackend(self.client, self.ref.repo())
+
+    @property
+    def artifacts(self) -> ArtifactSource:
+        """The target as the trust policy reads it."""
+        if self.layout is not None:
+            return LayoutSource(self.layout)
+        assert self.client is not None and self.ref is not None
+        return RegistrySource(self.client, self.ref.repo())
 
     async def current(self) -> bytes | None:
         """The manifest now under the target tag (None if there is none)."""
@@ -339,6 +362,15 @@ def _candidates(manifests: list[bytes], chunk_size: int) -> dict[tuple[str, str]
     return found
 
 
+def _offers(data: bytes, chains: set[str], chunk_size: int) -> bool:
+    """Whether a manifest has a converted layer this conversion could reuse (only those are worth a trust check)."""
+    try:
+        layers = parse_converted_layers(data)
+    except FormatError:
+        return False
+    return any(layer.chain_id in chains and layer.chunk_size == chunk_size for layer in layers)
+
+
 def _apply_pinned(root: str, blob: str, compression: str, what: str, progress: ConvertProgress):
     """Apply one layer from a worker thread pinned to one CPU (ext4's small-file allocator is per CPU)."""
     before = os.sched_getaffinity(0)
@@ -392,10 +424,13 @@ class Converter:
 
     def __init__(self, source: SourceImage, target: Target, cache: ConvertCache, chunk_size: int,
                  progress: ConvertProgress, work_root: str, reuse: bool = True,
-                 limits: ImageLimits = ImageLimits(), max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES) -> None:
+                 limits: ImageLimits = ImageLimits(), max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES,
+                 policy: TrustPolicy | None = None) -> None:
         self.source, self.target, self.cache = source, target, cache
         self.limits, self.max_layer_bytes = limits, max_layer_bytes
         self.reuse = reuse
+        self.policy = policy or TrustPolicy()  # default: nothing from the target is trusted
+        self.decisions: dict[str, TrustDecision] = {}  # manifest digest -> the policy's answer
         self.chunk_size = chunk_size
         self.progress = progress
         self.work_root = work_root
@@ -406,14 +441,34 @@ class Converter:
     # ------------------------------------------------------------ reuse
 
     async def plan_reuse(self) -> list[LayerOutcome]:
-        """The longest run of bottom layers that exists already (local cache first, then the target)."""
+        """The longest run of bottom layers that exists already (local cache first, then trusted images in the target)."""
         manifests = [m for m in [await self.target.current()] if m is not None]
         manifests += await self.target.twins(self.source.manifest.digest)
+        manifests = await self._trusted(manifests)
         reused = self._reusable(_candidates(manifests, self.chunk_size))
         if len(reused) < len(self.source.chains):  # look wider: every converted image in the target
-            wider = self._reusable(_candidates(manifests + await self.target.all_twins(), self.chunk_size))
+            wider = self._reusable(_candidates(manifests + await self._trusted(await self.target.all_twins()),
+                                               self.chunk_size))
             reused = wider if len(wider) > len(reused) else reused
         return reused
+
+    async def _trusted(self, manifests: list[bytes]) -> list[bytes]:
+        """The manifests whose layers may be reused: those the trust policy accepts (each asked once)."""
+        chains = set(self.source.chains)
+        out = []
+        for data in manifests:
+            if not _offers(data, chains, self.chunk_size):
+                continue
+            digest = sha256_digest(data)
+            if digest not in self.decisions:
+                self.decisions[digest] = await self.policy.check(self.target.artifacts, digest, None, data)
+            if self.decisions[digest].trusted:
+                out.append(data)
+        return out
+
+    @property
+    def refused(self) -> list[TrustDecision]:
+        return [d for d in self.decisions.values() if not d.trusted]
 
     def _reusable(self, remote: dict[tuple[str, str], ConvertedLayer]) -> list[LayerOutcome]:
         reused: list[LayerOutcome] = []
@@ -635,13 +690,18 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
     source = await open_source(lambda: opener.client, source_text, platform)
     target = open_target(lambda: opener.client, target_text)
     cache_root = cache_dir or default_cache_dir(opener.config)
-    os.makedirs(cache_root, exist_ok=True)
+    for private in ((opener.config.cache_root,) if cache_dir is None else ()) + (cache_root,):
+        os.makedirs(private, mode=0o700, exist_ok=True)  # converted layers of private images: root's alone
+        os.chmod(private, 0o700)
+    ledger = HostLedger(os.path.join(cache_root, "converted"))
+    policy = TrustPolicy((ledger,), load_trust_store(opener.config.trust))
     # Without the cache, converted blobs still need a home: a scratch layout, removed afterwards.
     scratch = None if use_cache else tempfile.mkdtemp(prefix="scratch-", dir=cache_root)
     try:
         cache = ConvertCache(scratch or cache_root)
         converter = Converter(source, target, cache, chunk_size, progress, cache_root, reuse=use_cache,
-                              limits=opener.limits, max_layer_bytes=opener.config.convert_max_layer_bytes)
+                              limits=opener.limits, max_layer_bytes=opener.config.convert_max_layer_bytes,
+                              policy=policy)
         outcomes = await converter.run()
         layers = [o.layer for o in outcomes]
         config = build_converted_config(source.config, layers)
@@ -653,6 +713,9 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
             written = await _write_layout(target, cache, outcomes, config, manifest, subject)
         else:
             written = await _push_registry(target, cache, outcomes, config, manifest, subject, progress)
+        # this host wrote the manifest, from layers it converted or accepted: it trusts it from now on
+        await trio.to_thread.run_sync(ledger.record, written["manifest"], {
+            "source": source_text, "source_manifest": subject, "target": target_text, "recorded": int(time.time())})
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -672,6 +735,7 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
                    for o in outcomes],
         "layers_converted": sum(o.origin == "converted" for o in outcomes),
         "layers_reused": sum(o.origin != "converted" for o in outcomes),
+        "untrusted_images": [d.to_json() for d in converter.refused],
         "source_bytes": sum(layer.size for layer in source.manifest.layers),
         "image_bytes": sum(layer.size for layer in layers) + len(config) + len(manifest),
         "bytes_downloaded": converter.downloaded,
@@ -686,33 +750,82 @@ async def convert_image(opener: ImageOpener, source_text: str, target_text: str,
 # ---------------------------------------------------------------- finding a twin
 
 
-async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None = None) -> str:
-    """The reference of the lazyfs image converted from *text* (or *text* itself if it is lazyfs already)."""
+@dataclass(frozen=True, slots=True)
+class TwinChoice:
+    """What ``--prefer-lazyfs`` mounts for a reference, and why."""
+
+    ref: str  # the image to mount
+    named: str  # the reference the user gave
+    source_manifest: str | None = None  # the ordinary image's manifest digest; None: *named* is a lazyfs image
+    decision: TrustDecision | None = None  # why the twin is trusted
+    refused: tuple[TrustDecision, ...] = ()  # newer twins the policy refused
+
+    @property
+    def replaced(self) -> bool:
+        return self.source_manifest is not None
+
+    def note(self) -> str:
+        """The line that tells the user what was mounted instead of what they named."""
+        if not self.replaced:
+            return ""
+        pinned = "@sha256:" in self.named
+        what = f"{self.named} is {'pinned to' if pinned else 'the ordinary image'} {self.source_manifest}"
+        because = self.decision.reason if self.decision else ""
+        skipped = f"; {len(self.refused)} newer twin(s) refused" if self.refused else ""
+        return f"{what}; mounted its lazyfs twin {self.ref} instead ({because}{skipped})"
+
+    def to_json(self) -> dict:
+        return {"named": self.named, "mounted": self.ref, "source_manifest": self.source_manifest,
+                "trust": self.decision.to_json() if self.decision else None,
+                "refused": [d.to_json() for d in self.refused]}
+
+
+async def _first_trusted(policy: TrustPolicy, source: ArtifactSource, twins: list[str], subject: str,
+                         text: str) -> tuple[str, TrustDecision, tuple[TrustDecision, ...]]:
+    """The newest twin the policy trusts for *subject* (TrustError listing why each was refused)."""
+    refused = []
+    for twin in reversed(twins[-MAX_TWINS_CHECKED:]):
+        decision = await policy.check(source, twin, subject)
+        if decision.trusted:
+            return twin, decision, tuple(refused)
+        refused.append(decision)
+    raise TrustError(f"no trusted lazyfs twin of {text} ({subject}): {describe(refused)}. Convert it on this host, "
+                     f"or sign the twin and list the signer's root in trust.trust_store (docs/trust.md)")
+
+
+async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None = None,
+                           policy: TrustPolicy | None = None) -> TwinChoice:
+    """The lazyfs image converted from *text* that this host trusts (or *text* itself if it is lazyfs already).
+
+    Twins are listed under the referrers fallback tag of *text*'s manifest by anyone who
+    can push there; only one the trust policy accepts is used, the newest such.
+    """
     platform = platform or host_platform()
     local = parse_local_ref(text)
     if local is not None:
         layout = OciLayout(local.path)
         data, desc = layout.read_manifest(local.tag)
         if _is_lazyfs(data):
-            return text
+            return TwinChoice(text, text)
 
         async def load_local(d: Descriptor) -> bytes:
             return layout.read_blob(d.digest)
 
         _, _, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
-        twins = [e["digest"] for e in find_referrers_local(layout, digest, TWIN_ARTIFACT_TYPE)
-                 if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest]
         tags = {d.digest: tag for tag, d in layout.tags().items()}
-        for twin in reversed(twins):
-            if twin in tags:
-                return str(LocalRef(layout.path, tags[twin]))
-        raise NotFoundError(f"no lazyfs image converted from {text} ({digest}) in {layout.path}; "
-                            f"run lazyfs convert first")
+        twins = [e["digest"] for e in find_referrers_local(layout, digest, TWIN_ARTIFACT_TYPE)
+                 if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest and e["digest"] in tags]
+        if not twins:
+            raise NotFoundError(f"no lazyfs image converted from {text} ({digest}) in {layout.path}; "
+                                f"run lazyfs convert first")
+        policy = policy or TrustPolicy.from_config(opener.config)
+        twin, decision, refused = await _first_trusted(policy, LayoutSource(layout), twins, digest, text)
+        return TwinChoice(str(LocalRef(layout.path, tags[twin])), text, digest, decision, refused)
     client = opener.client
     ref = parse_reference(text)
     data, media_type, digest = await client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
     if _is_lazyfs(data):
-        return text
+        return TwinChoice(text, text)
 
     async def load_remote(d: Descriptor) -> bytes:
         return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
@@ -722,7 +835,9 @@ async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None 
              if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest]
     if not twins:
         raise NotFoundError(f"no lazyfs image converted from {text} ({digest}) in {ref.name}; run lazyfs convert first")
-    return str(ref.repo().with_digest(twins[-1]))
+    policy = policy or TrustPolicy.from_config(opener.config)
+    twin, decision, refused = await _first_trusted(policy, RegistrySource(client, ref.repo()), twins, digest, text)
+    return TwinChoice(str(ref.repo().with_digest(twin)), text, digest, decision, refused)
 
 
 def _is_lazyfs(data: bytes) -> bool:
@@ -735,10 +850,10 @@ def _is_lazyfs(data: bytes) -> bool:
                                             (MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1) for layer in layers)
 
 
-def resolve_twin_blocking(config: Config, text: str) -> str:
+def resolve_twin_blocking(config: Config, text: str) -> TwinChoice:
     """``find_lazyfs_twin`` for synchronous callers (the mount command)."""
 
-    async def run() -> str:
+    async def run() -> TwinChoice:
         async with ImageOpener(config) as opener:
             return await find_lazyfs_twin(opener, text)
 

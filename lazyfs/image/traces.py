@@ -1,8 +1,20 @@
-"""Startup traces stored next to their image, as referrer artifacts (registry or layout)."""
+"""Startup traces stored next to their image, as referrer artifacts (registry or layout).
+
+A trace is anyone's claim (whoever can push to the repository can list one), so
+a host replays one only after checking every entry against the image's own
+chunk tables: a trace that names a chunk the image does not have (another
+digest, blob, offset, length or compression) is ignored whole and counted
+(``LoadedTrace.foreign``). Hosts publish traces only when the config says so
+(``trace_publish``, off by default); see docs/trust.md.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
 
 from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.fetch.trace import MAX_TRACE_BYTES, decode_trace, encode_trace
@@ -25,15 +37,50 @@ from lazyfs.image.referrers import (
     find_referrers_local,
     find_referrers_remote,
 )
+from lazyfs.image.image import Image
 from lazyfs.image.remote import ImageOpener, OpenedImage
 
 log = logging.getLogger(__name__)
 ARTIFACT_TYPE = "application/vnd.lazyfs.trace.v1+msgpack"
+MAX_TRACES_TRIED = 4  # newest first: a forged newest trace does not hide an older good one
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedTrace:
+    """A stored trace checked against the image: *locations* to replay, or none if it named foreign chunks."""
+
+    manifest: str  # the trace artifact's manifest digest
+    locations: tuple[ChunkLocation, ...]
+    entries: int  # entries in the stored trace
+    foreign: int  # entries naming no chunk of the image (then nothing is replayed)
+
+    def __bool__(self) -> bool:
+        return bool(self.locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+
+def foreign_entries(trace: Sequence[ChunkLocation], image: Image) -> int:
+    """How many entries of *trace* are no chunk location of *image* (digest, blob, offset, lengths, compression).
+
+    Memory is bounded by the trace: only chunks whose digest the trace names are collected.
+    """
+    wanted = {loc.digest for loc in trace}
+    known: set[ChunkLocation] = set()
+    for meta, blob in image.layers:
+        for ref in meta.chunks:
+            if ref.digest in wanted:
+                known.add(ChunkLocation(ref.digest, meta.blob_of(ref, blob), ref.offset, ref.compressed_length,
+                                        ref.raw_length, ref.compression))
+    return sum(loc not in known for loc in trace)
 
 
 async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[ChunkLocation]) -> str:
     """Store *locations* as the image's startup trace; return the trace manifest digest."""
     blob = encode_trace(locations)
+    if len(blob) > MAX_TRACE_BYTES:
+        raise FormatError(f"trace of {len(locations)} chunks: {len(blob)} bytes, more than {MAX_TRACE_BYTES}")
     desc = Descriptor(MEDIA_TYPE_TRACE, sha256_digest(blob), len(blob))
     if opened.remote is not None:
         client, repo = opener.client, opened.remote.repo()
@@ -52,27 +99,57 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
                               {"dev.lazyfs.trace.chunks": str(len(locations))})
 
 
-async def load_trace(opener: ImageOpener, opened: OpenedImage) -> tuple[ChunkLocation, ...] | None:
-    """The newest stored startup trace of the image, or None. Damaged traces are logged and ignored."""
+async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | None:
+    """The newest stored startup trace of the image whose every entry is a chunk of the image, or None.
+
+    Up to MAX_TRACES_TRIED traces are read, newest first; one naming foreign chunks is
+    skipped and counted (the result's ``foreign``, or a LoadedTrace with no locations if
+    none passes). Damaged traces are logged and skipped.
+    """
     digest = opened.image.manifest.digest
-    try:
-        if opened.remote is not None:
-            client, repo = opener.client, opened.remote.repo()
+    if opened.remote is not None:
+        client, repo = opener.client, opened.remote.repo()
+        try:
             found = await find_referrers_remote(client, repo, digest, ARTIFACT_TYPE)
-            if not found:
-                return None
-            manifest, _, _ = await client.get_manifest(repo.with_digest(found[-1]["digest"]))
-            blob = _trace_blob(manifest)
-            return decode_trace(await client.get_blob(repo, blob, max_size=MAX_TRACE_BYTES))
-        layout = OciLayout(opened.local.path)
-        found = find_referrers_local(layout, digest, ARTIFACT_TYPE)
-        if not found:
+        except LazyfsError as exc:
+            log.warning("ignoring the startup traces of %s: %s", opened.name, exc)
             return None
-        manifest = layout.read_blob(found[-1]["digest"], MAX_MANIFEST_SIZE)
-        return decode_trace(layout.read_blob(_trace_blob(manifest), MAX_TRACE_BYTES))
-    except LazyfsError as exc:
-        log.warning("ignoring the startup trace of %s: %s", opened.name, exc)
-        return None
+
+        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
+            manifest, _, _ = await client.get_manifest(repo.with_digest(manifest_digest))
+            return decode_trace(await client.get_blob(repo, _trace_blob(manifest), max_size=MAX_TRACE_BYTES))
+    else:
+        layout = OciLayout(opened.local.path)
+        try:
+            found = find_referrers_local(layout, digest, ARTIFACT_TYPE)
+        except LazyfsError as exc:
+            log.warning("ignoring the startup traces of %s: %s", opened.name, exc)
+            return None
+
+        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
+            manifest = layout.read_blob(manifest_digest, MAX_MANIFEST_SIZE)
+            return decode_trace(layout.read_blob(_trace_blob(manifest), MAX_TRACE_BYTES))
+
+    rejected: LoadedTrace | None = None
+    foreign = 0
+    for entry in found[::-1][:MAX_TRACES_TRIED]:
+        manifest_digest = str(entry.get("digest"))
+        try:
+            locations = await read(manifest_digest)
+        except LazyfsError as exc:
+            log.warning("ignoring the startup trace %s of %s: %s", manifest_digest, opened.name, exc)
+            continue
+        bad = await trio.to_thread.run_sync(foreign_entries, locations, opened.image)
+        if bad:
+            foreign += bad
+            log.warning("ignoring the startup trace %s of %s: %d of its %d entries name chunks the image does "
+                        "not have", manifest_digest, opened.name, bad, len(locations))
+            rejected = rejected or LoadedTrace(manifest_digest, (), len(locations), bad)
+            continue
+        return LoadedTrace(manifest_digest, locations, len(locations), foreign)
+    if rejected is not None:
+        return LoadedTrace(rejected.manifest, (), rejected.entries, foreign)
+    return None
 
 
 def _trace_blob(manifest: bytes) -> str:

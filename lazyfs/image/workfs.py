@@ -38,7 +38,8 @@ STAMP = 946684800  # 2000-01-01T00:00:00Z: every time mkfs, resize2fs and the no
 JOURNAL_MB = 32
 FEATURES = ("none,has_journal,ext_attr,resize_inode,dir_index,filetype,extent,64bit,flex_bg,sparse_super,"
             "large_file,huge_file,dir_nlink,extra_isize")
-MOUNT_OPTIONS = ("noatime", "nodelalloc", "noinit_itable", "nodiscard", "errors=remount-ro")
+# nodev, nosuid, noexec: device nodes and set-id files from a registry image are data here, never honoured
+MOUNT_OPTIONS = ("noatime", "nodelalloc", "noinit_itable", "nodiscard", "errors=remount-ro", "nodev", "nosuid", "noexec")
 DIGEST_SIZE = 16
 READ_WINDOW = 4 << 20
 _ZERO_DIGEST = hashlib.blake2b(bytes(BLOCK_SIZE), digest_size=DIGEST_SIZE).digest()

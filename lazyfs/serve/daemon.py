@@ -42,7 +42,7 @@ class Daemon:
                 for a in self.host.attachments.values()]
 
     def save_state(self) -> None:
-        os.makedirs(self.config.state_dir, exist_ok=True)
+        os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         write_atomically(self.config.state_file, json.dumps({"attachments": self._records()}, indent=1).encode())
 
     async def restore(self) -> None:
@@ -203,11 +203,24 @@ async def clear_stale_export(export_dir: str) -> None:
         await system.umount(export_dir, lazy=True)
 
 
+def secure_dirs(config: Config) -> None:
+    """The host's directories, private to the daemon's user at every start (0700; see docs/trust.md).
+
+    Images can be private, so no other local user may list or read the control socket,
+    the exports, the chunk cache or writable layers (and the daemon's umask keeps its files 0600).
+    """
+    for path in (config.run_dir, config.cache_root, config.writable_root):  # lazyfs's own: forced
+        system.private_dir(path)
+    os.makedirs(config.state_dir, mode=0o700, exist_ok=True)  # may be shared (e.g. /var/lib/lazyfs): made, not forced
+    if not system.is_mountpoint(config.export_dir):  # a stale FUSE mount is cleared first
+        system.private_dir(config.export_dir)
+
+
 async def run_daemon(config: Config) -> None:
-    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
-    # first: a killed daemon's FUSE mount answers ENOTCONN, and makedirs takes it for a file
+    # a killed daemon's FUSE mount answers ENOTCONN: secure_dirs skips it, it is cleared, then made private
+    await trio.to_thread.run_sync(secure_dirs, config)
     await clear_stale_export(config.export_dir)
-    os.makedirs(config.export_dir, exist_ok=True)
+    await trio.to_thread.run_sync(system.private_dir, config.export_dir)
     async with Host.open(config) as host:
         fs = ExportFS()
         async with open_nursery() as nursery:
@@ -241,7 +254,11 @@ async def run_daemon(config: Config) -> None:
 
 
 def main(config: Config) -> int:
+    os.umask(0o077)  # every file the daemon makes (cache, state, writable layers) is its user's alone
     logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level != "debug":  # httpx logs every request's URL at INFO, presigned redirects included
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     trio.run(run_daemon, config)
     return 0

@@ -43,7 +43,7 @@ DEFAULT_OPTIONS: frozenset[str] = frozenset({
     "fsname=lazyfs",
     "subtype=lazyfs",  # shows up as fuse.lazyfs in /proc/self/mountinfo
     "allow_other",  # qemu, runc and loop workers may run as other users
-    "default_permissions",  # the kernel enforces the 0444/0644 modes for non-root callers
+    "default_permissions",  # the kernel enforces the 0400/0600 modes for non-root callers
     # Never "max_read=...": on this libfuse/kernel pair it kills the session. The kernel
     # already negotiates 1 MiB requests (FUSE_MAX_PAGES, libfuse's 1 MiB buffer) on its own.
 })
@@ -56,9 +56,9 @@ _ATTR_TIMEOUT = 60.0
 # costs about as much Python time (~45 us) as a small one.
 _PREFERRED_IO = 1 << 20
 
-_FILE_MODE_RW = 0o644
-_FILE_MODE_RO = 0o444
-_DIR_MODE = 0o755
+_FILE_MODE_RW = 0o600  # private images: only the daemon's user (root) reads exports
+_FILE_MODE_RO = 0o400
+_DIR_MODE = 0o700
 
 _session_active = False
 

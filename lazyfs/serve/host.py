@@ -128,6 +128,7 @@ class Host:
             deadline=config.fetch_deadline)
         self.attachments: dict[str, Attachment] = {}
         self.budget = DiskBudget(config, cache)
+        self.traces = {"replayed": 0, "rejected": 0, "foreign_entries": 0, "published": 0}
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
 
@@ -217,10 +218,15 @@ class Host:
 
     async def _start_trace(self, att: Attachment, record: bool | None) -> None:
         trace = await load_trace(att.opener, att.opened) if self.config.trace_replay else None
+        if trace is not None and trace.foreign:  # a trace naming chunks the image lacks: ignored, counted
+            self.traces["rejected"] += 1
+            self.traces["foreign_entries"] += trace.foreign
+            att.trace = {"rejected": trace.manifest, "foreign_entries": trace.foreign}
         if trace:
-            att.trace = {"replay": len(trace)}
-            self._nursery.start_soon(self._replay, att, trace)
-        elif record if record is not None else self.config.trace_record_seconds > 0:
+            self.traces["replayed"] += 1
+            att.trace = {**att.trace, "replay": len(trace)}
+            self._nursery.start_soon(self._replay, att, trace.locations)
+        elif record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
             att.store.recorder = TraceRecorder()
             att.trace = {"recording": True}
             self._nursery.start_soon(self._record, att)
@@ -241,10 +247,14 @@ class Host:
             return
         recorder.stop()
         att.trace["recording"] = False
-        if len(recorder):
+        if len(recorder) and not self.config.trace_publish:
+            att.trace["chunks"] = len(recorder)
+            att.trace["published"] = False  # the config keeps this host's traces to itself
+        elif len(recorder):
             try:
                 att.trace["saved"] = await save_trace(att.opener, att.opened, list(recorder.locations))
                 att.trace["chunks"] = len(recorder)
+                self.traces["published"] += 1
             except LazyfsError as exc:
                 log.warning("could not store the startup trace of %s: %s", att.ref, exc)
 
@@ -269,4 +279,4 @@ class Host:
 
     def statistics(self) -> dict:
         return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
-                "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics()}
+                "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(), "traces": dict(self.traces)}

@@ -37,8 +37,10 @@ def ensure_daemon(config: Config, config_path: str | None) -> bool:
     """Start `lazyfs daemon` in the background unless one answers; True if started."""
     if daemon_alive(config):
         return False
-    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
-    log = open(os.path.join(config.run_dir, "daemon.log"), "ab")
+    system.private_dir(config.run_dir)
+    log_path = os.path.join(config.run_dir, "daemon.log")
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab")
+    os.fchmod(log.fileno(), 0o600)  # also a log an older lazyfs made readable
     cmd = [sys.executable, "-m", "lazyfs.cli", "daemon"]
     env = dict(os.environ)
     if config_path:
@@ -89,21 +91,26 @@ def writable_dir_under(writable_root: str | None, name: str, writable: bool) -> 
 
 def mount_image(config: Config, config_path: str | None, image: str, target: str, *, writable: bool = False,
                 writable_root: str | None = None, kind: str = "sparse", prefer_lazyfs: bool = False,
-                plain_http: Sequence[str] = ()) -> dict:
+                plain_http: Sequence[str] = (), devices: bool = False, setuid: bool = False) -> dict:
     """Attach *image* through the daemon, loop-attach its file and mount the ext4 at *target*.
 
     *writable_root*: the writable layer goes in a directory of its own under it (default: under
     the daemon's configured writable root). *plain_http*: registries the daemon speaks plain
     HTTP to for this image, besides those its config lists.
     *prefer_lazyfs*: *image* may be an ordinary image; mount its lazyfs twin (found through the
-    referrers fallback tag of its manifest, where ``lazyfs convert`` lists it).
+    referrers fallback tag of its manifest, where ``lazyfs convert`` lists it) if the trust
+    policy accepts one. The result's ``note`` then says what was mounted instead of *image*.
+    The ext4 is mounted ``nodev,nosuid`` unless *devices* / *setuid*: device nodes and set-id files
+    of a registry image are honoured only when asked for.
     """
     started = time.monotonic()
     target = _check_target(target)
+    twin = None
     if prefer_lazyfs:
         from lazyfs.image.convert import resolve_twin_blocking
 
-        image = resolve_twin_blocking(config.with_plain_http(plain_http), image)
+        twin = resolve_twin_blocking(config.with_plain_http(plain_http), image)
+        image = twin.ref
     name = target_name(image, target)
     writable_dir = writable_dir_under(writable_root, name, writable)
     ensure_daemon(config, config_path)
@@ -114,7 +121,9 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     try:
         dev = trio.run(system.losetup_attach, attached["path"], not writable)
         call(config.socket_path, "mark", name=name, extra={"loop": dev})
-        options = () if writable else ("noload",)  # noload: never replay a journal on a read-only image
+        options = ([] if devices else ["nodev"]) + ([] if setuid else ["nosuid"])
+        if not writable:
+            options.append("noload")  # never replay a journal on a read-only image
         trio.run(lambda: system.mount(dev, target, "ext4", read_only=not writable, options=options))
     except LazyfsError as exc:
         cause = _read_error(config, name)
@@ -126,7 +135,11 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     except BaseException:
         _undo(config, name, dev)
         raise
-    return {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+    result = {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+    if twin is not None and twin.replaced:
+        result["twin"] = twin.to_json()
+        result["note"] = twin.note()
+    return result
 
 
 def _read_error(config: Config, name: str) -> str | None:

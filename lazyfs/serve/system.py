@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
 
-from lazyfs.errors import BusyError, LazyfsError, NotFoundError
+from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +278,30 @@ async def fuse_abort(mountpoint: str | os.PathLike) -> None:
         raise NotFoundError(f"no FUSE connection {conn} for {mountpoint}") from None
 
 
+def private_dir(path: str | os.PathLike) -> str:
+    """Make *path* (and missing parents) a directory only its owner can enter: mode 0700, every call.
+
+    Refuses a symlink, or a directory another user owns (someone could have made it first
+    to watch or plant files): ConfigError naming the path.
+    """
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:  # a file: said below
+        pass
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{path} must be a directory, not a symlink or a file")
+    if st.st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}): remove it or "
+                          f"choose another directory")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
 __all__ = [
     "CommandError", "MountEntry", "READAHEAD_SECTORS", "find_loop_devices", "fuse_abort", "is_mountpoint",
     "loop_direct_io", "losetup_attach", "losetup_detach", "mkfs_ext4", "mount", "mounts", "parse_mountinfo",
-    "run", "umount",
+    "private_dir", "run", "umount",
 ]

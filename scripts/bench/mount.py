@@ -390,7 +390,8 @@ def main() -> None:
                         replay = kind != "lazy"
                         base = os.path.join(work, f"cold-{r}-{'trace' if replay else 'plain'}")
                         host = Lazyfs(base, far, client, trace_replay=replay,
-                                      trace_record_seconds=300 if (not replay and r == 0) else 0)
+                                      trace_record_seconds=300 if (not replay and r == 0) else 0,
+                                      trace_publish=not replay and r == 0)
                         net.callback(host.close)
                         c = lazy_cold_start(host, ref, os.path.join(base, "mnt"), finish_trace=not replay and r == 0)
                         host.close()

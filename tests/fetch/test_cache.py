@@ -89,6 +89,27 @@ def test_put_get_layout_and_tiers(tmp_path):
     run(main)
 
 
+def test_cache_is_private_whatever_the_umask_and_an_older_cache_is_closed(tmp_path):
+    """Chunks of private images: directories 0700, files 0600, also under umask 022 (docs/trust.md)."""
+    root = tmp_path / "cache"
+    h = chunk(1)[0].hex()
+    (root / h[:2]).mkdir(parents=True, mode=0o755)
+    (root / h[:2] / h[2:]).write_bytes(chunk(1)[1])  # left readable by an older lazyfs
+    for p in (root, root / h[:2], root / h[:2] / h[2:]):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    old = os.umask(0o022)
+    try:
+        async def main():
+            cache = ChunkCache(root, 1 << 20, memory_bytes=0)
+            for n in range(2, 6):
+                await cache.put(*chunk(n))
+        run(main)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in [root, *root.rglob("*")]}
+    assert len(modes) > 5 and modes == {k: "0o700" if (root / k).is_dir() else "0o600" for k in modes}, modes
+
+
 def test_memory_tier_is_bounded_and_memory_only_mode_works():
     async def main():
         cache = ChunkCache(None, 0, memory_bytes=40 * K)

@@ -15,9 +15,14 @@ import tarfile
 from io import BytesIO
 
 import pytest
+import trio
 
+from lazyfs.config import Config, RegistrySettings
+from lazyfs.format.reference import parse_reference
+from lazyfs.image.remote import ImageOpener
 from lazyfs.serve import system
 from tests.support.cleanup import release_under
+from tests.support.notation import TestSigner
 from tests.support.ociimages import (
     debian_minbase_tar,
     skopeo_copy,
@@ -48,12 +53,13 @@ class Env:
         self.config_path = self.config("main")
         self.socket = os.path.join(str(tmp / "run"), "lazyfs.sock")
 
-    def config(self, cache: str) -> str:
+    def config(self, cache: str, **extra) -> str:
         """A config file whose conversion cache is ``cache-<cache>`` (a fresh name is a cold cache)."""
         path = str(self.tmp / f"config-{cache}.json")
         doc = {"run_dir": str(self.tmp / "run"), "state_dir": str(self.tmp / "state"),
                "cache_root": str(self.tmp / f"cache-{cache}"), "writable_root": str(self.tmp / "writable"),
-               "trace_record_seconds": 0, "registries": [{"host": self.registry.registry, "plain_http": True}]}
+               "trace_record_seconds": 0, "registries": [{"host": self.registry.registry, "plain_http": True}],
+               **extra}
         with open(path, "w") as f:
             json.dump(doc, f)
         return path
@@ -68,12 +74,12 @@ class Env:
     def convert(self, src, dst, *args, config=None) -> dict:
         return json.loads(self.lazyfs("convert", src, dst, "--json", *args, config=config).stdout)
 
-    def mounted_tree(self, image, *args, check=None) -> dict:
+    def mounted_tree(self, image, *args, check=None, config=None) -> dict:
         """Mount *image*, describe its tree (and run *check(target, info)*), unmount."""
         self.mounts += 1
         target = self.tmp / f"mnt{self.mounts}"
         target.mkdir()
-        info = json.loads(self.lazyfs("mount", image, str(target), "--json", *args).stdout)
+        info = json.loads(self.lazyfs("mount", image, str(target), "--json", *args, config=config).stdout)
         try:
             tree = describe_tree(str(target))
             if check is not None:
@@ -344,19 +350,35 @@ def test_cache_and_referrers(env, edge):
     assert [layer["origin"] for layer in second["layers"]] == ["cache", "cache", "converted"]
     assert [layer["digest"] for layer in second["layers"][:2]] == [layer["digest"] for layer in first["layers"][:2]]
 
-    # a cold cache finds the twin of app:v2 through its referrers tag: nothing converted or pushed
-    again = env.convert(env.ref("app:v2"), env.ref("app:v2-again"), config=env.config("b"))
+    # a cold cache (another host) reuses nothing it cannot trust: it converts app:v2 again, to the same digests
+    untrusting = env.convert(env.ref("app:v2"), env.ref("app:v2-again"), config=env.config("b0"))
+    assert untrusting["layers_converted"] == 3 and untrusting["manifest"] == second["manifest"]
+    assert second["manifest"] in {d["artifact"] for d in untrusting["untrusted_images"]}
+
+    # once the twins are signed, a cold cache that trusts the signer finds the twin of app:v2 through its
+    # referrers tag: nothing converted or pushed
+    signer = TestSigner(str(env.tmp / "signer"))
+    repo = parse_reference(env.ref("app"))
+
+    async def sign_twins():
+        async with ImageOpener(Config(registries=(RegistrySettings(env.registry.registry, plain_http=True),))) as o:
+            for twin in (first["manifest"], second["manifest"]):
+                await signer.sign_remote(o.client, repo, twin)
+
+    trio.run(sign_twins)
+    trusting = {"trust": {"trust_store": [signer.root]}}
+    again = env.convert(env.ref("app:v2"), env.ref("app:v2-again"), config=env.config("b", **trusting))
     assert (again["layers_converted"], again["layers_pushed"]) == (0, 0)
     assert {layer["origin"] for layer in again["layers"]} == {"target"} and again["manifest"] == second["manifest"]
 
     # a cold cache converting v3 reuses v1's bottom layers from the registry (materialized there)
-    third = env.convert(env.ref("app:v3"), env.ref("app:v3-lazyfs"), config=env.config("c"))
+    third = env.convert(env.ref("app:v3"), env.ref("app:v3-lazyfs"), config=env.config("c", **trusting))
     assert [layer["origin"] for layer in third["layers"]] == ["target", "target", "converted"]
     fresh = env.convert(env.ref("app:v3"), f"oci:{env.tmp}/v3-fresh:v3", "--no-cache", config=env.config("d"))
     assert fresh["layers"][2]["digest"] == third["layers"][2]["digest"]  # same blocks as converting from scratch
 
-    # mount the ordinary reference: --prefer-lazyfs finds its twin through the referrers tag
-    assert_same(edge["oracle"]["v3"], env.mounted_tree(env.ref("app:v3"), "--prefer-lazyfs"))
+    # mount the ordinary reference: --prefer-lazyfs finds its twin through the referrers tag (converted by "c")
+    assert_same(edge["oracle"]["v3"], env.mounted_tree(env.ref("app:v3"), "--prefer-lazyfs", config=env.config("c")))
     plain = env.lazyfs("mount", env.ref("app:v3"), str(env.tmp), check=False)
     assert plain.returncode == 1 and "convert it first" in plain.stderr
     assert leftovers(env.tmp / "cache-c") == []

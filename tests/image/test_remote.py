@@ -209,7 +209,7 @@ def test_trace_replay_leaves_no_demand_misses(registry, image, tmp_path):
     startup = [(0, 4096), (2 << 20, 300_000), (5 << 20, 8192), (123_456, 10)]
     with FaultProxy.running_in_thread(registry.port) as proxy:
         async def first():
-            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600)
+            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600, trace_publish=True)
             async with Host.open(config) as host:
                 att = await host.attach(via(proxy, ref))
                 assert att.trace.get("recording")

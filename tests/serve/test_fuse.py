@@ -167,9 +167,9 @@ def test_tree_and_attributes(tmp_path):
         assert sorted(os.listdir(srv.mnt)) == ["img", "ro"]
         assert os.listdir(os.path.join(srv.mnt, "img")) == [IMAGE_NAME]
         st = os.stat(srv.path("img"))
-        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o644
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600  # the daemon's user alone
         assert (st.st_size, st.st_uid, st.st_gid, st.st_nlink) == (size, 0, 0, 1)
-        assert stat.S_IMODE(os.stat(srv.path("ro")).st_mode) == 0o444
+        assert stat.S_IMODE(os.stat(srv.path("ro")).st_mode) == 0o400
         assert not os.path.exists(os.path.join(srv.mnt, "nope", IMAGE_NAME))
         assert not os.path.exists(os.path.join(srv.mnt, "img", "other"))
         # the namespace is the daemon's: nothing can be created, renamed, removed or resized

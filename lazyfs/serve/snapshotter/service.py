@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from lazyfs.config import Config
 from lazyfs.errors import AlreadyExistsError, BusyError, ConfigError, LazyfsError, NotFoundError, describe
 from lazyfs.nursery import single_error
+from lazyfs.serve import system
 from lazyfs.serve.snapshotter import api
 from lazyfs.serve.snapshotter.core import Snapshotter
 from lazyfs.serve.snapshotter.store import ACTIVE, COMMITTED, VIEW, Snapshot
@@ -164,7 +165,11 @@ def serve(address: str, snapshotter: Snapshotter, stop: threading.Event, *, work
     pb = api.load()
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshotter"))
     pb.snapshots_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    os.makedirs(os.path.dirname(os.path.abspath(address)), mode=0o711, exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(address))
+    if directory == os.path.abspath(snapshotter.config.run_dir):
+        system.private_dir(directory)  # /run/lazyfs: the daemon's run dir, private whoever made it first
+    else:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
     if os.path.lexists(address):
         os.unlink(address)
     old = os.umask(0o077)
