@@ -7,6 +7,7 @@ sans-IO; ``serve_control`` and ``call`` are the thin shells around it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from lazyfs import errors
-from lazyfs.errors import FormatError, LazyfsError, describe
+from lazyfs.errors import BusyError, FormatError, LazyfsError, describe
 from lazyfs.nursery import single_error
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,13 @@ Handler = Callable[[str, dict], Awaitable[object]]
 
 
 async def serve_control(path: str, handle: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on unix socket *path* (mode 0600) and answer requests with *handle(op, args)*."""
-    if os.path.exists(path):
-        os.unlink(path)
+    """Listen on unix socket *path* (mode 0600) and answer requests with *handle(op, args)*.
+
+    A socket left at *path* is replaced only if nothing answers on it (`BusyError` otherwise),
+    and on the way out only the socket this call bound is removed.
+    """
+    if os.path.lexists(path):
+        await _remove_dead_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o077)
     try:
@@ -67,6 +72,7 @@ async def serve_control(path: str, handle: Handler, *, task_status=trio.TASK_STA
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
+    bound = os.stat(path)
     sock.listen(64)
     listener = trio.SocketListener(sock)
     task_status.started()
@@ -74,8 +80,30 @@ async def serve_control(path: str, handle: Handler, *, task_status=trio.TASK_STA
         await trio.serve_listeners(lambda stream: _connection(stream, handle), [listener])
     finally:
         with trio.CancelScope(shield=True):
-            if os.path.exists(path):
-                os.unlink(path)
+            _unlink_if_same(path, bound)
+
+
+async def _remove_dead_socket(path: str) -> None:
+    """Unlink the socket at *path* unless something listens on it (a hanging connect counts as live)."""
+    dead = False
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, trio.move_on_after(5):
+        try:
+            await probe.connect(path)
+        except OSError:  # refused, or not a socket: nobody listens there
+            dead = True
+    if not dead:
+        raise BusyError(f"a lazyfs daemon already answers on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _unlink_if_same(path: str, bound: os.stat_result) -> None:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+        os.unlink(path)
 
 
 async def _connection(stream: trio.SocketStream, handle: Handler) -> None:

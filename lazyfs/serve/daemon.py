@@ -20,6 +20,7 @@ from lazyfs.serve.control import serve_control
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
 from lazyfs.serve.host import Host
 from lazyfs.serve.metrics import serve_metrics
+from lazyfs.serve.singleton import daemon_lock
 
 log = logging.getLogger("lazyfs.daemon")
 
@@ -193,7 +194,11 @@ def _only(args: dict, *names: str) -> dict:
 
 
 async def clear_stale_export(export_dir: str) -> None:
-    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it."""
+    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
+
+    Call it only while holding the run directory's `daemon_lock`: then the export's owner is
+    provably dead, and a live session is never aborted.
+    """
     if system.is_mountpoint(export_dir):
         log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
         try:
@@ -217,8 +222,18 @@ def secure_dirs(config: Config) -> None:
 
 
 async def run_daemon(config: Config) -> None:
+    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+    # Before any mount or socket: a second daemon must not abort the first one's live FUSE
+    # session or unlink its socket. The lock lives as long as this process.
+    with daemon_lock(config.run_dir):
+        await _run_daemon_locked(config)
+
+
+async def _run_daemon_locked(config: Config) -> None:
+    log.info("lazyfs daemon %d starting for %s", os.getpid(), config.run_dir)
     # a killed daemon's FUSE mount answers ENOTCONN: secure_dirs skips it, it is cleared, then made private
     await trio.to_thread.run_sync(secure_dirs, config)
+    # first: a killed daemon's FUSE mount answers ENOTCONN, and makedirs takes it for a file
     await clear_stale_export(config.export_dir)
     await trio.to_thread.run_sync(system.private_dir, config.export_dir)
     async with Host.open(config) as host:

@@ -21,6 +21,7 @@ from lazyfs.serve.control import call
 from lazyfs.serve.daemon import clear_stale_export
 from lazyfs.serve.fuse import IMAGE_NAME
 from lazyfs.serve.host import attachment_name
+from lazyfs.serve.singleton import daemon_lock, owner_pid, start_lock
 
 DAEMON_START_TIMEOUT = 30.0
 
@@ -34,13 +35,30 @@ def daemon_alive(config: Config) -> bool:
 
 
 def ensure_daemon(config: Config, config_path: str | None) -> bool:
-    """Start `lazyfs daemon` in the background unless one answers; True if started."""
+    """Start `lazyfs daemon` in the background unless one answers; True if this call started it.
+
+    Concurrent callers start one daemon: they take turns on the run directory's start lock, and
+    none spawns while a daemon (perhaps still starting) holds the daemon lock.
+    """
     if daemon_alive(config):
         return False
     system.private_dir(config.run_dir)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
     log_path = os.path.join(config.run_dir, "daemon.log")
-    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab")
-    os.fchmod(log.fileno(), 0o600)  # also a log an older lazyfs made readable
+    with start_lock(config.run_dir, deadline):
+        if daemon_alive(config):
+            return False
+        proc = None if owner_pid(config.run_dir) is not None else _spawn_daemon(config, config_path, log_path)
+        while time.monotonic() < deadline:
+            if daemon_alive(config):
+                return proc is not None
+            if proc is not None and proc.poll() is not None and owner_pid(config.run_dir) is None:
+                raise LazyfsError(f"the lazyfs daemon exited with status {proc.returncode}; see {log_path}")
+            time.sleep(0.05)
+    raise LazyfsError(f"the lazyfs daemon did not start within {DAEMON_START_TIMEOUT:.0f} s; see {log_path}")
+
+
+def _spawn_daemon(config: Config, config_path: str | None, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lazyfs.cli", "daemon"]
     env = dict(os.environ)
     if config_path:
@@ -51,16 +69,11 @@ def ensure_daemon(config: Config, config_path: str | None) -> bool:
     # the daemon imports the same lazyfs as this process, installed or not
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
-                     cwd="/")
-    log.close()
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if daemon_alive(config):
-            return True
-        time.sleep(0.05)
-    raise LazyfsError(f"the lazyfs daemon did not start within {DAEMON_START_TIMEOUT:.0f} s; "
-                      f"see {os.path.join(config.run_dir, 'daemon.log')}")
+    log = os.fdopen(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600), "ab")
+    with log:
+        os.fchmod(log.fileno(), 0o600)  # also a log an older lazyfs made readable
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=True, cwd="/")
 
 
 def target_name(image: str, target: str) -> str:
@@ -241,9 +254,11 @@ def umount_target(config: Config, target: str) -> dict:
         except NotFoundError:
             _forget_in_state(config, att["name"])
         done.append(f"detached image {att['name']}")
-    if not daemon_alive(config) and system.is_mountpoint(config.export_dir):
-        trio.run(clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount
-        done.append(f"removed the dead daemon's export {config.export_dir}")
+    if system.is_mountpoint(config.export_dir):
+        with contextlib.suppress(BusyError):  # busy: a live (or starting) daemon owns the export
+            with daemon_lock(config.run_dir):
+                trio.run(clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount
+                done.append(f"removed the dead daemon's export {config.export_dir}")
     if not done:
         raise NotFoundError(f"nothing of lazyfs is mounted or exported at {target}")
     return {"target": target, "done": done}
