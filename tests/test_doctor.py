@@ -338,7 +338,8 @@ def test_state_dir_on_a_full_file_system_fails_but_a_full_cache_only_warns(tmp_p
 # all but the ones named in $HIDE; the namespace (and so every mount made here) dies with the process
 HIDE_DEVICES = r"""
 set -e
-old=$(mktemp -d)
+old=$OLD_DEV
+mkdir "$old"
 mount --bind /dev "$old"
 mount -t tmpfs -o mode=755 lazyfs-test-dev /dev
 for f in "$old"/*; do
@@ -352,16 +353,16 @@ exec "$@"
 """
 
 
-def _in_mount_namespace(hide: str) -> tuple[str, ...]:
+def _in_mount_namespace(hide: str, tmp_path) -> tuple[str, ...]:
     if shutil.which("unshare") is None:
         pytest.skip("unshare (util-linux) is not installed")
-    return ("env", f"HIDE={hide}", "unshare", "--mount", "--propagation", "private", "sh", "-c", HIDE_DEVICES, "sh")
+    return ("env", f"HIDE={hide}", f"OLD_DEV={tmp_path / 'host-dev'}", "unshare", "--mount", "--propagation", "private", "sh", "-c", HIDE_DEVICES, "sh")
 
 
 def test_missing_dev_fuse_in_a_mount_namespace_fails(tmp_path):
     require_root()
     require_fuse()
-    rc, report, human = _doctor(_config_file(tmp_path), *_in_mount_namespace("fuse"))
+    rc, report, human = _doctor(_config_file(tmp_path), *_in_mount_namespace("fuse", tmp_path))
     status = _status(report)
     assert rc == 1, human
     assert status["FUSE"] == "FAIL" and "/dev/fuse: ENOENT" in _text(report, "FUSE")
@@ -373,7 +374,7 @@ def test_missing_dev_fuse_in_a_mount_namespace_fails(tmp_path):
 def test_missing_loop_control_in_a_mount_namespace_fails(tmp_path):
     require_root()
     require_loop()
-    rc, report, _ = _doctor(_config_file(tmp_path), *_in_mount_namespace("loop-control"))
+    rc, report, _ = _doctor(_config_file(tmp_path), *_in_mount_namespace("loop-control", tmp_path))
     assert rc == 1
     assert _status(report)["loop devices"] == "FAIL" and "/dev/loop-control: ENOENT" in _text(report, "loop devices")
     assert _status(report)["FUSE"] == "ok"
