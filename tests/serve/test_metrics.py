@@ -394,3 +394,10 @@ def test_running_daemon_exports_what_the_dashboard_shows(env, tmp_path):
         subprocess.run([*lazyfs, "umount", str(export), "--config", str(cfg)], cwd=ROOT, capture_output=True,
                        timeout=120)
         call(sock, "stop")
+
+
+def test_docs_list_every_metric(snapshots):
+    with open(os.path.join(ROOT, "docs", "metrics.md")) as f:
+        documented = set(re.findall(r"^\| `(lazyfs_[a-z0-9_]+)` \|", f.read(), re.M))
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in metrics.metric_families(snapshots[1])}
+    assert exported == documented, (sorted(exported - documented), sorted(documented - exported))
