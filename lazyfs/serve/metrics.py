@@ -40,6 +40,7 @@ class Stat:
 
     Several Stats may share a family; they then differ in their fixed *labels*
     (e.g. ``tier="memory"`` and ``tier="disk"``) and the first one's *doc* is the HELP text.
+    A *flag* is a statistic that is a reason or None: exported as 1 when there is a reason, else 0.
     """
 
     key: str
@@ -47,6 +48,7 @@ class Stat:
     kind: str
     doc: str
     labels: tuple[tuple[str, str], ...] = ()
+    flag: bool = False
 
 
 def _tier(tier: str) -> tuple[tuple[str, str], ...]:
@@ -151,6 +153,19 @@ DEVICE_SKIPPED: Mapping[str, str] = {"writable": "its own table (WRITABLE)"}
 WRITABLE: tuple[Stat, ...] = (
     Stat("writes", "lazyfs_image_writable_writes_total", COUNTER, "Writes into the image's writable layer"),
     Stat("flushes", "lazyfs_image_writable_flushes_total", COUNTER, "Flushes of the image's writable layer"),
+    Stat("write_errors", "lazyfs_image_writable_write_errors_total", COUNTER,
+         "Writes the writable layer could not store (full or broken disk)"),
+    Stat("flush_errors", "lazyfs_image_writable_flush_errors_total", COUNTER, "Flushes of the writable layer that failed"),
+    Stat("refused_for_reserve", "lazyfs_image_writable_refused_writes_total", COUNTER,
+         "Writes refused to keep disk space for the chunk cache"),
+    Stat("compactions", "lazyfs_image_writable_compactions_total", COUNTER, "Journal compactions of the writable layer"),
+    Stat("compaction_errors", "lazyfs_image_writable_compaction_errors_total", COUNTER,
+         "Journal compactions of the writable layer that failed"),
+    Stat("pending", "lazyfs_image_writable_pending_writes", GAUGE, "Writes recorded since the last flush"),
+    Stat("failed", "lazyfs_image_writable_failed", GAUGE,
+         "1 when the writable layer refuses all I/O after a failed flush or fsync (until reopened)", flag=True),
+    Stat("max_disk_bytes", "lazyfs_image_writable_disk_limit_bytes", GAUGE,
+         "Most disk space the writable layer can take (its data file and journal at full size)"),
 )
 WRITABLE_SKIPPED: Mapping[str, str] = {}
 
@@ -197,6 +212,17 @@ TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
     "export": (EXPORT, EXPORT_SKIPPED),
 }
 
+# -- DiskBudget.statistics(): Host.statistics()["disk"], sampled every few seconds ----------------
+
+#: the uses of disk space it reports, each with bytes and (when bounded) max_bytes
+DISK_USES = ("chunk_cache", "conversion_cache", "writable_layers")
+DISK_SKIPPED: Mapping[str, str] = {
+    "sampled_at": "exported as lazyfs_disk_sampled_timestamp_seconds",
+    "writable_reserve": "exported as lazyfs_disk_writable_reserve_bytes",
+    "filesystems": "exported as lazyfs_filesystem_size_bytes and lazyfs_filesystem_free_bytes",
+    **{use: "exported as lazyfs_disk_usage_bytes{use} and lazyfs_disk_limit_bytes{use}" for use in DISK_USES},
+}
+
 LATENCY = "lazyfs_chunk_read_duration_seconds"
 LATENCY_DOC = "Time from a chunk read request to its verified bytes (memory, disk or network), successful reads"
 
@@ -218,7 +244,7 @@ class _Families:
             family = cls(stat.name, stat.doc, labels=[k for k, _ in all_labels])
             self.by_name[stat.name] = family
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return  # absent (an older or newer statistics()): the family stays, without this sample
+            return  # absent (an older or newer statistics()), or None: the family stays, without this sample
         family.add_metric([v for _, v in all_labels], value)
 
     def declare(self, stats: Iterable[Stat], labels: tuple[str, ...] = ()) -> None:
@@ -229,7 +255,10 @@ class _Families:
 
 def _table(families: _Families, stats: Iterable[Stat], source: Mapping, labels: tuple[tuple[str, str], ...] = ()) -> None:
     for stat in stats:
-        families.add(stat, source.get(stat.key), labels)
+        value = source.get(stat.key)
+        if stat.flag:
+            value = 0 if value in (None, False, "") else 1
+        families.add(stat, value, labels)
 
 
 def histogram_family(name: str, doc: str, snapshot: Mapping) -> HistogramMetricFamily:
@@ -287,7 +316,42 @@ def metric_families(snapshot: Mapping) -> list:
         queued.add_metric([priority], n)
     _table(families, CACHE, scheduler.get("cache") or {})
     latency = histogram_family(LATENCY, LATENCY_DOC, scheduler.get("latency") or {})
-    return [attached, info, *families.by_name.values(), queued, latency]
+    return [attached, info, *families.by_name.values(), queued, *disk_families(snapshot.get("disk") or {}, images),
+            latency]
+
+
+def disk_families(disk: Mapping, images: Mapping[str, str]) -> list:
+    """Gauges of the disk budget's last sample: space by use, limits, file systems, per writable layer."""
+    usage = GaugeMetricFamily("lazyfs_disk_usage_bytes", "Disk space lazyfs uses, by use", labels=["use"])
+    limit = GaugeMetricFamily("lazyfs_disk_limit_bytes", "Most disk space lazyfs may use, by use (when bounded)",
+                              labels=["use"])
+    for use in DISK_USES:
+        entry = disk.get(use) or {}
+        if isinstance(entry.get("bytes"), (int, float)):
+            usage.add_metric([use], entry["bytes"])
+        if isinstance(entry.get("max_bytes"), (int, float)):
+            limit.add_metric([use], entry["max_bytes"])
+    layer_usage = GaugeMetricFamily("lazyfs_image_writable_disk_bytes", "Disk space the image's writable layer takes",
+                                    labels=list(IMAGE_LABELS))
+    for name, layer in sorted(((disk.get("writable_layers") or {}).get("layers") or {}).items()):
+        if name in images and isinstance(layer.get("bytes"), (int, float)):
+            layer_usage.add_metric([images[name], name], layer["bytes"])
+    reserve = GaugeMetricFamily("lazyfs_disk_writable_reserve_bytes",
+                                "Free space writable layers leave for the chunk cache on a shared file system")
+    sampled = GaugeMetricFamily("lazyfs_disk_sampled_timestamp_seconds", "When the disk figures were sampled (Unix time)")
+    if "writable_reserve" in disk:
+        reserve.add_metric([], disk["writable_reserve"])
+    if "sampled_at" in disk:
+        sampled.add_metric([], disk["sampled_at"])
+    size = GaugeMetricFamily("lazyfs_filesystem_size_bytes", "Size of a file system holding lazyfs roots",
+                             labels=["roots"])
+    free = GaugeMetricFamily("lazyfs_filesystem_free_bytes", "Space left on a file system holding lazyfs roots",
+                             labels=["roots"])
+    for fs in disk.get("filesystems") or ():
+        roots = ",".join(fs.get("roots") or ())
+        size.add_metric([roots], fs.get("total_bytes", 0))
+        free.add_metric([roots], fs.get("free_bytes", 0))
+    return [usage, limit, layer_usage, reserve, sampled, size, free]
 
 
 # -- the exporter (I/O shell) --------------------------------------------------------------

@@ -7,6 +7,7 @@ daemon's /metrics after reads through FUSE and holds ``contrib/grafana/lazyfs.js
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -94,6 +95,10 @@ def test_every_statistic_is_classified_and_every_table_entry_exists(snapshots):
         stale = (mapped | set(skipped)) - set(stats)
         assert not stale, f"{section} table names keys statistics() does not have: {sorted(stale)}"
         assert not mapped & set(skipped), f"{section}: mapped and skipped at once"
+    disk = snapshots[1]["disk"]
+    assert disk, "the disk budget has sampled by the second snapshot"
+    unclassified = set(disk) - set(metrics.DISK_SKIPPED)
+    assert not unclassified, f"disk statistics with no metric: {sorted(unclassified)}"
 
 
 def _by_name(families) -> dict:
@@ -149,6 +154,11 @@ def test_metrics_equal_the_statistics_they_are_read_from(snapshots):
     assert _value(f1, "lazyfs_cache_limit_bytes", tier="disk") == st1["cache"]["max_bytes"]
     assert _value(f1, "lazyfs_image_size_bytes") == 4 * MiB
     assert _value(f1, "lazyfs_attached_images") == 1
+    assert _value(f1, "lazyfs_image_writable_failed") == 0
+    assert _value(f1, "lazyfs_disk_usage_bytes", use="chunk_cache") == after["disk"]["chunk_cache"]["bytes"]
+    broken = copy.deepcopy(after)
+    broken["attachments"]["img"]["device"]["writable"]["failed"] = "fdatasync failed (EIO)"
+    assert _value(metrics.metric_families(broken), "lazyfs_image_writable_failed") == 1
     # counters never go down between two snapshots; the ones the reads touched went up
     for f in f0:
         if f.type == "counter":
@@ -356,12 +366,13 @@ def _scrape(port: int) -> dict[str, dict]:
 def test_running_daemon_exports_what_the_dashboard_shows(env, tmp_path):
     port = _free_port()
     doc = dict(env.doc, run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
-               cache_root=str(tmp_path / "cache"), metrics_address=f"127.0.0.1:{port}")
+               cache_root=str(tmp_path / "cache"), writable_root=str(tmp_path / "writable"),
+               metrics_address=f"127.0.0.1:{port}")
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(doc))
     export = tmp_path / "exp"
     lazyfs = [sys.executable, "-m", "lazyfs.cli"]
-    subprocess.run([*lazyfs, "export", env.ref, str(export), "--config", str(cfg)],
+    subprocess.run([*lazyfs, "export", env.ref, str(export), "--writable", "--config", str(cfg)],
                    check=True, cwd=ROOT, capture_output=True, timeout=120)
     sock = str(tmp_path / "run/lazyfs.sock")
     try:
