@@ -199,6 +199,44 @@ EXPORT: tuple[Stat, ...] = (
 )
 EXPORT_SKIPPED: Mapping[str, str] = {"size": "the same number as lazyfs_image_size_bytes"}
 
+# -- RegistryClient.statistics(): Host.statistics()["registry"], None until a registry is used ----
+
+REGISTRY: tuple[Stat, ...] = (
+    Stat("requests", "lazyfs_registry_requests_total", COUNTER, "HTTP requests sent to registries and mirrors"),
+    Stat("retries", "lazyfs_registry_retries_total", COUNTER, "Registry calls repeated by the retry layer"),
+    Stat("failovers", "lazyfs_registry_failovers_total", COUNTER, "Registry calls moved on to the next source"),
+    Stat("token_requests", "lazyfs_registry_token_requests_total", COUNTER, "Bearer token requests"),
+    Stat("auth_challenges", "lazyfs_registry_auth_challenges_total", COUNTER, "Authentication challenges (401) received"),
+    Stat("credential_reloads", "lazyfs_registry_credential_reloads_total", COUNTER,
+         "Times the credentials were re-read after they changed"),
+    Stat("bytes_received", "lazyfs_registry_received_bytes_total", COUNTER, "Body bytes received from registries"),
+    Stat("bytes_sent", "lazyfs_registry_sent_bytes_total", COUNTER, "Body bytes sent to registries (uploads)"),
+    Stat("reloads", "lazyfs_registry_config_reloads_total", COUNTER, "Registry configuration reloads"),
+    Stat("cached_tokens", "lazyfs_registry_cached_tokens", GAUGE, "Bearer tokens held for reuse"),
+)
+REGISTRY_SKIPPED: Mapping[str, str] = {"sources": "its own table (SOURCE), one series per source"}
+
+#: one series per source (a registry or mirror host), labelled ``source``
+SOURCE: tuple[Stat, ...] = (
+    Stat("requests", "lazyfs_registry_source_requests_total", COUNTER, "Requests to the source"),
+    Stat("errors", "lazyfs_registry_source_errors_total", COUNTER,
+         "Requests to the source that failed (connection, timeout, 5xx, 429, bad bytes)"),
+    Stat("misses", "lazyfs_registry_source_not_found_total", COUNTER, "Requests the source answered 404"),
+    Stat("bad_bytes", "lazyfs_registry_source_integrity_failures_total", COUNTER,
+         "Answers from the source whose bytes failed verification"),
+    Stat("bytes", "lazyfs_registry_source_received_bytes_total", COUNTER, "Body bytes received from the source"),
+    Stat("consecutive_failures", "lazyfs_registry_source_consecutive_failures", GAUGE,
+         "Failures of the source since its last success"),
+)
+SOURCE_STATES = ("up", "probing", "down")
+SOURCE_SKIPPED: Mapping[str, str] = {
+    "latency_seconds_sum": "in the histogram lazyfs_registry_request_duration_seconds",
+    "latency_seconds_count": "in the histogram lazyfs_registry_request_duration_seconds",
+    "latency_buckets": "in the histogram lazyfs_registry_request_duration_seconds",
+    "retry_at": "a time on the picker's (trio) clock, not wall time; lazyfs_registry_source_state says down",
+}
+SOURCE_LATENCY = "lazyfs_registry_request_duration_seconds"
+
 #: Every table with the keys it leaves out on purpose, by the statistics() it reads. Only numbers
 #: and nested dicts need a place here; strings, booleans and None describe (names, kinds, paths).
 TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
@@ -210,6 +248,8 @@ TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
     "writable": (WRITABLE, WRITABLE_SKIPPED),
     "fuse": (FUSE, FUSE_SKIPPED),
     "export": (EXPORT, EXPORT_SKIPPED),
+    "registry": (REGISTRY, REGISTRY_SKIPPED),
+    "source": (SOURCE, SOURCE_SKIPPED),
 }
 
 # -- DiskBudget.statistics(): Host.statistics()["disk"], sampled every few seconds ----------------
@@ -275,8 +315,8 @@ def histogram_family(name: str, doc: str, snapshot: Mapping) -> HistogramMetricF
 def metric_families(snapshot: Mapping) -> list:
     """Every lazyfs metric family for one statistics snapshot.
 
-    *snapshot* is ``{"attachments": Host.statistics()["attachments"], "scheduler":
-    FetchScheduler.statistics(), "fuse": ExportFS.statistics() or {}}``.
+    *snapshot* is ``Host.statistics()`` (attachments, scheduler, disk, registry) plus
+    ``"fuse": ExportFS.statistics()`` (or ``{}``).
     """
     families = _Families()
     attachments: Mapping = snapshot.get("attachments") or {}
@@ -316,8 +356,33 @@ def metric_families(snapshot: Mapping) -> list:
         queued.add_metric([priority], n)
     _table(families, CACHE, scheduler.get("cache") or {})
     latency = histogram_family(LATENCY, LATENCY_DOC, scheduler.get("latency") or {})
+    families.declare(REGISTRY)
+    families.declare(SOURCE, ("source",))
+    registry: Mapping = snapshot.get("registry") or {}
+    _table(families, REGISTRY, registry)
+    sources = [src for src in registry.get("sources") or () if isinstance(src, Mapping) and src.get("host")]
+    for src in sources:
+        _table(families, SOURCE, src, (("source", str(src["host"])),))
     return [attached, info, *families.by_name.values(), queued, *disk_families(snapshot.get("disk") or {}, images),
-            latency]
+            *source_families(sources), latency]
+
+
+def source_families(sources: Iterable[Mapping]) -> list:
+    """Each source's health state (1 for the state it is in) and its request latency histogram."""
+    state = GaugeMetricFamily("lazyfs_registry_source_state", "1 for the health state the source is in, else 0",
+                              labels=["source", "state"])
+    latency = HistogramMetricFamily(SOURCE_LATENCY, "Time each request to the source took, by source",
+                                    labels=["source"])
+    for src in sources:
+        host = str(src["host"])
+        for name in SOURCE_STATES:
+            state.add_metric([host, name], 1 if src.get("state") == name else 0)
+        buckets = [("+Inf" if bound in ("+Inf", math.inf) else floatToGoString(bound), n)
+                   for bound, n in src.get("latency_buckets") or ()]
+        if not buckets or buckets[-1][0] != "+Inf":
+            buckets.append(("+Inf", src.get("latency_seconds_count", buckets[-1][1] if buckets else 0)))
+        latency.add_metric([host], buckets, src.get("latency_seconds_sum", 0.0))
+    return [state, latency]
 
 
 def disk_families(disk: Mapping, images: Mapping[str, str]) -> list:

@@ -101,6 +101,62 @@ def test_every_statistic_is_classified_and_every_table_entry_exists(snapshots):
     assert not unclassified, f"disk statistics with no metric: {sorted(unclassified)}"
 
 
+def _registry_snapshot() -> dict:
+    """Host.statistics()["registry"] of a real RegistryClient whose picker saw a mirror fail and
+    the registry answer (no network: the picker is pure, the client connects lazily)."""
+    from types import SimpleNamespace
+
+    from lazyfs.fetch.registry import RegistryClient
+    from lazyfs.fetch.registry.picker import Outcome
+
+    client = RegistryClient(clock=lambda: 0.0)  # the picker's clock: the mirror's cooldown has not run out
+    for seconds in (0.003, 0.02, 0.02, 0.7):
+        client.picker.record("registry.test", Outcome.OK, 0.0, seconds=seconds, nbytes=1000)
+    client.picker.record("registry.test", Outcome.MISSING, 0.0, seconds=0.004)
+    for _ in range(5):
+        client.picker.record("mirror.test", Outcome.FAILED, 0.0, seconds=40.0)
+    client.picker.record("mirror.test", Outcome.BAD_BYTES, 0.0)
+    host = SimpleNamespace(opener=SimpleNamespace(existing_client=client))
+    return Host.registry_statistics(host)
+
+
+def _classify(section: str, stats: dict) -> None:
+    table, skipped = metrics.TABLES[section]
+    mapped = {s.key for s in table}
+    numeric = {k for k, v in stats.items() if isinstance(v, (int, float, dict, list)) and not isinstance(v, bool)}
+    unclassified = numeric - mapped - set(skipped)
+    assert not unclassified, f"{section} statistics with no metric: {sorted(unclassified)}"
+    stale = (mapped | set(skipped)) - set(stats)
+    assert not stale, f"{section} table names keys statistics() does not have: {sorted(stale)}"
+
+
+def test_registry_statistics_are_classified_and_exported_per_source():
+    registry = _registry_snapshot()
+    _classify("registry", registry)
+    for src in registry["sources"]:
+        _classify("source", src)
+    families = metrics.metric_families({"registry": registry})
+    assert _value(families, "lazyfs_registry_source_requests_total", source="registry.test") == 5
+    assert _value(families, "lazyfs_registry_source_not_found_total", source="registry.test") == 1
+    assert _value(families, "lazyfs_registry_source_errors_total", source="mirror.test") == 6
+    assert _value(families, "lazyfs_registry_source_integrity_failures_total", source="mirror.test") == 1
+    assert _value(families, "lazyfs_registry_source_received_bytes_total", source="registry.test") == 4000
+    assert _value(families, "lazyfs_registry_source_state", source="mirror.test", state="down") == 1
+    assert _value(families, "lazyfs_registry_source_state", source="mirror.test", state="up") == 0
+    assert _value(families, "lazyfs_registry_source_state", source="registry.test", state="up") == 1
+    # a cumulative histogram per source: 0.003 and 0.004 <= 0.005; both 0.02 <= 0.025; 0.7 <= 1
+    bucket = "lazyfs_registry_request_duration_seconds_bucket"
+    assert _value(families, bucket, source="registry.test", le="0.005") == 2
+    assert _value(families, bucket, source="registry.test", le="0.025") == 4
+    assert _value(families, bucket, source="registry.test", le="1.0") == 5
+    assert _value(families, bucket, source="registry.test", le="+Inf") == 5
+    assert _value(families, "lazyfs_registry_request_duration_seconds_count", source="mirror.test") == 5
+    assert _value(families, "lazyfs_registry_request_duration_seconds_sum", source="mirror.test") == 200.0
+    # before any registry is used the families are there, without samples
+    empty = _by_name(metrics.metric_families({"registry": None}))
+    assert empty["lazyfs_registry_source_requests"].samples == []
+
+
 def _by_name(families) -> dict:
     return {f.name: f for f in families}
 
@@ -397,6 +453,16 @@ def test_running_daemon_exports_what_the_dashboard_shows(env, tmp_path):
         assert buckets[-1] == (math.inf, count) and count > 0
         assert [v for _, v in buckets] == sorted(v for _, v in buckets)
         assert scraped["lazyfs_fetch_bytes_total"]["values"][0][1] > 0
+        registry = call(sock, "stats")["registry"]
+        _classify("registry", registry)
+        for src in registry["sources"]:
+            _classify("source", src)
+        host = env.ref.split("/")[0]
+        assert [s["host"] for s in registry["sources"]] == [host]
+        requested = dict((labels["source"], v) for labels, v in
+                         scraped["lazyfs_registry_source_requests_total"]["values"])
+        assert requested[host] > 0
+        assert scraped["lazyfs_registry_source_state"]["values"]
         used = check_dashboard_against({name: entry["labels"] for name, entry in scraped.items()})
         assert "lazyfs_chunk_read_duration_seconds_bucket" in used and "lazyfs_image_read_bytes_total" in used
         # the old quantile gauges and gauge-typed counters are gone
