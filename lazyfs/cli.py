@@ -300,6 +300,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from lazyfs.doctor import examine
+
+    report = examine(_config(args))
+    if args.json:
+        _print(report.to_json(), True)
+    else:
+        print("\n".join(report.lines()))
+    return report.exit_status
+
+
 def cmd_tcmu(args: argparse.Namespace) -> int:
     from lazyfs.serve.control import call
     from lazyfs.serve.mount import ensure_daemon, writable_dir_under
@@ -442,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writable", action="store_true")
     p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
+
+    p = add("doctor", cmd_doctor, "check the kernel and host for what lazyfs can use; exit 1 if lazyfs mount cannot work")
+    p.add_argument("--json", action="store_true")
 
     for name, sp in sub.choices.items():
         sp.add_argument("--config", metavar="FILE", help="config file, TOML or JSON (default $LAZYFS_CONFIG, /etc/lazyfs/config.toml or .json)")

@@ -17,6 +17,8 @@ LAZYFS_APT_PACKAGES=(
     debootstrap
     # the containerd snapshotter: real containerd + runc, and containerd's Go sources for its conformance suite
     containerd runc golang-go golang-github-containerd-containerd-dev
+    # podman run --rootfs DIR:O on a lazyfs mount (contrib/podman); pulls conmon and containers-common
+    podman
     # a fresh Debian 12 has python3 without ensurepip; `python3 -m venv` needs python3-venv
     python3 python3-venv ca-certificates
 )

@@ -244,7 +244,7 @@ async def _run_daemon_locked(config: Config) -> None:
             await daemon.restore()
             await nursery.start(serve_control, config.socket_path, daemon.handle)
             if config.metrics_address:
-                await nursery.start(serve_metrics, config.metrics_address, host)
+                await nursery.start(serve_metrics, config.metrics_address, host, fs)
             log.info("lazyfs daemon %d ready: export %s, control %s", os.getpid(), config.export_dir, config.socket_path)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async def wait_signal():

@@ -6,7 +6,9 @@ tests and tools that want a lazily fetched device in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
 import time
@@ -277,6 +279,21 @@ class Host:
         """The writable layer of every writable attachment, by attachment name."""
         return {n: a.device.writable for n, a in self.attachments.items() if a.device.writable is not None}
 
+    def registry_statistics(self) -> dict | None:
+        """The registry client's counters and per-source health and traffic (None before any
+        registry was used)."""
+        client = self.opener.existing_client
+        if client is None:
+            return None
+        stats = client.statistics()
+        doc = dataclasses.asdict(stats)
+        doc["sources"] = [{**dataclasses.asdict(src), "latency_buckets": [
+            ["+Inf" if math.isinf(bound) else bound, n] for bound, n in src.latency_buckets]}
+            for src in stats.sources]
+        return doc
+
     def statistics(self) -> dict:
         return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
-                "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(), "traces": dict(self.traces)}
+                "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(),
+                "registry": self.registry_statistics(),
+                "traces": dict(self.traces)}

@@ -206,12 +206,12 @@ def test_metrics_and_control_socket(env, tmp_path):
         deadline = time.monotonic() + 30
         while True:  # the exporter snapshots statistics every couple of seconds
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-            line = next((l for l in text.splitlines() if l.startswith("lazyfs_image_bytes_read_total{")), "")
+            line = next((l for l in text.splitlines() if l.startswith("lazyfs_image_read_bytes_total{")), "")
             if line and float(line.split()[-1]) >= 1 << 20 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert env.ref in line and float(line.split()[-1]) >= 1 << 20, line
-        assert "lazyfs_fetch_bytes_fetched_total" in text
+        assert "lazyfs_fetch_bytes_total" in text
         with pytest.raises(Exception, match="unknown control operation"):
             call(sock, "format-the-disk")
     finally:
