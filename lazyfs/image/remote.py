@@ -134,6 +134,11 @@ class ImageOpener:
             self._client = make_client(self.config)
         return self._client
 
+    @property
+    def existing_client(self) -> RegistryClient | None:
+        """The registry client if one was made (reading statistics must not make one)."""
+        return self._client
+
     async def __aenter__(self) -> "ImageOpener":
         return self
 

@@ -171,6 +171,12 @@ class RegistryClient:
         """Where blob reads for *registry* go, in configured order: its mirrors, then itself."""
         return tuple(ep.host for ep in self.endpoints(registry, PULL))
 
+    def mirrored_registries(self) -> tuple[str, ...]:
+        """The configured registries served by more than one endpoint (mirrors), sorted."""
+        table = self._table
+        names = (set(table.configs) | set(table.hosts)) - {"_default"}
+        return tuple(sorted(n for n in names if len(table.endpoints(n)) > 1))
+
     def repo(self, repo: Reference | str) -> Reference:
         return repo if isinstance(repo, Reference) else parse_reference(repo)
 
