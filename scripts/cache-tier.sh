@@ -39,8 +39,16 @@ command -v nginx >/dev/null || { echo "$0: nginx is not installed (apt-get insta
 nginx -V 2>&1 | grep -q -- --with-http_slice_module || { echo "$0: this nginx lacks the slice module" >&2; exit 1; }
 mkdir -p "$dir"/{cache,tmp,client_tmp,fastcgi_tmp,uwsgi_tmp,scgi_tmp}
 dir=$(cd "$dir" && pwd -P)
+# nginx started as root runs its workers as another user, who must be able to write DIR: name it in
+# CACHE_TIER_USER (e.g. www-data, owning DIR); by default the workers stay root, as DIR may sit in a
+# private directory (a test's temporary one).
+user_line=""
+if [[ $EUID -eq 0 ]]; then
+    user_line="user ${CACHE_TIER_USER:-root};"
+fi
 
 cat >"$dir/nginx.conf" <<EOF
+$user_line
 worker_processes 1;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
