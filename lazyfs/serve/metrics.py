@@ -6,7 +6,7 @@ import threading
 
 import trio
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from lazyfs.errors import ConfigError
 
@@ -52,6 +52,7 @@ class HostCollector:
                 g = GaugeMetricFamily(f"lazyfs_fetch_latency_{q}_seconds", f"Chunk read latency, {q}")
                 g.add_metric([], latency[q])
                 yield g
+        yield from registry_families(snap.get("registry"))
         cache = sched.get("cache") or {}
         for key, value in cache.items():
             if isinstance(value, (int, float)):
@@ -79,3 +80,38 @@ async def serve_metrics(address: str, host, *, task_status=trio.TASK_STATUS_IGNO
     finally:
         server.shutdown()
         REGISTRY.unregister(collector)
+
+
+SOURCE_STATES = ("up", "probing", "down")
+SOURCE_COUNTERS = (
+    ("requests", "Requests to the source"),
+    ("errors", "Requests that failed (connection, timeout, 5xx, 429, bad bytes)"),
+    ("misses", "Requests the source answered 404"),
+    ("bad_bytes", "Batches of bytes from the source that failed verification"),
+    ("cold", "Ranged reads the source answered with a whole blob (a cold pull-through mirror)"),
+    ("bytes", "Body bytes received from the source"),
+)
+
+
+def registry_families(registry: dict | None):
+    """Per-source families from ``Host.registry_statistics()``: state, counters, latency histogram."""
+    if not registry:
+        return
+    sources = registry.get("sources") or []
+    state = GaugeMetricFamily("lazyfs_registry_source_state", "1 for the source's current health state",
+                              labels=["source", "state"])
+    for src in sources:
+        for name in SOURCE_STATES:
+            state.add_metric([src["host"], name], 1.0 if src["state"] == name else 0.0)
+    yield state
+    for key, doc in SOURCE_COUNTERS:
+        family = CounterMetricFamily(f"lazyfs_registry_source_{key}", doc, labels=["source"])
+        for src in sources:
+            family.add_metric([src["host"]], src[key])
+        yield family
+    latency = HistogramMetricFamily("lazyfs_registry_source_latency_seconds", "Request latency per source",
+                                    labels=["source"])
+    for src in sources:
+        buckets = [(str(bound) if bound != "+Inf" else "+Inf", n) for bound, n in src["latency_buckets"]]
+        latency.add_metric([src["host"]], buckets, src["latency_seconds_sum"])
+    yield latency

@@ -104,3 +104,25 @@ def test_probe_reload_and_per_source_statistics(env, tmp_path):
             subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", str(export), "--config", str(cfg)],
                            cwd=ROOT, capture_output=True, timeout=120)
             release_under(tmp_path, sock)
+
+
+def test_per_source_metric_families():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from lazyfs.serve.metrics import HostCollector
+
+    buckets = [[0.005, 1], [0.01, 2], ["+Inf", 3]]
+    source = {"host": "mirror:5000", "state": "down", "requests": 3, "errors": 2, "misses": 0, "bad_bytes": 1,
+              "cold": 1, "bytes": 4096, "latency_seconds_sum": 0.5, "latency_seconds_count": 3,
+              "latency_buckets": buckets}
+    collector = HostCollector()
+    collector.update({"attachments": {}, "scheduler": {}, "registry": {"sources": [source]}})
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert 'lazyfs_registry_source_state{source="mirror:5000",state="down"} 1.0' in text
+    assert 'lazyfs_registry_source_state{source="mirror:5000",state="up"} 0.0' in text
+    assert 'lazyfs_registry_source_bytes_total{source="mirror:5000"} 4096.0' in text
+    assert 'lazyfs_registry_source_bad_bytes_total{source="mirror:5000"} 1.0' in text
+    assert 'lazyfs_registry_source_latency_seconds_bucket{le="+Inf",source="mirror:5000"} 3.0' in text
+    assert 'lazyfs_registry_source_latency_seconds_count{source="mirror:5000"} 3.0' in text
