@@ -621,9 +621,10 @@ class Fleet:
                     f'insecure = true\n')
         pulled, bundle = os.path.join(host.dir, "pulled"), os.path.join(host.dir, "bundle")
         try:
-            run([*host.node.nsenter(), "skopeo", "copy", "--src-tls-verify=false",
-                 f"docker://{self.origin_name}/{OCI_TAG}", f"oci:{pulled}:img"],
-                env={**os.environ, "CONTAINERS_REGISTRIES_CONF": conf})
+            # --registries-conf: skopeo 1.9 (Debian 12) ignores CONTAINERS_REGISTRIES_CONF
+            run([*host.node.nsenter(), "skopeo", "--registries-conf", conf, "copy", "--src-tls-verify=false",
+                 f"docker://{self.origin_name}/{OCI_TAG}", f"oci:{pulled}:img"])
+            result["tier_bytes"] = self.net.counters(self.racks[host.rack].node)["tx_bytes"]
             result["pull_s"] = time.perf_counter() - started
             run(["umoci", "unpack", "--image", f"{pulled}:img", bundle])
             out = run(["chroot", os.path.join(bundle, "rootfs"), "/bin/sh", "-c", self.image.workload]).stdout
