@@ -135,7 +135,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_daemon(args: argparse.Namespace) -> int:
     from lazyfs.serve.daemon import main as daemon_main
 
-    return daemon_main(_config(args))
+    return daemon_main(_config(args), lambda: _config(args))
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -170,6 +170,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
     result = umount_target(_config(args), args.target)
     for line in result["done"]:
         print(line)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from lazyfs.serve.control import call
+
+    _print(call(_config(args).socket_path, "reload", timeout=60), args.json)
     return 0
 
 
@@ -425,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("umount", cmd_umount, "unmount (or unexport) TARGET and detach everything behind it")
     p.add_argument("target")
+
+    p = add("reload", cmd_reload, "make the daemon re-read its registries and mirrors (as SIGHUP does)")
+    p.add_argument("--json", action="store_true")
 
     p = add("stats", cmd_stats, "bytes read and fetched, cache hits and fetch latency (of TARGET, or all)")
     p.add_argument("target", nargs="?")

@@ -19,6 +19,8 @@ LAZYFS_APT_PACKAGES=(
     containerd runc golang-go golang-github-containerd-containerd-dev
     # podman run --rootfs DIR:O on a lazyfs mount (contrib/podman); pulls conmon and containers-common
     podman
+    # fleets (issue 16): S3 object storage (a one-node Ceph with radosgw), an HTTP cache tier (nginx slice)
+    ceph-mon ceph-osd radosgw nginx
     # a fresh Debian 12 has python3 without ensurepip; `python3 -m venv` needs python3-venv
     python3 python3-venv ca-certificates
 )

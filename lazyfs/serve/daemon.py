@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import trio
 
@@ -28,9 +29,11 @@ log = logging.getLogger("lazyfs.daemon")
 class Daemon:
     """Owns the Host and the FUSE export; answers control requests."""
 
-    def __init__(self, config: Config, host: Host, fs: ExportFS, nursery: trio.Nursery | None = None) -> None:
+    def __init__(self, config: Config, host: Host, fs: ExportFS, nursery: trio.Nursery | None = None,
+                 load_config: Callable[[], Config] | None = None) -> None:
         self.config, self.host, self.fs = config, host, fs
         self.nursery = nursery  # runs TCMU handlers
+        self.load_config = load_config or (lambda: config)  # re-reads the config file, for reloads
         self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
 
@@ -141,6 +144,11 @@ class Daemon:
         log.info("audit: tcmu detach %s", name)
         return {"detached": name}
 
+    async def reload_registries(self) -> dict:
+        """Re-read the config file and use its registries and hosts_dir (SIGHUP, ``reload``)."""
+        config = await trio.to_thread.run_sync(self.load_config)
+        return await self.host.reload_registries(config)
+
     async def handle(self, op: str, args: dict) -> object:
         if op == "ping":
             return {"pid": os.getpid(), "export_dir": self.config.export_dir}
@@ -173,6 +181,8 @@ class Daemon:
                                                   "plain_http"))
         if op == "tcmu-detach":
             return await self.tcmu_detach(**_only(args, "name"))
+        if op == "reload":
+            return await self.reload_registries(**_only(args))
         if op == "stop":
             self.stopping.set()
             return {"stopping": True}
@@ -221,30 +231,43 @@ def secure_dirs(config: Config) -> None:
         system.private_dir(config.export_dir)
 
 
-async def run_daemon(config: Config) -> None:
+async def reload_on_sighup(daemon: Daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Reload the registry configuration on every SIGHUP; a bad config is logged and changes nothing."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
+        async for _ in signals:
+            try:
+                await daemon.reload_registries()
+            except LazyfsError as exc:
+                log.error("SIGHUP: registries not reloaded: %s", exc)
+
+
+async def run_daemon(config: Config, load_config: Callable[[], Config] | None = None) -> None:
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
     # Before any mount or socket: a second daemon must not abort the first one's live FUSE
     # session or unlink its socket. The lock lives as long as this process.
     with daemon_lock(config.run_dir):
-        await _run_daemon_locked(config)
+        await _run_daemon_locked(config, load_config)
 
 
-async def _run_daemon_locked(config: Config) -> None:
+async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] | None) -> None:
     log.info("lazyfs daemon %d starting for %s", os.getpid(), config.run_dir)
     # a killed daemon's FUSE mount answers ENOTCONN: secure_dirs skips it, it is cleared, then made private
     await trio.to_thread.run_sync(secure_dirs, config)
-    # first: a killed daemon's FUSE mount answers ENOTCONN, and makedirs takes it for a file
     await clear_stale_export(config.export_dir)
     await trio.to_thread.run_sync(system.private_dir, config.export_dir)
     async with Host.open(config) as host:
         fs = ExportFS()
         async with open_nursery() as nursery:
-            daemon = Daemon(config, host, fs, nursery)
+            daemon = Daemon(config, host, fs, nursery, load_config)
             await nursery.start(serve, config.export_dir, fs)
             await daemon.restore()
             await nursery.start(serve_control, config.socket_path, daemon.handle)
             if config.metrics_address:
                 await nursery.start(serve_metrics, config.metrics_address, host, fs)
+            await nursery.start(reload_on_sighup, daemon)
+            if config.registry_probe_interval > 0:
+                await nursery.start(host.probe_registries, config.registry_probe_interval)
             log.info("lazyfs daemon %d ready: export %s, control %s", os.getpid(), config.export_dir, config.socket_path)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async def wait_signal():
@@ -268,12 +291,13 @@ async def _run_daemon_locked(config: Config) -> None:
             nursery.cancel_scope.cancel()
 
 
-def main(config: Config) -> int:
+def main(config: Config, load_config: Callable[[], Config] | None = None) -> int:
+    """Run the daemon; *load_config* re-reads the configuration for reloads (SIGHUP, ``reload``)."""
     os.umask(0o077)  # every file the daemon makes (cache, state, writable layers) is its user's alone
     logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if config.log_level != "debug":  # httpx logs every request's URL at INFO, presigned redirects included
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    trio.run(run_daemon, config)
+    trio.run(run_daemon, config, load_config)
     return 0

@@ -27,7 +27,7 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import TraceRecorder, replay
-from lazyfs.image.remote import ImageOpener, OpenedImage
+from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload_registries
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
 from lazyfs.nursery import open_nursery
@@ -278,6 +278,36 @@ class Host:
     def writable_layers(self) -> dict:
         """The writable layer of every writable attachment, by attachment name."""
         return {n: a.device.writable for n, a in self.attachments.items() if a.device.writable is not None}
+
+    async def reload_registries(self, config: Config) -> dict:
+        """Use *config*'s registries and hosts_dir from the next request on (mirror lists, TLS,
+        proxies); nothing else of it. ConfigError changes nothing. Returns the sources of every
+        registry with mirrors."""
+        new = dataclasses.replace(self.opener.config, registries=config.registries, hosts_dir=config.hosts_dir)
+        client = self.opener.existing_client
+        if client is not None:
+            await reload_registries(client, new)
+        else:
+            await trio.to_thread.run_sync(registry_hosts, new)  # check it; the client is made at first use
+        self.opener.config = new
+        client = self.opener.client
+        sources = {name: list(client.sources(name)) for name in client.mirrored_registries()}
+        log.info("audit: registries reloaded: %s", sources or "no mirrors")
+        return {"sources": sources}
+
+    async def probe_registries(self, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Every *interval* seconds, probe every endpoint of the registries that have mirrors
+        (a down mirror comes back as soon as it answers; a dead one goes down before a read
+        waits for it). Runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            client = self.opener.existing_client
+            if client is None:
+                continue
+            for registry in client.mirrored_registries():
+                states = await client.probe_sources(registry)
+                log.debug("probe %s: %s", registry, states)
 
     def registry_statistics(self) -> dict | None:
         """The registry client's counters and per-source health and traffic (None before any

@@ -225,6 +225,8 @@ SOURCE: tuple[Stat, ...] = (
     Stat("bad_bytes", "lazyfs_registry_source_integrity_failures_total", COUNTER,
          "Answers from the source whose bytes failed verification"),
     Stat("bytes", "lazyfs_registry_source_received_bytes_total", COUNTER, "Body bytes received from the source"),
+    Stat("cold", "lazyfs_registry_source_cold_reads_total", COUNTER,
+         "Ranged reads the source answered with a whole blob (a cold pull-through mirror)"),
     Stat("consecutive_failures", "lazyfs_registry_source_consecutive_failures", GAUGE,
          "Failures of the source since its last success"),
 )

@@ -23,6 +23,7 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.credentials import Credential, Credentials
 from lazyfs.fetch.registry import (
     OCI_MANIFEST,
+    SMALL_WHOLE_BLOB,
     RegistryBackend,
     RegistryClient,
     RegistryConfig,
@@ -444,12 +445,17 @@ def test_range_answer_checks(range_ignoring_server: tuple[str, type[_RangeIgnori
 
     async def main() -> None:
         async with RegistryClient([RegistryConfig(host, plain_http=True)], retry=FAST) as client:
-            # A 200 is fine when it is exactly the range asked for (the whole blob).
+            # A 200 is fine when it is exactly the range asked for (the whole blob), or when the
+            # whole blob is small: the range is cut out of it.
             assert await client.read_range(target, digest, 0, 1000) == handler.blob
+            assert await client.read_range(target, digest, 5, 100) == handler.blob[5:105]
+            # A larger blob sent whole for a range is refused (the read goes elsewhere).
+            big = handler.blob = payload(SMALL_WHOLE_BLOB + 1000, seed=9)
             with pytest.raises(FetchError, match="ignored the Range"):
-                await client.read_range(target, digest, 0, 100)
+                await client.read_range(target, digest_of(big), 0, 100)
             with pytest.raises(FetchError, match="ignored the Range"):
-                await client.read_range(target, digest, 5, 100)
+                await client.read_range(target, digest_of(big), 5, 100)
+            handler.blob = payload(1000, seed=9)
             handler.mode = "wrong-range"
             with pytest.raises(FetchError, match="instead"):
                 await client.read_range(target, digest, 100, 10)
@@ -841,7 +847,8 @@ def test_hosts_toml_mirrors_are_used_and_fail_over_both_ways(registry: RegistryI
     from lazyfs.image.remote import make_client
     from tests.support.registry import running_registry
 
-    blob = payload(200_000, seed=90)
+    blob = payload(1_500_000, seed=90)  # more than SMALL_WHOLE_BLOB: a cold mirror's whole answer is not taken
+    small = payload(200_000, seed=91)  # at most SMALL_WHOLE_BLOB: it is
     with running_registry(tmp_path / "mirror", proxy_remote=registry.url) as mirror, \
             FaultProxy.running_in_thread(mirror.port) as m1, FaultProxy.running_in_thread(mirror.port) as m2, \
             FaultProxy.running_in_thread(registry.port) as origin:
@@ -854,6 +861,7 @@ def test_hosts_toml_mirrors_are_used_and_fail_over_both_ways(registry: RegistryI
         async def main() -> None:
             async with client_for(registry) as direct:
                 digest = (await direct.push_blob(ref(registry, "mirrored/app"), blob)).digest
+                small_digest = (await direct.push_blob(ref(registry, "mirrored/app"), small)).digest
                 await push_image(direct, ref(registry, "mirrored/app:1"), seed=90)
             config = Config(hosts_dir=str(certs), fetch_deadline=30)
             async with make_client(config) as client:
@@ -867,20 +875,36 @@ def test_hosts_toml_mirrors_are_used_and_fail_over_both_ways(registry: RegistryI
                 assert got.data == blob[100:5100] and got.source != f"127.0.0.1:{m1.port}"
                 assert [r.status for r in m1.requests("GET", "/blobs/")] == [200]
                 assert client.statistics().source(f"127.0.0.1:{m1.port}").errors == 0
-                assert await client.get_blob(target, digest) == blob  # a whole-blob read warms the mirror
+                # The first mirror address is now cold for that blob: its next reads ask the others
+                # first, not the mirror that may still be pulling it from upstream.
+                assert client.statistics().source(f"127.0.0.1:{m1.port}").cold == 1
                 m1.reset_counters()
+                assert (await backend.read_range_from(digest, 0, 10)).source != f"127.0.0.1:{m1.port}"
+                assert m1.count("GET", "/blobs/") == 0
+                # A small blob's whole answer is taken and cut to the range.
+                got = await backend.read_range_from(small_digest, 1000, 300)
+                assert got.data == small[1000:1300] and got.source == f"127.0.0.1:{m1.port}"
+                assert [r.status for r in m1.requests("GET", "/blobs/")] == [200]
+                # A whole-blob read through the mirror (m1 or m2: one mirror at two addresses) fills
+                # it; then it serves ranges, and the origin is not asked.
+                m1.reset_counters()
+                m2.reset_counters()
+                assert await client.get_blob(target, digest) == blob
+                assert m1.count("GET", "/blobs/") + m2.count("GET", "/blobs/") == 1
+                m1.reset_counters()
+                m2.reset_counters()
                 origin.reset_counters()
                 got = await backend.read_range_from(digest, 100, 5000)
-                assert got.data == blob[100:5100] and got.source == f"127.0.0.1:{m1.port}"
-                assert [r.status for r in m1.requests("GET", "/blobs/")] == [206]
+                assert got.data == blob[100:5100] and got.source in (f"127.0.0.1:{m1.port}", f"127.0.0.1:{m2.port}")
+                assert [r.status for r in m1.requests("GET", "/blobs/") + m2.requests("GET", "/blobs/")] == [206]
                 assert origin.count("GET", "/blobs/") == 0 and origin.count("GET", "/manifests/") == 0
 
-                # mirror -> next mirror -> origin
+                # mirror -> next mirror -> origin (the small blob: no mirror address is cold for it)
                 m1.faults.fail(503, count=None)
-                assert (await backend.read_range_from(digest, 0, 100)).source == f"127.0.0.1:{m2.port}"
+                assert (await backend.read_range_from(small_digest, 0, 100)).source == f"127.0.0.1:{m2.port}"
                 m2.faults.fail(503, count=None)
                 for _ in range(3):
-                    assert (await backend.read_range_from(digest, 0, 100)).source == name
+                    assert (await backend.read_range_from(small_digest, 0, 100)).source == name
                 stats = client.statistics()
                 assert stats.source(f"127.0.0.1:{m1.port}").state == "down"
                 assert stats.source(f"127.0.0.1:{m2.port}").state == "down"
@@ -888,8 +912,8 @@ def test_hosts_toml_mirrors_are_used_and_fail_over_both_ways(registry: RegistryI
                 # origin -> another mirror: the origin fails while the second mirror is back
                 m2.faults.clear()
                 origin.faults.fail(503, path="/blobs/", count=None)
-                got = await backend.read_range_from(digest, 0, 100)
-                assert got.source == f"127.0.0.1:{m2.port}" and got.data == blob[:100]
+                got = await backend.read_range_from(small_digest, 0, 100)
+                assert got.source == f"127.0.0.1:{m2.port}" and got.data == small[:100]
                 assert client.statistics().source(f"127.0.0.1:{m2.port}").state == "up"
                 origin.faults.clear()
                 m1.faults.clear()

@@ -306,6 +306,27 @@ def test_picker_exclusions_and_bounds() -> None:
     assert M1 not in {s.host for s in picker.statistics(0)}
 
 
+def test_a_cold_mirror_is_asked_last_for_that_blob_only() -> None:
+    picker = SourcePicker(HealthPolicy(cold_seconds=10, max_cold=4), SOURCES)
+    picker.mark_cold(M1, "blob-a", 100)
+    assert picker.order(SOURCES, 101, key="blob-a") == [M2, ORIGIN, M1]  # cold: after the usable ones
+    assert picker.order(SOURCES, 101, key="blob-b") == [M1, M2, ORIGIN]  # another blob: in its place
+    assert picker.order(SOURCES, 101) == [M1, M2, ORIGIN]
+    picker.record(M2, Outcome.FAILED, 101)
+    picker.record(M2, Outcome.FAILED, 101)  # down: after the cold one
+    assert picker.order(SOURCES, 102, key="blob-a") == [ORIGIN, M1, M2]
+    assert picker.order(SOURCES, 110, key="blob-a") == [M1, M2, ORIGIN]  # cold_seconds (and M2's cooldown) passed
+    picker.mark_cold(M1, "blob-a", 120)
+    picker.warm(M1, "blob-a")  # it served the blob: no longer cold
+    assert picker.order(SOURCES, 121, key="blob-a")[0] == M1
+    for i in range(100):  # bounded
+        picker.mark_cold(M1, f"b{i}", 130)
+    assert sum(picker.is_cold(M1, f"b{i}", 131) for i in range(100)) == 4
+    assert {s.host: s.cold for s in picker.statistics(131)}[M1] == 102
+    picker.reconfigure([M2, ORIGIN])  # a dropped source's marks go with it
+    assert not picker.is_cold(M1, "b99", 131)
+
+
 # --- the retry layer ----------------------------------------------------------------------------------
 
 

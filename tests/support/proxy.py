@@ -462,7 +462,8 @@ class RequestRecord:
     """One request as the proxy handled it.
 
     ``status`` is the status sent to the client (None: none was sent, e.g. a reset);
-    ``body_bytes`` counts response body bytes handed to the client's socket.
+    ``body_bytes`` counts response body bytes handed to the client's socket;
+    ``authorization`` says whether the request carried an Authorization header.
     """
 
     method: str
@@ -472,6 +473,7 @@ class RequestRecord:
     body_bytes: int
     fault: FaultKind | None
     corrupted_offset: int | None
+    authorization: bool = False
 
     @property
     def path(self) -> str:
@@ -493,10 +495,11 @@ class ProxyStatistics:
 class _Exchange:
     """The mutable record of a request in flight (snapshotted as a `RequestRecord`)."""
 
-    __slots__ = ("method", "target", "range", "status", "body_bytes", "fault", "corrupted_offset")
+    __slots__ = ("method", "target", "range", "status", "body_bytes", "fault", "corrupted_offset", "authorization")
 
-    def __init__(self, method: str, target: str, range_: str | None) -> None:
+    def __init__(self, method: str, target: str, range_: str | None, authorization: bool = False) -> None:
         self.method, self.target, self.range = method, target, range_
+        self.authorization = authorization
         self.status: int | None = None
         self.body_bytes = 0
         self.fault: FaultKind | None = None
@@ -511,6 +514,7 @@ class _Exchange:
             self.body_bytes,
             self.fault,
             self.corrupted_offset,
+            self.authorization,
         )
 
 
@@ -863,7 +867,7 @@ class FaultProxy:
         method = request.method.decode("ascii", "replace")
         target = request.target.decode("ascii", "replace")
         range_ = next((v.decode("latin-1") for k, v in request.headers if k == b"range"), None)
-        exchange = _Exchange(method, target, range_)
+        exchange = _Exchange(method, target, range_, any(k == b"authorization" for k, _ in request.headers))
         rule = self.faults.take(method, target)
         exchange.fault = rule.kind if rule else None
         with self._lock:

@@ -486,6 +486,13 @@ def _probe(url: str, ca_file: Path | None, timeout: float, pki: LocalPKI | None 
         return None
 
 
+def registry_environment() -> dict[str, str]:
+    """This process's environment minus AWS_CA_BUNDLE: docker-registry 2.8's S3 driver panics at
+    start ("unable to load custom CA bundle, HTTPClient's transport unsupported type") when it is
+    set, as it is on some machines for other tools."""
+    return {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     """Terminate *process*, kill it if it lingers, and reap it."""
     if process.poll() is None:
@@ -511,6 +518,7 @@ def running_registry(
     client_certs: bool = False,
     tls_hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost"),
     proxy_remote: str | None = None,
+    storage_driver: dict | None = None,
     start_timeout: float = 30.0,
 ) -> Iterator[RegistryInfo]:
     """Run ``docker-registry`` on a free 127.0.0.1 port with storage under *tmpdir*.
@@ -520,7 +528,8 @@ def running_registry(
     stopped, and the token server shut down, when the block exits. With *client_certs* (and
     *tls*) the registry demands a client certificate signed by its CA (``http.tls.clientcas``;
     ``info.pki`` has one). *tls_hosts* are the names its certificate is for. *proxy_remote*
-    (a URL) makes it a pull-through mirror of that registry.
+    (a URL) makes it a pull-through mirror of that registry. *storage_driver* replaces the
+    filesystem storage driver's section (e.g. ``{"s3": {...}}``, see tests.support.s3).
     """
     if auth not in (None, "htpasswd", "token"):
         raise ValueError(f"auth must be None, 'htpasswd' or 'token', not {auth!r}")
@@ -547,6 +556,9 @@ def running_registry(
             config["http"]["tls"]["clientcas"] = [str(pki.ca_file)]
     if proxy_remote is not None:
         config["proxy"] = {"remoteurl": proxy_remote}
+    if storage_driver is not None:
+        config["storage"] = {**storage_driver, "delete": {"enabled": True},
+                             "maintenance": {"uploadpurging": {"enabled": False}}}
     token_server: TokenServer | None = None
     with contextlib.ExitStack() as stack:
         if auth == "htpasswd":
@@ -585,7 +597,7 @@ def running_registry(
             with open(log_file, "ab") as log:
                 process = subprocess.Popen(
                     [binary, "serve", str(config_file)], stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, cwd=base,
+                    stdin=subprocess.DEVNULL, cwd=base, env=registry_environment(),
                 )
             info.process = process
             try:

@@ -23,7 +23,7 @@ HTTP answer) — never httpx's. docs/registry.md states the retry and failover p
 
 from lazyfs.fetch.backend import SourcedBytes
 from lazyfs.fetch.registry.backend import RegistryBackend
-from lazyfs.fetch.registry.blobs import MAX_BLOB_IN_MEMORY
+from lazyfs.fetch.registry.blobs import MAX_BLOB_IN_MEMORY, SMALL_WHOLE_BLOB
 from lazyfs.fetch.registry.client import RegistryClient, RegistryStatistics
 from lazyfs.fetch.registry.hosts import PULL, PUSH, RESOLVE, Endpoint, HostsEntry, HostTable, RegistryConfig, TlsProfile
 from lazyfs.fetch.registry.manifests import (
@@ -43,5 +43,5 @@ __all__ = [
     "BlobPush", "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "Endpoint", "Health", "HealthPolicy", "HostTable",
     "HostsEntry", "MANIFEST_MEDIA_TYPES", "MAX_BLOB_IN_MEMORY", "MAX_MANIFEST_SIZE", "OCI_INDEX", "OCI_MANIFEST",
     "PULL", "PUSH", "ProxySettings", "RESOLVE", "RegistryBackend", "RegistryClient", "RegistryConfig",
-    "RegistryStatistics", "RetryPolicy", "SourceStatistics", "SourcedBytes", "TlsProfile",
+    "RegistryStatistics", "RetryPolicy", "SMALL_WHOLE_BLOB", "SourceStatistics", "SourcedBytes", "TlsProfile",
 ]

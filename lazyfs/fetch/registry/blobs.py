@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 
 MAX_BLOB_IN_MEMORY = 1 << 30
 COPY_CHUNK = 1 << 20
+# A whole-blob answer to a ranged read (a cold pull-through mirror) is read and cut to the
+# range when the blob is at most this big: cheaper than a second request elsewhere.
+SMALL_WHOLE_BLOB = 1 << 20
 
 
 class RangeIgnored(FetchError):
@@ -71,9 +74,12 @@ async def read_range(client: RegistryClient, repo: Reference | str, digest: str,
                      exclude: Collection[str] = ()) -> bytes:
     """Exactly *length* bytes of blob *digest* from *offset* (one ``Range`` GET).
 
-    FetchError if a source returns fewer or more bytes, or ignores the range (a 200 is
-    accepted only when it is exactly the requested bytes, i.e. the range is the whole
-    blob). *exclude* skips sources by ``host[:port]``.
+    FetchError if a source returns fewer or more bytes. A source that ignores the range
+    (HTTP 200, as a cold pull-through mirror does) is accepted when the whole blob is at most
+    ``SMALL_WHOLE_BLOB`` bytes (the range is cut out of it) or is exactly the range; otherwise
+    the read goes to the next source and that source is asked last for this blob for a while
+    (``HealthPolicy.cold_seconds``). *exclude* skips sources by ``host[:port]``. The bytes are
+    not verified here: callers verify chunks (the scheduler) or the metadata they parse.
     """
     return (await read_range_from(client, repo, digest, offset, length, exclude=exclude)).data
 
@@ -98,17 +104,27 @@ async def read_range_from(client: RegistryClient, repo: Reference | str, digest:
         where = f"{what} at {ep.host}"
         try:
             status = response.status_code
+            whole = None
             if status == 206:
                 check_content_range(response.headers.get("content-range"), offset, last, where)
             elif status == 200:
-                if offset != 0:
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and last < int(declared) <= SMALL_WHOLE_BLOB:
+                    whole = int(declared)
+                elif offset != 0:
                     raise RangeIgnored(f"{where}: server ignored the Range header (HTTP 200)", 200)
             elif status == 416:
                 raise FetchError(f"{where}: range not satisfiable (beyond the end of the blob)", 416)
             else:
                 await fail(response, where)
             try:
-                data = await read_body(response, length, where, lambda n: client.received(ep.host, n))
+                if whole is not None:
+                    data = await read_body(response, whole, where, lambda n: client.received(ep.host, n))
+                    if len(data) != whole:
+                        raise Transient(f"{where}: whole blob cut short, {len(data)} of {whole} bytes", 200)
+                    data = data[offset:offset + length]
+                else:
+                    data = await read_body(response, length, where, lambda n: client.received(ep.host, n))
             except FetchError as e:
                 if status == 200:  # a whole blob larger than the range
                     raise RangeIgnored(f"{where}: server ignored the Range header (HTTP 200): {e}", 200) from None
@@ -121,7 +137,7 @@ async def read_range_from(client: RegistryClient, repo: Reference | str, digest:
             raise Transient(f"{where}: short read, {len(data)} of {length} bytes", status)
         return SourcedBytes(data, ep.host)
 
-    return await client.from_sources(what, ref.registry, PULL, exclude, attempt)
+    return await client.from_sources(what, ref.registry, PULL, exclude, attempt, key=digest)
 
 
 async def get_blob(client: RegistryClient, repo: Reference | str, digest: str, *, max_size: int = MAX_BLOB_IN_MEMORY,
@@ -146,7 +162,8 @@ async def get_blob(client: RegistryClient, repo: Reference | str, digest: str, *
             raise IntegrityError(f"blob {digest}", digest, got, ep.host)
         return data
 
-    return await client.from_sources(what, ref.registry, PULL, exclude, attempt, bounded=max_size <= (64 << 20))
+    return await client.from_sources(what, ref.registry, PULL, exclude, attempt, bounded=max_size <= (64 << 20),
+                                     key=digest, avoid_cold=False)
 
 
 async def get_blob_to_file(client: RegistryClient, repo: Reference | str, digest: str, dest: str | os.PathLike, *,
@@ -195,4 +212,5 @@ async def get_blob_to_file(client: RegistryClient, repo: Reference | str, digest
             await response.aclose()
         return size
 
-    return await client.from_sources(what, ref.registry, PULL, exclude, attempt, bounded=False)
+    return await client.from_sources(what, ref.registry, PULL, exclude, attempt, bounded=False, key=digest,
+                                     avoid_cold=False)

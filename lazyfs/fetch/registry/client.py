@@ -171,6 +171,12 @@ class RegistryClient:
         """Where blob reads for *registry* go, in configured order: its mirrors, then itself."""
         return tuple(ep.host for ep in self.endpoints(registry, PULL))
 
+    def mirrored_registries(self) -> tuple[str, ...]:
+        """The configured registries served by more than one endpoint (mirrors), sorted."""
+        table = self._table
+        names = (set(table.configs) | set(table.hosts)) - {"_default"}
+        return tuple(sorted(n for n in names if len(table.endpoints(n)) > 1))
+
     def repo(self, repo: Reference | str) -> Reference:
         return repo if isinstance(repo, Reference) else parse_reference(repo)
 
@@ -187,12 +193,16 @@ class RegistryClient:
 
     async def from_sources(
         self, what: str, registry: str, capability: str, exclude: Collection[str],
-        attempt: Callable[[Endpoint], Awaitable[T]], *, bounded: bool = True,
+        attempt: Callable[[Endpoint], Awaitable[T]], *, bounded: bool = True, key: str | None = None,
+        avoid_cold: bool = True,
     ) -> T:
         """Run *attempt* against *registry*'s endpoints that can *capability*, in the picker's
         order, until one succeeds; rounds repeat in the retry layer while a failure was
         transient. NotFoundError only if every source said so. *bounded*: each attempt
-        gets ``retry.attempt_timeout``."""
+        gets ``retry.attempt_timeout``. *key* (a blob digest): a source that ignores a Range
+        for it is marked cold for it, one that serves it is not any more; with *avoid_cold*,
+        sources cold for it are asked after the others (whole-blob reads, which warm a
+        pull-through mirror, ask them in their place)."""
         endpoints = {ep.host: ep for ep in self.endpoints(registry, capability)}
         if not [h for h in endpoints if h not in exclude]:
             raise FetchError(f"{what}: every source is excluded ({', '.join(endpoints)})")
@@ -202,7 +212,7 @@ class RegistryClient:
             permanent: list[BaseException] = []
             missing = 0
             status = None
-            order = self.picker.order(list(endpoints), self._clock(), exclude)
+            order = self.picker.order(list(endpoints), self._clock(), exclude, key if avoid_cold else None)
             for i, host in enumerate(order):
                 ep = endpoints[host]
                 if i:
@@ -213,6 +223,8 @@ class RegistryClient:
                     with trio.fail_after(self.retry.attempt_timeout) if bounded else contextlib.nullcontext():
                         result = await attempt(ep)
                     outcome = Outcome.OK
+                    if key is not None:
+                        self.picker.warm(host, key)
                     return result
                 except trio.TooSlowError:
                     transient.append(f"{host}: no answer within {self.retry.attempt_timeout:g} s")
@@ -232,6 +244,8 @@ class RegistryClient:
                 except RangeIgnored as e:  # a cold pull-through mirror: alive, just not ranged yet
                     outcome = Outcome.OK
                     permanent.append(e)
+                    if key is not None:
+                        self.picker.mark_cold(host, key, self._clock())
                 except FetchError as e:  # a malformed answer: this source is broken for us
                     permanent.append(e)
                 finally:

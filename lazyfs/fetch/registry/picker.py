@@ -15,10 +15,16 @@ Every source (an endpoint's ``host[:port]``) has a health state::
 * A 404 is not a health failure (a mirror may simply not have the blob), nor is an auth
   refusal. Bytes that failed verification are: one such failure takes a source down.
 * Sources a caller excludes (they served bytes that failed verification) are not offered.
+* A source that answered a ranged read of one blob with the whole blob (a cold pull-through
+  mirror, which fetches the blob from upstream while it answers) is *cold* for that blob for
+  ``cold_seconds``: reads of that blob ask it after the other usable sources, so they neither
+  wait for its cache nor make it pull the blob from upstream again (docker-registry 2.8 starts
+  another upstream copy for every request while it fills its cache). Afterwards, or as soon as
+  it serves that blob (a whole-blob read through it, or a range), it is asked in its place again.
 
 ``SourcePicker`` also keeps per-source counters (requests, errors, bytes, latency) for
 ``statistics()``. Its maps are bounded: configured sources are kept, others are evicted
-least recently used beyond ``max_sources``.
+least recently used beyond ``max_sources``; the cold marks by ``max_cold``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import math
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import cachetools
 
 from lazyfs.errors import ConfigError
 
@@ -60,9 +68,12 @@ class HealthPolicy:
     cooldown: float = 5.0
     max_cooldown: float = 120.0
     max_sources: int = 256
+    cold_seconds: float = 10.0  # how long a cold mirror is asked last for one blob
+    max_cold: int = 4096
 
     def __post_init__(self) -> None:
-        if self.failures < 1 or self.cooldown <= 0 or self.max_cooldown < self.cooldown or self.max_sources < 1:
+        if (self.failures < 1 or self.cooldown <= 0 or self.max_cooldown < self.cooldown or self.max_sources < 1
+                or self.cold_seconds < 0 or self.max_cold < 1):
             raise ConfigError(f"health policy: invalid {self}")
 
 
@@ -78,6 +89,7 @@ class SourceStatistics:
     bad_bytes: int
     bytes: int  # body bytes received from it
     consecutive_failures: int
+    cold: int  # ranged reads it answered with a whole blob (a cold pull-through mirror)
     retry_at: float | None  # when a down source is probed again (picker clock)
     latency_seconds_sum: float
     latency_seconds_count: int
@@ -96,6 +108,7 @@ class _Source:
     misses: int = 0
     bad_bytes: int = 0
     bytes: int = 0
+    cold: int = 0
     latency_sum: float = 0.0
     latency: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BOUNDS))
 
@@ -107,6 +120,7 @@ class SourcePicker:
         self.policy = policy
         self._configured = frozenset(configured)
         self._sources: OrderedDict[str, _Source] = OrderedDict()
+        self._cold: cachetools.LRUCache[tuple[str, str], float] = cachetools.LRUCache(policy.max_cold)
 
     def reconfigure(self, configured: Iterable[str]) -> None:
         """A new set of configured sources (after a reload). Sources that stay keep their health;
@@ -115,6 +129,8 @@ class SourcePicker:
         self._configured = frozenset(configured)
         for host in removed:
             self._sources.pop(host, None)
+        for key in [k for k in self._cold if k[0] in removed]:
+            del self._cold[key]
 
     def _get(self, host: str) -> _Source:
         src = self._sources.get(host)
@@ -140,18 +156,39 @@ class SourcePicker:
             src.state = Health.PROBING
         return src.state
 
-    def order(self, hosts: Sequence[str], now: float, exclude: Collection[str] = ()) -> list[str]:
-        """*hosts* (in configured order) minus *exclude*: usable ones first, in order, then the
-        down ones by when they recover."""
-        usable, down = [], []
+    def order(self, hosts: Sequence[str], now: float, exclude: Collection[str] = (), key: str | None = None) -> list[str]:
+        """*hosts* (in configured order) minus *exclude*: usable ones first, in order (those cold
+        for *key* after the others), then the down ones by when they recover."""
+        usable, cold, down = [], [], []
         for i, host in enumerate(hosts):
             if host in exclude:
                 continue
             if self.state(host, now) is Health.DOWN:
                 down.append((self._sources[host].retry_at, i, host))
+            elif key is not None and self.is_cold(host, key, now):
+                cold.append(host)
             else:
                 usable.append(host)
-        return usable + [host for _, _, host in sorted(down)]
+        return usable + cold + [host for _, _, host in sorted(down)]
+
+    def mark_cold(self, host: str, key: str, now: float) -> None:
+        """*host* answered a ranged read of *key* with the whole of it: ask it last for a while."""
+        self._get(host).cold += 1
+        if self.policy.cold_seconds > 0:
+            self._cold[(host, key)] = now + self.policy.cold_seconds
+
+    def warm(self, host: str, key: str) -> None:
+        """*host* served *key*: it is no longer cold for it."""
+        self._cold.pop((host, key), None)
+
+    def is_cold(self, host: str, key: str, now: float) -> bool:
+        until = self._cold.get((host, key))
+        if until is None:
+            return False
+        if now >= until:
+            del self._cold[(host, key)]
+            return False
+        return True
 
     def record(self, host: str, outcome: Outcome, now: float, *, seconds: float | None = None, nbytes: int = 0) -> Health:
         """Account one request to *host*; returns its state afterwards."""
@@ -189,7 +226,7 @@ class SourcePicker:
                 buckets.append((bound, cumulative))
             out.append(SourceStatistics(
                 host=host, state=state.value, requests=src.requests, errors=src.errors, misses=src.misses,
-                bad_bytes=src.bad_bytes, bytes=src.bytes, consecutive_failures=src.consecutive,
+                bad_bytes=src.bad_bytes, bytes=src.bytes, consecutive_failures=src.consecutive, cold=src.cold,
                 retry_at=src.retry_at if state is Health.DOWN else None,
                 latency_seconds_sum=src.latency_sum, latency_seconds_count=cumulative,
                 latency_buckets=tuple(buckets),
