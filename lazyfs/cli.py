@@ -55,6 +55,16 @@ def _print(result: object, as_json: bool) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _run_with_progress(args: argparse.Namespace, run):
+    """``trio.run(run, progress)``: a rich progress display unless --quiet or --json."""
+    if args.quiet or args.json:
+        return trio.run(run, None)
+    from lazyfs.image.progress import RichProgress
+
+    with RichProgress() as progress:
+        return trio.run(run, progress)
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from lazyfs.image.local import create_image
 
@@ -229,13 +239,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             async with ImageOpener(_config(args)) as opener:
                 return await verify_remote(opener, args.image, progress)
 
-        if args.quiet or args.json:
-            result = trio.run(run, None)
-        else:
-            from lazyfs.image.progress import RichProgress
-
-            with RichProgress() as progress:
-                result = trio.run(run, progress)
+        result = _run_with_progress(args, run)
         if args.json:
             _print(result, True)
         elif not args.quiet:
@@ -292,13 +296,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return await convert_image(opener, args.source, args.target, platform=args.platform,
                                        chunk_size=args.chunk_size, use_cache=not args.no_cache, progress=progress)
 
-    if args.quiet or args.json:
-        result = trio.run(run, None)
-    else:
-        from lazyfs.image.progress import RichProgress
-
-        with RichProgress() as progress:
-            result = trio.run(run, progress)
+    result = _run_with_progress(args, run)
     if args.json:
         _print(result, True)
     elif not args.quiet:
