@@ -160,8 +160,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         _print(result, True)
     else:
         mode = "read-write" if args.writable else "read-only"
-        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}) in "
-              f"{result['seconds']:.3f} s")
+        route = {"hydrated": f"loop on the hydrated local file {result.get('loop_file')}, no FUSE",
+                 "buffered": "buffered loop"}.get(result.get("loop_route"), "direct-I/O loop")
+        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}, {route}) "
+              f"in {result['seconds']:.3f} s")
     return 0
 
 

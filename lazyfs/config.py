@@ -133,6 +133,15 @@ class Config:
     background_download: bool = False
     background_delay: Seconds = 30.0
     background_rate: Annotated[int, _doc("bytes per second", ge=0)] = 20 << 20
+    read_only_loop: Annotated[Literal["buffered", "direct"], _doc(
+        "how lazyfs mount attaches the loop device of a read-only image: buffered (the kernel serves "
+        "re-reads from the page cache of the exported file; costs a second cached copy) or direct "
+        "(O_DIRECT: one copy, every read a FUSE request); docs/warm.md")] = "buffered"
+    hydrated_max_bytes: Annotated[int, _doc(
+        "disk the hydrated files of fully local read-only images may take under cache_root/hydrated "
+        "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30
+    hydrated_check_interval: Annotated[float, _doc(
+        "seconds between the daemon's checks for read-only images that became fully local", gt=0)] = 10.0
     metrics_address: Annotated[str, _doc(
         "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9750", pattern=r"^\S+:[0-9]{1,5}$")] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

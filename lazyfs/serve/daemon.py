@@ -16,7 +16,7 @@ from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
-from lazyfs.serve import system
+from lazyfs.serve import hydrated, system
 from lazyfs.serve.control import serve_control
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
 from lazyfs.serve.host import Host
@@ -176,6 +176,8 @@ class Daemon:
                 raise NotFoundError(f"no image attached as {args.get('name')!r}")
             await self.host.finish_trace(att)
             return att.trace
+        if op == "hydrate-file":
+            return await hydrated.control(self.host, args.get("name"))
         if op == "tcmu-attach":
             return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size", "writable_dir",
                                                   "plain_http"))
@@ -266,6 +268,8 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
             if config.metrics_address:
                 await nursery.start(serve_metrics, config.metrics_address, host, fs)
             await nursery.start(reload_on_sighup, daemon)
+            if config.hydrated_max_bytes > 0:
+                await nursery.start(hydrated.watch, host, config.hydrated_check_interval)
             if config.registry_probe_interval > 0:
                 await nursery.start(host.probe_registries, config.registry_probe_interval)
             log.info("lazyfs daemon %d ready: export %s, control %s", os.getpid(), config.export_dir, config.socket_path)

@@ -16,7 +16,7 @@ import trio
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
-from lazyfs.serve import system
+from lazyfs.serve import system, warmloop
 from lazyfs.serve.control import call
 from lazyfs.serve.daemon import clear_stale_export
 from lazyfs.serve.fuse import IMAGE_NAME
@@ -132,8 +132,9 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
                     plain_http=list(plain_http))
     dev = None
     try:
-        dev = trio.run(system.losetup_attach, attached["path"], not writable)
-        call(config.socket_path, "mark", name=name, extra={"loop": dev})
+        loop = warmloop.plan(config, attached, writable)
+        dev = trio.run(lambda: system.losetup_attach(loop.path, not writable, loop.direct_io))
+        call(config.socket_path, "mark", name=name, extra={"loop": dev, "loop_route": loop.route})
         options = ([] if devices else ["nodev"]) + ([] if setuid else ["nosuid"])
         if not writable:
             options.append("noload")  # never replay a journal on a read-only image
@@ -148,10 +149,13 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     except BaseException:
         _undo(config, name, dev)
         raise
-    result = {**attached, "loop": dev, "target": target, "seconds": round(time.monotonic() - started, 3)}
+    result = {**attached, "loop": dev, "loop_route": loop.route, "loop_file": loop.path, "target": target,
+              "seconds": round(time.monotonic() - started, 3)}
+    notes = [n for n in (twin.note() if twin is not None and twin.replaced else None, loop.note()) if n]
     if twin is not None and twin.replaced:
         result["twin"] = twin.to_json()
-        result["note"] = twin.note()
+    if notes:
+        result["note"] = "; ".join(notes)
     return result
 
 

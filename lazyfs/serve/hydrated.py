@@ -1,0 +1,246 @@
+"""Hydrated images: the merged read-only disk of a fully local image as one local file.
+
+Once every chunk of a read-only image is in the disk cache, its merged disk is written out
+once as ``cache_root/hydrated/<manifest hex>.img`` (mode 0600, fsynced, renamed into place,
+directory fsynced). New ``lazyfs mount``s of that image then attach their loop device to that
+file: reads never reach FUSE or Python. docs/warm.md says why and what it costs.
+
+The file is built from verified chunks only (the scheduler verifies every chunk it serves),
+and it appears under its final name only when complete and durable, so a crash leaves at
+most a ``.tmp`` file, which the next build removes. The name is the image's manifest digest:
+a tag that moves names another manifest, hence another file.
+
+``missing_chunks`` / ``is_fully_local`` are the small, side-effect-free checks other code
+(hydration, statistics) can call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+
+import trio
+
+from lazyfs.device.chunks import Priority
+from lazyfs.durable import fsync_dir, makedirs_durable, pwrite_all, storage_error
+from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+DIRNAME = "hydrated"
+_WRITE_BATCH = 4 << 20  # bytes buffered before one pwrite: bounds memory, amortises thread hops
+_TMP_SUFFIX = ".tmp"
+_locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host -> manifest -> lock of its build
+
+
+@dataclass(frozen=True, slots=True)
+class Hydrated:
+    """A complete hydrated file: *path*, its *size* in bytes, and the *manifest* it was built from."""
+
+    path: str
+    size: int
+    manifest: str
+
+
+def directory(cache_root: str) -> str:
+    return os.path.join(cache_root, DIRNAME)
+
+
+def path_for(cache_root: str, manifest: str) -> str:
+    """Where the hydrated file of the image with manifest digest *manifest* lives (whether or not it exists)."""
+    algo, _, hexdigest = manifest.partition(":")
+    if not hexdigest or not hexdigest.isalnum() or not algo.isalnum():
+        raise NotFoundError(f"not a manifest digest: {manifest!r}")
+    return os.path.join(directory(cache_root), f"{algo}-{hexdigest}.img")
+
+
+def existing(cache_root: str, manifest: str, size: int) -> Hydrated | None:
+    """The complete hydrated file of *manifest*, if there is one of exactly *size* bytes.
+
+    A file of another size is not this image's disk (never served); None then.
+    """
+    path = path_for(cache_root, manifest)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    if st.st_size != size:
+        log.warning("hydrated file %s is %d bytes, the image %d: ignored", path, st.st_size, size)
+        return None
+    return Hydrated(path, size, manifest)
+
+
+def missing_chunks(device, cache) -> int:
+    """How many distinct chunks of read-only *device* are not in *cache*'s disk tier (0: fully local)."""
+    return sum(1 for loc in device.index.locations() if not cache.on_disk(loc.digest))
+
+
+def is_fully_local(device, cache) -> bool:
+    """Whether every chunk *device* (a read-only MergedDevice) can read is on this host's disk."""
+    # short-circuits at the first missing chunk: cheap enough to poll
+    return device.read_only and all(cache.on_disk(seg.loc.digest) for seg in device.index.segments)
+
+
+def bytes_used(cache_root: str) -> int:
+    """Disk taken by the hydrated files (allocated blocks: the files are sparse)."""
+    total = 0
+    try:
+        with os.scandir(directory(cache_root)) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+    return total
+
+
+async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
+    """Write read-only *device*'s merged disk to its hydrated file and return it.
+
+    Chunks come from *store* at background priority (verified by the scheduler; fetched
+    if the cache lost one meanwhile). Blocks no chunk covers stay holes. The file is
+    complete and durable before it gets its name. StorageError on a disk error.
+    """
+    if not device.read_only:
+        raise LazyfsError("only a read-only image can be hydrated into a file")
+    final = path_for(cache_root, manifest)
+    tmp = final + _TMP_SUFFIX
+    bs = device.block_size
+    await trio.to_thread.run_sync(makedirs_durable, directory(cache_root))
+    try:
+        fd = await trio.to_thread.run_sync(_create, tmp, device.size)
+    except OSError as exc:
+        raise storage_error(f"creating {tmp}", exc) from exc
+    try:
+        batch = bytearray()
+        batch_at = 0  # virtual offset of batch[0]
+        last: tuple[bytes, bytes] | None = None  # (digest, raw): consecutive segments share chunks
+        for seg in device.index.segments:
+            if last is None or last[0] != seg.loc.digest:
+                last = (seg.loc.digest, await store.get(seg.loc, Priority.BACKGROUND))
+            raw = last[1]
+            at = seg.start * bs
+            data = memoryview(raw)[seg.chunk_block * bs : (seg.chunk_block + seg.end - seg.start) * bs]
+            if batch and (at != batch_at + len(batch) or len(batch) >= _WRITE_BATCH):
+                await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
+                batch.clear()
+            if not batch:
+                batch_at = at
+            batch += data
+        if batch:
+            await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
+        await trio.to_thread.run_sync(os.fsync, fd)
+    except OSError as exc:
+        await trio.to_thread.run_sync(_discard, fd, tmp)
+        raise storage_error(f"writing {tmp}", exc) from exc
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_discard, fd, tmp)
+        raise
+    try:
+        await trio.to_thread.run_sync(_publish, fd, tmp, final)
+    except OSError as exc:
+        raise storage_error(f"publishing {final}", exc) from exc
+    log.info("audit: hydrated %s into %s (%d bytes)", manifest, final, device.size)
+    return Hydrated(final, device.size, manifest)
+
+
+def _create(tmp: str, size: int) -> int:
+    try:
+        os.unlink(tmp)  # a crashed build's leftover
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.ftruncate(fd, size)  # sparse: holes read as zeros, as on the merged device
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    return fd
+
+
+def _discard(fd: int, tmp: str) -> None:
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _publish(fd: int, tmp: str, final: str) -> None:
+    os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(os.path.dirname(final))
+
+
+async def hydrate_if_local(host, att) -> Hydrated | None:
+    """The hydrated file of attachment *att*, built now if its image is fully local and the
+    budget (``hydrated_max_bytes``) has room; None if not (yet) possible.
+
+    Concurrent calls for one image build it once (the host's per-manifest lock).
+    """
+    config = host.config
+    if not att.device.read_only or config.hydrated_max_bytes <= 0:
+        return None
+    manifest = att.opened.image.manifest.digest
+    found = await trio.to_thread.run_sync(existing, config.cache_root, manifest, att.device.size)
+    if found is not None or not is_fully_local(att.device, host.cache):
+        return found
+    lock = _locks.setdefault(host, {}).setdefault(manifest, trio.Lock())
+    async with lock:
+        found = await trio.to_thread.run_sync(existing, config.cache_root, manifest, att.device.size)
+        if found is not None:
+            return found
+        used = await trio.to_thread.run_sync(bytes_used, config.cache_root)
+        if used + att.device.size > config.hydrated_max_bytes:
+            log.info("not hydrating %s: %d bytes of hydrated files, limit %d", att.ref, used,
+                     config.hydrated_max_bytes)
+            return None
+        return await build(att.device, att.store, config.cache_root, manifest)
+
+
+async def control(host, name: object) -> dict:
+    """The ``hydrate-file`` control operation: hydrate attachment *name* now if it is fully local.
+
+    Returns ``{"path", "size", "manifest"}``, or ``{"missing_chunks": N}`` while chunks are
+    missing (or ``{"path": None, ...}`` when the budget or a writable image rules it out).
+    """
+    att = host.attachments.get(name) if isinstance(name, str) else None
+    if att is None:
+        raise NotFoundError(f"no image attached as {name!r}")
+    if not att.device.read_only:
+        raise ConfigError(f"{name} is attached writable: only read-only images are hydrated into a file")
+    missing = missing_chunks(att.device, host.cache)
+    if missing:
+        return {"path": None, "missing_chunks": missing}
+    found = await hydrate_if_local(host, att)
+    if found is None:
+        return {"path": None, "missing_chunks": 0, "limit": host.config.hydrated_max_bytes}
+    return {"path": found.path, "size": found.size, "manifest": found.manifest}
+
+
+async def watch(host, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Every *interval* seconds, hydrate each read-only attachment whose image became fully
+    local (by background download, trace replay, ``lazyfs mount --hydrate``, or plain use).
+    Errors are logged, never fatal. Runs until cancelled."""
+    task_status.started()
+    done: set[str] = set()  # manifests already hydrated (or found hydrated)
+    while True:
+        await trio.sleep(interval)
+        for att in list(host.attachments.values()):
+            manifest = att.opened.image.manifest.digest
+            if manifest in done or not att.device.read_only:
+                continue
+            try:
+                if await hydrate_if_local(host, att) is not None:
+                    done.add(manifest)
+            except LazyfsError as exc:
+                log.warning("could not hydrate %s: %s", att.ref, exc)
+
+
+__all__ = ["Hydrated", "build", "bytes_used", "control", "existing", "hydrate_if_local", "is_fully_local", "missing_chunks",
+           "path_for", "watch"]
