@@ -73,14 +73,15 @@ def existing(cache_root: str, manifest: str, size: int) -> Hydrated | None:
 
 
 def missing_chunks(device, cache) -> int:
-    """How many distinct chunks of read-only *device* are not in *cache*'s disk tier (0: fully local)."""
-    return sum(1 for loc in device.index.locations() if not cache.on_disk(loc.digest))
+    """How many distinct chunks of *device* are on neither tier of *cache* (0: fully local)."""
+    return sum(1 for loc in device.index.locations() if loc.digest not in cache)
 
 
 def is_fully_local(device, cache) -> bool:
-    """Whether every chunk *device* (a read-only MergedDevice) can read is on this host's disk."""
+    """Whether every chunk *device* (a read-only MergedDevice) can read is on this host: on the
+    cache's disk, or in memory (perhaps still being written to disk)."""
     # short-circuits at the first missing chunk: cheap enough to poll
-    return device.read_only and all(cache.on_disk(seg.loc.digest) for seg in device.index.segments)
+    return device.read_only and all(seg.loc.digest in cache for seg in device.index.segments)
 
 
 def bytes_used(cache_root: str) -> int:

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Warm reads served by the kernel (issue 14 item 3): lazyfs mounts vs a local loop file, one run.
+
+One ext4 image with a --size file (half random, half hex-text MiBs) lives on the disk (not
+tmpfs: the page-cache-dropped jobs must read a disk), pushed to a local docker-registry.
+fio (libaio, iodepth 16, --direct=1 so ext4's own page cache is bypassed and every read
+goes through the loop device) runs sequential 1 MiB and random 4 KiB reads for --seconds
+on each target:
+
+* ``local-buffered``: the image file on a loop device attached buffered (losetup's default);
+* ``local-direct``: the image file on a loop device attached with direct I/O;
+* ``lazyfs-buffered``: ``lazyfs mount`` with the default config (read-only image: buffered
+  loop on the FUSE-exported disk.img, keep_cache), the file read once with dd first;
+* ``lazyfs-hydrated``: after ``hydrate-file``, a second ``lazyfs mount`` of the same image
+  (loop with direct I/O on cache_root/hydrated/<manifest>.img; no FUSE).
+
+Two passes: **hot** (each target's file read once just before its jobs) and **dropped**
+(``drop_caches`` before each job). Ratios printed against the local loop file measured in
+the same run: buffered routes vs ``local-buffered``, the hydrated route vs ``local-direct``
+(the same kind of loop). Goals (issue 14): hot rand ≥ 0.5×, hot seq ≥ 0.8×, dropped ≥ 0.5×.
+
+Memory (double caching): after ``drop_caches``, the file is read once through ext4 (``cat``);
+``fincore`` then gives the page cache held by the ext4 file and by the loop's backing file,
+and /proc/meminfo ``Cached`` the host-wide growth (noisy: other jobs share the machine).
+
+Usage: scripts/bench/warm.py [--workdir DIR (on the disk to measure)] [--size MiB] [--seconds N] [--json OUT]
+Needs root. Everything it starts (registry, daemon, FUSE, loop devices, mounts) is removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from mount import Lazyfs, drop_caches, fio, run, write_bigfile  # noqa: E402
+from lazyfs.image.local import mkfs_from_dir  # noqa: E402
+from lazyfs.serve import system  # noqa: E402
+from lazyfs.serve.control import call  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
+
+JOBS = (("seq", "read", "1M"), ("rand", "randread", "4k"))
+
+
+class WarmLazyfs(Lazyfs):
+    """Lazyfs whose cleanup finds its loop devices in /sys: ``losetup -a`` stats every backing
+    file and hangs on any loop left over a dead FUSE daemon by another job on the machine."""
+
+    def close(self) -> None:
+        export = os.path.join(self.doc["run_dir"], "export")
+        for target in reversed(self.targets):
+            if system.is_mountpoint(target):
+                try:
+                    self.cli("umount", target, prefix=False)
+                except RuntimeError:
+                    subprocess.run(["umount", "-l", target], timeout=60)
+        self.targets.clear()
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(Exception):
+                call(self.socket, "stop", timeout=10)
+            deadline = time.monotonic() + 30
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        for name in os.listdir("/sys/block"):
+            with contextlib.suppress(OSError):
+                with open(f"/sys/block/{name}/loop/backing_file") as f:
+                    if f.read().startswith(self.base):
+                        subprocess.run(["losetup", "-d", f"/dev/{name}"], timeout=60)
+        if system.is_mountpoint(export):
+            subprocess.run(["umount", "-l", export], timeout=60)
+
+
+@contextlib.contextmanager
+def local_loop(path: str, target: str, direct_io: bool):
+    os.makedirs(target, exist_ok=True)
+    cmd = ["losetup", "--show", "-f", "-r"] + (["--direct-io=on"] if direct_io else []) + [path]
+    dev = run(cmd).stdout.strip()
+    try:
+        run(["blockdev", "--setra", str(system.READAHEAD_SECTORS), dev])
+        run(["mount", "-t", "ext4", "-o", "ro,noload", dev, target])
+        try:
+            yield dev
+        finally:
+            subprocess.run(["umount", target], timeout=60)
+    finally:
+        subprocess.run(["losetup", "-d", dev], timeout=60)
+
+
+def backing_of(dev: str) -> str:
+    with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
+        return f.read().strip()
+
+
+def read_once(path: str) -> None:
+    run(["dd", f"if={path}", "of=/dev/null", "bs=4M", "status=none"])
+
+
+def cached_bytes(path: str) -> int:
+    out = run(["fincore", "--bytes", "--noheadings", "--output", "RES", path]).stdout.split()
+    return int(out[0]) if out else 0
+
+
+def meminfo_cached() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_cost(name: str, file: str, dev: str) -> dict:
+    """Page cache held after one buffered read of *file* through ext4: by the ext4 file and by
+    the loop device's backing file (a second copy if the loop is buffered)."""
+    drop_caches()
+    before = meminfo_cached()
+    read_once_via_cat(file)
+    out = {"ext4_file": cached_bytes(file), "loop_backing_file": cached_bytes(backing_of(dev)),
+           "meminfo_cached_growth": meminfo_cached() - before}
+    print(f"  {name:16s} ext4 file {out['ext4_file'] / 2**20:7.0f} MiB cached, loop backing file "
+          f"{out['loop_backing_file'] / 2**20:7.0f} MiB, /proc/meminfo Cached +{out['meminfo_cached_growth'] / 2**20:.0f} MiB",
+          flush=True)
+    return out
+
+
+def read_once_via_cat(path: str) -> None:
+    with open(path, "rb") as f:  # buffered reads through ext4's page cache, as a container reads
+        while f.read(1 << 20):
+            pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/var/tmp", help="on the disk to measure (not tmpfs)")
+    ap.add_argument("--size", type=int, default=1024, help="MiB in the big file")
+    ap.add_argument("--seconds", type=int, default=10, help="runtime of each fio job")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("warm.py needs root (FUSE, loop devices, mounts)")
+    work = tempfile.mkdtemp(prefix="lazyfs-bench-warm-", dir=args.workdir)
+    results: dict = {"date": time.strftime("%Y-%m-%d"),
+                     "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, {os.uname().release}",
+                     "loadavg_start": os.getloadavg(), "size_mib": args.size, "seconds": args.seconds}
+    lazyfs_cli = [sys.executable, "-m", "lazyfs.cli"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
+        tree = os.path.join(work, "tree")
+        os.makedirs(tree)
+        write_bigfile(os.path.join(tree, "bigfile"), args.size << 20)
+        raw = os.path.join(work, "local.ext4")
+        mkfs_from_dir(tree, raw)
+        shutil.rmtree(tree)
+        reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
+        layout = os.path.join(work, "layout")
+        run([*lazyfs_cli, "create", f"oci:{layout}:warm", "--from-file", raw], env=env, cwd=ROOT)
+        ref = f"{reg.registry}/bench/warm:v1"
+        run([*lazyfs_cli, "push", f"oci:{layout}:warm", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
+        # a long check interval: the benchmark asks for the hydrated file when it wants it
+        host = WarmLazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
+                      hydrated_check_interval=3600)
+        stack.callback(host.close)
+        buffered_mnt = os.path.join(work, "lazyfs", "mnt-buffered")
+        mounted = host.mount(ref, buffered_mnt)
+        assert mounted["loop_route"] == "buffered", mounted
+        # fetch every chunk (fills the disk cache): the whole device, not only the file
+        run(["dd", f"if={mounted['loop']}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
+        built = call(host.socket, "hydrate-file", name=mounted["name"], timeout=600)
+        assert built["path"], built
+        hydrated_mnt = os.path.join(work, "lazyfs", "mnt-hydrated")
+        mounted_h = host.mount(ref, hydrated_mnt)
+        assert mounted_h["loop_route"] == "hydrated", mounted_h
+        targets = {"local-buffered": (stack.enter_context(local_loop(raw, os.path.join(work, "mnt-lb"), False)),
+                                      os.path.join(work, "mnt-lb", "bigfile")),
+                   "local-direct": (stack.enter_context(local_loop(raw, os.path.join(work, "mnt-ld"), True)),
+                                    os.path.join(work, "mnt-ld", "bigfile")),
+                   "lazyfs-buffered": (mounted["loop"], os.path.join(buffered_mnt, "bigfile")),
+                   "lazyfs-hydrated": (mounted_h["loop"], os.path.join(hydrated_mnt, "bigfile"))}
+        peers = {"local-buffered": "local-buffered", "local-direct": "local-direct",
+                 "lazyfs-buffered": "local-buffered", "lazyfs-hydrated": "local-direct"}
+        for name, (dev, _) in targets.items():
+            print(f"{name:16s} {dev}: backing {backing_of(dev)}, direct I/O {system.loop_direct_io(dev)}", flush=True)
+        for mode in ("hot", "dropped"):
+            print(f"\n{mode}: fio --direct=1 --ioengine=libaio --iodepth=16, {args.seconds} s per job", flush=True)
+            out = results[mode] = {}
+            for name, (dev, path) in targets.items():
+                out[name] = {}
+                if mode == "hot":
+                    drop_caches()  # nobody else's pages: each target warms its own
+                    read_once(path)
+                    # fio --direct=1 reads through the loop: warm the loop's backing file too
+                    run(["dd", f"if={dev}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
+                for kind, rw, bs in JOBS:
+                    if mode == "dropped":
+                        drop_caches()
+                    out[name][kind] = fio(path, rw, bs, args.seconds)
+                    print(f"  {name:16s} {kind:4s} {out[name][kind]['MBps']:9.1f} MB/s "
+                          f"{out[name][kind]['iops']:10.0f} IOPS", flush=True)
+            for name, peer in peers.items():
+                if name == peer:
+                    continue
+                ratios = {kind: out[name][kind]["MBps"] / out[peer][kind]["MBps"] for kind, _, _ in JOBS}
+                out[f"{name}_vs_{peer}"] = ratios
+                print(f"  {name} / {peer}: seq {ratios['seq']:.2f}x, rand {ratios['rand']:.2f}x", flush=True)
+        print("\nmemory: page cache after one buffered read of the file through ext4", flush=True)
+        results["memory"] = {name: memory_cost(name, path, dev) for name, (dev, path) in targets.items()}
+        results["loadavg_end"] = os.getloadavg()
+        print(f"\nload average {results['loadavg_start'][0]:.2f} at the start, {results['loadavg_end'][0]:.2f} "
+              f"at the end (other jobs share this machine)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
