@@ -224,24 +224,36 @@ async def control(host, name: object) -> dict:
     return {"path": found.path, "size": found.size, "manifest": found.manifest}
 
 
+async def check_once(host, done: set[str]) -> list[Hydrated]:
+    """One pass of the daemon's check: hydrate every read-only attachment that became fully
+    local, skipping manifests in *done* (added to it once hydrated). What it built or found;
+    errors are logged, never raised."""
+    found = []
+    for att in list(host.attachments.values()):
+        manifest = att.opened.image.manifest.digest
+        if manifest in done or not att.device.read_only:
+            continue
+        try:
+            hyd = await hydrate_if_local(host, att)
+        except LazyfsError as exc:
+            log.warning("could not hydrate %s: %s", att.ref, exc)
+            continue
+        if hyd is not None:
+            done.add(manifest)
+            found.append(hyd)
+    return found
+
+
 async def watch(host, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Every *interval* seconds, hydrate each read-only attachment whose image became fully
-    local (by background download, trace replay, ``lazyfs mount --hydrate``, or plain use).
-    Errors are logged, never fatal. Runs until cancelled."""
+    """Every *interval* seconds, ``check_once``: hydrate each read-only attachment whose image
+    became fully local (by background download, trace replay, ``lazyfs mount --hydrate``, or
+    plain use). Runs until cancelled."""
     task_status.started()
-    done: set[str] = set()  # manifests already hydrated (or found hydrated)
+    done: set[str] = set()
     while True:
         await trio.sleep(interval)
-        for att in list(host.attachments.values()):
-            manifest = att.opened.image.manifest.digest
-            if manifest in done or not att.device.read_only:
-                continue
-            try:
-                if await hydrate_if_local(host, att) is not None:
-                    done.add(manifest)
-            except LazyfsError as exc:
-                log.warning("could not hydrate %s: %s", att.ref, exc)
+        await check_once(host, done)
 
 
-__all__ = ["Hydrated", "build", "bytes_used", "control", "existing", "hydrate_if_local", "is_fully_local", "missing_chunks",
+__all__ = ["Hydrated", "build", "bytes_used", "check_once", "control", "existing", "hydrate_if_local", "is_fully_local", "missing_chunks",
            "path_for", "watch"]

@@ -57,3 +57,52 @@ def test_not_a_manifest_digest_is_refused(tmp_path):
         with pytest.raises(Exception) as info:
             hydrated.path_for(str(tmp_path), bad)
         assert "manifest digest" in str(info.value)
+
+
+class _Image:
+    """What hydrated.watch reads of an attachment's opened image: its manifest digest."""
+
+    def __init__(self, digest: str) -> None:
+        self.image = type("I", (), {"manifest": type("M", (), {"digest": digest})()})()
+
+
+class _Host:
+    """What hydrated.watch reads of a Host: config, cache, attachments (weak-referenceable, as a Host is)."""
+
+    def __init__(self, **fields) -> None:
+        self.__dict__.update(fields)
+
+
+def test_the_daemon_check_hydrates_an_image_once_it_became_fully_local(tmp_path):
+    """check_once (the daemon's periodic check) builds nothing while a chunk is missing, and the
+    file once the last chunk is in the cache, exactly once. (Break-checked: with is_fully_local
+    always True the file appears while a chunk is missing and the first assert fails.)"""
+    from lazyfs.config import Config
+    from lazyfs.fetch.cache import ChunkCache
+    from lazyfs.format.chunk import decode_chunk
+
+    layers, backend, model = make_stack(3)
+    dev = MergedDevice(layers, CountingStore(backend))
+    cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
+    path = hydrated.path_for(str(tmp_path), MANIFEST)
+    locations = dev.index.locations()
+
+    async def put(loc):
+        stored = await backend.read_range(loc.blob, loc.offset, loc.compressed_length)
+        await cache.put(loc.digest, decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, loc.blob))
+
+    async def scenario():
+        done: set[str] = set()
+        for loc in locations[:-1]:
+            await put(loc)
+        assert await hydrated.check_once(host, done) == [] and not os.path.exists(path)
+        await put(locations[-1])
+        (built,) = await hydrated.check_once(host, done)
+        assert built.path == path and done == {MANIFEST}
+        assert await hydrated.check_once(host, done) == []  # once
+
+    trio.run(scenario)
+    with open(path, "rb") as f:
+        assert f.read() == bytes(model)
