@@ -10,6 +10,7 @@ import stat
 import subprocess
 
 import pytest
+import trio
 
 from lazyfs.serve import system
 from lazyfs.serve.control import call
@@ -120,6 +121,7 @@ def test_a_fully_local_image_is_hydrated_and_new_mounts_bypass_fuse(wenv):
             if system.is_mountpoint(str(t)):
                 env.lazyfs("umount", str(t))
     assert leftovers(env) == []
+    assert trio.run(system.find_loop_devices, built["path"]) == []  # umount detached the hydrated loop too
 
 
 def test_hydrate_file_refuses_writable_and_reports_missing_chunks(wenv, tmp_path):
