@@ -427,9 +427,10 @@ class ExportFS(pyfuse3.Operations):
         self._c.opens += 1
         # direct_io=False: the page cache stays in play for buffered users (qemu
         # cache=writeback, cp, mkfs), whose big readahead/writeback requests amortise
-        # the per-request Python cost, and mmap keeps working. The loop device is
-        # attached with --direct-io=on, so its O_DIRECT I/O bypasses this cache: ext4's
-        # page cache above the loop device is then the only copy, no double caching.
+        # the per-request Python cost, and mmap keeps working. A writable image's loop
+        # device uses O_DIRECT and bypasses this cache (ext4's is the only copy); a
+        # read-only image's loop is buffered by default, so re-reads are served from this
+        # cache by the kernel, at the price of a second copy (docs/warm.md).
         # keep_cache only for read-only exports: their bytes never change, so cached
         # pages stay valid across opens. A writable source might be changed by other
         # front ends between opens, so its cache is dropped at each open.
