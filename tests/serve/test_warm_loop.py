@@ -6,6 +6,7 @@ bytes as the merged device (the flattened image ``env.flat``).
 
 import json
 import os
+import signal
 import stat
 import subprocess
 
@@ -135,3 +136,30 @@ def test_hydrate_file_refuses_writable_and_reports_missing_chunks(wenv, tmp_path
         assert "writable" in str(exc.value)
     finally:
         env.lazyfs("umount", str(target))
+
+
+def test_a_hydrated_mount_keeps_working_when_the_daemon_dies(wenv):
+    """A mount on the hydrated file reads nothing through the daemon: after SIGKILL of the
+    daemon its files still read right, and ``lazyfs umount`` still undoes it."""
+    env = wenv
+    first, second = env.tmp / "mnt-k1", env.tmp / "mnt-k2"
+    first.mkdir()
+    second.mkdir()
+    info = json.loads(env.lazyfs("mount", env.ref, str(first), "--json").stdout)
+    try:
+        subprocess.run(["dd", f"if={info['loop']}", "of=/dev/null", "bs=1M", "iflag=direct", "status=none"],
+                       check=True)
+        assert call(env.socket, "hydrate-file", name=info["name"], timeout=120)["path"]
+    finally:
+        env.lazyfs("umount", str(first))
+    info = json.loads(env.lazyfs("mount", env.ref, str(second), "--json").stdout)
+    try:
+        assert info["loop_route"] == "hydrated"
+        os.kill(env.daemon_pid(), signal.SIGKILL)
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)  # reads reach the loop
+        diffs = tree_differences(describe_tree(str(env.src)), describe_tree(str(second)))
+        assert diffs == [], "\n".join(diffs[:20])
+    finally:
+        env.lazyfs("umount", str(second))
+    assert not system.is_mountpoint(str(second))
+    assert leftovers(env) == []
