@@ -109,7 +109,7 @@ async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
     final = path_for(cache_root, manifest)
     tmp = final + _TMP_SUFFIX
     bs = device.block_size
-    await trio.to_thread.run_sync(makedirs_durable, directory(cache_root))
+    await trio.to_thread.run_sync(_make_directory, directory(cache_root))
     try:
         fd = await trio.to_thread.run_sync(_create, tmp, device.size)
     except OSError as exc:
@@ -146,6 +146,11 @@ async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
         raise storage_error(f"publishing {final}", exc) from exc
     log.info("audit: hydrated %s into %s (%d bytes)", manifest, final, device.size)
     return Hydrated(final, device.size, manifest)
+
+
+def _make_directory(path: str) -> None:
+    makedirs_durable(path)
+    os.chmod(path, 0o700)  # whole images of private registries: the cache's user alone (docs/trust.md)
 
 
 def _create(tmp: str, size: int) -> int:

@@ -28,6 +28,7 @@ def test_hydrated_file_is_the_merged_device(tmp_path, seed):
     with open(built.path, "rb") as f:
         assert f.read() == bytes(model) == trio.run(dev.read, 0, SIZE)
     assert stat.S_IMODE(os.stat(built.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(hydrated.directory(str(tmp_path))).st_mode) == 0o700
     assert hydrated.existing(str(tmp_path), MANIFEST, SIZE) == built
     assert os.listdir(hydrated.directory(str(tmp_path))) == [os.path.basename(built.path)]
 
