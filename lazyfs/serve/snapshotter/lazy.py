@@ -223,7 +223,9 @@ class Devices:
             return known
         if found:
             return found[0]
-        return trio.run(lambda: system.losetup_attach(path, read_only))
+        # read-only: buffered unless the config says direct, as `lazyfs mount` does (docs/warm.md)
+        direct_io = not read_only or self.config.read_only_loop == "direct"
+        return trio.run(lambda: system.losetup_attach(path, read_only, direct_io))
 
     def mount_ro(self, dev: str, target: str) -> None:
         entry = next((m for m in system.mounts() if m.mountpoint == target), None)

@@ -156,6 +156,7 @@ def test_cleanup_removes_what_a_crash_left_behind(sn, image):
     # what is referenced is untouched and still works
     running = s.stat("running")
     assert os.path.exists(os.path.join(s.mount_dir(running), "bin", "busybox"))
+    assert not system.loop_direct_io(running.extra["loop"])  # read-only lazy layer: buffered loop (docs/warm.md)
     s.remove("running")
     s.remove(target)
     s.cleanup()
