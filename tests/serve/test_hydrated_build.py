@@ -107,3 +107,59 @@ def test_the_daemon_check_hydrates_an_image_once_it_became_fully_local(tmp_path)
     trio.run(scenario)
     with open(path, "rb") as f:
         assert f.read() == bytes(model)
+
+
+def test_the_control_operation_reports_missing_chunks_then_builds(tmp_path):
+    """``hydrate-file`` answers how many chunks are missing and builds nothing; once they are
+    all local it returns the file; an unknown name is a NotFoundError."""
+    from lazyfs.config import Config
+    from lazyfs.errors import NotFoundError
+    from lazyfs.fetch.cache import ChunkCache
+    from lazyfs.format.chunk import decode_chunk
+
+    layers, backend, model = make_stack(4)
+    dev = MergedDevice(layers, CountingStore(backend))
+    cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
+    locations = dev.index.locations()
+
+    async def scenario():
+        for loc in locations[1:]:
+            stored = await backend.read_range(loc.blob, loc.offset, loc.compressed_length)
+            await cache.put(loc.digest, decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, loc.blob))
+        assert await hydrated.control(host, "a") == {"path": None, "missing_chunks": 1}
+        loc = locations[0]
+        stored = await backend.read_range(loc.blob, loc.offset, loc.compressed_length)
+        await cache.put(loc.digest, decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, loc.blob))
+        done = await hydrated.control(host, "a")
+        assert done == {"path": hydrated.path_for(str(tmp_path), MANIFEST), "size": SIZE, "manifest": MANIFEST}
+        with pytest.raises(NotFoundError):
+            await hydrated.control(host, "nope")
+
+    trio.run(scenario)
+
+
+def test_no_file_past_the_budget(tmp_path):
+    """``hydrated_max_bytes`` bounds the disk the files take: an image that does not fit is not
+    built (and 0 turns hydration off). (Break-checked: without the budget check the file is built.)"""
+    from lazyfs.config import Config
+    from lazyfs.fetch.cache import ChunkCache
+    from lazyfs.format.chunk import decode_chunk
+
+    layers, backend, _ = make_stack(5)
+    dev = MergedDevice(layers, CountingStore(backend))
+    cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+
+    async def scenario():
+        for loc in dev.index.locations():
+            stored = await backend.read_range(loc.blob, loc.offset, loc.compressed_length)
+            await cache.put(loc.digest, decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, loc.blob))
+        for limit in (SIZE - 4096, 0):
+            host = _Host(config=Config(cache_root=str(tmp_path), hydrated_max_bytes=limit), cache=cache,
+                         attachments={"a": att})
+            assert await hydrated.hydrate_if_local(host, att) is None
+        assert not os.path.exists(hydrated.path_for(str(tmp_path), MANIFEST))
+
+    trio.run(scenario)

@@ -125,7 +125,7 @@ def test_a_fully_local_image_is_hydrated_and_new_mounts_bypass_fuse(wenv):
     assert trio.run(system.find_loop_devices, built["path"]) == []  # umount detached the hydrated loop too
 
 
-def test_hydrate_file_refuses_writable_and_reports_missing_chunks(wenv, tmp_path):
+def test_hydrate_file_refuses_a_writable_attachment(wenv):
     env = wenv
     target = env.tmp / "mnt-hw"
     target.mkdir()
