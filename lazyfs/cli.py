@@ -153,7 +153,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     result = mount_image(_config(args), args.config, args.image, args.target, writable=args.writable,
                          writable_root=args.writable_root, kind=args.kind, prefer_lazyfs=args.prefer_lazyfs,
-                         plain_http=_plain_http(args), devices=args.dev, setuid=args.suid)
+                         plain_http=_plain_http(args), devices=args.dev, setuid=args.suid, hydrate=_hydrate(args))
     if result.get("note"):  # a twin was mounted instead of the image named: never silently
         print(f"lazyfs: {result['note']}", file=sys.stderr)
     if args.json:
@@ -171,9 +171,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     from lazyfs.serve.mount import export_image
 
     result = export_image(_config(args), args.config, args.image, args.directory, writable=args.writable,
-                          writable_root=args.writable_root, kind=args.kind, plain_http=_plain_http(args))
+                          writable_root=args.writable_root, kind=args.kind, plain_http=_plain_http(args),
+                          hydrate=_hydrate(args))
     print(result["file"])
     return 0
+
+
+def _hydrate(args: argparse.Namespace) -> bool | dict | None:
+    """What --hydrate, --hydrate-rate, --hydrate-deadline and --no-hydrate ask for (None: the config's default)."""
+    if args.hydrate_rate is not None:
+        return {"rate": args.hydrate_rate}
+    if args.hydrate_deadline is not None:
+        return {"deadline": args.hydrate_deadline}
+    return args.hydrate
+
+
+def _hydrate_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--hydrate", action="store_true", default=None,
+                       help="make the image fully local in the background (then it runs without the registry)")
+    group.add_argument("--no-hydrate", dest="hydrate", action="store_false", help="do not, whatever the config says")
+    group.add_argument("--hydrate-rate", type=parse_size, metavar="BYTES",
+                       help="hydrate at this many bytes per second (e.g. 50M)")
+    group.add_argument("--hydrate-deadline", type=_positive_seconds, metavar="SECONDS",
+                       help="hydrate by this many seconds from now (the rate follows from what is left)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < value < 1e9):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of seconds")
+    return value
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -212,6 +243,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"hit rate:       {hits / max(1, sched.get('requests', 0)):.1%} (host-wide)")
     print(f"fetch latency:  p50 {lat.get('p50', 0) * 1000:.1f} ms, p95 {lat.get('p95', 0) * 1000:.1f} ms, "
           f"p99 {lat.get('p99', 0) * 1000:.1f} ms")
+    hyd = result.get("hydration") or {}
+    if hyd:
+        total = max(1, hyd.get("bytes_total", 0))
+        state = "yes" if hyd.get("hydrated") else ("in progress" if result.get("hydrate") is not None else "no")
+        print(f"local:          {hyd.get('bytes_local', 0)} of {hyd.get('bytes_total', 0)} stored bytes "
+              f"({hyd.get('bytes_local', 0) / total:.1%}); hydrated: {state}")
     return 0
 
 
@@ -421,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "converted it or it is signed by a trusted key (docs/trust.md)")
     p.add_argument("--dev", action="store_true", help="honour device nodes in the image (default: nodev)")
     p.add_argument("--suid", action="store_true", help="honour set-user/group-ID files in the image (default: nosuid)")
+    _hydrate_options(p)
     p.add_argument("--json", action="store_true")
 
     p = add("export", cmd_export, "export IMAGE as DIRECTORY/disk.img only (for qemu -drive and Kata)")
@@ -429,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writable", action="store_true")
     p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--kind", choices=["sparse", "log"], default="sparse")
+    _hydrate_options(p)
 
     p = add("umount", cmd_umount, "unmount (or unexport) TARGET and detach everything behind it")
     p.add_argument("target")

@@ -142,6 +142,11 @@ class Config:
         "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30
     hydrated_check_interval: Annotated[float, _doc(
         "seconds between the daemon's checks for read-only images that became fully local", gt=0)] = 10.0
+    hydrate: Annotated[bool, _doc(
+        "make every attached image fully local in the background (lazyfs mount --hydrate; docs/daemon.md)")] = False
+    hydrate_rate: Annotated[int, _doc(
+        "bytes per second for hydration without its own rate or deadline (0: as fast as fetching goes)",
+        ge=0)] = 0
     metrics_address: Annotated[str, _doc(
         "HOST:PORT to serve Prometheus metrics on, e.g. 127.0.0.1:9750", pattern=r"^\S+:[0-9]{1,5}$")] | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 import trio
@@ -20,6 +21,7 @@ from lazyfs.serve import hydrated, system
 from lazyfs.serve.control import serve_control
 from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
 from lazyfs.serve.host import Host
+from lazyfs.serve.hydrate import HydratePolicy
 from lazyfs.serve.metrics import serve_metrics
 from lazyfs.serve.singleton import daemon_lock
 
@@ -42,7 +44,11 @@ class Daemon:
     def _records(self) -> list[dict]:
         return [{"name": a.name, "image": a.ref, "writable_dir": a.writable_dir,
                  "kind": a.device.writable.kind if a.device.writable else None, "extra": a.extra,
-                 "plain_http": list(a.plain_http)}
+                 "plain_http": list(a.plain_http),
+                 # the trust anchor of a restore: exactly this manifest, from the metadata cache if the
+                 # registry is away (docs/format.md §7, docs/daemon.md "Offline life")
+                 "manifest": a.opened.image.manifest.digest,
+                 "hydrate": False if a.hydrate is None else a.hydrate.to_json() or True}
                 for a in self.host.attachments.values()]
 
     def save_state(self) -> None:
@@ -63,7 +69,8 @@ class Daemon:
             try:
                 await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
                                   writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
-                                  extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False)
+                                  extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False,
+                                  manifest=rec.get("manifest"), hydrate=rec.get("hydrate"))
                 log.info("restored attachment %s (%s)", rec["name"], rec["image"])
             except (LazyfsError, KeyError, TypeError) as exc:
                 log.error("could not restore attachment %s: %s", rec.get("name"), exc)
@@ -76,9 +83,17 @@ class Daemon:
 
     async def attach(self, image: str, name: str | None = None, writable: bool = False, writable_dir: str | None = None,
                      kind: str = "sparse", extra: dict | None = None, save: bool = True, record_trace: bool | None = None,
-                     plain_http: list[str] | tuple[str, ...] = ()) -> dict:
+                     plain_http: list[str] | tuple[str, ...] = (), manifest: str | None = None,
+                     hydrate: object = None) -> dict:
+        """Attach and export *image*. *hydrate*: None (the config's default), false, true, or
+        ``{"rate": BYTES_PER_S}`` / ``{"deadline": SECONDS}`` / ``{"deadline_at": UNIX_TIME}``.
+        *manifest* pins the manifest digest (restores)."""
+        if manifest is not None and not isinstance(manifest, str):
+            raise ConfigError(f"manifest must be a digest string, not {manifest!r}")
+        policy = hydrate if hydrate is None else HydratePolicy.from_request(hydrate, time.time()) or False
         att = await self.host.attach(image, name, writable=writable, writable_dir=writable_dir, kind=kind,
-                                     record_trace=record_trace, plain_http=_hosts(plain_http))
+                                     record_trace=record_trace, plain_http=_hosts(plain_http), manifest=manifest,
+                                     hydrate=policy)
         att.extra.update(extra or {})
         self.fs.add(att.name, att.device)
         if save:
@@ -154,7 +169,7 @@ class Daemon:
             return {"pid": os.getpid(), "export_dir": self.config.export_dir}
         if op == "attach":
             return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "extra", "record_trace",
-                                             "plain_http"))
+                                             "plain_http", "hydrate"))
         if op == "detach":
             return await self.detach(**_only(args, "name"))
         if op == "list":

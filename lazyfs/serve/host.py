@@ -27,9 +27,11 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import TraceRecorder, replay
+from lazyfs.image.metacache import MetadataCache
 from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload_registries
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
+from lazyfs.serve.hydrate import HydratePolicy, Hydrator
 from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
@@ -100,15 +102,18 @@ class Attachment:
     attached_at: float = field(default_factory=time.time)
     trace: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # what front ends record (loop device, target)
+    hydration: Hydrator | None = None  # progress of every image; it runs only with a hydrate policy
+    hydrate: HydratePolicy | None = None
 
     def describe(self) -> dict:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
                 "size": self.device.size, "writable": self.writable_dir, "layers": len(self.opened.image.layers),
                 "plain_http": list(self.plain_http), "attached_at": self.attached_at, "trace": self.trace,
-                **self.extra}
+                "hydrate": None if self.hydrate is None else self.hydrate.to_json(), **self.extra}
 
     def statistics(self) -> dict:
-        return {**self.describe(), **self.store.statistics(), "device": self.device.statistics()}
+        return {**self.describe(), **self.store.statistics(), "device": self.device.statistics(),
+                "hydration": self.hydration.statistics() if self.hydration is not None else {}}
 
 
 def attachment_name(text: str) -> str:
@@ -130,6 +135,7 @@ class Host:
             deadline=config.fetch_deadline)
         self.attachments: dict[str, Attachment] = {}
         self.budget = DiskBudget(config, cache)
+        self.metadata = MetadataCache(os.path.join(config.cache_root, "metadata"))  # offline restore (hydrate.py)
         self.traces = {"replayed": 0, "rejected": 0, "foreign_entries": 0, "published": 0}
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
@@ -169,11 +175,15 @@ class Host:
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,
-                     extra: dict | None = None, plain_http: Iterable[str] = ()) -> Attachment:
+                     extra: dict | None = None, plain_http: Iterable[str] = (), manifest: str | None = None,
+                     hydrate: HydratePolicy | bool | None = None) -> Attachment:
         """Open *ref* and make its merged device; with *writable*, a writable layer in *writable_dir*
         (an absolute path; default: a directory under the config's writable root).
 
         *plain_http*: registries to speak plain HTTP to for this image, besides the config's.
+        *manifest*: the manifest digest to open (a restore pins what was attached): from the
+        metadata cache when it is there, so no registry is needed. *hydrate*: a policy to make the
+        image fully local in the background (None: the config's ``hydrate``; False: not).
         """
         name = name or attachment_name(ref)
         if not _NAME.match(name):
@@ -189,7 +199,7 @@ class Host:
         async with self._lock:
             if name in self.attachments:
                 raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
-            opened = await opener.open(ref)
+            opened, restored = await self.metadata.open(opener, ref, manifest)
             backends = opened.backends
             for blob in opened.blobs:
                 # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
@@ -211,12 +221,45 @@ class Host:
             store.index = device.index
             att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, opener,
                              plain_http, extra=dict(extra or {}))
+            try:
+                self._hydration(att, hydrate)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await device.aclose()
+                raise
             self.attachments[name] = att
             self.budget.changed()
-        await self._start_trace(att, record_trace)
+        self._nursery.start_soon(self._keep_metadata, att)
+        if restored:  # a restore: its startup is long past, and the registry may be away
+            if self.config.background_download:
+                self._nursery.start_soon(self._background, att)
+        else:
+            await self._start_trace(att, record_trace)
         log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, opened.image.manifest.digest,
                  att.writable_dir)
         return att
+
+    def _hydration(self, att: Attachment, hydrate: HydratePolicy | bool | None) -> None:
+        """Give *att* its progress counter, and start hydrating it if asked (or the config says so)."""
+        if hydrate is None:
+            hydrate = self.config.hydrate
+        policy = HydratePolicy() if hydrate is True else hydrate or None
+        att.hydration = Hydrator(att.device.index.locations(), policy or HydratePolicy(),
+                                 is_cached=self.scheduler.is_cached, download=self.scheduler.background_download,
+                                 default_rate=self.config.hydrate_rate, max_range=self.config.max_range)
+        if policy is None:
+            return
+        if att.hydration.raw_total > self.cache.max_bytes:  # it could never all be local at once
+            raise ConfigError(f"hydrating {att.ref} needs {att.hydration.raw_total} bytes of chunk cache; "
+                              f"cache_size is {self.cache.max_bytes}")
+        att.hydrate = policy
+        self._nursery.start_soon(att.hydration.run)
+
+    async def _keep_metadata(self, att: Attachment) -> None:
+        """Keep the image config with its cached metadata; prune images no longer attached."""
+        await self.metadata.keep_config(att.opener, att.opened)
+        keep = [a.opened.image.manifest.digest for a in self.attachments.values()]
+        await trio.to_thread.run_sync(self.metadata.prune, keep)
 
     async def _start_trace(self, att: Attachment, record: bool | None) -> None:
         trace = await load_trace(att.opener, att.opened) if self.config.trace_replay else None
@@ -271,6 +314,8 @@ class Host:
         if save:
             await self.finish_trace(att)
         del self.attachments[name]
+        if att.hydration is not None:
+            att.hydration.cancel()
         self.budget.changed()
         await att.device.aclose()
         log.info("audit: detach %s image=%s", name, att.ref)

@@ -137,10 +137,36 @@ IMAGE: tuple[Stat, ...] = (
     Stat("size", "lazyfs_image_size_bytes", GAUGE, "Virtual size of the image's block device"),
     Stat("layers", "lazyfs_image_layers", GAUGE, "Read-only layers stacked in the image"),
     Stat("attached_at", "lazyfs_image_attached_timestamp_seconds", GAUGE, "When the image was attached (Unix time)"),
+    Stat("hydrate", "lazyfs_image_hydrating", GAUGE,
+         "1 when the image is being made (and kept) fully local: mount --hydrate or the config's hydrate", flag=True),
 )
 IMAGE_SKIPPED: Mapping[str, str] = {
     "device": "its own table (DEVICE)",
+    "hydration": "its own table (HYDRATION)",
     "trace": "the startup trace's state (recording, replayed chunks): logged, not a time series",
+}
+
+# -- Hydrator.statistics(): Attachment.statistics()["hydration"], per image --------------------
+
+HYDRATION: tuple[Stat, ...] = (
+    Stat("hydrated", "lazyfs_image_hydrated", GAUGE, "1 when every chunk the image can read is in the chunk cache",
+         flag=True),
+    Stat("bytes_local", "lazyfs_image_local_bytes", GAUGE, "Stored bytes of the image's chunks in the chunk cache"),
+    Stat("bytes_total", "lazyfs_image_chunk_bytes", GAUGE, "Stored bytes of every distinct chunk the image can read"),
+    Stat("chunks_local", "lazyfs_image_local_chunks", GAUGE, "Distinct chunks of the image in the chunk cache"),
+    Stat("chunks_total", "lazyfs_image_chunks", GAUGE, "Distinct chunks the image can read"),
+    Stat("deadline_at", "lazyfs_image_hydrate_deadline_timestamp_seconds", GAUGE,
+         "When the image must be fully local (Unix time; only with a hydrate deadline)"),
+    Stat("hydrated_at", "lazyfs_image_hydrated_timestamp_seconds", GAUGE,
+         "When hydration found every chunk local (Unix time; absent while it is not)"),
+    Stat("batches", "lazyfs_image_hydrate_batches_total", COUNTER, "Background download batches run by hydration"),
+    Stat("chunks_fetched", "lazyfs_image_hydrate_chunks_total", COUNTER, "Chunks hydration fetched"),
+    Stat("bytes_fetched", "lazyfs_image_hydrate_bytes_total", COUNTER, "Stored bytes hydration fetched"),
+    Stat("chunks_failed", "lazyfs_image_hydrate_failed_chunks_total", COUNTER,
+         "Chunks hydration could not fetch (tried again later)"),
+)
+HYDRATION_SKIPPED: Mapping[str, str] = {
+    "rate": "the current batch's target rate; rate(lazyfs_image_hydrate_bytes_total) is what it achieved",
 }
 
 DEVICE: tuple[Stat, ...] = (
@@ -246,6 +272,7 @@ TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
     "planner": (PLANNER, PLANNER_SKIPPED),
     "cache": (CACHE, CACHE_SKIPPED),
     "image": (IMAGE, IMAGE_SKIPPED),
+    "hydration": (HYDRATION, HYDRATION_SKIPPED),
     "device": (DEVICE, DEVICE_SKIPPED),
     "writable": (WRITABLE, WRITABLE_SKIPPED),
     "fuse": (FUSE, FUSE_SKIPPED),
@@ -329,7 +356,7 @@ def metric_families(snapshot: Mapping) -> list:
     attached.add_metric([], len(attachments))
     info = GaugeMetricFamily("lazyfs_image_info", "Attached images (value 1), described by their labels",
                              labels=[*IMAGE_LABELS, "manifest", "writable"])
-    for stats in (IMAGE, DEVICE, WRITABLE, EXPORT):
+    for stats in (IMAGE, HYDRATION, DEVICE, WRITABLE, EXPORT):
         families.declare(stats, IMAGE_LABELS)
     images: dict[str, str] = {}
     for name, att in sorted(attachments.items()):
@@ -341,6 +368,7 @@ def metric_families(snapshot: Mapping) -> list:
         info.add_metric([image, name, str(att.get("manifest", "")), str(writable.get("kind", "no"))], 1)
         _table(families, IMAGE, att, labels)
         _table(families, DEVICE, device, labels)
+        _table(families, HYDRATION, att.get("hydration") or {}, labels)
         if writable:
             _table(families, WRITABLE, writable, labels)
     for name, export in sorted((fuse.get("exports") or {}).items()):

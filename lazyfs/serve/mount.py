@@ -104,7 +104,8 @@ def writable_dir_under(writable_root: str | None, name: str, writable: bool) -> 
 
 def mount_image(config: Config, config_path: str | None, image: str, target: str, *, writable: bool = False,
                 writable_root: str | None = None, kind: str = "sparse", prefer_lazyfs: bool = False,
-                plain_http: Sequence[str] = (), devices: bool = False, setuid: bool = False) -> dict:
+                plain_http: Sequence[str] = (), devices: bool = False, setuid: bool = False,
+                hydrate: bool | dict | None = None) -> dict:
     """Attach *image* through the daemon, loop-attach its file and mount the ext4 at *target*.
 
     *writable_root*: the writable layer goes in a directory of its own under it (default: under
@@ -115,6 +116,8 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     policy accepts one. The result's ``note`` then says what was mounted instead of *image*.
     The ext4 is mounted ``nodev,nosuid`` unless *devices* / *setuid*: device nodes and set-id files
     of a registry image are honoured only when asked for.
+    *hydrate*: make the image fully local in the background (None: the daemon's config decides;
+    True; False; ``{"rate": BYTES_PER_S}`` or ``{"deadline": SECONDS}``), kept across restarts.
     """
     started = time.monotonic()
     target = _check_target(target)
@@ -129,7 +132,7 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
                     writable_dir=writable_dir, kind=kind, extra={"target": target, "mode": "mount"},
-                    plain_http=list(plain_http))
+                    plain_http=list(plain_http), **_hydrate_arg(hydrate))
     dev = None
     try:
         loop = warmloop.plan(config, attached, writable)
@@ -159,6 +162,11 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     return result
 
 
+def _hydrate_arg(hydrate: bool | dict | None) -> dict:
+    """The attach request's ``hydrate`` argument (left out when the daemon's config decides)."""
+    return {} if hydrate is None else {"hydrate": hydrate}
+
+
 def _read_error(config: Config, name: str) -> str | None:
     """Why the last read of attachment *name* failed, if one did (best effort)."""
     try:
@@ -177,10 +185,11 @@ def _undo(config: Config, name: str, dev: str | None) -> None:
 
 
 def export_image(config: Config, config_path: str | None, image: str, directory: str, *, writable: bool = False,
-                 writable_root: str | None = None, kind: str = "sparse", plain_http: Sequence[str] = ()) -> dict:
+                 writable_root: str | None = None, kind: str = "sparse", plain_http: Sequence[str] = (),
+                 hydrate: bool | dict | None = None) -> dict:
     """Attach *image* and make ``DIRECTORY/disk.img`` point at its exported file (for qemu, Kata).
 
-    *writable_root* and *plain_http* as for `mount_image`.
+    *writable_root*, *plain_http* and *hydrate* as for `mount_image`.
     """
     directory = os.path.abspath(directory)
     link = os.path.join(directory, IMAGE_NAME)
@@ -192,7 +201,7 @@ def export_image(config: Config, config_path: str | None, image: str, directory:
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
                     writable_dir=writable_dir, kind=kind, extra={"target": directory, "mode": "export"},
-                    plain_http=list(plain_http))
+                    plain_http=list(plain_http), **_hydrate_arg(hydrate))
     try:
         os.symlink(attached["path"], link)
     except BaseException:

@@ -80,6 +80,7 @@ def _sections(snapshot: dict) -> dict[str, dict]:
     att = snapshot["attachments"]["img"]
     sched = snapshot["scheduler"]
     return {"scheduler": sched, "planner": sched["planner"], "cache": sched["cache"], "image": att,
+            "hydration": att["hydration"],
             "device": att["device"], "writable": att["device"]["writable"], "fuse": snapshot["fuse"],
             "export": snapshot["fuse"]["exports"]["img"]}
 
