@@ -1,0 +1,111 @@
+"""Hydration's policy (pure) and its loop over a real fetch scheduler, on trio's virtual clock."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from lazyfs.errors import ConfigError
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.directory import DirectoryBackend
+from lazyfs.fetch.scheduler import FetchScheduler
+from lazyfs.serve.hydrate import MIN_DEADLINE_RATE, UNLIMITED, HydratePolicy, Hydrator, plan_batch
+from tests.fetch.test_scheduler import K, Probe, make_chunks, write_blob
+
+
+@pytest.mark.parametrize("value", [{"rate": 0}, {"rate": -5}, {"deadline": 0}, {"rate": 1, "deadline": 2},
+                                   {"speed": 3}, {"rate": "fast"}, {"rate": True}, {"deadline": float("nan")},
+                                   "yes", 7, [1]])
+def test_bad_hydrate_requests_are_one_clear_error(value):
+    with pytest.raises(ConfigError):
+        HydratePolicy.from_request(value, now=100.0)
+
+
+def test_policies_round_trip_through_the_state_file():
+    assert HydratePolicy.from_request(None, 0) is None and HydratePolicy.from_request(False, 0) is None
+    assert HydratePolicy.from_request(True, 0) == HydratePolicy()
+    fixed = HydratePolicy.from_request({"rate": 5 << 20}, 0)
+    assert HydratePolicy.from_request(fixed.to_json(), 999) == fixed
+    timed = HydratePolicy.from_request({"deadline": 600}, now=1000.0)
+    assert timed.deadline_at == 1600.0
+    assert HydratePolicy.from_request(timed.to_json(), now=5000.0) == timed  # a restart keeps the same deadline
+
+
+def test_rate_is_what_is_left_over_the_time_left():
+    policy = HydratePolicy(deadline_at=1100.0)
+    assert policy.rate_now(100 << 20, now=1000.0, default_rate=0) == (100 << 20) / 100
+    assert policy.rate_now(1, now=1000.0, default_rate=0) == MIN_DEADLINE_RATE  # never a crawl
+    assert policy.rate_now(100 << 20, now=1200.0, default_rate=0) == UNLIMITED  # late: as fast as it goes
+    assert policy.rate_now(100 << 20, now=1200.0, default_rate=7) == 7
+    assert HydratePolicy(rate=123).rate_now(1 << 30, now=0, default_rate=9) == 123
+
+
+def test_batches_cover_everything_in_order(tmp_path):
+    _, locs = write_blob(tmp_path / "oci", make_chunks(40, seed=11))
+    ends, start = [], 0
+    while start < len(locs):
+        end = plan_batch(locs, start, rate=1.0, max_range=64 * K)  # 8 max ranges a batch at a crawl
+        assert end > start
+        ends.append(end)
+        start = end
+    assert ends[-1] == len(locs)
+    sizes = [loc.compressed_length for loc in locs]
+    assert sum(sizes[: ends[0] - 1]) < 8 * 64 * K <= sum(sizes[: ends[0]])  # just enough for the budget
+
+
+def test_hydration_meets_its_deadline_at_the_derived_rate(tmp_path):
+    """40 chunks by a deadline of 10 virtual seconds: done by then, and not all at once at the start
+    (the rate follows from bytes left over time left). Virtual time: nothing waits for real."""
+    blob, locs = write_blob(tmp_path / "oci", make_chunks(40, seed=12))
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+    total = sum(loc.compressed_length for loc in locs)
+
+    async def main():
+        cache = ChunkCache(None, 0, 64 << 20)
+        async with FetchScheduler.open([probe], cache, max_range=16 * K) as sched:
+            start = trio.current_time()
+            policy = HydratePolicy.from_request({"deadline": 10}, now=start)
+            hydrator = Hydrator(locs, policy, is_cached=sched.is_cached, download=sched.background_download,
+                                default_rate=0, max_range=16 * K, clock=trio.current_time)
+            assert hydrator.statistics()["bytes_local"] == 0 and not hydrator.statistics()["hydrated"]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hydrator.run)
+                halfway = None
+                while not hydrator.statistics()["hydrated"]:
+                    await trio.sleep(0.5)
+                    if halfway is None and trio.current_time() - start >= 5:
+                        halfway = hydrator.statistics()["bytes_local"]
+                done = trio.current_time() - start
+                hydrator.cancel()
+            stats = hydrator.statistics()
+            assert stats["bytes_local"] == stats["bytes_total"] == total and stats["chunks_failed"] == 0
+            assert done <= 10 + 0.5  # by the deadline (polled every half virtual second)
+            assert halfway is not None and total / 4 < halfway < 3 * total / 4  # paced: about half by half time
+            assert stats["rate"] == pytest.approx(total / 10)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_hydration_retries_after_failures_and_finishes(tmp_path):
+    """A backend that fails the first attempts: the failed chunks are counted, tried again after a
+    back-off, and the image ends up local."""
+    blob, locs = write_blob(tmp_path / "oci", make_chunks(6, seed=13))
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+    probe.fail_next = 1_000_000  # fail until told otherwise
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(None, 0, 64 << 20), max_retries=0) as sched:
+            hydrator = Hydrator(locs, HydratePolicy(), is_cached=sched.is_cached, download=sched.background_download,
+                                default_rate=0, max_range=16 * K, clock=trio.current_time)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(hydrator.run)
+                while hydrator.statistics()["chunks_failed"] == 0:
+                    await trio.sleep(0.5)
+                probe.fail_next = 0  # the network is back
+                while not hydrator.statistics()["hydrated"]:
+                    await trio.sleep(0.5)
+                hydrator.cancel()
+            assert hydrator.statistics()["chunks_failed"] > 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
