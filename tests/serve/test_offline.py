@@ -111,9 +111,18 @@ def loop_mounted(disk: str, target):
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
+def _checksum_every_file(env, disk: str, mountpoint: str) -> None:
+    """e2fsck the exported disk, loop-mount its ext4 and compare every file (sha256) with the source tree."""
+    fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    with loop_mounted(disk, env.tmp / mountpoint):
+        diffs = tree_differences(describe_tree(str(env.src)), describe_tree(str(env.tmp / mountpoint)))
+        assert diffs == [], "\n".join(diffs[:20])
+
+
 def test_hydrated_image_runs_with_the_network_cut_across_a_restart(offline, registry):
-    """Hydrate; cut the network; kill -9 the daemon and start another; checksum every file of the
-    loop-mounted ext4: all of them match, with no registry to ask."""
+    """Hydrate; cut the network; checksum every file of the loop-mounted ext4; kill -9 the daemon
+    and start another; checksum every file again: all of them match, with no registry to ask."""
     env = offline
     export = env.tmp / "hydrated"
     env.lazyfs("export", env.ref, str(export), "--hydrate")
@@ -127,15 +136,11 @@ def test_hydrated_image_runs_with_the_network_cut_across_a_restart(offline, regi
     proc = None
     try:
         with network_cut(registry):
+            _checksum_every_file(env, str(export / "disk.img"), "mnt-hydrated")  # the running daemon
             proc = _restart_daemon(env)
             restored = {a["name"]: a for a in call(env.socket, "list", timeout=10)}
             assert restored[name]["hydrate"] == {} and restored[name]["manifest"] == attached["manifest"]
-            disk = str(export / "disk.img")
-            fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
-            assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-            with loop_mounted(disk, env.tmp / "mnt-hydrated"):
-                diffs = tree_differences(describe_tree(str(env.src)), describe_tree(str(env.tmp / "mnt-hydrated")))
-                assert diffs == [], "\n".join(diffs[:20])
+            _checksum_every_file(env, str(export / "disk.img"), "mnt-hydrated")  # the restarted one
             stats = call(env.socket, "stats", timeout=10, name=name)
             assert stats["hydration"]["hydrated"] and stats["scheduler"]["fetches"] == 0
             assert stats["last_error"] is None
@@ -202,6 +207,8 @@ def test_restart_offline_restores_a_partly_cached_image(offline, registry):
                 assert f.read(64 << 10) == head  # cached chunks are served
             offset, errno = _first_unreadable(disk, size, 256 << 10)
             assert offset > 0 and errno == "5", (offset, errno)  # EIO for the first missing chunk
+            stats = call(env.socket, "stats", timeout=10, name=name)
+            assert f"deadline of {FETCH_DEADLINE}s exceeded" in stats["last_error"]  # waited, then EIO
         # the network is back: the same read works, and is the image's bytes
         with open(flat, "rb") as f:
             f.seek(offset)
