@@ -115,8 +115,8 @@ class MetadataCache:
     def store_tail(self, manifest_digest: str, layer: LayerDescriptor, tail: bytes) -> None:
         """Keep a tail that passed its meta-digest (called by ``load_image``'s *on_tail*)."""
         path = self.tail_path(manifest_digest, layer)
-        if path is None or os.path.exists(path):
-            return
+        if path is None or self.read_tail(manifest_digest, layer) == tail:
+            return  # kept already (a damaged copy is replaced: its name says what it must hold)
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             write_atomically(path, tail)
