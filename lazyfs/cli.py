@@ -179,6 +179,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _hydrate(args: argparse.Namespace) -> bool | dict | None:
     """What --hydrate, --hydrate-rate, --hydrate-deadline and --no-hydrate ask for (None: the config's default)."""
+    from lazyfs.errors import ConfigError
+
+    paced = args.hydrate_rate is not None or args.hydrate_deadline is not None
+    if paced and args.hydrate is False:
+        raise ConfigError("--no-hydrate with --hydrate-rate or --hydrate-deadline: choose one")
     if args.hydrate_rate is not None:
         return {"rate": args.hydrate_rate}
     if args.hydrate_deadline is not None:
@@ -191,6 +196,7 @@ def _hydrate_options(p: argparse.ArgumentParser) -> None:
     group.add_argument("--hydrate", action="store_true", default=None,
                        help="make the image fully local in the background (then it runs without the registry)")
     group.add_argument("--no-hydrate", dest="hydrate", action="store_false", help="do not, whatever the config says")
+    group = p.add_mutually_exclusive_group()  # either implies --hydrate
     group.add_argument("--hydrate-rate", type=parse_size, metavar="BYTES",
                        help="hydrate at this many bytes per second (e.g. 50M)")
     group.add_argument("--hydrate-deadline", type=_positive_seconds, metavar="SECONDS",

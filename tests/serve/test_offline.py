@@ -125,10 +125,10 @@ def test_hydrated_image_runs_with_the_network_cut_across_a_restart(offline, regi
     and start another; checksum every file again: all of them match, with no registry to ask."""
     env = offline
     export = env.tmp / "hydrated"
-    env.lazyfs("export", env.ref, str(export), "--hydrate")
+    env.lazyfs("export", env.ref, str(export), "--hydrate", "--hydrate-deadline", "5")
     attached = _attachment(env, export)
     name = attached["name"]
-    assert attached["hydrate"] == {}
+    assert set(attached["hydrate"]) == {"deadline_at"}
     done = _wait(lambda: (h := _hydration(env, name))["hydrated"] and h, "hydration")
     assert done["bytes_local"] == done["bytes_total"] > 0 and done["chunks_fetched"] > 0
     human = env.lazyfs("stats", str(export)).stdout
@@ -139,7 +139,8 @@ def test_hydrated_image_runs_with_the_network_cut_across_a_restart(offline, regi
             _checksum_every_file(env, str(export / "disk.img"), "mnt-hydrated")  # the running daemon
             proc = _restart_daemon(env)
             restored = {a["name"]: a for a in call(env.socket, "list", timeout=10)}
-            assert restored[name]["hydrate"] == {} and restored[name]["manifest"] == attached["manifest"]
+            # the state file kept the pin and the same deadline
+            assert restored[name]["hydrate"] == attached["hydrate"] and restored[name]["manifest"] == attached["manifest"]
             _checksum_every_file(env, str(export / "disk.img"), "mnt-hydrated")  # the restarted one
             stats = call(env.socket, "stats", timeout=10, name=name)
             assert stats["hydration"]["hydrated"] and stats["scheduler"]["fetches"] == 0
