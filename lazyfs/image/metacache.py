@@ -88,7 +88,10 @@ class MetadataCache:
             self.stats["manifests_rejected"] += 1
             _remove(path)
             return None
-        os.utime(image_dir)  # recently used: pruned last
+        try:
+            os.utime(image_dir)  # recently used: pruned last
+        except OSError:
+            pass
         return data
 
     def read_tail(self, manifest_digest: str, layer: LayerDescriptor) -> bytes | None:
@@ -144,18 +147,22 @@ class MetadataCache:
             write_atomically(os.path.join(image_dir, "config"), data)
 
     def prune(self, keep: Iterable[str]) -> int:
-        """Remove the least recently used image directories beyond ``max_images``, never *keep*'s."""
+        """Remove the least recently used image directories beyond ``max_images``, never *keep*'s.
+        Best effort: a directory that cannot be listed or removed is left (and logged)."""
         kept = {_hex(d) for d in keep}
         try:
-            entries = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False) and _SHA256.match(
-                "sha256:" + e.name)]
+            entries = [(e.stat(follow_symlinks=False).st_mtime, e) for e in os.scandir(self.root)
+                       if e.is_dir(follow_symlinks=False) and _SHA256.match("sha256:" + e.name)]
         except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("metadata cache: cannot prune %s: %s", self.root, exc)
             return 0
         excess = len(entries) - self.max_images
         if excess <= 0:
             return 0
         removed = 0
-        for entry in sorted(entries, key=lambda e: e.stat(follow_symlinks=False).st_mtime):
+        for _, entry in sorted(entries, key=lambda pair: pair[0]):
             if removed >= excess:
                 break
             if entry.name in kept:

@@ -199,7 +199,7 @@ class Host:
         async with self._lock:
             if name in self.attachments:
                 raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
-            opened, restored = await self.metadata.open(opener, ref, manifest)
+            opened, from_cache = await self.metadata.open(opener, ref, manifest)
             backends = opened.backends
             for blob in opened.blobs:
                 # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
@@ -230,7 +230,7 @@ class Host:
             self.attachments[name] = att
             self.budget.changed()
         self._nursery.start_soon(self._keep_metadata, att)
-        if restored:  # a restore: its startup is long past, and the registry may be away
+        if from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
             if self.config.background_download:
                 self._nursery.start_soon(self._background, att)
         else:
