@@ -11,6 +11,24 @@ from lazyfs.serve import system
 from lazyfs.serve.control import call
 
 
+def loop_backing_files() -> list[tuple[str, str]]:
+    """``(/dev/loopN, backing file)`` of every attached loop device, from sysfs. Not ``losetup -a``:
+    its status ioctl stats the backing file, which hangs for good when that file is on a FUSE
+    export whose server stopped answering (another test's wedged daemon must not hang this one)."""
+    found = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return found
+    for name in sorted(names):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                found.append((f"/dev/{name}", f.read().strip()))
+        except OSError:  # not a loop device, or nothing attached
+            continue
+    return found
+
+
 def release_under(directory: str | os.PathLike, daemon_socket: str | None = None, timeout: float = 20.0) -> None:
     """Unmount everything mounted below *directory* (deepest first), detach loop devices whose
     backing file is below it, then stop the daemon answering on *daemon_socket* (bounded wait)."""
@@ -18,10 +36,9 @@ def release_under(directory: str | os.PathLike, daemon_socket: str | None = None
     for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
         if m.mountpoint.startswith(directory):
             subprocess.run(["umount", "-l", m.mountpoint], capture_output=True)
-    listing = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    for line in listing.splitlines():
-        if directory in line:
-            subprocess.run(["losetup", "-d", line.split(":")[0]], capture_output=True)
+    for dev, backing in loop_backing_files():
+        if directory in backing:
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
     if daemon_socket is None:
         return
     try:
