@@ -1,8 +1,12 @@
 """Offline life (docs/daemon.md): hydrate, lose the registry, restart the daemon, keep working.
 
-Real docker-registry, real daemon processes, FUSE, loop devices and ext4. "The network is cut" by
-stopping the registry process (SIGSTOP): connections hang as over a dead link, so every request
-runs into its timeout, the worst case for a restart; SIGCONT brings the network back.
+Real docker-registry, real daemon processes, FUSE, loop devices and ext4. In the first two tests
+"the network is cut" by stopping the registry process (SIGSTOP): connections hang as over a dead
+link, so every request runs into its timeout, the worst case for a restart; SIGCONT brings the
+network back.
+
+The third test cuts a real link instead: its daemon runs in a network namespace that reaches the
+registry over a veth pair, and the test takes the link down.
 
 Break-tests done once by hand (each turns these tests red):
 * the daemon's state record without its ``manifest`` pin (``Daemon._records``): the restore
@@ -31,6 +35,8 @@ from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from tests.serve.conftest import ROOT
+from tests.support.cleanup import release_under
+from tests.support.netns import ShapedLink, cut, relay
 from tests.support.trees import describe_tree, tree_differences
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.slow]
@@ -171,6 +177,57 @@ def _push_random_image(env, registry, tag: str) -> tuple[str, str]:
 
     trio.run(build)
     return ref, flat
+
+
+def test_hydrated_image_runs_across_a_cut_link_and_a_restart(offline, registry, tmp_path):
+    """The same across a real link: the daemon runs in a network namespace that reaches the
+    registry over a veth pair; the test takes the link down (packets go nowhere, connections time
+    out), kills the daemon with -9, starts another in the namespace, and checksums every file."""
+    env = offline
+    run = tmp_path / "run"
+    doc = {**env.doc, "run_dir": str(run), "state_dir": str(tmp_path / "state"), "cache_root": str(tmp_path / "cache"),
+           "writable_root": str(tmp_path / "writable")}
+    config_path = str(tmp_path / "config.json")
+    socket = str(run / "lazyfs.sock")
+    export = tmp_path / "exp"
+    with ShapedLink(1000, tag="h") as link, relay(link, registry.port) as address:
+        doc["registries"] = [{"host": address, "plain_http": True}]
+        with open(config_path, "w") as f:
+            json.dump(doc, f)
+        daemon = [*link.nsenter("client"), sys.executable, "-m", "lazyfs.cli", "daemon", "--config", config_path]
+
+        def start() -> subprocess.Popen:
+            proc = subprocess.Popen(daemon, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            _wait(lambda: call(socket, "ping", timeout=5), "the daemon in the namespace to answer")
+            return proc
+
+        procs = [start()]
+        try:
+            ref = f"{address}/serve/busybox:v1"  # the image the env pushed, seen across the link
+            subprocess.run([sys.executable, "-m", "lazyfs.cli", "export", ref, str(export), "--hydrate",
+                            "--config", config_path], cwd=ROOT, check=True, capture_output=True, timeout=120)
+            name = next(a["name"] for a in call(socket, "list", timeout=10) if a.get("target") == str(export))
+            _wait(lambda: call(socket, "stats", timeout=10, name=name)["hydration"]["hydrated"], "hydration")
+            cut(link)
+            disk = str(export / "disk.img")
+            _checksum_every_file(env, disk, "mnt-link")
+            pid = call(socket, "ping", timeout=10)["pid"]
+            os.kill(pid, signal.SIGKILL)
+            procs[0].wait(timeout=60)
+            procs.append(start())
+            assert name in {a["name"] for a in call(socket, "list", timeout=10)}
+            _checksum_every_file(env, disk, "mnt-link")
+            stats = call(socket, "stats", timeout=10, name=name)
+            assert stats["hydration"]["hydrated"] and stats["scheduler"]["fetches"] == 0
+        finally:
+            subprocess.run([sys.executable, "-m", "lazyfs.cli", "umount", str(export), "--config", config_path],
+                           cwd=ROOT, capture_output=True, timeout=120)
+            release_under(tmp_path, socket)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=60)
 
 
 def _first_unreadable(disk: str, size: int, step: int) -> tuple[int, str]:
