@@ -19,7 +19,7 @@ Contracts:
   not fsynced by default: a torn entry after a crash fails verification and is
   simply refetched, so durability buys nothing here (``fsync=True`` if wanted).
 * The disk tier holds at most ``max_bytes`` of entries, evicting least recently
-  used first. Access order lives in memory and is persisted as file mtimes
+  used first, except entries ``protected`` says to keep (then it may stay over). Access order lives in memory and is persisted as file mtimes
   (touched on every disk hit), so it is rebuilt at start and entries survive restarts.
 * ``put``/``admit`` take bytes the caller has already verified (the scheduler
   does); the memory tier trusts them, the disk tier re-verifies on every read.
@@ -33,6 +33,7 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -85,6 +86,8 @@ class ChunkCache:
         self._disk: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, least recent first
         self._disk_size = 0
         self._tmp_names = itertools.count()
+        # Entries eviction skips (the chunks of hydrated images: docs/daemon.md, "Offline life").
+        self.protected: Callable[[bytes], bool] | None = None
         self._stats = dict.fromkeys(
             ("memory_hits", "disk_hits", "misses", "evictions", "damaged", "writes", "bytes_written", "write_errors"), 0
         )
@@ -260,12 +263,12 @@ class ChunkCache:
     def _evict_over_budget(self, keep: bytes | None = None) -> list[tuple[bytes, Path]]:
         """Drop least recently used disk entries until within max_bytes; return what to unlink."""
         victims = []
-        while self._disk_size > self.max_bytes and self._disk:
+        spared = 0  # entries passed over: one lap at most, so a cache of protected entries stays over budget
+        while self._disk_size > self.max_bytes and self._disk and spared < len(self._disk):
             digest = next(iter(self._disk))
-            if digest == keep and len(self._disk) == 1:
-                break
-            if digest == keep:
+            if digest == keep or (self.protected is not None and self.protected(digest)):
                 self._disk.move_to_end(digest)
+                spared += 1
                 continue
             self._forget(digest)
             self._stats["evictions"] += 1

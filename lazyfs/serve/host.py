@@ -136,6 +136,8 @@ class Host:
         self.attachments: dict[str, Attachment] = {}
         self.budget = DiskBudget(config, cache)
         self.metadata = MetadataCache(os.path.join(config.cache_root, "metadata"))  # offline restore (hydrate.py)
+        self._hydrated_chunks: set[bytes] = set()  # never evicted: a hydrated image must stay local
+        cache.protected = self._hydrated_chunks.__contains__
         self.traces = {"replayed": 0, "rejected": 0, "foreign_entries": 0, "published": 0}
         self._nursery: trio.Nursery | None = None
         self._lock = trio.Lock()
@@ -253,6 +255,7 @@ class Host:
             raise ConfigError(f"hydrating {att.ref} needs {att.hydration.raw_total} bytes of chunk cache; "
                               f"cache_size is {self.cache.max_bytes}")
         att.hydrate = policy
+        self._hydrated_chunks.update(loc.digest for loc in att.hydration.locations)
         self._nursery.start_soon(att.hydration.run)
 
     async def _keep_metadata(self, att: Attachment) -> None:
@@ -316,6 +319,11 @@ class Host:
         del self.attachments[name]
         if att.hydration is not None:
             att.hydration.cancel()
+        if att.hydrate is not None:  # its chunks may be evicted again, unless another hydrated image has them
+            self._hydrated_chunks.clear()
+            for other in self.attachments.values():
+                if other.hydrate is not None:
+                    self._hydrated_chunks.update(loc.digest for loc in other.hydration.locations)
         self.budget.changed()
         await att.device.aclose()
         log.info("audit: detach %s image=%s", name, att.ref)

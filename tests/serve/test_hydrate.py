@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import trio
 import trio.testing
@@ -118,3 +120,42 @@ def test_hydration_retries_after_failures_and_finishes(tmp_path):
             assert hydrator.statistics()["chunks_failed"] > 0
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_hydrated_image_stays_local_while_another_image_churns_the_cache(tmp_path):
+    """A Host with a 3 MiB chunk cache: image A (2 MiB) hydrated, then image B (4 MiB) read in
+    full. B's reads evict B's own chunks, never A's: A stays hydrated. (Without the cache's
+    ``protected`` hook — tried once — A loses chunks and this test fails.)"""
+    from lazyfs.config import Config
+    from lazyfs.image.local import create_image
+    from lazyfs.image.ref import LocalRef
+    from lazyfs.serve.host import Host
+
+    MiB = 1 << 20
+    images = {}
+    for name, size in (("a", 2 * MiB), ("b", 4 * MiB)):
+        raw = tmp_path / f"raw-{name}"
+        raw.write_bytes(random.Random(name).randbytes(size))
+        images[name] = (LocalRef(str(tmp_path / f"layout-{name}"), "v1"), raw)
+    config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
+                    writable_root=str(tmp_path / "writable"), trace_record_seconds=0, readahead_chunks=0,
+                    cache_size=3 * MiB, memory_cache_size=MiB // 2)
+
+    async def main():
+        for local, raw in images.values():
+            await create_image(local, from_file=str(raw))
+        with trio.fail_after(120):
+            async with Host.open(config) as host:
+                a = await host.attach(f"oci:{images['a'][0].path}:v1", name="a", hydrate=HydratePolicy())
+                while not a.hydration.statistics()["hydrated"]:
+                    await trio.sleep(0.05)
+                b = await host.attach(f"oci:{images['b'][0].path}:v1", name="b", hydrate=False)
+                for offset in range(0, b.device.size, MiB):
+                    await b.device.read(offset, min(MiB, b.device.size - offset))
+                assert host.cache.statistics()["evictions"] > 0  # the cache was churned
+                assert a.hydration.statistics()["hydrated"], a.hydration.statistics()
+                assert not b.hydration.statistics()["hydrated"]
+                await host.detach("a")  # no longer hydrated: its chunks are fair game again
+                assert not host._hydrated_chunks
+
+    trio.run(main)
