@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import trio
 
 from lazyfs.errors import FetchError, NotFoundError, RangeError
 from lazyfs.fetch.backend import Backend
+from lazyfs.format.digest import split_digest
 
 __all__ = ["DirectoryBackend"]
 
-# OCI digest grammar (algorithm ":" encoded); also keeps blob names from escaping root.
-_DIGEST = re.compile(r"^([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 
 
 class DirectoryBackend(Backend):
@@ -28,10 +26,10 @@ class DirectoryBackend(Backend):
 
     def path_of(self, blob: str) -> Path:
         """The file holding *blob* (NotFoundError for a name that is not a digest)."""
-        m = _DIGEST.match(blob)
-        if m is None:
+        parts = split_digest(blob)  # also keeps blob names from escaping the root
+        if parts is None:
             raise NotFoundError(f"{self.name}: not a blob digest: {blob!r}")
-        return self.root / "blobs" / m.group(1) / m.group(2)
+        return self.root / "blobs" / parts[0] / parts[1]
 
     def _limit(self) -> trio.CapacityLimiter:
         if self._limiter is None:

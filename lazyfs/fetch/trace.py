@@ -15,7 +15,6 @@ few thousand chunks to a few tens of KiB.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
 
 import msgpack
@@ -24,6 +23,7 @@ import trio
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
+from lazyfs.format.digest import check_chunk_digest, split_digest
 from lazyfs.nursery import open_nursery
 
 __all__ = [
@@ -47,7 +47,6 @@ MAX_TRACE_BYTES = 8 << 20
 _MIN_ENTRY_BYTES = 40  # fixarray + bin8(32) + 5 fixints
 # A stored frame may be a little larger than its raw bytes (incompressible data is stored raw, but be lenient).
 _MAX_FRAME = MAX_CHUNK_SIZE + (1 << 16)
-_BLOB = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+\Z")
 _COMPRESSIONS = (COMPRESSION_NONE, COMPRESSION_ZSTD)
 
 
@@ -175,7 +174,7 @@ def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[Chu
     if doc.get("version") != TRACE_VERSION:
         raise FormatError(f"trace: unsupported version {doc.get('version')!r} (this lazyfs reads {TRACE_VERSION})")
     blobs, chunks = doc.get("blobs"), doc.get("chunks")
-    if not isinstance(blobs, list) or not all(isinstance(b, str) and _BLOB.match(b) for b in blobs):
+    if not isinstance(blobs, list) or not all(split_digest(b) for b in blobs):
         raise FormatError("trace: 'blobs' must be a list of blob digests")
     if not isinstance(chunks, list):
         raise FormatError("trace: 'chunks' must be a list")
@@ -186,8 +185,7 @@ def _decode_entry(i: int, entry, blobs: Sequence[str]) -> ChunkLocation:
     if not isinstance(entry, list) or len(entry) != 6:
         raise FormatError(f"trace: chunk {i} is not a 6-element list")
     digest, blob, offset, clen, rlen, compression = entry
-    if not isinstance(digest, bytes) or len(digest) != 32:
-        raise FormatError(f"trace: chunk {i}: digest is not 32 bytes")
+    check_chunk_digest(digest, f"trace: chunk {i}: digest")
     ints = (blob, offset, clen, rlen, compression)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
         raise FormatError(f"trace: chunk {i}: non-integer field")

@@ -9,8 +9,6 @@ allocated for it. A tail is parsed only after its sha256 matched the
 
 from __future__ import annotations
 
-import hashlib
-import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from lazyfs.format.chunk import (
     decompress_declared,
     declared_size,
 )
+from lazyfs.format.digest import check_sha256, is_chunk_digest, sha256_digest
 
 FORMAT_VERSION = 2
 MAGIC = b"LZFSLAYR"
@@ -42,8 +41,6 @@ MAX_BLOBS = 4096
 MAX_METADATA_KEYS = 32
 ZEROED = -1  # extent.chunk value: this range reads as zeros, hiding lower layers
 SELF_BLOB = ""  # blobs[0]: the blob that holds this metadata
-_BLOB_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_SHA256 = re.compile(r"^sha256:[0-9a-f]{64}$")
 MEDIA_TYPE_LAYER = "application/vnd.lazyfs.layer.v2"
 MEDIA_TYPE_LAYER_V1 = "application/vnd.lazyfs.layer.v1"  # refused: its metadata is not anchored
 
@@ -189,7 +186,7 @@ def encode_footer(meta_offset: int, metadata: bytes) -> bytes:
 
 def tail_digest(tail: bytes | memoryview) -> str:
     """The ``meta-digest`` of a tail: ``sha256:<hex>`` of its exact bytes."""
-    return "sha256:" + hashlib.sha256(tail).hexdigest()
+    return sha256_digest(tail)
 
 
 # ---------------------------------------------------------------- decoding
@@ -222,8 +219,7 @@ def parse_anchored_tail(tail: bytes, meta_digest: str, blob_size: int, *, budget
 
     Nothing of the tail is looked at before its digest matched.
     """
-    if not _SHA256.fullmatch(meta_digest):
-        raise FormatError(f"{what}: meta-digest {meta_digest!r} is not sha256:<64 hex>")
+    check_sha256(meta_digest, f"{what}: meta-digest")
     got = tail_digest(tail)
     if got != meta_digest:
         raise IntegrityError(f"metadata of {what}", meta_digest, got, source)
@@ -368,8 +364,7 @@ def validate_metadata(doc: object, frames_end: int, max_virtual_size: int = MAX_
     if not isinstance(blobs, list) or not blobs or blobs[0] != SELF_BLOB or len(blobs) > MAX_BLOBS:
         raise FormatError("layer metadata: blobs must be a list starting with the self entry ''")
     for i, name in enumerate(blobs[1:], 1):
-        if not isinstance(name, str) or not _BLOB_DIGEST.fullmatch(name):
-            raise FormatError(f"layer metadata: blobs[{i}]={name!r} is not a sha256 digest")
+        check_sha256(name, f"layer metadata: blobs[{i}]")
     nblocks = virtual_size // block_size
     raw_chunks, raw_extents = doc.get("chunks"), doc.get("extents")
     if not isinstance(raw_chunks, list) or not isinstance(raw_extents, list):
@@ -378,7 +373,7 @@ def validate_metadata(doc: object, frames_end: int, max_virtual_size: int = MAX_
         raise FormatError("layer metadata: more chunks or extents than blocks")
     chunks = []
     for i, c in enumerate(raw_chunks):
-        if not (_row(c, 6) and isinstance(c[0], bytes) and len(c[0]) == 32 and all(type(x) is int for x in c[1:])):
+        if not (_row(c, 6) and is_chunk_digest(c[0]) and all(type(x) is int for x in c[1:])):
             raise FormatError(f"layer metadata: chunks[{i}] malformed")
         ref = ChunkRef(*c)
         if not 0 <= ref.blob < len(blobs):

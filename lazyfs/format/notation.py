@@ -35,11 +35,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError, TrustError
+from lazyfs.format.digest import is_sha256
 
 ARTIFACT_TYPE = "application/vnd.cncf.notary.signature"
 MEDIA_TYPE_JWS = "application/jose+json"
 MEDIA_TYPE_PAYLOAD = "application/vnd.cncf.notary.payload.v1+json"
-MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
 ANN_THUMBPRINTS = "io.cncf.notary.x509chain.thumbprint#S256"
 SIGNING_SCHEME = "notary.x509"
 HEADER_SCHEME = "io.cncf.notary.signingScheme"
@@ -197,7 +197,7 @@ def envelope_of(manifest: dict, subject_digest: str, where: str) -> tuple[str, i
         raise FormatError(f"{where}: envelope type {layer.get('mediaType')!r} is not supported "
                           f"(this host verifies {MEDIA_TYPE_JWS} envelopes)")
     digest, size = layer.get("digest"), layer.get("size")
-    if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+    if not is_sha256(digest):
         raise FormatError(f"{where}: bad envelope digest {digest!r}")
     if type(size) is not int or not 0 < size <= MAX_ENVELOPE:
         raise FormatError(f"{where}: envelope size {size!r} outside 1..{MAX_ENVELOPE}")

@@ -8,12 +8,11 @@ Every JSON document from the wire goes through ``parse_json``: at most
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError
+from lazyfs.format.digest import check_sha256, is_sha256, sha256_digest
 from lazyfs.format.layer import (
     DEFAULT_MAX_VIRTUAL_SIZE,
     FOOTER_SIZE,
@@ -27,25 +26,26 @@ from lazyfs.format.numbers import decimal
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+# What a registry client accepts when it asks for a manifest by tag: images and indexes, OCI and docker.
+MANIFEST_MEDIA_TYPES = (MEDIA_TYPE_MANIFEST, MEDIA_TYPE_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
 MEDIA_TYPE_TRACE = "application/vnd.lazyfs.trace.v1"
 ANN_META_OFFSET = "dev.lazyfs.layer.meta-offset"
 ANN_META_LENGTH = "dev.lazyfs.layer.meta-length"
 ANN_META_DIGEST = "dev.lazyfs.layer.meta-digest"
 ANN_VIRTUAL_SIZE = "dev.lazyfs.image.virtual-size"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
-MAX_MANIFEST_SIZE = 4 << 20
+MAX_MANIFEST_SIZE = 4 << 20  # what containerd accepts; a larger "manifest" is an attack or a bug
 MAX_JSON_SIZE = MAX_MANIFEST_SIZE
 MAX_JSON_DEPTH = 32
 MAX_JSON_CONTAINERS = 1 << 16
 MAX_LAYERS = 255
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 UPGRADE_HINT = ("lazyfs format 1 layers are not anchored by their manifest and are refused: "
                 "rebuild the image with this lazyfs (lazyfs convert SOURCE TARGET from its source image, "
                 "or lazyfs create / commit)")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def canonical_json(doc: dict) -> bytes:
@@ -102,7 +102,7 @@ def parse_descriptor(doc: object, where: str) -> Descriptor:
     if not isinstance(doc, dict):
         raise FormatError(f"{where}: descriptor is not an object")
     media_type, digest, size = doc.get("mediaType"), doc.get("digest"), doc.get("size")
-    if not isinstance(media_type, str) or not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+    if not isinstance(media_type, str) or not is_sha256(digest):
         raise FormatError(f"{where}: bad mediaType or digest {digest!r}")
     if type(size) is not int or not 0 <= size < 1 << 62:
         raise FormatError(f"{where}: bad size {size!r}")
@@ -183,8 +183,7 @@ def parse_layer_descriptor(d: Descriptor, where: str) -> LayerDescriptor:
     if off + length != d.size:
         raise FormatError(f"{where}: the tail {off}+{length} does not end the blob of {d.size} bytes")
     meta_digest = d.annotations[ANN_META_DIGEST]
-    if not _DIGEST.fullmatch(meta_digest):
-        raise FormatError(f"{where}: annotation {ANN_META_DIGEST} {meta_digest!r} is not sha256:<64 hex>")
+    check_sha256(meta_digest, f"{where}: annotation {ANN_META_DIGEST}")
     return LayerDescriptor(d.digest, d.size, off, length, meta_digest)
 
 

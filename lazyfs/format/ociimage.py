@@ -5,8 +5,6 @@
 * ``parse_platforms`` / ``select_platform``: a multi-arch index (OCI index or
   Docker manifest list) -> the manifest for one ``os/arch[/variant]``;
 * ``parse_source_config``: the image config and its ``rootfs.diff_ids``;
-* ``chain_ids``: the OCI chain ID of every layer (the identity of "this layer
-  over exactly these layers"), the key of the conversion cache;
 * ``build_converted_config`` / ``build_converted_manifest``: the output -- the
   source's config with ``rootfs.diff_ids`` naming the lazyfs layers, lazyfs
   layers annotated with where they came from, and ``subject`` pointing at the
@@ -16,15 +14,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform as _platform
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError, NotFoundError
+from lazyfs.format.digest import check_sha256
 from lazyfs.format.layer import MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1
 from lazyfs.format.numbers import decimal
 from lazyfs.format.oci import (
     ANN_VIRTUAL_SIZE,
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
@@ -36,9 +37,6 @@ from lazyfs.format.oci import (
     parse_layer_descriptor,
 )
 
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 INDEX_TYPES = (MEDIA_TYPE_INDEX, DOCKER_MANIFEST_LIST)
 MANIFEST_TYPES = (MEDIA_TYPE_MANIFEST, DOCKER_MANIFEST)
 
@@ -200,20 +198,8 @@ def parse_source_config(data: bytes, what: str = "image config") -> tuple[dict, 
         raise FormatError(f"{what}: rootfs must be {{'type': 'layers', 'diff_ids': [...]}}")
     diff_ids = rootfs["diff_ids"]
     for i, d in enumerate(diff_ids):
-        if not isinstance(d, str) or not d.startswith("sha256:") or len(d) != 71:
-            raise FormatError(f"{what}: rootfs.diff_ids[{i}] {d!r} is not a sha256 digest")
+        check_sha256(d, f"{what}: rootfs.diff_ids[{i}]")
     return doc, list(diff_ids)
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln)) (OCI image spec)."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        if not out:
-            out.append(diff_id)
-        else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
-    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ sends with a 401 (RFC 7235 challenges: ``Bearer realm="…",service="…"``).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError
+from lazyfs.format.digest import check_digest
 
 DEFAULT_REGISTRY = "docker.io"
 
@@ -30,36 +30,7 @@ _HOST = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::([0-9]{
 # A path component: lowercase alphanumerics joined by '.', '_', '__' or runs of '-'.
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGESTS = {
-    "sha256": re.compile(r"^[0-9a-f]{64}$"),
-    "sha512": re.compile(r"^[0-9a-f]{128}$"),
-}
 _MAX_NAME = 255  # registry/repository, as the distribution spec limits it
-
-
-def check_digest(digest: str, what: str = "digest") -> str:
-    """Return *digest* if it is ``sha256:<64 hex>`` or ``sha512:<128 hex>``, else FormatError."""
-    if not isinstance(digest, str):
-        raise FormatError(f"{what}: expected a string, got {type(digest).__name__}")
-    algorithm, sep, hexpart = digest.partition(":")
-    pattern = _DIGESTS.get(algorithm)
-    if not sep or pattern is None:
-        raise FormatError(f"{what} {digest!r}: unsupported or missing algorithm (want sha256:<hex>)")
-    if not pattern.match(hexpart):
-        raise FormatError(f"{what} {digest!r}: not lowercase hex of the right length for {algorithm}")
-    return digest
-
-
-def digest_of(data: bytes | bytearray | memoryview, algorithm: str = "sha256") -> str:
-    """The OCI digest string of *data* (``sha256:<hex>``)."""
-    if algorithm not in _DIGESTS:
-        raise FormatError(f"unsupported digest algorithm {algorithm!r}")
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def hasher_for(digest: str):
-    """A fresh hashlib object for the algorithm of *digest* (which must be valid)."""
-    return hashlib.new(check_digest(digest).partition(":")[0])
 
 
 def check_registry(registry: str) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,15 +37,16 @@ from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError, 
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.direct import DirectChunkStore
 from lazyfs.fetch.directory import DirectoryBackend
-from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, RegistryBackend, RegistryClient
+from lazyfs.fetch.registry import RegistryBackend, RegistryClient
+from lazyfs.format.digest import chain_ids, sha256_digest
 from lazyfs.format.layer import DEFAULT_CHUNK_SIZE, MEDIA_TYPE_LAYER, MEDIA_TYPE_LAYER_V1, LayerMeta, MetadataBudget
 from lazyfs.format.oci import (
+    MANIFEST_MEDIA_TYPES,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
     parse_json,
     parse_manifest,
-    sha256_digest,
 )
 from lazyfs.format.ociimage import (
     ANN_SOURCE_MANIFEST,
@@ -55,7 +55,6 @@ from lazyfs.format.ociimage import (
     SourceManifest,
     build_converted_config,
     build_converted_manifest,
-    chain_ids,
     host_platform,
     is_index,
     media_type_of,
@@ -76,6 +75,7 @@ from lazyfs.image.referrers import (
     add_referrer_remote,
     find_referrers_local,
     find_referrers_remote,
+    referrers_subject,
 )
 from lazyfs.image.remote import FallbackBackend, ImageOpener
 from lazyfs.image.tarapply import DEFAULT_MAX_LAYER_BYTES, LayerApplier, check_diff_id, open_layer, scan_layer
@@ -96,7 +96,6 @@ TWIN_ARTIFACT_TYPE = MEDIA_TYPE_CONFIG  # a referrer's type is its config's medi
 DOWNLOAD_CONCURRENCY = 3
 MAX_REFERRER_TAGS = 64  # referrers fallback tags read when looking for reusable layers in the target
 MAX_TWINS_CHECKED = 16  # twins of one image whose trust --prefer-lazyfs checks, newest first
-_REFERRERS_TAG = re.compile(r"^sha256-[0-9a-f]{64}$")
 POLL_SECONDS = 0.1
 
 
@@ -243,16 +242,16 @@ class Target:
         if self.layout is not None:
             if not self.layout.exists():
                 return []
-            tags = [t for t in self.layout.tags() if _REFERRERS_TAG.match(t)]
+            tags = [t for t in self.layout.tags() if referrers_subject(t)]
         else:
             assert self.client is not None and self.ref is not None
             try:
-                tags = [t for t in await self.client.list_tags(self.ref.repo()) if _REFERRERS_TAG.match(t)]
+                tags = [t for t in await self.client.list_tags(self.ref.repo()) if referrers_subject(t)]
             except NotFoundError:
                 return []
         out: dict[str, bytes] = {}
         for tag in sorted(tags)[:limit]:
-            for data in await self.twins("sha256:" + tag.split("-", 1)[1]):
+            for data in await self.twins(referrers_subject(tag)):
                 out.setdefault(sha256_digest(data), data)
         return list(out.values())
 

@@ -9,13 +9,13 @@ import tempfile
 
 from lazyfs.durable import write_atomically
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
+from lazyfs.format.digest import check_sha256, sha256_digest
 from lazyfs.format.oci import (
     ANN_REF_NAME,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
     build_index,
     parse_index,
-    sha256_digest,
 )
 
 _LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
@@ -47,10 +47,8 @@ class OciLayout:
     # ------------------------------------------------------------ blobs
 
     def blob_path(self, digest: str) -> str:
-        alg, _, hexpart = digest.partition(":")
-        if alg != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-            raise FormatError(f"bad blob digest {digest!r}")
-        return os.path.join(self.path, "blobs", alg, hexpart)
+        check_sha256(digest, "blob digest")
+        return os.path.join(self.path, "blobs", "sha256", digest[7:])
 
     def has_blob(self, digest: str) -> bool:
         return os.path.exists(self.blob_path(digest))

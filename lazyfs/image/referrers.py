@@ -11,25 +11,32 @@ from __future__ import annotations
 
 from lazyfs.errors import FormatError, NotFoundError
 from lazyfs.fetch.registry import RegistryClient
+from lazyfs.format.digest import is_sha256, sha256_digest
 from lazyfs.format.oci import (
+    MEDIA_TYPE_EMPTY,
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
     canonical_json,
     parse_descriptor,
     parse_json,
-    sha256_digest,
 )
 from lazyfs.format.reference import Reference
 from lazyfs.image.layout import OciLayout
 
 EMPTY_CONFIG = b"{}"
-MEDIA_TYPE_EMPTY = "application/vnd.oci.empty.v1+json"
 
 
 def referrers_tag(subject_digest: str) -> str:
+    """The fallback tag under which a registry without the referrers API lists *subject_digest*'s referrers."""
     alg, _, hexpart = subject_digest.partition(":")
     return f"{alg}-{hexpart}"
+
+
+def referrers_subject(tag: str) -> str | None:
+    """The subject digest a referrers fallback *tag* stands for (``sha256-<hex>``), or None for any other tag."""
+    subject = tag.replace("-", ":", 1)
+    return subject if is_sha256(subject) else None
 
 
 def artifact_manifest(artifact_type: str, blob: Descriptor, subject: Descriptor, annotations: dict | None = None) -> bytes:

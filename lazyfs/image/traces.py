@@ -18,6 +18,7 @@ import trio
 
 from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.fetch.trace import MAX_TRACE_BYTES, decode_trace, encode_trace
+from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import ChunkLocation
 from lazyfs.format.oci import (
     MAX_MANIFEST_SIZE,
@@ -26,7 +27,6 @@ from lazyfs.format.oci import (
     Descriptor,
     parse_descriptor,
     parse_json,
-    sha256_digest,
 )
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.referrers import (

@@ -24,7 +24,6 @@ import datetime
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -35,7 +34,8 @@ from lazyfs.config import Config, TrustSettings
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, TrustError
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.format import notation
-from lazyfs.format.oci import MAX_MANIFEST_SIZE, MEDIA_TYPE_MANIFEST, parse_json, sha256_digest
+from lazyfs.format.digest import check_sha256, is_sha256, sha256_digest
+from lazyfs.format.oci import MAX_MANIFEST_SIZE, MEDIA_TYPE_MANIFEST, parse_json
 from lazyfs.format.reference import Reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.referrers import find_referrers_local, find_referrers_remote
@@ -46,7 +46,6 @@ MAX_SIGNATURES = 16  # signatures tried per artifact, newest first
 MAX_SIGNATURE_MANIFEST = 64 << 10
 MAX_PEM_FILE = 1 << 20
 MAX_PEM_FILES = 256
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 HOST = "host"  # TrustDecision.basis: made on this host
 SIGNATURE = "signature"  # verified Notary Project signature
@@ -138,7 +137,7 @@ class HostLedger:
         self.root = root
 
     def _path(self, digest: str) -> str | None:
-        return os.path.join(self.root, digest.split(":", 1)[1] + ".json") if _DIGEST.match(digest) else None
+        return os.path.join(self.root, digest.split(":", 1)[1] + ".json") if is_sha256(digest) else None
 
     def __contains__(self, digest: object) -> bool:
         path = self._path(digest) if isinstance(digest, str) else None
@@ -266,7 +265,7 @@ class TrustPolicy:
 
     async def _check(self, source: ArtifactSource, artifact: str, subject: str | None,
                      data: bytes | None) -> TrustDecision:
-        if not _DIGEST.match(artifact):
+        if not is_sha256(artifact):
             return TrustDecision(artifact, False, "", f"{artifact!r} is not a sha256 digest")
         if data is None:
             data = await source.manifest(artifact)  # fetched by digest: verified against it
@@ -304,8 +303,7 @@ class TrustPolicy:
     async def _verify_one(self, source: ArtifactSource, entry: dict, target: dict) -> notation.Signer:
         self.counts.signatures_checked += 1
         digest = entry.get("digest")
-        if not isinstance(digest, str) or not _DIGEST.match(digest):
-            raise FormatError(f"signature entry with digest {digest!r}")
+        check_sha256(digest, "signature entry with digest")
         manifest = parse_json(await source.manifest(digest, MAX_SIGNATURE_MANIFEST), f"signature manifest {digest}")
         envelope_digest, size = notation.envelope_of(manifest, target["digest"], f"signature manifest {digest[:19]}")
         envelope = await source.blob(envelope_digest, notation.MAX_ENVELOPE)

@@ -22,14 +22,15 @@ from lazyfs.errors import AuthError, ConfigError, FetchError, IntegrityError, No
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.credentials import Credential, Credentials
 from lazyfs.fetch.registry import (
-    OCI_MANIFEST,
     SMALL_WHOLE_BLOB,
     RegistryBackend,
     RegistryClient,
     RegistryConfig,
     RetryPolicy,
 )
-from lazyfs.format.reference import Reference, digest_of, parse_reference
+from lazyfs.format.digest import digest_of
+from lazyfs.format.oci import MEDIA_TYPE_MANIFEST
+from lazyfs.format.reference import Reference, parse_reference
 from tests.support.proxy import FaultProxy
 from tests.support.registry import RegistryInfo, free_port, registry_fixture, write_auth_file
 
@@ -106,7 +107,7 @@ def image(seed: int) -> tuple[bytes, bytes, bytes]:
     manifest = json.dumps(
         {
             "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
+            "mediaType": MEDIA_TYPE_MANIFEST,
             "config": {"mediaType": CONFIG_TYPE, "digest": digest_of(config), "size": len(config)},
             "layers": [{"mediaType": LAYER_TYPE, "digest": digest_of(layer), "size": len(layer)}],
         },
@@ -119,7 +120,7 @@ async def push_image(client: RegistryClient, target: Reference, seed: int) -> tu
     layer, config, manifest = image(seed)
     await client.push_blob(target, layer)
     await client.push_blob(target, config)
-    digest = await client.put_manifest(target, manifest, OCI_MANIFEST)
+    digest = await client.put_manifest(target, manifest, MEDIA_TYPE_MANIFEST)
     return manifest, digest
 
 
@@ -190,18 +191,18 @@ def test_manifest_by_tag_and_digest(registry: RegistryInfo) -> None:
             manifest, digest = await push_image(client, target, seed=1)
             assert digest == digest_of(manifest)
             data, media_type, got = await client.get_manifest(target)
-            assert (data, media_type, got) == (manifest, OCI_MANIFEST, digest)
-            assert await client.get_manifest(target.with_tag(None).with_digest(digest)) == (manifest, OCI_MANIFEST, digest)
+            assert (data, media_type, got) == (manifest, MEDIA_TYPE_MANIFEST, digest)
+            assert await client.get_manifest(target.with_tag(None).with_digest(digest)) == (manifest, MEDIA_TYPE_MANIFEST, digest)
             assert await client.get_manifest(f"{registry.registry}/images/hello@{digest}") == (
-                manifest, OCI_MANIFEST, digest)
-            assert await client.head_manifest(target) == (OCI_MANIFEST, digest, len(manifest))
+                manifest, MEDIA_TYPE_MANIFEST, digest)
+            assert await client.head_manifest(target) == (MEDIA_TYPE_MANIFEST, digest, len(manifest))
             # Pushing by digest only, then tagging it too.
-            assert await client.put_manifest(target.with_tag(None).with_digest(digest), manifest, OCI_MANIFEST) == digest
-            await client.put_manifest(target.with_tag("2"), manifest, OCI_MANIFEST)
+            assert await client.put_manifest(target.with_tag(None).with_digest(digest), manifest, MEDIA_TYPE_MANIFEST) == digest
+            await client.put_manifest(target.with_tag("2"), manifest, MEDIA_TYPE_MANIFEST)
             with pytest.raises(IntegrityError):
-                await client.put_manifest(target.with_digest("sha256:" + "0" * 64), manifest, OCI_MANIFEST)
+                await client.put_manifest(target.with_digest("sha256:" + "0" * 64), manifest, MEDIA_TYPE_MANIFEST)
             for n in range(3, 8):
-                await client.put_manifest(target.with_tag(f"v{n}"), manifest, OCI_MANIFEST)
+                await client.put_manifest(target.with_tag(f"v{n}"), manifest, MEDIA_TYPE_MANIFEST)
             tags = ["1", "2"] + [f"v{n}" for n in range(3, 8)]
             assert sorted(await client.list_tags(target)) == sorted(tags)
             assert sorted(await client.list_tags(target, page_size=2)) == sorted(tags)

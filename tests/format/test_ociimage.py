@@ -1,4 +1,4 @@
-"""Source image JSON (OCI and Docker v2, indexes, platforms, chain IDs) and converted manifests."""
+"""Source image JSON (OCI and Docker v2, indexes, platforms) and converted manifests."""
 
 import hashlib
 import json
@@ -6,8 +6,9 @@ import json
 import pytest
 
 from lazyfs.errors import FormatError, NotFoundError
+from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import MEDIA_TYPE_LAYER
-from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, Descriptor, LayerDescriptor, parse_manifest, sha256_digest
+from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST, Descriptor, LayerDescriptor, parse_manifest
 from lazyfs.format.ociimage import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -15,7 +16,6 @@ from lazyfs.format.ociimage import (
     ConvertedLayer,
     build_converted_config,
     build_converted_manifest,
-    chain_ids,
     media_type_of,
     parse_converted_layers,
     parse_platforms,
@@ -92,14 +92,6 @@ def test_platform_selection():
         select_platform(entries, "linux/s390x")
     with pytest.raises(FormatError, match="OS/ARCH"):
         select_platform(entries, "amd64")
-
-
-def test_chain_ids_follow_the_image_spec():
-    a, b, c = d(1), d(2), d(3)
-    ab = "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()
-    abc = "sha256:" + hashlib.sha256(f"{ab} {c}".encode()).hexdigest()
-    assert chain_ids([a, b, c]) == [a, ab, abc]
-    assert chain_ids([]) == []
 
 
 def test_config_and_converted_manifest_round_trip():

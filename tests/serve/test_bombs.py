@@ -21,6 +21,7 @@ import trio
 import zstandard
 
 from lazyfs.fetch.registry import RegistryClient, RegistryConfig
+from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import MAX_METADATA_SIZE
 from lazyfs.format.oci import (
     ANN_META_DIGEST,
@@ -31,7 +32,6 @@ from lazyfs.format.oci import (
     build_config,
     build_manifest,
     canonical_json,
-    sha256_digest,
 )
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.remote import ImageOpener

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-MEDIA_TYPE_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+from lazyfs.format.oci import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MANIFEST
+
 MEDIA_TYPE_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,8 +84,8 @@ def oci_image_from_trees(layers: list[tuple[str, tuple[str, ...]]], *, cmd: tupl
         "history": [{"created_by": "tests.support.containerd"} for _ in layers],
     }, sort_keys=True).encode()
     manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-        "config": {"mediaType": MEDIA_TYPE_OCI_CONFIG, "digest": _sha256(config), "size": len(config)},
+        "schemaVersion": 2, "mediaType": MEDIA_TYPE_MANIFEST,
+        "config": {"mediaType": MEDIA_TYPE_CONFIG, "digest": _sha256(config), "size": len(config)},
         "layers": descriptors,
     }, sort_keys=True).encode()
     return OciImage(manifest, config, tuple(blobs))
@@ -96,7 +96,7 @@ async def push_oci_image(client, ref, image: OciImage) -> str:
     repo = ref.repo()
     for blob in (image.config, *image.layers):
         await client.push_blob(repo, blob, _sha256(blob))
-    return await client.put_manifest(ref, image.manifest, MEDIA_TYPE_OCI_MANIFEST)
+    return await client.put_manifest(ref, image.manifest, MEDIA_TYPE_MANIFEST)
 
 
 # ------------------------------------------------------------------ processes

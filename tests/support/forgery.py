@@ -18,6 +18,7 @@ import msgpack
 
 from lazyfs.format.builder import BlobBuilder, split_window
 from lazyfs.format.chunk import encode_chunk
+from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import BLOCK_SIZE, FOOTER_SIZE, encode_footer, tail_digest
 from lazyfs.format.oci import (
     MEDIA_TYPE_CONFIG,
@@ -26,7 +27,6 @@ from lazyfs.format.oci import (
     LayerDescriptor,
     build_config,
     build_manifest,
-    sha256_digest,
 )
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"

@@ -8,8 +8,8 @@ from lazyfs.errors import FetchError, NotFoundError
 from lazyfs.fetch.backend import Backend
 from lazyfs.format.builder import BlobBuilder, split_window
 from lazyfs.format.chunk import encode_chunk
+from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import BLOCK_SIZE, ChunkLocation, LayerMeta, parse_blob
-from lazyfs.format.oci import sha256_digest
 
 
 class MemoryBackend(Backend):

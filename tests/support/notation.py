@@ -20,6 +20,7 @@ import os
 import subprocess
 
 from lazyfs.format import notation
+from lazyfs.format.oci import MEDIA_TYPE_EMPTY
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.referrers import EMPTY_CONFIG, add_referrer_local, add_referrer_remote
 
@@ -123,7 +124,7 @@ class TestSigner:
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "artifactType": notation.ARTIFACT_TYPE,
-            "config": {"mediaType": notation.MEDIA_TYPE_EMPTY, "digest": _sha256(EMPTY_CONFIG),
+            "config": {"mediaType": MEDIA_TYPE_EMPTY, "digest": _sha256(EMPTY_CONFIG),
                        "size": len(EMPTY_CONFIG)},
             "layers": [{"mediaType": notation.MEDIA_TYPE_JWS, "digest": _sha256(envelope), "size": len(envelope)}],
             "subject": subject,

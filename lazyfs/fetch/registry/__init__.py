@@ -26,22 +26,14 @@ from lazyfs.fetch.registry.backend import RegistryBackend
 from lazyfs.fetch.registry.blobs import MAX_BLOB_IN_MEMORY, SMALL_WHOLE_BLOB
 from lazyfs.fetch.registry.client import RegistryClient, RegistryStatistics
 from lazyfs.fetch.registry.hosts import PULL, PUSH, RESOLVE, Endpoint, HostsEntry, HostTable, RegistryConfig, TlsProfile
-from lazyfs.fetch.registry.manifests import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    MANIFEST_MEDIA_TYPES,
-    MAX_MANIFEST_SIZE,
-    OCI_INDEX,
-    OCI_MANIFEST,
-)
 from lazyfs.fetch.registry.picker import Health, HealthPolicy, SourceStatistics
 from lazyfs.fetch.registry.retry import RetryPolicy
 from lazyfs.fetch.registry.transport import ProxySettings
 from lazyfs.fetch.registry.uploads import BlobPush
 
 __all__ = [
-    "BlobPush", "DOCKER_MANIFEST", "DOCKER_MANIFEST_LIST", "Endpoint", "Health", "HealthPolicy", "HostTable",
-    "HostsEntry", "MANIFEST_MEDIA_TYPES", "MAX_BLOB_IN_MEMORY", "MAX_MANIFEST_SIZE", "OCI_INDEX", "OCI_MANIFEST",
+    "BlobPush", "Endpoint", "Health", "HealthPolicy", "HostTable",
+    "HostsEntry", "MAX_BLOB_IN_MEMORY",
     "PULL", "PUSH", "ProxySettings", "RESOLVE", "RegistryBackend", "RegistryClient", "RegistryConfig",
     "RegistryStatistics", "RetryPolicy", "SMALL_WHOLE_BLOB", "SourceStatistics", "SourcedBytes", "TlsProfile",
 ]

@@ -27,7 +27,8 @@ from lazyfs.fetch.registry.answers import check_content_range, fail, read_body
 from lazyfs.fetch.registry.auth import pull_scope
 from lazyfs.fetch.registry.hosts import PULL, Endpoint
 from lazyfs.fetch.registry.retry import Transient
-from lazyfs.format.reference import Reference, check_digest, digest_of, hasher_for
+from lazyfs.format.digest import check_digest, digest_of, hasher_for
+from lazyfs.format.reference import Reference
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry.client import RegistryClient

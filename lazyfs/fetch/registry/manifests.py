@@ -17,17 +17,13 @@ from lazyfs.errors import ConfigError, FetchError, FormatError, IntegrityError
 from lazyfs.fetch.registry.answers import fail, media_type, next_page, parse_tags, read_body
 from lazyfs.fetch.registry.auth import pull_scope, push_scope
 from lazyfs.fetch.registry.hosts import PULL, PUSH, RESOLVE, Endpoint
-from lazyfs.format.reference import Reference, check_digest, digest_of
+from lazyfs.format.digest import check_digest, digest_of
+from lazyfs.format.oci import MANIFEST_MEDIA_TYPES, MAX_MANIFEST_SIZE
+from lazyfs.format.reference import Reference
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry.client import RegistryClient
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
-MAX_MANIFEST_SIZE = 4 << 20  # what containerd accepts; a larger "manifest" is an attack or a bug
 MAX_TAG_PAGES = 10_000
 
 

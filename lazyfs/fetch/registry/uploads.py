@@ -22,7 +22,8 @@ from lazyfs.errors import ConfigError, FetchError, FormatError, IntegrityError
 from lazyfs.fetch.registry.answers import fail, location
 from lazyfs.fetch.registry.auth import pull_scope, push_scope
 from lazyfs.fetch.registry.hosts import PUSH
-from lazyfs.format.reference import Reference, check_digest, check_repository, digest_of
+from lazyfs.format.digest import check_digest, digest_of
+from lazyfs.format.reference import Reference, check_repository
 
 if TYPE_CHECKING:
     from lazyfs.fetch.registry.client import RegistryClient

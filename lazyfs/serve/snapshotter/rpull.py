@@ -17,14 +17,14 @@ never sees half an image:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import secrets
 
 import trio
 
 from lazyfs.config import Config
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
-from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, parse_json, parse_manifest, sha256_digest
+from lazyfs.format.digest import chain_ids, sha256_digest
+from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, parse_json, parse_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.remote import ImageOpener
 from lazyfs.serve.snapshotter import api
@@ -37,14 +37,6 @@ from lazyfs.serve.snapshotter.lazy import (
 
 LEASE_SECONDS = 3600
 CALL_TIMEOUT = 600.0  # registering a layer fetches its image's metadata
-
-
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    """The OCI chain id of every prefix of *diff_ids* (sans-IO)."""
-    out: list[str] = []
-    for diff_id in diff_ids:
-        out.append(diff_id if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
-    return out
 
 
 def _diff_ids(config: bytes, layers: int, what: str) -> list[str]:
