@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import trio
 
 from lazyfs.config import Config
+from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError, TrustError
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.direct import DirectChunkStore
@@ -321,10 +322,7 @@ class ConvertCache:
 
     def store(self, layer: ConvertedLayer) -> None:
         path = self._record_path(layer.chain_id, layer.parent)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(layer.to_json(), f, sort_keys=True)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps(layer.to_json(), sort_keys=True).encode())
 
 
 # ---------------------------------------------------------------- converting

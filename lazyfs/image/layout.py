@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-from lazyfs.durable import write_atomically
+from lazyfs.durable import replace_durably, write_atomically
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
 from lazyfs.format.digest import check_sha256, sha256_digest
 from lazyfs.format.oci import (
@@ -66,10 +66,10 @@ class OciLayout:
         return tempfile.NamedTemporaryFile(dir=os.path.join(self.path, "blobs"), prefix=".incoming-", delete=False)
 
     def adopt_blob(self, tmp_path: str, digest: str) -> str:
-        """Move a finished temp file to its content address (digest computed by the writer)."""
+        """Move a finished, fsynced temp file to its content address (digest computed by the writer)."""
         path = self.blob_path(digest)
         os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
+        replace_durably(tmp_path, path)
         return path
 
     def read_blob(self, digest: str, max_size: int = 64 << 20) -> bytes:

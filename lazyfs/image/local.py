@@ -12,7 +12,7 @@ import trio
 
 from lazyfs.device.index import MergedIndex
 from lazyfs.device.writable import create_writable, open_writable, writable_base
-from lazyfs.durable import pwrite_all
+from lazyfs.durable import pwrite_all, replace_durably
 from lazyfs.errors import ConfigError, IntegrityError, LazyfsError, NotFoundError
 from lazyfs.fetch.direct import DirectChunkStore
 from lazyfs.fetch.directory import DirectoryBackend
@@ -239,7 +239,7 @@ async def flatten_image(ref: LocalRef, out: str) -> int:
                 await trio.to_thread.run_sync(pwrite_all, f.fileno(), data, offset)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out)
+    replace_durably(tmp, out)
     return image.virtual_size
 
 

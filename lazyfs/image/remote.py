@@ -9,6 +9,7 @@ import trio
 
 
 from lazyfs.config import Config
+from lazyfs.durable import write_atomically
 from lazyfs.errors import FetchError, LazyfsError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.credentials import Credentials
@@ -18,7 +19,6 @@ from lazyfs.fetch.registry.certsd import load_hosts_dir
 from lazyfs.fetch.registry.hosts import HostsEntry
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
 from lazyfs.format.reference import Reference, parse_reference
-from lazyfs.device.writable.journal import write_atomically
 from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef, parse_local_ref

@@ -31,6 +31,7 @@ from typing import Protocol
 import trio
 
 from lazyfs.config import Config, TrustSettings
+from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, TrustError
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.format import notation
@@ -149,13 +150,7 @@ class HostLedger:
             raise FormatError(f"host ledger: bad digest {digest!r}")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"manifest": digest, **about}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({"manifest": digest, **about}, sort_keys=True).encode())
 
 
 def conversion_ledger(config: Config) -> HostLedger:

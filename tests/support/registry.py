@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazyfs.durable import write_atomically
 from lazyfs.fetch.registry import RegistryConfig
 
 REGISTRY_BINARIES = ("/usr/bin/docker-registry", "docker-registry", "registry")
@@ -179,9 +180,7 @@ def write_auth_file(path: str | os.PathLike, entries: dict[str, tuple[str, str]]
         else:
             auths[host] = {"username": user, "password": password}
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"auths": auths}, indent=2))
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps({"auths": auths}, indent=2).encode())
     return path
 
 
