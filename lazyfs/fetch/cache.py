@@ -29,7 +29,6 @@ Contracts:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from collections import OrderedDict
@@ -39,7 +38,8 @@ from pathlib import Path
 import blake3
 import trio
 
-from lazyfs.errors import ConfigError
+from lazyfs.durable import TMP_PREFIX, write_atomically
+from lazyfs.errors import ConfigError, StorageError
 from lazyfs.format.chunk import MAX_CHUNK_SIZE
 
 __all__ = ["ChunkCache"]
@@ -47,7 +47,6 @@ __all__ = ["ChunkCache"]
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
-_TMP_PREFIX = ".tmp-"
 _DAMAGED = object()  # sentinel result of a disk read: entry was bad and has been deleted
 
 
@@ -85,7 +84,6 @@ class ChunkCache:
         self._pending: dict[bytes, bytes] = {}  # admitted, disk write not finished: still served
         self._disk: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, least recent first
         self._disk_size = 0
-        self._tmp_names = itertools.count()
         # Entries eviction skips (the chunks of hydrated images: docs/daemon.md, "Offline life").
         self.protected: Callable[[bytes], bool] | None = None
         self._stats = dict.fromkeys(
@@ -112,7 +110,7 @@ class ChunkCache:
             if sub.stat(follow_symlinks=False).st_mode & 0o077:
                 os.chmod(sub.path, 0o700)  # made readable by an older lazyfs
             for entry in os.scandir(sub.path):
-                if entry.name.startswith(_TMP_PREFIX):
+                if entry.name.startswith(TMP_PREFIX):
                     _unlink(entry.path)  # an interrupted write
                     continue
                 if not _is_hex(entry.name, 62) or not entry.is_file(follow_symlinks=False):
@@ -219,10 +217,9 @@ class ChunkCache:
             if digest in self._disk:
                 return
             path = self.path_of(digest)
-            tmp_name = f"{_TMP_PREFIX}{path.name}-{os.getpid()}-{next(self._tmp_names)}"
             try:
-                await trio.to_thread.run_sync(_write_atomic, path, tmp_name, raw, self.fsync, limiter=self._io_limiter())
-            except OSError as exc:
+                await trio.to_thread.run_sync(_write_entry, path, raw, self.fsync, limiter=self._io_limiter())
+            except (OSError, StorageError) as exc:
                 self._stats["write_errors"] += 1
                 log.warning("chunk cache: cannot write %s: %s", path, exc)
                 return
@@ -330,19 +327,10 @@ def _read_verified(path: Path, digest: bytes):
     return data
 
 
-def _write_atomic(path: Path, tmp_name: str, data: bytes, fsync: bool) -> None:
+def _write_entry(path: Path, data: bytes, fsync: bool) -> None:
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.parent / tmp_name
-    try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600), "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    # durable=False unless configured: a torn entry fails verification and is fetched again
+    write_atomically(path, data, durable=fsync)
 
 
 def _unlink(path) -> None:
