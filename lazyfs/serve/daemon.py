@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,7 +13,7 @@ import trio
 
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
-from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
+from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
 from lazyfs.serve import hydrated, system
@@ -24,6 +23,7 @@ from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
 from lazyfs.serve.metrics import serve_metrics
 from lazyfs.serve.singleton import daemon_lock
+from lazyfs.serve.state import AttachmentRecord, FrontEnd, decode_state, encode_state
 
 log = logging.getLogger("lazyfs.daemon")
 
@@ -41,39 +41,39 @@ class Daemon:
 
     # ------------------------------------------------------------ state
 
-    def _records(self) -> list[dict]:
-        return [{"name": a.name, "image": a.ref, "writable_dir": a.writable_dir,
-                 "kind": a.device.writable.kind if a.device.writable else None, "extra": a.extra,
-                 "plain_http": list(a.plain_http),
-                 # the trust anchor of a restore: exactly this manifest, from the metadata cache if the
-                 # registry is away (docs/format.md §7, docs/daemon.md "Offline life")
-                 "manifest": a.opened.image.manifest.digest,
-                 "hydrate": False if a.hydrate is None else a.hydrate.to_json() or True}
+    def _records(self) -> list[AttachmentRecord]:
+        return [AttachmentRecord(name=a.name, image=a.ref, writable_dir=a.writable_dir,
+                                 kind=a.device.writable.kind if a.device.writable else None,
+                                 plain_http=a.plain_http, front_end=a.front_end,
+                                 manifest=a.opened.image.manifest.digest,
+                                 hydrate=False if a.hydrate is None else a.hydrate.to_json() or True)
                 for a in self.host.attachments.values()]
 
     def save_state(self) -> None:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        write_atomically(self.config.state_file, json.dumps({"attachments": self._records()}, indent=1).encode())
+        write_atomically(self.config.state_file, encode_state(self._records()))
 
     async def restore(self) -> None:
         """Attach again what was attached when the previous daemon stopped or died."""
         try:
             with open(self.config.state_file, "rb") as f:
-                records = json.loads(f.read()).get("attachments", [])
+                state = decode_state(f.read(), f"state file {self.config.state_file}")
         except FileNotFoundError:
             return
-        except (ValueError, AttributeError) as exc:
+        except (OSError, FormatError) as exc:
             log.error("ignoring damaged state file %s: %s", self.config.state_file, exc)
             return
-        for rec in records:
+        for problem in state.skipped:
+            log.error("could not restore an attachment: %s", problem)
+        for rec in state.records:
             try:
-                await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
-                                  writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
-                                  extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False,
-                                  manifest=rec.get("manifest"), hydrate=rec.get("hydrate"))
-                log.info("restored attachment %s (%s)", rec["name"], rec["image"])
-            except (LazyfsError, KeyError, TypeError) as exc:
-                log.error("could not restore attachment %s: %s", rec.get("name"), exc)
+                await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
+                                  writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
+                                  front_end=rec.front_end, plain_http=rec.plain_http, save=False,
+                                  manifest=rec.manifest, hydrate=rec.hydrate)
+                log.info("restored attachment %s (%s)", rec.name, rec.image)
+            except LazyfsError as exc:
+                log.error("could not restore attachment %s: %s", rec.name, exc)
         self.save_state()
 
     # ------------------------------------------------------------ operations
@@ -82,19 +82,21 @@ class Daemon:
         return os.path.join(self.config.export_dir, name, IMAGE_NAME)
 
     async def attach(self, image: str, name: str | None = None, writable: bool = False, writable_dir: str | None = None,
-                     kind: str = "sparse", extra: dict | None = None, save: bool = True, record_trace: bool | None = None,
+                     kind: str = "sparse", front_end: FrontEnd | dict | None = None, save: bool = True,
+                     record_trace: bool | None = None,
                      plain_http: list[str] | tuple[str, ...] = (), manifest: str | None = None,
                      hydrate: object = None) -> dict:
         """Attach and export *image*. *hydrate*: None (the config's default), false, true, or
         ``{"rate": BYTES_PER_S}`` / ``{"deadline": SECONDS}`` / ``{"deadline_at": UNIX_TIME}``.
         *manifest* pins the manifest digest (restores)."""
+        if not isinstance(front_end, FrontEnd):
+            front_end = FrontEnd.from_json(front_end or {})
         if manifest is not None and not isinstance(manifest, str):
             raise ConfigError(f"manifest must be a digest string, not {manifest!r}")
         policy = hydrate if hydrate is None else HydratePolicy.from_request(hydrate, time.time()) or False
         att = await self.host.attach(image, name, writable=writable, writable_dir=writable_dir, kind=kind,
                                      record_trace=record_trace, plain_http=_hosts(plain_http), manifest=manifest,
-                                     hydrate=policy)
-        att.extra.update(extra or {})
+                                     hydrate=policy, front_end=front_end)
         self.fs.add(att.name, att.device)
         if save:
             self.save_state()
@@ -110,11 +112,13 @@ class Daemon:
             self.save_state()
         return {"detached": name}
 
-    async def mark(self, name: str, extra: dict) -> dict:
+    async def mark(self, name: str, front_end: dict) -> dict:
+        """Record what a front end made of attachment *name* (the fields *front_end* sets)."""
+        changes = FrontEnd.from_json(front_end)
         att = self.host.attachments.get(name)
         if att is None:
             raise NotFoundError(f"no image attached as {name!r}")
-        att.extra.update(extra)
+        att.front_end = att.front_end.updated(changes)
         self.save_state()
         return att.describe()
 
@@ -138,7 +142,7 @@ class Daemon:
         configfs.validate_name(name)
         configfs.check_available()  # a clear error before anything is attached
         att = await self.host.attach(image, f"tcmu-{name}", writable=writable, writable_dir=writable_dir,
-                                     extra={"tcmu": name}, plain_http=_hosts(plain_http))
+                                     front_end=FrontEnd(tcmu=name), plain_http=_hosts(plain_http))
         try:
             device = await configfs.attach(att.device, name, nursery=self.nursery, block_size=block_size)
         except BaseException:
@@ -165,10 +169,13 @@ class Daemon:
         return await self.host.reload_registries(config)
 
     async def handle(self, op: str, args: dict) -> object:
+        if "extra" in args and "front_end" not in args:  # what a client from before state version 2 sends
+            args = {**args, "front_end": args["extra"]}
+            del args["extra"]
         if op == "ping":
             return {"pid": os.getpid(), "export_dir": self.config.export_dir}
         if op == "attach":
-            return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "extra", "record_trace",
+            return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "front_end", "record_trace",
                                              "plain_http", "hydrate"))
         if op == "detach":
             return await self.detach(**_only(args, "name"))
@@ -182,7 +189,7 @@ class Daemon:
                 raise NotFoundError(f"no image attached as {name!r}")
             return {**self.host.attachments[name].statistics(), "scheduler": self.host.scheduler.statistics()}
         if op == "mark":
-            return await self.mark(**_only(args, "name", "extra"))
+            return await self.mark(**_only(args, "name", "front_end"))
         if op == "commit":
             return await self.commit(**_only(args, "name", "out", "plain_http"))
         if op == "trace-finish":

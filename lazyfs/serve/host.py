@@ -32,10 +32,11 @@ from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
 from lazyfs.serve.hydrate import HydratePolicy, Hydrator
+from lazyfs.serve.state import ATTACHMENT_NAME, FrontEnd
 from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(ATTACHMENT_NAME)
 
 
 class _Unrouted(Backend):
@@ -101,7 +102,7 @@ class Attachment:
     plain_http: tuple[str, ...] = ()  # registries the attach request asked to speak plain HTTP to
     attached_at: float = field(default_factory=time.time)
     trace: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # what front ends record (loop device, target)
+    front_end: FrontEnd = FrontEnd()  # what front ends made of it (mount target, loop device, TCMU name)
     hydration: Hydrator | None = None  # progress of every image; it runs only with a hydrate policy
     hydrate: HydratePolicy | None = None
 
@@ -109,7 +110,7 @@ class Attachment:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
                 "size": self.device.size, "writable": self.writable_dir, "layers": len(self.opened.image.layers),
                 "plain_http": list(self.plain_http), "attached_at": self.attached_at, "trace": self.trace,
-                "hydrate": None if self.hydrate is None else self.hydrate.to_json(), **self.extra}
+                "hydrate": None if self.hydrate is None else self.hydrate.to_json(), **self.front_end.to_json()}
 
     def statistics(self) -> dict:
         return {**self.describe(), **self.store.statistics(), "device": self.device.statistics(),
@@ -177,7 +178,7 @@ class Host:
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,
-                     extra: dict | None = None, plain_http: Iterable[str] = (), manifest: str | None = None,
+                     front_end: FrontEnd = FrontEnd(), plain_http: Iterable[str] = (), manifest: str | None = None,
                      hydrate: HydratePolicy | bool | None = None) -> Attachment:
         """Open *ref* and make its merged device; with *writable*, a writable layer in *writable_dir*
         (an absolute path; default: a directory under the config's writable root).
@@ -222,7 +223,7 @@ class Host:
             device = opened.image.device(store, layer)
             store.index = device.index
             att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, opener,
-                             plain_http, extra=dict(extra or {}))
+                             plain_http, front_end=front_end)
             try:
                 self._hydration(att, hydrate)
             except BaseException:

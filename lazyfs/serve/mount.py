@@ -15,13 +15,14 @@ import trio
 
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
-from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.errors import BusyError, ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.serve import system, warmloop
 from lazyfs.serve.control import call
 from lazyfs.serve.daemon import clear_stale_export
 from lazyfs.serve.fuse import IMAGE_NAME
 from lazyfs.serve.host import attachment_name
 from lazyfs.serve.singleton import daemon_lock, owner_pid, start_lock
+from lazyfs.serve.state import AttachmentRecord, FrontEnd, decode_state
 
 DAEMON_START_TIMEOUT = 30.0
 
@@ -131,13 +132,13 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     writable_dir = writable_dir_under(writable_root, name, writable)
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
-                    writable_dir=writable_dir, kind=kind, extra={"target": target, "mode": "mount"},
+                    writable_dir=writable_dir, kind=kind, front_end=FrontEnd(mode="mount", target=target).to_json(),
                     plain_http=list(plain_http), **_hydrate_arg(hydrate))
     dev = None
     try:
         loop = warmloop.plan(config, attached, writable)
         dev = trio.run(lambda: system.losetup_attach(loop.path, not writable, loop.direct_io))
-        call(config.socket_path, "mark", name=name, extra={"loop": dev, "loop_route": loop.route})
+        call(config.socket_path, "mark", name=name, front_end=FrontEnd(loop=dev, loop_route=loop.route).to_json())
         options = ([] if devices else ["nodev"]) + ([] if setuid else ["nosuid"])
         if not writable:
             options.append("noload")  # never replay a journal on a read-only image
@@ -200,7 +201,7 @@ def export_image(config: Config, config_path: str | None, image: str, directory:
     os.makedirs(directory, exist_ok=True)
     ensure_daemon(config, config_path)
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
-                    writable_dir=writable_dir, kind=kind, extra={"target": directory, "mode": "export"},
+                    writable_dir=writable_dir, kind=kind, front_end=FrontEnd(mode="export", target=directory).to_json(),
                     plain_http=list(plain_http), **_hydrate_arg(hydrate))
     try:
         os.symlink(attached["path"], link)
@@ -210,27 +211,41 @@ def export_image(config: Config, config_path: str | None, image: str, directory:
     return {**attached, "file": link}
 
 
-def _attachment_for(config: Config, target: str) -> dict | None:
+def _attachment_for(config: Config, target: str) -> AttachmentRecord | None:
+    """The attachment mounted or exported at *target*: the daemon's, or the state file's if it is gone."""
     target = os.path.abspath(target)
     try:
-        entries = call(config.socket_path, "list", timeout=10)
+        records = [_listed(entry) for entry in call(config.socket_path, "list", timeout=10)]
     except NotFoundError:
-        entries = _state_records(config)
-    return next((e for e in entries if (e.get("extra") or e).get("target") == target), None)
+        records = _state_records(config)
+    return next((r for r in records if r.front_end.target == target), None)
 
 
-def _state_records(config: Config) -> list[dict]:
+def _listed(entry: dict) -> AttachmentRecord:
+    """An entry of the daemon's ``list`` (the front end's fields beside the attachment's) as a record."""
+    front_end = {k: entry[k] for k in FrontEnd.__struct_fields__ if entry.get(k) is not None}
+    return AttachmentRecord.from_json({"name": entry.get("name"), "image": entry.get("image"), "front_end": front_end},
+                                      "the daemon's list of attachments")
+
+
+def _state_records(config: Config) -> tuple[AttachmentRecord, ...]:
     try:
         with open(config.state_file, "rb") as f:
-            return json.loads(f.read()).get("attachments", [])
-    except (OSError, ValueError):
+            return decode_state(f.read(), f"state file {config.state_file}").records
+    except (OSError, FormatError):
         return []
 
 
 def _forget_in_state(config: Config, name: str) -> None:
-    records = [r for r in _state_records(config) if r.get("name") != name]
-    if os.path.exists(config.state_file):
-        write_atomically(config.state_file, json.dumps({"attachments": records}, indent=1).encode())
+    """Drop attachment *name* from the state file of a daemon that is gone; other entries stay as they are."""
+    try:
+        with open(config.state_file, "rb") as f:
+            doc = json.loads(f.read())
+    except (OSError, ValueError):
+        return
+    if isinstance(doc, dict) and isinstance(doc.get("attachments"), list):
+        doc["attachments"] = [r for r in doc["attachments"] if not (isinstance(r, dict) and r.get("name") == name)]
+        write_atomically(config.state_file, json.dumps(doc, indent=1).encode())
 
 
 def umount_target(config: Config, target: str) -> dict:
@@ -250,9 +265,8 @@ def umount_target(config: Config, target: str) -> dict:
             trio.run(lambda: system.umount(target, lazy=True))  # a dead daemon's device: detach lazily
         done.append(f"unmounted {target}")
     att = _attachment_for(config, target)
-    extra = (att or {}).get("extra") or att or {}
-    if extra.get("loop") and extra["loop"] not in loops:
-        loops.append(extra["loop"])
+    if att is not None and att.front_end.loop and att.front_end.loop not in loops:
+        loops.append(att.front_end.loop)
     for dev in loops:
         if os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
             trio.run(system.losetup_detach, dev)
@@ -263,10 +277,10 @@ def umount_target(config: Config, target: str) -> dict:
         done.append(f"removed {link}")
     if att is not None:
         try:
-            call(config.socket_path, "detach", name=att["name"])
+            call(config.socket_path, "detach", name=att.name)
         except NotFoundError:
-            _forget_in_state(config, att["name"])
-        done.append(f"detached image {att['name']}")
+            _forget_in_state(config, att.name)
+        done.append(f"detached image {att.name}")
     if system.is_mountpoint(config.export_dir):
         with contextlib.suppress(BusyError):  # busy: a live (or starting) daemon owns the export
             with daemon_lock(config.run_dir):
@@ -290,7 +304,7 @@ def commit_target(config: Config, target: str, out: str, plain_http: Sequence[st
         subprocess.run(["sync", "-f", target], check=False)
         frozen = subprocess.run(["fsfreeze", "-f", target], capture_output=True).returncode == 0
     try:
-        return call(config.socket_path, "commit", timeout=3600, name=att["name"], out=out, plain_http=list(plain_http))
+        return call(config.socket_path, "commit", timeout=3600, name=att.name, out=out, plain_http=list(plain_http))
     finally:
         if frozen:
             subprocess.run(["fsfreeze", "-u", target], check=False)
@@ -302,4 +316,4 @@ def stats(config: Config, target: str | None) -> dict:
     att = _attachment_for(config, target)
     if att is None:
         raise NotFoundError(f"no lazyfs image is mounted at {os.path.abspath(target)}")
-    return call(config.socket_path, "stats", name=att["name"])
+    return call(config.socket_path, "stats", name=att.name)

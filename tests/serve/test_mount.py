@@ -106,14 +106,32 @@ def test_kill_daemon_during_reads_then_recover(env):
     assert leftovers(env) == []
 
 
-def test_restart_restores_attachments(env):
-    export = env.tmp / "exp"
+@pytest.mark.parametrize("state_version", [2, 1])
+def test_restart_restores_attachments(env, state_version):
+    """A restarted daemon attaches again what its state file lists, and umount finds it by its target.
+
+    With ``state_version=1`` the file is rewritten as lazyfs wrote it before attachment records
+    were typed (an ``extra`` object per attachment): an upgraded daemon still restores it.
+    """
+    export = env.tmp / f"exp{state_version}"
     env.lazyfs("export", env.ref, str(export))
     disk = export / "disk.img"
     with open(disk, "rb") as f:
         head = f.read(8192)
     os.kill(env.daemon_pid(), signal.SIGKILL)
     time.sleep(0.5)
+    state_file = os.path.join(env.doc["state_dir"], "attachments.json")
+    with open(state_file) as f:
+        state = json.load(f)
+    assert state["version"] == 2
+    [record] = state["attachments"]
+    assert record["front_end"] == {"mode": "export", "target": str(export)}
+    if state_version == 1:
+        old = {"name": record["name"], "image": record["image"], "writable_dir": None, "kind": None,
+               "extra": record["front_end"], "plain_http": [], "manifest": record["manifest"],
+               "hydrate": record["hydrate"]}
+        with open(state_file, "w") as f:
+            json.dump({"attachments": [old]}, f, indent=1)
     # a new daemon (started by any command that needs one) attaches the image again
     proc = subprocess.Popen([sys.executable, "-m", "lazyfs.cli", "daemon", "--config", env.config_path], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -128,6 +146,8 @@ def test_restart_restores_attachments(env):
             time.sleep(0.1)
         with open(disk, "rb") as f:
             assert f.read(8192) == head
+        [listed] = call(env.socket, "list")
+        assert (listed["mode"], listed["target"]) == ("export", str(export))
         env.lazyfs("umount", str(export))
         assert not disk.exists()
         assert call(env.socket, "list") == []

@@ -30,6 +30,7 @@ from lazyfs.image.remote import ANN_SOURCE, META_DIR, ImageOpener, pull_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.mount import daemon_alive, ensure_daemon
+from lazyfs.serve.state import FrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class Devices:
             return existing
         return call(self.config.socket_path, "attach", timeout=600, image=image, name=name,
                     writable=writable_dir is not None, writable_dir=writable_dir, kind="sparse",
-                    extra={"owner": "snapshotter"}, plain_http=list(self.config.plain_http_hosts()))
+                    front_end=FrontEnd(owner="snapshotter").to_json(), plain_http=list(self.config.plain_http_hosts()))
 
     def loop_for(self, name: str, known: str | None, read_only: bool) -> str:
         """A loop device on the attachment's file: *known* if it still is one, else a new one."""

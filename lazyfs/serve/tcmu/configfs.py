@@ -33,6 +33,7 @@ import trio
 
 from lazyfs.device.source import BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.serve.state import TCMU_NAME
 from lazyfs.serve.tcmu.handler import TcmuHandler, Uio
 from lazyfs.serve.tcmu.scsi import DeviceInfo
 
@@ -44,7 +45,7 @@ SYS_CLASS_UIO = Path("/sys/class/uio")
 SYS_SCSI_DEVICES = Path("/sys/bus/scsi/devices")
 DEV = Path("/dev")
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(TCMU_NAME)
 
 
 def check_available(configfs: Path = CONFIGFS_TARGET, sys_module: Path = SYS_MODULE) -> None:
