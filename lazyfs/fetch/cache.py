@@ -8,7 +8,7 @@ zstd frame because:
 * a hit is served with no decompression, and verifying it is exactly one
   blake3 over the file — the very hash that names it (a compressed entry would
   need decompress *and* hash on every read to be verified);
-* the cache root is meant to be big, cheap disk (DESIGN.md §1 read/write
+* the cache root is meant to be big, cheap disk (docs/design.md §1, read/write
   splitting), so trading disk space for CPU on the hot path is the right way round.
 
 Contracts:
