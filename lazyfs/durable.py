@@ -112,10 +112,7 @@ def write_atomically(path: str | os.PathLike, data: bytes | memoryview, *, mode:
             os.close(fd)
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # never created, or the disk is gone: nothing better to do
+        _remove_quietly(tmp)
         raise storage_error(f"cannot write {path}", exc) from None
     if not durable:
         return
@@ -137,12 +134,17 @@ def replace_durably(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     try:
         os.replace(tmp, path)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # already gone, or the disk is gone: nothing better to do
+        _remove_quietly(tmp)
         raise storage_error(f"cannot write {path}", exc) from None
     try:
         fsync_dir(os.path.dirname(os.path.abspath(path)))
     except OSError as exc:
         raise storage_error(f"cannot make {path} durable", exc) from None
+
+
+def _remove_quietly(tmp: str | os.PathLike) -> None:
+    """Remove a temporary file after a failed write; it may never have been made, or the disk be gone."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass  # the error that matters is the one the caller raises
