@@ -23,6 +23,7 @@ import trio
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
+from lazyfs.format.counted import Table, decode_counted_map
 from lazyfs.format.digest import check_chunk_digest, split_digest
 from lazyfs.nursery import open_nursery
 
@@ -129,46 +130,10 @@ def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[Chu
     """
     if len(data) > MAX_TRACE_BYTES:
         raise FormatError(f"trace: {len(data)} bytes is larger than the {MAX_TRACE_BYTES}-byte limit")
-    max_entries = min(max_entries, MAX_TRACE_ENTRIES)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(1, len(data)), max_str_len=1024,
-                                max_bin_len=64, max_array_len=0, max_map_len=0, max_ext_len=0)
-    unpacker.feed(data)
-    doc: dict = {}
-    try:
-        keys = unpacker.read_map_header()
-        if keys > 16:
-            raise FormatError(f"trace: a map of {keys} keys")
-        for _ in range(keys):
-            key = unpacker.unpack()
-            if not isinstance(key, str) or key in doc:
-                raise FormatError(f"trace: key {key!r} is not a string or appears twice")
-            if key == "blobs":
-                n = unpacker.read_array_header()
-                if n > MAX_TRACE_BLOBS:
-                    raise FormatError(f"trace: {n} blobs, more than the limit of {MAX_TRACE_BLOBS}")
-                doc[key] = [unpacker.unpack() for _ in range(n)]
-            elif key == "chunks":
-                n = unpacker.read_array_header()
-                if n > max_entries:
-                    raise FormatError(f"trace: {n} chunks, more than the limit of {max_entries}")
-                if n * _MIN_ENTRY_BYTES > len(data) - unpacker.tell():
-                    raise FormatError(f"trace: {n} chunks cannot fit in {len(data) - unpacker.tell()} bytes")
-                rows = []
-                for i in range(n):
-                    if unpacker.read_array_header() != 6:
-                        raise FormatError(f"trace: chunk {i} is not a 6-element list")
-                    rows.append([unpacker.unpack() for _ in range(6)])
-                doc[key] = rows
-            elif key in ("format", "version"):
-                doc[key] = unpacker.unpack()
-            else:
-                unpacker.skip()
-        if unpacker.tell() != len(data):
-            raise FormatError(f"trace: {len(data) - unpacker.tell()} bytes after the trace")
-    except FormatError:
-        raise
-    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
-        raise FormatError(f"trace: not valid msgpack ({exc or type(exc).__name__})") from None
+    tables = {"blobs": Table(max_rows=MAX_TRACE_BLOBS),
+              "chunks": Table(max_rows=min(max_entries, MAX_TRACE_ENTRIES), width=6, min_bytes=_MIN_ENTRY_BYTES)}
+    doc = decode_counted_map(data, "trace", max_keys=16, scalars=("format", "version"), tables=tables,
+                             max_str_len=1024, max_bin_len=64)
     if doc.get("format") != TRACE_FORMAT:
         raise FormatError(f"trace: format is {doc.get('format')!r}, expected {TRACE_FORMAT!r}")
     if doc.get("version") != TRACE_VERSION:
@@ -182,7 +147,7 @@ def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[Chu
 
 
 def _decode_entry(i: int, entry, blobs: Sequence[str]) -> ChunkLocation:
-    if not isinstance(entry, list) or len(entry) != 6:
+    if not isinstance(entry, tuple) or len(entry) != 6:  # decode_counted_map checked the width already
         raise FormatError(f"trace: chunk {i} is not a 6-element list")
     digest, blob, offset, clen, rlen, compression = entry
     check_chunk_digest(digest, f"trace: chunk {i}: digest")

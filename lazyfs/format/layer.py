@@ -25,6 +25,7 @@ from lazyfs.format.chunk import (
     decompress_declared,
     declared_size,
 )
+from lazyfs.format.counted import Table, decode_counted_map
 from lazyfs.format.digest import check_sha256, is_chunk_digest, sha256_digest
 
 FORMAT_VERSION = 2
@@ -268,10 +269,12 @@ def parse_metadata(data: bytes | memoryview, footer: Footer, *, budget: Metadata
     return validate_metadata(doc, footer.meta_offset, max_virtual_size)
 
 
-# Scalars only: containers are walked header by header (read_*_header ignores these limits),
-# so no container is ever built that was not counted first.
-_SCALARS = {"max_str_len": 128, "max_bin_len": 32, "max_array_len": 0, "max_map_len": 0, "max_ext_len": 0}
-_MSGPACK_ERRORS = (ValueError, TypeError, msgpack.exceptions.UnpackException)
+_METADATA_SCALARS = ("version", "virtual_size", "block_size", "chunk_size")
+_METADATA_TABLES = {
+    "blobs": Table(max_rows=MAX_BLOBS, cost=BLOB_NAME_COST),
+    "chunks": Table(width=6, min_bytes=_CHUNK_MIN_BYTES, cost=CHUNK_COST),
+    "extents": Table(width=4, min_bytes=_EXTENT_MIN_BYTES, cost=EXTENT_COST),
+}
 
 
 def decode_metadata(raw: bytes, budget: MetadataBudget | None = None, what: str = "layer metadata") -> dict:
@@ -283,49 +286,8 @@ def decode_metadata(raw: bytes, budget: MetadataBudget | None = None, what: str 
     ``validate_metadata``'s. Keys it does not know are skipped unread.
     """
     budget = budget if budget is not None else MetadataBudget()
-    end = len(raw)
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(1, end), **_SCALARS)
-    unpacker.feed(raw)
-    doc: dict = {}
-    try:
-        keys = unpacker.read_map_header()
-        if keys > MAX_METADATA_KEYS:
-            raise FormatError(f"{what}: a map of {keys} keys (at most {MAX_METADATA_KEYS})")
-        for _ in range(keys):
-            key = unpacker.unpack()
-            if not isinstance(key, str) or key in doc:
-                raise FormatError(f"{what}: key {key!r} is not a string or appears twice")
-            if key == "blobs":
-                n = unpacker.read_array_header()
-                if n > MAX_BLOBS:
-                    raise FormatError(f"{what}: {n} blobs (at most {MAX_BLOBS})")
-                budget.charge(n * BLOB_NAME_COST, what)
-                doc[key] = [unpacker.unpack() for _ in range(n)]
-            elif key in ("chunks", "extents"):
-                width, cost, least = (6, CHUNK_COST, _CHUNK_MIN_BYTES) if key == "chunks" else \
-                    (4, EXTENT_COST, _EXTENT_MIN_BYTES)
-                n = unpacker.read_array_header()
-                if n * least > end - unpacker.tell():
-                    raise FormatError(f"{what}: {key} claims {n} entries, more than its "
-                                      f"{end - unpacker.tell()} remaining bytes can hold")
-                budget.charge(n * cost, what)
-                rows = []
-                for i in range(n):
-                    if unpacker.read_array_header() != width:
-                        raise FormatError(f"{what}: {key}[{i}] is not an array of {width}")
-                    rows.append(tuple(unpacker.unpack() for _ in range(width)))
-                doc[key] = rows
-            elif key in ("version", "virtual_size", "block_size", "chunk_size"):
-                doc[key] = unpacker.unpack()
-            else:
-                unpacker.skip()
-        if unpacker.tell() != end:
-            raise FormatError(f"{what}: {end - unpacker.tell()} bytes after the metadata map")
-    except FormatError:
-        raise
-    except _MSGPACK_ERRORS as exc:
-        raise FormatError(f"{what} does not decode: {exc or type(exc).__name__}") from None
-    return doc
+    return decode_counted_map(raw, what, max_keys=MAX_METADATA_KEYS, scalars=_METADATA_SCALARS,
+                              tables=_METADATA_TABLES, max_str_len=128, max_bin_len=32, charge=budget.charge)
 
 
 def _int(doc: dict, key: str, lo: int, hi: int) -> int:

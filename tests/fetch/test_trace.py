@@ -103,7 +103,7 @@ def test_malformed_traces_are_rejected(data):
 def test_entry_limit():
     data = encode_trace([sample(i) for i in range(10)])
     assert len(decode_trace(data, max_entries=10)) == 10
-    with pytest.raises(FormatError, match="limit"):
+    with pytest.raises(FormatError, match=r"^trace: 10 chunks \(at most 9\)$"):
         decode_trace(data, max_entries=9)
 
 
