@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.device.chunks import Priority
-from lazyfs.durable import fsync_dir, makedirs_durable, pwrite_all, storage_error
+from lazyfs.durable import makedirs_durable, pwrite_all, replace_durably, storage_error
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ def _discard(fd: int, tmp: str) -> None:
 
 def _publish(fd: int, tmp: str, final: str) -> None:
     os.close(fd)
-    os.replace(tmp, final)
-    fsync_dir(os.path.dirname(final))
+    replace_durably(tmp, final)  # StorageError (with the errno) if the rename or its sync fails
 
 
 async def hydrate_if_local(host, att) -> Hydrated | None:
