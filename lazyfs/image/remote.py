@@ -165,10 +165,11 @@ class ImageOpener:
 
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
-        data, desc = layout.read_manifest(local.tag)
+        data, desc = await trio.to_thread.run_sync(layout.read_manifest, local.tag)  # files: not on the loop
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)
-        if source is not None and not all(layout.has_blob(layer.digest) for layer in manifest.layers):
+        if source is not None and not await trio.to_thread.run_sync(
+                lambda: all(layout.has_blob(layer.digest) for layer in manifest.layers)):
             # pulled (metadata only), maybe with local layers on top: local blobs first, then the registry
             ref = parse_reference(source)
             backend: Backend = FallbackBackend([DirectoryBackend(layout.path), RegistryBackend(self.client, ref.repo())])

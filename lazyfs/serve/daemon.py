@@ -38,6 +38,7 @@ class Daemon:
         self.load_config = load_config or (lambda: config)  # re-reads the config file, for reloads
         self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
+        self._state_lock = trio.Lock()  # orders state-file saves (local disk only; nothing else waits on it)
 
     # ------------------------------------------------------------ state
 
@@ -51,30 +52,52 @@ class Daemon:
                  "hydrate": False if a.hydrate is None else a.hydrate.to_json() or True}
                 for a in self.host.attachments.values()]
 
-    def save_state(self) -> None:
+    async def save_state(self) -> None:
+        """Write the attachments to the state file (in a worker thread: it fsyncs).
+
+        Saves run one at a time and each takes the records when its turn comes, so the file
+        always ends with the latest state, whatever order the saves were asked in.
+        """
+        async with self._state_lock:
+            doc = json.dumps({"attachments": self._records()}, indent=1).encode()
+            with trio.CancelScope(shield=True):  # a cancelled save must not leave a half-done write racing the next
+                await trio.to_thread.run_sync(self._write_state, doc)
+
+    def _write_state(self, doc: bytes) -> None:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        write_atomically(self.config.state_file, json.dumps({"attachments": self._records()}, indent=1).encode())
+        write_atomically(self.config.state_file, doc)
+
+    def _read_state(self) -> list:
+        with open(self.config.state_file, "rb") as f:
+            return json.loads(f.read()).get("attachments", [])
 
     async def restore(self) -> None:
         """Attach again what was attached when the previous daemon stopped or died."""
         try:
-            with open(self.config.state_file, "rb") as f:
-                records = json.loads(f.read()).get("attachments", [])
+            records = await trio.to_thread.run_sync(self._read_state)
         except FileNotFoundError:
             return
         except (ValueError, AttributeError) as exc:
             log.error("ignoring damaged state file %s: %s", self.config.state_file, exc)
             return
-        for rec in records:
-            try:
-                await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
-                                  writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
-                                  extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False,
-                                  manifest=rec.get("manifest"), hydrate=rec.get("hydrate"))
-                log.info("restored attachment %s (%s)", rec["name"], rec["image"])
-            except (LazyfsError, KeyError, TypeError) as exc:
-                log.error("could not restore attachment %s: %s", rec.get("name"), exc)
-        self.save_state()
+        if not isinstance(records, list):
+            log.error("ignoring damaged state file %s: attachments is not a list", self.config.state_file)
+            return
+        # all at once: one image whose registry stalls does not hold up the others
+        async with open_nursery() as nursery:
+            for rec in records:
+                nursery.start_soon(self._restore_one, rec)
+        await self.save_state()
+
+    async def _restore_one(self, rec: dict) -> None:
+        try:
+            await self.attach(rec["image"], rec["name"], writable=rec.get("writable_dir") is not None,
+                              writable_dir=rec.get("writable_dir"), kind=rec.get("kind") or "sparse",
+                              extra=rec.get("extra") or {}, plain_http=rec.get("plain_http") or (), save=False,
+                              manifest=rec.get("manifest"), hydrate=rec.get("hydrate"))
+            log.info("restored attachment %s (%s)", rec["name"], rec["image"])
+        except (LazyfsError, KeyError, TypeError, AttributeError) as exc:
+            log.error("could not restore attachment %s: %s", rec.get("name") if isinstance(rec, dict) else rec, exc)
 
     # ------------------------------------------------------------ operations
 
@@ -97,7 +120,7 @@ class Daemon:
         att.extra.update(extra or {})
         self.fs.add(att.name, att.device)
         if save:
-            self.save_state()
+            await self.save_state()
         return {**att.describe(), "path": self.path_of(att.name)}
 
     async def detach(self, name: str) -> dict:
@@ -107,7 +130,7 @@ class Daemon:
         try:
             await self.host.detach(name)  # detached even if its last flush fails (which is reported)
         finally:
-            self.save_state()
+            await self.save_state()
         return {"detached": name}
 
     async def mark(self, name: str, extra: dict) -> dict:
@@ -115,7 +138,7 @@ class Daemon:
         if att is None:
             raise NotFoundError(f"no image attached as {name!r}")
         att.extra.update(extra)
-        self.save_state()
+        await self.save_state()
         return att.describe()
 
     async def commit(self, name: str, out: str, plain_http: list[str] | tuple[str, ...] = ()) -> dict:
