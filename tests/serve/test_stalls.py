@@ -1,4 +1,4 @@
-"""A registry stalled on one image does not hold up attaches or reads of another (issue 13, "Stalls").
+"""A registry stalled on one image does not hold up attaches, reads or snapshotter calls of another (issue 13, "Stalls").
 
 Two images in one real docker-registry, reached through the fault proxy, attached to one Host
 (the daemon's runtime). Image A's requests are stalled; image B must be attached and read
@@ -9,16 +9,23 @@ guarantee makes B finish after A and the order comes out wrong, rather than hang
 
 import random
 import threading
+import time
 
 import pytest
 import trio
 
 from lazyfs.config import Config, RegistrySettings
+from lazyfs.errors import AlreadyExistsError
+from lazyfs.format.oci import parse_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.local import create_image
+from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve.host import Host, _Unrouted
+from lazyfs.serve.snapshotter.core import Snapshotter
+from lazyfs.serve.snapshotter.lazy import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
+from lazyfs.serve.snapshotter.store import LAZYFS
 from tests.support.proxy import FaultProxy
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow]
@@ -199,3 +206,58 @@ def test_routes_stay_bounded_across_reattaches(images, proxy, tmp_path):
             assert await _read_all(one.device) == SIZE  # still routed to a live backend
 
     trio.run(main)
+
+
+def _layer_labels(images, proxy, name: str) -> dict:
+    """The labels containerd puts on the Prepare of image *name*'s (only) layer."""
+    manifest = parse_manifest(OciLayout(str(images / f"layout-{name}")).read_manifest("v1")[0])
+    return {LABEL_SNAPSHOT_REF: f"chain-{name}", LABEL_IMAGE_REF: _ref(proxy, name),
+            LABEL_LAYER_DIGEST: manifest.layers[0].digest}
+
+
+def test_snapshotter_calls_for_another_image_are_not_held_by_a_stalled_one(images, proxy, tmp_path, monkeypatch):
+    """A Prepare whose remote layer's registry stalls (A) holds up neither B's remote layer nor
+    ordinary snapshots; every registry call goes through the process's one trio loop (a
+    ``trio.run`` per call would fail here).
+
+    Broken on purpose once: with the table lock held across ``self.images.find`` (the old
+    RLock around registry calls), B's Prepare waited for A's and the order was ["a", "b"].
+    """
+    proxy.faults.stall(STALL, path="/v2/nb/a/")
+    sn = Snapshotter(str(tmp_path / "root"), str(tmp_path / "writable"), _config(tmp_path, proxy))
+    try:
+        def no_new_loop(*args, **kwargs):
+            raise AssertionError("trio.run called for a snapshotter request")
+
+        monkeypatch.setattr(trio, "run", no_new_loop)
+        order, errors = [], []
+
+        def prepare_a():
+            try:
+                sn.prepare("extract-a", "", _layer_labels(images, proxy, "a"))
+            except AlreadyExistsError:  # what containerd is told when a remote layer was registered
+                order.append("a")
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=prepare_a)
+        thread.start()
+        for _ in range(3000):  # bounded: 30 s at most
+            if proxy.count(path="/v2/nb/a/") >= 1:
+                break
+            time.sleep(0.01)
+        with pytest.raises(AlreadyExistsError):
+            sn.prepare("extract-b", "", _layer_labels(images, proxy, "b"))
+        sn.prepare("plain", "", {})
+        sn.commit("plain-committed", "plain", {})
+        assert sn.stat("chain-b").backend == LAZYFS
+        order.append("b")
+        proxy.faults.clear()
+        thread.join(4 * STALL)
+        assert not errors
+        assert order == ["b", "a"]
+        assert sn.stat("chain-a").backend == LAZYFS
+        assert sn.portal.calls >= 2  # A's and B's manifests at least, on the one loop
+    finally:
+        monkeypatch.undo()
+        sn.close()
