@@ -385,7 +385,7 @@ class Host:
         else:
             await trio.to_thread.run_sync(registry_hosts, new)  # check it; the client is made at first use
         self.opener.config = new
-        client = self.opener.client
+        client = await self.opener.ensure_client()
         sources = {name: list(client.sources(name)) for name in client.mirrored_registries()}
         log.info("audit: registries reloaded: %s", sources or "no mirrors")
         return {"sources": sources}

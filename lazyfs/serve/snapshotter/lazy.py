@@ -103,7 +103,8 @@ class LazyImages:
             ref = ref.with_digest(digest)
 
         async def get():
-            data, _, got = await self.portal.opener.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+            client = await self.portal.opener.ensure_client()
+            data, _, got = await client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
             return data, got
 
         data, got = self.portal.run(get)
