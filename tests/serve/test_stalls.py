@@ -19,6 +19,7 @@ from lazyfs.errors import AlreadyExistsError
 from lazyfs.format.oci import parse_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.local import create_image
+from lazyfs.image.commit import commit_writable
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
@@ -261,3 +262,38 @@ def test_snapshotter_calls_for_another_image_are_not_held_by_a_stalled_one(image
     finally:
         monkeypatch.undo()
         sn.close()
+
+
+def test_a_commit_pushing_to_a_stalled_registry_does_not_hold_writes(images, proxy, tmp_path):
+    """While a commit of A's writable layer waits on its stalled push, A takes writes and
+    flushes; the commit still pushes what the layer held when it was read out.
+
+    Broken on purpose once: with ``writes_held`` around the whole commit (as the daemon did),
+    the write waited for the push and the order was ["commit", "write"].
+    """
+    async def main():
+        async with Host.open(_config(tmp_path, proxy)) as host:
+            a = await host.attach(_ref(proxy, "a"), "a", writable=True)
+            await a.device.write(0, b"1" * 4096)
+            proxy.faults.stall(STALL, path="/v2/nb/committed/")
+            before = proxy.count(path="/v2/nb/committed/")
+            order, result = [], {}
+
+            async def commit():
+                result.update(await commit_writable(host.opener, a.opened, a.device.writable,
+                                                    _ref(proxy, "committed"), hold=a.device.writes_held))
+                order.append("commit")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commit)
+                await _until(lambda: proxy.count(path="/v2/nb/committed/") > before, "the stalled push")
+                await a.device.write(0, b"2" * 4096)
+                await a.device.flush()
+                order.append("write")
+                proxy.faults.clear()
+            assert order == ["write", "commit"]
+            assert await a.device.read(0, 4096) == b"2" * 4096
+            committed = await host.attach(result["image"], "committed")
+            assert await committed.device.read(0, 4096) == b"1" * 4096  # the layer as read out
+
+    trio.run(main)
