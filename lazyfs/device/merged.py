@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -11,11 +12,13 @@ from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.index import MergedIndex, Segment
 from lazyfs.device.source import BlockSource, check_write, clamp_read
 from lazyfs.device.writable import DATA, LOWER, WritableLayer
-from lazyfs.errors import FormatError, ReadOnlyError
+from lazyfs.errors import FormatError, ReadOnlyError, StorageError
 from lazyfs.format.layer import LayerMeta
 from lazyfs.nursery import open_nursery
 
 MAX_LAYERS = 255
+LAYER_THREADS = 4  # worker threads one device's writable layer may use at once
+RMW_ATTEMPTS = 3  # a read-modify-write re-fetches its edges at most this often (once, in practice)
 
 
 class MergedDevice(BlockSource):
@@ -23,6 +26,12 @@ class MergedDevice(BlockSource):
 
     Unaligned writes are read-modify-written at block granularity, so the
     writable layers only ever see whole blocks.
+
+    Concurrency (docs/daemon.md, "Concurrency"): the writable layer's file I/O runs in worker
+    threads (at most ``LAYER_THREADS`` per device, so one slow disk cannot take every thread);
+    reads of it try the page cache inline first (``RWF_NOWAIT``). The write lock orders writes,
+    discards and flushes; it is never held while a chunk is fetched: a read-modify-write fetches
+    the lower blocks it needs first (they never change) and then re-checks under the lock.
     """
 
     def __init__(
@@ -50,7 +59,11 @@ class MergedDevice(BlockSource):
             raise FormatError(f"writable layer of {writable.size} bytes does not fit a device of {self.size}")
         self.read_only = writable is None
         self._write_lock = trio.Lock()
+        self._limiter = trio.CapacityLimiter(LAYER_THREADS)
+        self._in_threads = 0  # worker-thread calls on the writable layer now running
+        self._threads_idle: trio.Event | None = None
         self.bytes_read = self.bytes_written = 0
+        self.nowait_reads = self.thread_reads = 0
 
     # ------------------------------------------------------------ reads
 
@@ -68,7 +81,7 @@ class MergedDevice(BlockSource):
                 if state == LOWER:
                     await self._read_lower(buf, offset, start, start + count)
                 elif state == DATA:
-                    _copy_in(buf, offset, start * bs, self.writable.read_blocks(start, count))
+                    _copy_in(buf, offset, start * bs, await self._read_writable(start, count))
         self.bytes_read += n
         return bytes(buf)
 
@@ -98,27 +111,72 @@ class MergedDevice(BlockSource):
             raise ReadOnlyError("this image is mounted read-only (no writable layer)")
         return self.writable
 
+    async def _read_writable(self, start: int, count: int) -> bytes:
+        """Blocks of the writable layer: from the page cache inline, else in a worker thread."""
+        layer = self.writable
+        data = layer.read_blocks_nowait(start, count)
+        if data is not None:
+            self.nowait_reads += 1
+            return data
+        self.thread_reads += 1
+        return await self._in_thread(layer.read_blocks, start, count)
+
+    async def _in_thread(self, fn, *args):
+        """Run a blocking call on the writable layer in a worker thread (counted, so aclose waits for it)."""
+        self._in_threads += 1
+        try:
+            # not abandoned on cancel: the thread finishes before this returns, so the count is exact
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        finally:
+            self._in_threads -= 1
+            if not self._in_threads and self._threads_idle is not None:
+                self._threads_idle.set()
+
     async def write(self, offset: int, data: bytes) -> None:
         layer = self._writable()
         check_write(self.size, offset, len(data))
         if not data:
             return
         bs = self.block_size
-        async with self._write_lock:
-            first, end = offset // bs, (offset + len(data) - 1) // bs + 1
-            if offset % bs or (offset + len(data)) % bs:
-                # read-modify-write of the partial edge blocks
-                block = bytearray((end - first) * bs)
-                block[:bs] = await self._read_blocks(first, 1)
-                if end - 1 > first:
-                    block[-bs:] = await self._read_blocks(end - 1, 1)
-                block[offset - first * bs : offset - first * bs + len(data)] = data
-                data = bytes(block)
-            layer.write_blocks(first, data)
-            self.bytes_written += len(data)
+        first, end = offset // bs, (offset + len(data) - 1) // bs + 1
+        # the partial edge blocks, read-modify-written
+        edges = sorted({b for b, partial in ((first, offset % bs), (end - 1, (offset + len(data)) % bs)) if partial})
+        lower: dict[int, bytes] = {}
+        for _ in range(RMW_ATTEMPTS):
+            # Fetch, without the lock, what the edges need of the read-only layers: those never
+            # change, so the bytes are still right once the lock is taken. Only the writable
+            # layer's state can change meanwhile, and that is re-checked under the lock.
+            for b in edges:
+                if b not in lower and self._state(layer, b) == LOWER:
+                    lower[b] = await self._read_lower_block(b)
+            async with self._write_lock:
+                if any(b not in lower and self._state(layer, b) == LOWER for b in edges):
+                    continue  # not reached: a written block never falls back to the lower layers
+                if edges:
+                    block = bytearray((end - first) * bs)
+                    for b in edges:
+                        state = self._state(layer, b)
+                        at = (b - first) * bs
+                        if state == LOWER:
+                            block[at : at + bs] = lower[b]
+                        elif state == DATA:
+                            block[at : at + bs] = await self._read_writable(b, 1)  # local disk, not the network
+                    block[offset - first * bs : offset - first * bs + len(data)] = data
+                    data = bytes(block)
+                await self._in_thread(layer.write_blocks, first, data)
+                self.bytes_written += len(data)
+                return
+        raise StorageError(f"writable layer {layer.root}: blocks changed under a write {RMW_ATTEMPTS} times", errno.EIO)
 
-    async def _read_blocks(self, block: int, count: int) -> bytes:
-        return await self.read(block * self.block_size, count * self.block_size)
+    @staticmethod
+    def _state(layer: WritableLayer, block: int) -> int:
+        return layer.lookup(block, 1)[0][2]
+
+    async def _read_lower_block(self, block: int) -> bytes:
+        """One block of the read-only layers alone (fetching its chunk if it is not cached)."""
+        buf = bytearray(self.block_size)
+        await self._read_lower(buf, block * self.block_size, block, block + 1)
+        return bytes(buf)
 
     async def discard(self, offset: int, length: int) -> None:
         layer = self._writable()
@@ -136,20 +194,20 @@ class MergedDevice(BlockSource):
         if (offset + length) > end_full * bs:
             await self.write(end_full * bs, bytes(offset + length - end_full * bs))
         async with self._write_lock:
-            layer.zero_blocks(first_full, end_full - first_full)
+            await self._in_thread(layer.zero_blocks, first_full, end_full - first_full)
 
     @asynccontextmanager
     async def writes_held(self) -> AsyncIterator[None]:
         """Flush, then keep writes out for the duration (e.g. while a commit reads the writable layer)."""
         async with self._write_lock:
             if self.writable is not None:
-                await trio.to_thread.run_sync(self.writable.flush)
+                await self._in_thread(self.writable.flush)
             yield
 
     async def flush(self) -> None:
         if self.writable is not None:
             async with self._write_lock:
-                await trio.to_thread.run_sync(self.writable.flush)
+                await self._in_thread(self.writable.flush)
 
     async def aclose(self) -> None:
         """Flush and close the writable layer; it is closed (lock released) even if the flush fails."""
@@ -157,10 +215,15 @@ class MergedDevice(BlockSource):
             try:
                 await self.flush()
             finally:
+                with trio.CancelScope(shield=True):
+                    if self._in_threads:  # a read in a worker thread still uses the layer's descriptor
+                        self._threads_idle = trio.Event()
+                        await self._threads_idle.wait()
                 self.writable.close()
 
     def statistics(self) -> dict:
-        stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments)}
+        stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments),
+                 "writable_reads_inline": self.nowait_reads, "writable_reads_in_thread": self.thread_reads}
         if self.writable is not None:
             stats["writable"] = self.writable.statistics()
         return stats

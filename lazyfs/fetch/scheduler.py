@@ -258,6 +258,10 @@ class FetchScheduler(ChunkStore):
     def backends_for(self, blob: str) -> tuple[Backend, ...]:
         return self._routes.get(blob, self._backends)
 
+    def clear_backends(self, blob: str) -> None:
+        """Fetch *blob* from the default list again (its last image was detached)."""
+        self._routes.pop(blob, None)
+
     def _lane(self, blob: str) -> Hashable:
         # Concurrency is bounded per primary backend; the object itself is the key.
         return self.backends_for(blob)[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 import shutil
 import tempfile
 
@@ -24,51 +26,65 @@ from lazyfs.image.remote import ANN_SOURCE, MAX_CONFIG_SIZE, ImageOpener, Opened
 
 async def _base_config(opener: ImageOpener, opened: OpenedImage) -> dict:
     digest = opened.image.manifest.config.digest
-    if opened.local is not None and OciLayout(opened.local.path).has_blob(digest):
-        data = OciLayout(opened.local.path).read_blob(digest)
-    else:
+
+    def local() -> bytes | None:
+        if opened.local is not None and OciLayout(opened.local.path).has_blob(digest):
+            return OciLayout(opened.local.path).read_blob(digest)
+        return None
+
+    data = await trio.to_thread.run_sync(local)
+    if data is None:
         data = await opener.client.get_blob(opened.remote.repo(), digest, max_size=MAX_CONFIG_SIZE)
     return parse_json(data, f"config of {opened.name}", MAX_CONFIG_SIZE)
 
 
 async def commit_writable(opener: ImageOpener, opened: OpenedImage, layer: WritableLayer, out: str,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+                          chunk_size: int = DEFAULT_CHUNK_SIZE, *,
+                          hold: Callable[[], AbstractAsyncContextManager] | None = None) -> dict:
     """The image *opened* plus *layer* as one more read-only layer, stored as *out*.
 
-    The caller keeps writes away from *layer* meanwhile (``MergedDevice.writes_held``).
+    *hold* (e.g. ``MergedDevice.writes_held``) keeps writes away from *layer* while the new
+    layer is read out of it, and only then: not while the registry is asked for the base's
+    config, nor while the result is pushed (the built layer is a copy by then). Without
+    *hold*, the caller keeps writes away for the whole call.
     """
     config = await _base_config(opener, opened)
     local_out = parse_local_ref(out)
     staging = None
     if local_out is not None:
-        layout = OciLayout(local_out.path).ensure()
+        layout = await trio.to_thread.run_sync(OciLayout(local_out.path).ensure)
     else:
-        staging = tempfile.mkdtemp(prefix="lazyfs-commit-", dir=os.path.dirname(layer.root))
-        layout = OciLayout(staging).ensure()
+        staging = await trio.to_thread.run_sync(
+            lambda: tempfile.mkdtemp(prefix="lazyfs-commit-", dir=os.path.dirname(layer.root)))
+        layout = await trio.to_thread.run_sync(OciLayout(staging).ensure)
     try:
-        built = await trio.to_thread.run_sync(layer_from_writable, layout, layer, opened.image.layers, chunk_size)
+        async with hold() if hold is not None else contextlib.nullcontext():
+            built = await trio.to_thread.run_sync(layer_from_writable, layout, layer, opened.image.layers, chunk_size)
         layers = list(opened.image.manifest.layers) + [built.descriptor]
         summary = {"layer": built.descriptor.digest, "layer_size": built.descriptor.size,
                    "chunks_stored": built.stats.chunks_stored, "chunks_deduplicated": built.stats.chunks_deduplicated,
                    "raw_bytes": built.stats.raw_bytes}
         base_blobs = sorted(opened.blobs)
         if local_out is not None:
-            annotations = None
-            if opened.local is not None and all(OciLayout(opened.local.path).has_blob(b) for b in base_blobs):
-                copy_blobs(OciLayout(opened.local.path), layout, base_blobs)
-            else:  # the base lives in a registry: the new image points at it for the lower layers
-                annotations = {ANN_SOURCE: str(opened.remote)}
-            cfg = layout.put_bytes(build_config([l.digest for l in layers], config), MEDIA_TYPE_CONFIG)
-            manifest = build_manifest(cfg, layers, opened.image.virtual_size)
-            digest = layout.put_manifest(manifest, local_out.tag, annotations=annotations).digest
+            def store_local() -> str:  # copies and fsyncs: in a worker thread
+                annotations = None
+                if opened.local is not None and all(OciLayout(opened.local.path).has_blob(b) for b in base_blobs):
+                    copy_blobs(OciLayout(opened.local.path), layout, base_blobs)
+                else:  # the base lives in a registry: the new image points at it for the lower layers
+                    annotations = {ANN_SOURCE: str(opened.remote)}
+                cfg = layout.put_bytes(build_config([l.digest for l in layers], config), MEDIA_TYPE_CONFIG)
+                manifest = build_manifest(cfg, layers, opened.image.virtual_size)
+                return layout.put_manifest(manifest, local_out.tag, annotations=annotations).digest
+
+            digest = await trio.to_thread.run_sync(store_local)
             return {"image": str(local_out), "manifest": digest, **summary}
         target = parse_reference(out)
-        client, repo = opener.client, target.repo()
+        client, repo = await opener.ensure_client(), target.repo()
         for blob in base_blobs:
             await _ensure_blob(opener, opened, repo, blob, staging or layout.path)
         await client.push_blob(repo, layout.blob_path(built.descriptor.digest), built.descriptor.digest)
         cfg_bytes = build_config([l.digest for l in layers], config)
-        cfg = layout.put_bytes(cfg_bytes, MEDIA_TYPE_CONFIG)
+        cfg = await trio.to_thread.run_sync(layout.put_bytes, cfg_bytes, MEDIA_TYPE_CONFIG)
         await client.push_blob(repo, cfg_bytes, cfg.digest)
         manifest = build_manifest(cfg, layers, opened.image.virtual_size)
         digest = await client.put_manifest(target if target.tag or target.digest else target.with_tag("latest"),
@@ -76,13 +92,14 @@ async def commit_writable(opener: ImageOpener, opened: OpenedImage, layer: Writa
         return {"image": str(target), "manifest": digest, **summary}
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))
 
 
 async def _ensure_blob(opener: ImageOpener, opened: OpenedImage, repo, blob: str, scratch: str) -> None:
     """Make a lower layer's blob exist in *repo*: from the local layout, or copied within the registry."""
     client = opener.client
-    if opened.local is not None and OciLayout(opened.local.path).has_blob(blob):
+    if opened.local is not None and await trio.to_thread.run_sync(OciLayout(opened.local.path).has_blob, blob):
         await client.push_blob(repo, OciLayout(opened.local.path).blob_path(blob), blob)
         return
     with contextlib.suppress(NotFoundError):

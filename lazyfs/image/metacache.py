@@ -184,6 +184,7 @@ class MetadataCache:
         if parse_local_ref(text) is not None:
             return await opener.open(text), False
         ref = parse_reference(text)
+        await opener.ensure_client()  # made in a worker thread the first time (it reads files)
         data = None
         if pinned is not None:
             data = await trio.to_thread.run_sync(self.read_manifest, pinned)

@@ -136,6 +136,17 @@ class ImageOpener:
             self._client = make_client(self.config)
         return self._client
 
+    async def ensure_client(self) -> RegistryClient:
+        """``client``, made in a worker thread the first time: making it reads files (hosts.toml,
+        CA certificates), which the event loop must not wait for."""
+        if self._client is None:
+            client = await trio.to_thread.run_sync(make_client, self.config)
+            if self._client is None:
+                self._client = client
+            else:  # another task made one meanwhile: keep that one
+                await client.aclose()
+        return self._client
+
     @property
     def existing_client(self) -> RegistryClient | None:
         """The registry client if one was made (reading statistics must not make one)."""
@@ -157,6 +168,7 @@ class ImageOpener:
         if local is not None:
             return await self._open_local(text, local)
         ref = parse_reference(text)
+        await self.ensure_client()
         data, _, digest = await self.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         backend = RegistryBackend(self.client, ref.repo())
@@ -165,12 +177,14 @@ class ImageOpener:
 
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
-        data, desc = layout.read_manifest(local.tag)
+        data, desc = await trio.to_thread.run_sync(layout.read_manifest, local.tag)  # files: not on the loop
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)
-        if source is not None and not all(layout.has_blob(layer.digest) for layer in manifest.layers):
+        if source is not None and not await trio.to_thread.run_sync(
+                lambda: all(layout.has_blob(layer.digest) for layer in manifest.layers)):
             # pulled (metadata only), maybe with local layers on top: local blobs first, then the registry
             ref = parse_reference(source)
+            await self.ensure_client()
             backend: Backend = FallbackBackend([DirectoryBackend(layout.path), RegistryBackend(self.client, ref.repo())])
             image = await _load(text, manifest, backend, layout, self.limits)
             return OpenedImage(text, image, backend, local=local, remote=ref)

@@ -90,13 +90,17 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
         await client.push_blob(repo, blob, desc.digest)
         return await add_referrer_remote(client, repo, artifact_manifest(ARTIFACT_TYPE, desc, subject),
                                          ARTIFACT_TYPE, subject.digest, {"dev.lazyfs.trace.chunks": str(len(locations))})
-    layout = OciLayout(opened.local.path)
-    found = layout.resolve(opened.local.tag)
-    subject = Descriptor(MEDIA_TYPE_MANIFEST, found.digest, found.size)
-    layout.put_bytes(EMPTY_CONFIG)
-    layout.put_bytes(blob, MEDIA_TYPE_TRACE)
-    return add_referrer_local(layout, artifact_manifest(ARTIFACT_TYPE, desc, subject), ARTIFACT_TYPE, subject.digest,
-                              {"dev.lazyfs.trace.chunks": str(len(locations))})
+
+    def store_local() -> str:  # file I/O (fsyncs): in a worker thread
+        layout = OciLayout(opened.local.path)
+        found = layout.resolve(opened.local.tag)
+        subject = Descriptor(MEDIA_TYPE_MANIFEST, found.digest, found.size)
+        layout.put_bytes(EMPTY_CONFIG)
+        layout.put_bytes(blob, MEDIA_TYPE_TRACE)
+        return add_referrer_local(layout, artifact_manifest(ARTIFACT_TYPE, desc, subject), ARTIFACT_TYPE,
+                                  subject.digest, {"dev.lazyfs.trace.chunks": str(len(locations))})
+
+    return await trio.to_thread.run_sync(store_local)
 
 
 async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | None:
@@ -121,14 +125,17 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | 
     else:
         layout = OciLayout(opened.local.path)
         try:
-            found = find_referrers_local(layout, digest, ARTIFACT_TYPE)
+            found = await trio.to_thread.run_sync(find_referrers_local, layout, digest, ARTIFACT_TYPE)
         except LazyfsError as exc:
             log.warning("ignoring the startup traces of %s: %s", opened.name, exc)
             return None
 
-        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
+        def read_local(manifest_digest: str) -> tuple[ChunkLocation, ...]:
             manifest = layout.read_blob(manifest_digest, MAX_MANIFEST_SIZE)
             return decode_trace(layout.read_blob(_trace_blob(manifest), MAX_TRACE_BYTES))
+
+        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
+            return await trio.to_thread.run_sync(read_local, manifest_digest)
 
     rejected: LoadedTrace | None = None
     foreign = 0

@@ -23,7 +23,7 @@ from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
 from lazyfs.serve.metrics import serve_metrics
 from lazyfs.serve.singleton import daemon_lock
-from lazyfs.serve.state import AttachmentRecord, FrontEnd, decode_state, encode_state
+from lazyfs.serve.state import AttachmentRecord, FrontEnd, LoadedState, decode_state, encode_state
 
 log = logging.getLogger("lazyfs.daemon")
 
@@ -38,6 +38,7 @@ class Daemon:
         self.load_config = load_config or (lambda: config)  # re-reads the config file, for reloads
         self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
+        self._state_lock = trio.Lock()  # orders state-file saves (local disk only; nothing else waits on it)
 
     # ------------------------------------------------------------ state
 
@@ -49,15 +50,29 @@ class Daemon:
                                  hydrate=False if a.hydrate is None else a.hydrate.to_json() or True)
                 for a in self.host.attachments.values()]
 
-    def save_state(self) -> None:
+    async def save_state(self) -> None:
+        """Write the attachments to the state file (in a worker thread: it fsyncs).
+
+        Saves run one at a time and each takes the records when its turn comes, so the file
+        always ends with the latest state, whatever order the saves were asked in.
+        """
+        async with self._state_lock:
+            doc = encode_state(self._records())
+            with trio.CancelScope(shield=True):  # a cancelled save must not leave a half-done write racing the next
+                await trio.to_thread.run_sync(self._write_state, doc)
+
+    def _write_state(self, doc: bytes) -> None:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
-        write_atomically(self.config.state_file, encode_state(self._records()))
+        write_atomically(self.config.state_file, doc)
+
+    def _read_state(self) -> LoadedState:
+        with open(self.config.state_file, "rb") as f:
+            return decode_state(f.read(), f"state file {self.config.state_file}")
 
     async def restore(self) -> None:
         """Attach again what was attached when the previous daemon stopped or died."""
         try:
-            with open(self.config.state_file, "rb") as f:
-                state = decode_state(f.read(), f"state file {self.config.state_file}")
+            state = await trio.to_thread.run_sync(self._read_state)
         except FileNotFoundError:
             return
         except (OSError, FormatError) as exc:
@@ -65,16 +80,21 @@ class Daemon:
             return
         for problem in state.skipped:
             log.error("could not restore an attachment: %s", problem)
-        for rec in state.records:
-            try:
-                await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
-                                  writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
-                                  front_end=rec.front_end, plain_http=rec.plain_http, save=False,
-                                  manifest=rec.manifest, hydrate=rec.hydrate)
-                log.info("restored attachment %s (%s)", rec.name, rec.image)
-            except LazyfsError as exc:
-                log.error("could not restore attachment %s: %s", rec.name, exc)
-        self.save_state()
+        # all at once: one image whose registry stalls does not hold up the others
+        async with open_nursery() as nursery:
+            for rec in state.records:
+                nursery.start_soon(self._restore_one, rec)
+        await self.save_state()
+
+    async def _restore_one(self, rec: AttachmentRecord) -> None:
+        try:
+            await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
+                              writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
+                              front_end=rec.front_end, plain_http=rec.plain_http, save=False,
+                              manifest=rec.manifest, hydrate=rec.hydrate)
+            log.info("restored attachment %s (%s)", rec.name, rec.image)
+        except LazyfsError as exc:
+            log.error("could not restore attachment %s: %s", rec.name, exc)
 
     # ------------------------------------------------------------ operations
 
@@ -99,7 +119,7 @@ class Daemon:
                                      hydrate=policy, front_end=front_end)
         self.fs.add(att.name, att.device)
         if save:
-            self.save_state()
+            await self.save_state()
         return {**att.describe(), "path": self.path_of(att.name)}
 
     async def detach(self, name: str) -> dict:
@@ -109,7 +129,7 @@ class Daemon:
         try:
             await self.host.detach(name)  # detached even if its last flush fails (which is reported)
         finally:
-            self.save_state()
+            await self.save_state()
         return {"detached": name}
 
     async def mark(self, name: str, front_end: dict) -> dict:
@@ -119,7 +139,7 @@ class Daemon:
         if att is None:
             raise NotFoundError(f"no image attached as {name!r}")
         att.front_end = att.front_end.updated(changes)
-        self.save_state()
+        await self.save_state()
         return att.describe()
 
     async def commit(self, name: str, out: str, plain_http: list[str] | tuple[str, ...] = ()) -> dict:
@@ -128,9 +148,9 @@ class Daemon:
             raise NotFoundError(f"no image attached as {name!r}")
         if att.device.writable is None:
             raise ConfigError(f"{name} is attached read-only: nothing to commit")
-        async with att.device.writes_held():
-            opener = self.host.opener_for(att.plain_http + _hosts(plain_http))
-            result = await commit_writable(opener, att.opened, att.device.writable, out)
+        opener = self.host.opener_for(att.plain_http + _hosts(plain_http))
+        # writes wait only while the layer is read out, not while the registry is talked to
+        result = await commit_writable(opener, att.opened, att.device.writable, out, hold=att.device.writes_held)
         log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
         return result
 

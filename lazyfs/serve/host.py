@@ -141,7 +141,7 @@ class Host:
         cache.protected = self._hydrated_chunks.__contains__
         self.traces = {"replayed": 0, "rejected": 0, "foreign_entries": 0, "published": 0}
         self._nursery: trio.Nursery | None = None
-        self._lock = trio.Lock()
+        self._attaching: set[str] = set()  # names reserved by attaches in progress
 
     @classmethod
     @asynccontextmanager
@@ -199,39 +199,46 @@ class Host:
         if writable_dir is not None and not writable:
             raise ConfigError("a writable directory is for a writable attachment only")
         opener = self.opener_for(plain_http)
-        async with self._lock:
-            if name in self.attachments:
-                raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
+        # No lock is held across the registry or the disk: the name is reserved instead, so
+        # attaches of other images (and every read) go on while this one waits.
+        if name in self.attachments:
+            raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
+        if name in self._attaching:
+            raise BusyError(f"an image is being attached as {name!r}")
+        self._attaching.add(name)
+        try:
             opened, from_cache = await self.metadata.open(opener, ref, manifest)
-            backends = opened.backends
-            for blob in opened.blobs:
-                # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
-                known = [b for b in self.scheduler.backends_for(blob) if not isinstance(b, _Unrouted)]
-                self.scheduler.set_backends(blob, known + [b for b in backends if b not in known])
+            self._route(opened)
             layer = None
-            if writable:
-                writable_dir = writable_dir or os.path.join(self.config.writable_root, name)
-                if os.path.exists(os.path.join(writable_dir, "layer.json")):
-                    layer = open_writable(writable_dir)
-                else:
-                    layer = create_writable(writable_dir, kind, opened.image.virtual_size, base=opened.image.manifest.digest)
-                if layer.size != opened.image.virtual_size:
+            try:
+                if writable:
+                    writable_dir = writable_dir or os.path.join(self.config.writable_root, name)
+                    # journal replay reads the disk: a worker thread; shielded, so a cancel
+                    # never leaves an opened (and flock-ed) layer behind
+                    with trio.CancelScope(shield=True):
+                        layer = await trio.to_thread.run_sync(self._open_layer, writable_dir, kind, opened)
+                store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
+                # the merged index is built from every layer's extents: CPU work, off the event loop
+                device = await trio.to_thread.run_sync(opened.image.device, store, layer)
+            except BaseException:
+                self._unroute(opened)
+                if layer is not None:
                     layer.close()
-                    raise ConfigError(f"writable layer {writable_dir} is {layer.size} bytes, image is {opened.image.virtual_size}")
-                layer.keep_free = self.budget.reserve_for(writable_dir)  # the chunk cache's share of a shared disk
-            store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
-            device = opened.image.device(store, layer)
+                raise
             store.index = device.index
             att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, opener,
                              plain_http, front_end=front_end)
             try:
                 self._hydration(att, hydrate)
             except BaseException:
+                self._unroute(opened)
                 with trio.CancelScope(shield=True):
                     await device.aclose()
                 raise
             self.attachments[name] = att
             self.budget.changed()
+        finally:
+            self._attaching.discard(name)
         self._nursery.start_soon(self._keep_metadata, att)
         if from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
             if self.config.background_download:
@@ -264,6 +271,40 @@ class Host:
         await self.metadata.keep_config(att.opener, att.opened)
         keep = [a.opened.image.manifest.digest for a in self.attachments.values()]
         await trio.to_thread.run_sync(self.metadata.prune, keep)
+
+    def _open_layer(self, writable_dir: str, kind: str, opened: OpenedImage):
+        """Open (replaying its journal) or create the writable layer in *writable_dir*. Blocking: a thread."""
+        if os.path.exists(os.path.join(writable_dir, "layer.json")):
+            layer = open_writable(writable_dir)
+        else:
+            layer = create_writable(writable_dir, kind, opened.image.virtual_size, base=opened.image.manifest.digest)
+        try:
+            if layer.size != opened.image.virtual_size:
+                raise ConfigError(f"writable layer {writable_dir} is {layer.size} bytes, image is {opened.image.virtual_size}")
+            layer.keep_free = self.budget.reserve_for(writable_dir)  # the chunk cache's share of a shared disk
+        except BaseException:
+            layer.close()
+            raise
+        return layer
+
+    def _route(self, opened: OpenedImage) -> None:
+        """Fetch the image's blobs from its backends too (after the sources they already have)."""
+        backends = opened.backends
+        for blob in opened.blobs:
+            # a blob is the same bytes wherever it lives: keep earlier sources, add these after them
+            known = [b for b in self.scheduler.backends_for(blob) if not isinstance(b, _Unrouted)]
+            self.scheduler.set_backends(blob, known + [b for b in backends if b not in known])
+
+    def _unroute(self, opened: OpenedImage) -> None:
+        """Undo _route: the routes keep only the backends of images still attached (so they stay
+        bounded however often an image is attached again)."""
+        mine = opened.backends
+        for blob in opened.blobs:
+            rest = [b for b in self.scheduler.backends_for(blob) if not isinstance(b, _Unrouted) and b not in mine]
+            if rest:
+                self.scheduler.set_backends(blob, rest)
+            else:
+                self.scheduler.clear_backends(blob)
 
     async def _start_trace(self, att: Attachment, record: bool | None) -> None:
         trace = await load_trace(att.opener, att.opened) if self.config.trace_replay else None
@@ -325,6 +366,7 @@ class Host:
             for other in self.attachments.values():
                 if other.hydrate is not None:
                     self._hydrated_chunks.update(loc.digest for loc in other.hydration.locations)
+        self._unroute(att.opened)
         self.budget.changed()
         await att.device.aclose()
         log.info("audit: detach %s image=%s", name, att.ref)
@@ -344,7 +386,7 @@ class Host:
         else:
             await trio.to_thread.run_sync(registry_hosts, new)  # check it; the client is made at first use
         self.opener.config = new
-        client = self.opener.client
+        client = await self.opener.ensure_client()
         sources = {name: list(client.sources(name)) for name in client.mirrored_registries()}
         log.info("audit: registries reloaded: %s", sources or "no mirrors")
         return {"sources": sources}

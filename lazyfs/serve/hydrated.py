@@ -195,17 +195,23 @@ async def hydrate_if_local(host, att) -> Hydrated | None:
     found = await trio.to_thread.run_sync(existing, config.cache_root, manifest, att.device.size)
     if found is not None or not is_fully_local(att.device, host.cache):
         return found
-    lock = _locks.setdefault(host, {}).setdefault(manifest, trio.Lock())
-    async with lock:
-        found = await trio.to_thread.run_sync(existing, config.cache_root, manifest, att.device.size)
-        if found is not None:
-            return found
-        used = await trio.to_thread.run_sync(bytes_used, config.cache_root)
-        if used + att.device.size > config.hydrated_max_bytes:
-            log.info("not hydrating %s: %d bytes of hydrated files, limit %d", att.ref, used,
-                     config.hydrated_max_bytes)
-            return None
-        return await build(att.device, att.store, config.cache_root, manifest)
+    locks = _locks.setdefault(host, {})
+    lock = locks.setdefault(manifest, trio.Lock())
+    try:
+        async with lock:
+            found = await trio.to_thread.run_sync(existing, config.cache_root, manifest, att.device.size)
+            if found is not None:
+                return found
+            used = await trio.to_thread.run_sync(bytes_used, config.cache_root)
+            if used + att.device.size > config.hydrated_max_bytes:
+                log.info("not hydrating %s: %d bytes of hydrated files, limit %d", att.ref, used,
+                         config.hydrated_max_bytes)
+                return None
+            return await build(att.device, att.store, config.cache_root, manifest)
+    finally:
+        # dropped once nobody holds or waits for it: the map is bounded by builds in progress
+        if not lock.locked() and not lock.statistics().tasks_waiting and locks.get(manifest) is lock:
+            del locks[manifest]
 
 
 async def control(host, name: object) -> dict:

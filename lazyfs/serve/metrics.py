@@ -173,6 +173,10 @@ DEVICE: tuple[Stat, ...] = (
     Stat("bytes_read", "lazyfs_image_read_bytes_total", COUNTER, "Bytes read from the image's block device"),
     Stat("bytes_written", "lazyfs_image_written_bytes_total", COUNTER, "Bytes written to the image's block device"),
     Stat("segments", "lazyfs_image_extents", GAUGE, "Extents in the image's merged index"),
+    Stat("writable_reads_inline", "lazyfs_image_writable_reads_inline_total", COUNTER,
+         "Reads of the writable layer served from the page cache on the event loop (RWF_NOWAIT)"),
+    Stat("writable_reads_in_thread", "lazyfs_image_writable_reads_in_thread_total", COUNTER,
+         "Reads of the writable layer that waited for the disk in a worker thread"),
 )
 DEVICE_SKIPPED: Mapping[str, str] = {"writable": "its own table (WRITABLE)"}
 

@@ -58,6 +58,8 @@ class WritableLayer(abc.ABC):
         self.write_errors = self.flush_errors = self.refused_for_reserve = 0
         self.failed: str | None = None
         self.keep_free: Callable[[], int] | None = None
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self.nowait_reads = 0  # reads served from the page cache without a thread
 
     def _check(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > self.blocks:
@@ -68,8 +70,40 @@ class WritableLayer(abc.ABC):
         """Runs covering blocks ``[start, start+count)`` with their state."""
 
     @abc.abstractmethod
+    def _extents(self, start: int, count: int) -> list[tuple[int, int]]:
+        """Where blocks ``[start, start+count)`` lie in the data file: ``(offset, length)`` pieces in
+        order; offset -1 reads as zeros (a block no longer DATA: a write changed it meanwhile)."""
+
     def read_blocks(self, start: int, count: int) -> bytes:
-        """The bytes of blocks that lookup() reports as DATA."""
+        """The bytes of blocks that lookup() reports as DATA (may wait for the disk: call it in a thread)."""
+        self._check(start, count)
+        return b"".join(bytes(n) if at < 0 else os.pread(self._fd, n, at) for at, n in self._extents(start, count))
+
+    def read_blocks_nowait(self, start: int, count: int) -> bytes | None:
+        """read_blocks() if the page cache holds every byte, else None (then call read_blocks in a
+        thread). Never waits for the disk: ``preadv(RWF_NOWAIT)``, so the event loop may call it."""
+        self._check(start, count)
+        if not self._nowait:
+            return None
+        parts = []
+        for at, n in self._extents(start, count):
+            if at < 0:
+                parts.append(bytes(n))
+                continue
+            buf = bytearray(n)
+            try:
+                got = os.preadv(self._fd, [buf], at, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without RWF_NOWAIT reads
+                    self._nowait = False
+                return None
+            if got != n:  # partly cached: the thread reads all of it
+                return None
+            parts.append(bytes(buf))
+        self.nowait_reads += 1
+        return b"".join(parts)
 
     @abc.abstractmethod
     def write_blocks(self, start: int, data: bytes) -> None:

@@ -49,18 +49,21 @@ class LogLayer(WritableLayer):
                 out.append([block, 1, state])
         return [tuple(r) for r in out]
 
-    def read_blocks(self, start: int, count: int) -> bytes:
-        self._check(start, count)
+    def _extents(self, start: int, count: int) -> list[tuple[int, int]]:
         bs = self.block_size
-        parts, block = [], start
+        out, block = [], start
         while block < start + count:
-            first = self.map[block]
+            first = self.map.get(block, _ZERO)  # a write in a worker thread may change the map meanwhile
+            if first == _ZERO:
+                out.append((-1, bs))
+                block += 1
+                continue
             n = 1  # extend over blocks that are contiguous in the log
             while block + n < start + count and self.map.get(block + n) == first + n * bs:
                 n += 1
-            parts.append(os.pread(self._fd, n * bs, first))
+            out.append((first, n * bs))
             block += n
-        return b"".join(parts)
+        return out
 
     def write_blocks(self, start: int, data: bytes) -> None:
         count = len(data) // self.block_size

@@ -55,9 +55,8 @@ class SparseLayer(WritableLayer):
         self._check(start, count)
         return state_runs(self.state[start : start + count], start)
 
-    def read_blocks(self, start: int, count: int) -> bytes:
-        self._check(start, count)
-        return os.pread(self._fd, count * self.block_size, start * self.block_size)
+    def _extents(self, start: int, count: int) -> list[tuple[int, int]]:
+        return [(start * self.block_size, count * self.block_size)]
 
     def write_blocks(self, start: int, data: bytes) -> None:
         count = len(data) // self.block_size

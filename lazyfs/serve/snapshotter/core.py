@@ -34,6 +34,8 @@ from lazyfs.serve.snapshotter.lazy import (
     image_for,
     layer_request,
 )
+from lazyfs.serve.snapshotter.portal import TrioPortal
+from lazyfs.serve.snapshotter.locks import KeyedLocks
 from lazyfs.serve.snapshotter.overlay import Mount, disk_usage, move_tree, overlay_mounts, remove_tree
 from lazyfs.serve.snapshotter.store import (
     ACTIVE,
@@ -65,14 +67,22 @@ class Snapshotter:
                   os.path.join(self.root, "images"), os.path.join(self.writable_root, "snapshots")):
             os.makedirs(d, mode=0o711, exist_ok=True)
         self.store = MetaStore(os.path.join(self.root, "metadata.db"))
-        self.images = LazyImages(config, os.path.join(self.root, "images"))
+        # one trio loop and one registry client for the process; gRPC threads enter it
+        self.portal = TrioPortal(config, name="snapshotter-trio")
+        self.images = LazyImages(config, os.path.join(self.root, "images"), self.portal)
         tag = hashlib.sha256(self.root.encode()).hexdigest()[:8]
-        self.devices = Devices(config, config_path, f"ctrd-{tag}")
+        self.devices = Devices(config, config_path, f"ctrd-{tag}", self.portal)
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
-        # one writer at a time: changes touch rows, directories, mounts and the daemon together
-        self.lock = threading.RLock()
+        # Locks (docs/daemon.md, "Concurrency"); always taken in this order, never the other way:
+        # a snapshot's device lock (its attach, loop device, mount and teardown: slow, the daemon
+        # and the registry behind it), then the table lock (rows and directories: local and short,
+        # never held across the registry or the daemon).
+        self.devices_locks = KeyedLocks()
+        self.lock = threading.Lock()
+        self._lookups = 0  # remote-layer lookups in flight (cleanup keeps image metadata meanwhile)
 
     def close(self) -> None:
+        self.portal.close()
         self.store.close()
 
     # ------------------------------------------------------------ paths
@@ -115,7 +125,7 @@ class Snapshotter:
         if snap.kind == COMMITTED:
             raise BusyError(f"snapshot {key} is committed: only active snapshots and views have mounts")
         if self._lazy_base(snap) is not None:
-            with self.lock:
+            with self.devices_locks.hold(snap.id):
                 snap = self._ensure_device(self.store.get(key))
         return self._mounts(snap)
 
@@ -145,9 +155,9 @@ class Snapshotter:
 
     def _create(self, kind: str, key: str, parent: str, labels: dict) -> list[Mount]:
         labels = dict(labels or {})
+        if kind == ACTIVE:
+            self._register_remote(parent, labels)  # AlreadyExistsError when it did
         with self.lock:
-            if kind == ACTIVE:
-                self._register_remote(key, parent, labels)  # AlreadyExistsError when it did
             parent_snap = self.store.get(parent) if parent else None
             base = None
             if parent_snap is not None:
@@ -169,15 +179,17 @@ class Snapshotter:
             with self.store.transaction():
                 snap = self.store.create(key, parent, kind, labels, backend=backend, placement=placement)
                 self._make_dirs(snap)
-            log.info("%s %s (#%d) parent=%r %s on the %s root", "prepared" if kind == ACTIVE else "viewed", key,
-                     snap.id, parent, backend, placement)
-            if base is not None:
+        log.info("%s %s (#%d) parent=%r %s on the %s root", "prepared" if kind == ACTIVE else "viewed", key,
+                 snap.id, parent, backend, placement)
+        if base is not None:
+            # the daemon attaches the image (and may wait for the registry): only this snapshot waits
+            with self.devices_locks.hold(snap.id):
                 try:
                     snap = self._ensure_device(snap)
                 except BaseException:
                     self._forget(snap)
                     raise
-            return self._mounts(snap)
+        return self._mounts(snap)
 
     def _make_dirs(self, snap: Snapshot) -> None:
         d = self.snapshot_dir(snap)
@@ -191,41 +203,57 @@ class Snapshotter:
         if snap.kind == ACTIVE:
             os.mkdir(self.work_dir(snap), 0o700)
 
-    def _register_remote(self, key: str, parent: str, labels: dict) -> None:
-        """Register a lazyfs layer named by the labels as a committed snapshot and say it exists."""
+    def _register_remote(self, parent: str, labels: dict) -> None:
+        """Register a lazyfs layer named by the labels as a committed snapshot and say it exists.
+
+        The registry is asked without the table lock (other snapshots' calls go on meanwhile);
+        what it answered is checked against the table again under the lock.
+        """
         req = layer_request(labels)
         if req is None:
             return
-        try:
-            existing = self.store.get(req.target)
-        except NotFoundError:
-            existing = None
-        if existing is not None:
-            if existing.kind == COMMITTED and existing.parent == parent and \
-                    existing.labels.get(LABEL_SNAPSHOT_REF) == req.target:
-                raise AlreadyExistsError(f"target snapshot {req.target} already exists")
-            return
-        parent_snap = self.store.get(parent) if parent else None
+        with self.lock:
+            if self._target_exists(req, parent):
+                return
+            self._lookups += 1
         try:
             layer = self.images.find(req)
         except LazyfsError as exc:  # unreachable registry, refused credentials, a damaged manifest...
             log.warning("cannot look at %s for layer %s (%s): it unpacks the ordinary way", req.image, req.layer, exc)
             return
+        finally:
+            with self.lock:
+                self._lookups -= 1
         if layer is None:
             return
-        below_ok = (layer.index == 0 and parent_snap is None) or (
-            parent_snap is not None and parent_snap.backend == LAZYFS and layer.index > 0
-            and parent_snap.extra.get("layer") == layer.digests[layer.index - 1])
-        if not below_ok:
-            log.info("lazyfs layer %s of %s sits on %r, not on its own lower layer: unpacking it the ordinary way",
-                     req.layer, req.image, parent)
-            return
-        meta = layer.meta_bytes
-        snap = self.store.create(req.target, parent, COMMITTED, labels, backend=LAZYFS, placement=ON_CACHE,
-                                 extra=layer.extra(), usage=(meta, 1 if meta else 0))
+        with self.lock:
+            if self._target_exists(req, parent):  # registered by another call meanwhile
+                return
+            parent_snap = self.store.get(parent) if parent else None
+            below_ok = (layer.index == 0 and parent_snap is None) or (
+                parent_snap is not None and parent_snap.backend == LAZYFS and layer.index > 0
+                and parent_snap.extra.get("layer") == layer.digests[layer.index - 1])
+            if not below_ok:
+                log.info("lazyfs layer %s of %s sits on %r, not on its own lower layer: unpacking it the ordinary way",
+                         req.layer, req.image, parent)
+                return
+            meta = layer.meta_bytes
+            snap = self.store.create(req.target, parent, COMMITTED, labels, backend=LAZYFS, placement=ON_CACHE,
+                                     extra=layer.extra(), usage=(meta, 1 if meta else 0))
         log.info("registered lazyfs layer %s (%d of %d of %s) as snapshot %s (#%d) without downloading it",
                  req.layer, layer.index + 1, layer.count, layer.source, req.target, snap.id)
         raise AlreadyExistsError(f"target snapshot {req.target} already exists")
+
+    def _target_exists(self, req, parent: str) -> bool:
+        """Whether *req*'s target snapshot exists (AlreadyExistsError if it is that very layer). Under the table lock."""
+        try:
+            existing = self.store.get(req.target)
+        except NotFoundError:
+            return False
+        if existing.kind == COMMITTED and existing.parent == parent and \
+                existing.labels.get(LABEL_SNAPSHOT_REF) == req.target:
+            raise AlreadyExistsError(f"target snapshot {req.target} already exists")
+        return True
 
     def _ensure_device(self, snap: Snapshot) -> Snapshot:
         """Attach the lazyfs image under *snap*, give it a loop device and (overlay mode) mount it.
@@ -259,39 +287,41 @@ class Snapshotter:
         remove_tree(self.snapshot_dir(snap))
 
     def commit(self, name: str, key: str, labels: dict) -> Snapshot:
-        with self.lock:
-            snap = self.store.get(key)
-            if snap.kind != ACTIVE:
-                raise BusyError(f"snapshot {key} is {snap.kind}, not active: only active snapshots can be committed")
-            if snap.backend == BLOCK:
-                raise BusyError(f"snapshot {key} keeps its writes in a lazyfs writable layer (block mode), which "
-                                "containerd cannot use as a layer; commit it to an image with `lazyfs commit` instead")
-            try:
-                self.store.get(name)
-                raise AlreadyExistsError(f"snapshot {name} already exists")
-            except NotFoundError:
-                pass
-            usage = disk_usage(self.fs_dir(snap))
-            if snap.placement == ON_WRITABLE:
-                target = os.path.join(self.root, "snapshots", str(snap.id))
-                if os.path.lexists(target):  # a copy that a crash cut short
-                    remove_tree(target)
-                os.makedirs(target, mode=0o700)
-                move_tree(self.fs_dir(snap), os.path.join(target, "fs"))
-            committed = self.store.commit(key, name, labels, usage, ON_CACHE)
-            if snap.placement == ON_WRITABLE:
-                remove_tree(self.snapshot_dir(snap))
-            else:
-                remove_tree(self.work_dir(snap))
+        with self.devices_locks.hold(self.store.get(key).id):
+            with self.lock:
+                snap = self.store.get(key)
+                if snap.kind != ACTIVE:
+                    raise BusyError(f"snapshot {key} is {snap.kind}, not active: only active snapshots can be committed")
+                if snap.backend == BLOCK:
+                    raise BusyError(f"snapshot {key} keeps its writes in a lazyfs writable layer (block mode), which "
+                                    "containerd cannot use as a layer; commit it to an image with `lazyfs commit` instead")
+                try:
+                    self.store.get(name)
+                    raise AlreadyExistsError(f"snapshot {name} already exists")
+                except NotFoundError:
+                    pass
+                usage = disk_usage(self.fs_dir(snap))
+                if snap.placement == ON_WRITABLE:
+                    target = os.path.join(self.root, "snapshots", str(snap.id))
+                    if os.path.lexists(target):  # a copy that a crash cut short
+                        remove_tree(target)
+                    os.makedirs(target, mode=0o700)
+                    move_tree(self.fs_dir(snap), os.path.join(target, "fs"))
+                committed = self.store.commit(key, name, labels, usage, ON_CACHE)
+                if snap.placement == ON_WRITABLE:
+                    remove_tree(self.snapshot_dir(snap))
+                else:
+                    remove_tree(self.work_dir(snap))
             if self._lazy_base(snap) is not None:
                 for problem in self._release_device(snap):
                     log.warning("after committing %s: %s (cleanup retries)", name, problem)
-            log.info("committed %s as %s (#%d, %d bytes, %d inodes)", key, name, snap.id, *usage)
-            return committed
+        log.info("committed %s as %s (#%d, %d bytes, %d inodes)", key, name, snap.id, *usage)
+        return committed
 
     def remove(self, key: str) -> None:
-        with self.lock:
-            snap = self.store.remove(key)
+        with self.devices_locks.hold(self.store.get(key).id):
+            with self.lock:
+                snap = self.store.remove(key)
             if snap.kind != COMMITTED and self._has_device(snap):
                 for problem in self._release_device(snap):
                     log.warning("removing %s: %s (cleanup retries)", key, problem)
@@ -300,7 +330,7 @@ class Snapshotter:
                     remove_tree(self.snapshot_dir(snap))
                 except (OSError, LazyfsError) as exc:
                     log.warning("removing %s: %s (cleanup retries)", self.snapshot_dir(snap), exc)
-            log.info("removed %s (#%d)", key, snap.id)
+        log.info("removed %s (#%d)", key, snap.id)
 
     def _has_device(self, snap: Snapshot) -> bool:
         return "attach" in snap.extra or snap.backend == BLOCK or os.path.lexists(self.mount_dir(snap))
@@ -333,50 +363,67 @@ class Snapshotter:
         for snap in self.store.all():
             if snap.kind != COMMITTED and self._lazy_base(snap) is not None:
                 try:
-                    with self.lock:
-                        self._ensure_device(snap)
+                    with self.devices_locks.hold(snap.id):
+                        self._ensure_device(self.store.by_id(snap.id))
                 except LazyfsError as exc:
                     problems.append(f"snapshot {snap.key}: {exc}")
                     log.error("could not restore the device of snapshot %s: %s", snap.key, exc)
         return problems
 
     def cleanup(self) -> list[str]:
-        """Remove what no snapshot references: directories, mounts, loop devices, attachments, image metadata."""
+        """Remove what no snapshot references: directories, mounts, loop devices, attachments, image metadata.
+
+        Rows and directories are decided under the table lock; devices are torn down one by one
+        under their own lock (after checking again that no snapshot took them meanwhile), so a
+        slow daemon holds up no other call.
+        """
         removed = []
         with self.lock:
             snaps = self.store.all()
             wanted_dirs = {self.snapshot_dir(s) for s in snaps if s.backend != LAZYFS}
             live = {s.id for s in snaps if s.kind != COMMITTED and self._lazy_base(s) is not None}
-            layouts = {os.path.abspath(s.extra["layout"]) for s in snaps if s.backend == LAZYFS}
             for base in (os.path.join(self.root, "snapshots"), os.path.join(self.writable_root, "snapshots")):
                 for entry in sorted(os.listdir(base)):
                     path = os.path.join(base, entry)
                     if path not in wanted_dirs:
                         remove_tree(path)
                         removed.append(path)
-            names = set(self.devices.attachments())
             mnt = os.path.join(self.root, "mnt")
-            ids = {int(e) for e in os.listdir(mnt) if e.isdigit()} | {
-                i for i in map(self.devices.snapshot_id, names) if i is not None}
-            export = self.config.export_dir
-            for entry in os.listdir("/sys/block") if os.path.isdir("/sys/block") else []:
-                backing = _backing_file(entry)
-                if backing and backing.startswith(export + os.sep):
-                    sid = self.devices.snapshot_id(os.path.basename(os.path.dirname(backing)))
-                    if sid is not None:
-                        ids.add(sid)
-            for sid in sorted(ids - live):
+            ids = {int(e) for e in os.listdir(mnt) if e.isdigit()}
+        names = set(self.devices.attachments())  # asks the daemon: no lock held
+        ids |= {i for i in map(self.devices.snapshot_id, names) if i is not None}
+        export = self.config.export_dir
+        for entry in os.listdir("/sys/block") if os.path.isdir("/sys/block") else []:
+            backing = _backing_file(entry)
+            if backing and backing.startswith(export + os.sep):
+                sid = self.devices.snapshot_id(os.path.basename(os.path.dirname(backing)))
+                if sid is not None:
+                    ids.add(sid)
+        for sid in sorted(ids - live):
+            with self.devices_locks.hold(sid):
+                with self.lock:
+                    try:
+                        now = self.store.by_id(sid)
+                    except NotFoundError:
+                        now = None
+                    if now is not None and now.kind != COMMITTED and self._lazy_base(now) is not None:
+                        continue  # made since the table was read: its device is wanted
                 name = self.devices.name(sid)
                 problems = self.devices.teardown(name, os.path.join(mnt, str(sid)))
-                removed.append(f"device of snapshot #{sid}")
-                for problem in problems:
-                    log.warning("cleanup of %s: %s", name, problem)
-            images = os.path.join(self.root, "images")
-            for entry in sorted(os.listdir(images)):
-                path = os.path.join(images, entry)
-                if path not in layouts:
-                    remove_tree(path)
-                    removed.append(path)
+            removed.append(f"device of snapshot #{sid}")
+            for problem in problems:
+                log.warning("cleanup of %s: %s", name, problem)
+        with self.lock:
+            if self._lookups:  # a lookup in flight may be pulling metadata that no row names yet
+                log.info("cleanup: image metadata kept while %d remote-layer lookup(s) run", self._lookups)
+            else:
+                layouts = {os.path.abspath(s.extra["layout"]) for s in self.store.all() if s.backend == LAZYFS}
+                images = os.path.join(self.root, "images")
+                for entry in sorted(os.listdir(images)):
+                    path = os.path.join(images, entry)
+                    if path not in layouts:
+                        remove_tree(path)
+                        removed.append(path)
         if removed:
             log.info("cleanup removed %d unreferenced item(s): %s", len(removed), ", ".join(removed))
         return removed

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import cachetools
-import trio
 
 from lazyfs.config import Config
 from lazyfs.errors import FormatError, LazyfsError, NotFoundError
@@ -26,10 +25,11 @@ from lazyfs.format.oci import ANN_VIRTUAL_SIZE, MEDIA_TYPE_MANIFEST, build_manif
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
-from lazyfs.image.remote import ANN_SOURCE, META_DIR, ImageOpener, pull_image
+from lazyfs.image.remote import ANN_SOURCE, META_DIR, pull_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.mount import daemon_alive, ensure_daemon
+from lazyfs.serve.snapshotter.portal import TrioPortal
 from lazyfs.serve.state import FrontEnd
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,13 @@ class RemoteLayer:
 
 
 class LazyImages:
-    """Finds lazyfs layers in registries and keeps their images' metadata under *directory*."""
+    """Finds lazyfs layers in registries and keeps their images' metadata under *directory*.
 
-    def __init__(self, config: Config, directory: str) -> None:
-        self.config, self.directory = config, directory
+    Registry I/O runs on *portal*'s loop with its shared client (the caller's thread waits).
+    """
+
+    def __init__(self, config: Config, directory: str, portal: TrioPortal | None = None) -> None:
+        self.config, self.directory, self.portal = config, directory, portal
         self._manifests: cachetools.TTLCache[tuple[str, str | None], tuple[float, bytes, str]] = cachetools.TTLCache(
             MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_SECONDS)
         self._lock = threading.Lock()
@@ -101,11 +104,11 @@ class LazyImages:
             ref = ref.with_digest(digest)
 
         async def get():
-            async with ImageOpener(self.config) as opener:
-                data, _, got = await opener.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
-                return data, got
+            client = await self.portal.opener.ensure_client()
+            data, _, got = await client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+            return data, got
 
-        data, got = trio.run(get)
+        data, got = self.portal.run(get)
         with self._lock:
             self._manifests[key] = (time.monotonic(), data, got)
         return data, got
@@ -135,11 +138,10 @@ class LazyImages:
         tmp = f"{layout}.tmp-{os.getpid()}-{threading.get_ident()}"
 
         async def pull():
-            async with ImageOpener(self.config) as opener:
-                return await pull_image(opener, parse_reference(source), LocalRef(tmp, LAYOUT_TAG))
+            return await pull_image(self.portal.opener, parse_reference(source), LocalRef(tmp, LAYOUT_TAG))
 
         try:
-            result = trio.run(pull)
+            result = self.portal.run(pull)
             try:
                 os.rename(tmp, layout)
             except OSError:
@@ -185,8 +187,8 @@ def image_for(extra: dict) -> str:
 class Devices:
     """Attachments of the host daemon (named ``PREFIX-ID``), their loop devices and ext4 mounts."""
 
-    def __init__(self, config: Config, config_path: str | None, prefix: str) -> None:
-        self.config, self.config_path, self.prefix = config, config_path, prefix
+    def __init__(self, config: Config, config_path: str | None, prefix: str, portal: TrioPortal) -> None:
+        self.config, self.config_path, self.prefix, self.portal = config, config_path, prefix, portal
 
     def name(self, snapshot_id: int) -> str:
         return f"{self.prefix}-{snapshot_id}"
@@ -219,24 +221,24 @@ class Devices:
     def loop_for(self, name: str, known: str | None, read_only: bool) -> str:
         """A loop device on the attachment's file: *known* if it still is one, else a new one."""
         path = self.export_path(name)
-        found = trio.run(system.find_loop_devices, path)
+        found = self.portal.run(system.find_loop_devices, path)
         if known in found:
             return known
         if found:
             return found[0]
         # read-only: buffered unless the config says direct, as `lazyfs mount` does (docs/warm.md)
         direct_io = not read_only or self.config.read_only_loop == "direct"
-        return trio.run(lambda: system.losetup_attach(path, read_only, direct_io))
+        return self.portal.run(lambda: system.losetup_attach(path, read_only, direct_io))
 
     def mount_ro(self, dev: str, target: str) -> None:
         entry = next((m for m in system.mounts() if m.mountpoint == target), None)
         if entry is not None:
             if entry.source == dev:
                 return
-            trio.run(lambda: system.umount(target, lazy=True))
+            self.portal.run(lambda: system.umount(target, lazy=True))
         os.makedirs(target, exist_ok=True)
         # noload: never replay a journal of a read-only image
-        trio.run(lambda: system.mount(dev, target, "ext4", read_only=True, options=("noload",)))
+        self.portal.run(lambda: system.mount(dev, target, "ext4", read_only=True, options=("noload",)))
 
     def teardown(self, name: str, mountpoint: str | None) -> list[str]:
         """Unmount *mountpoint*, detach the loop devices and the attachment; what failed, as messages."""
@@ -246,11 +248,11 @@ class Devices:
                 if not system.is_mountpoint(mountpoint):
                     break
                 try:
-                    trio.run(system.umount, mountpoint)
+                    self.portal.run(system.umount, mountpoint)
                 except LazyfsError:
                     # still used (a container's overlay over it): let the kernel finish later
                     try:
-                        trio.run(lambda: system.umount(mountpoint, lazy=True))
+                        self.portal.run(lambda: system.umount(mountpoint, lazy=True))
                     except LazyfsError as exc:
                         problems.append(str(exc))
                         break
@@ -260,9 +262,9 @@ class Devices:
                 pass
             except OSError as exc:
                 problems.append(f"rmdir {mountpoint}: {exc}")
-        for dev in trio.run(system.find_loop_devices, self.export_path(name)):
+        for dev in self.portal.run(system.find_loop_devices, self.export_path(name)):
             try:
-                trio.run(system.losetup_detach, dev)
+                self.portal.run(system.losetup_detach, dev)
             except LazyfsError as exc:
                 problems.append(str(exc))
         if daemon_alive(self.config):

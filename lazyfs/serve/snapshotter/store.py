@@ -84,26 +84,38 @@ class MetaStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self._lock = threading.RLock()
-        self._depth = 0
+        # One connection, so one user at a time. A plain lock, not an RLock: a thread inside a
+        # transaction() is recognised by its own thread-local depth, and methods called inside
+        # it run under the lock the transaction already holds. Only sqlite is done under it.
+        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def close(self) -> None:
-        with self._lock:
+        with self._locked():
             self._db.close()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The connection for this thread: taken, or already held by its transaction."""
+        if getattr(self._local, "depth", 0):
+            yield
+            return
+        with self._lock:
+            yield
 
     @contextmanager
     def transaction(self) -> Iterator["MetaStore"]:
         """All changes inside commit together or not at all (nested uses join the outer one)."""
+        if getattr(self._local, "depth", 0):
+            self._local.depth += 1
+            try:
+                yield self
+            finally:
+                self._local.depth -= 1
+            return
         with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self
-                finally:
-                    self._depth -= 1
-                return
             self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            self._local.depth = 1
             try:
                 yield self
             except BaseException:
@@ -112,26 +124,26 @@ class MetaStore:
             else:
                 self._db.execute("COMMIT")
             finally:
-                self._depth = 0
+                self._local.depth = 0
 
     # ------------------------------------------------------------ reads
 
     def get(self, key: str) -> Snapshot:
-        with self._lock:
+        with self._locked():
             r = self._db.execute(f"{_SELECT} WHERE s.key = ?", (key,)).fetchone()
         if r is None:
             raise NotFoundError(f"snapshot {key} does not exist")
         return _row(r)
 
     def by_id(self, id: int) -> Snapshot:
-        with self._lock:
+        with self._locked():
             r = self._db.execute(f"{_SELECT} WHERE s.id = ?", (id,)).fetchone()
         if r is None:
             raise NotFoundError(f"snapshot #{id} does not exist")
         return _row(r)
 
     def all(self) -> list[Snapshot]:
-        with self._lock:
+        with self._locked():
             return [_row(r) for r in self._db.execute(f"{_SELECT} ORDER BY s.id")]
 
     def ancestors(self, snap: Snapshot) -> list[Snapshot]:
@@ -145,7 +157,7 @@ class MetaStore:
         return out
 
     def has_children(self, id: int) -> bool:
-        with self._lock:
+        with self._locked():
             return self._db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (id,)).fetchone() is not None
 
     # ------------------------------------------------------------ changes
