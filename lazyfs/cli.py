@@ -156,14 +156,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
                          plain_http=_plain_http(args), devices=args.dev, setuid=args.suid, hydrate=_hydrate(args))
     if result.get("note"):  # a twin was mounted instead of the image named: never silently
         print(f"lazyfs: {result['note']}", file=sys.stderr)
+    if result.get("via"):  # an ordinary image, through its lazyfs index: say which path was taken
+        print(f"lazyfs: {args.image} is an ordinary image: mounted via {result['via']}", file=sys.stderr)
     if args.json:
         _print(result, True)
     else:
         mode = "read-write" if args.writable else "read-only"
         route = {"hydrated": f"loop on the hydrated local file {result.get('loop_file')}, no FUSE",
                  "buffered": "buffered loop"}.get(result.get("loop_route"), "direct-I/O loop")
-        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}, {route}) "
-              f"in {result['seconds']:.3f} s")
+        via = f" via {result['via'].split(' (')[0]}" if result.get("via") else ""
+        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}, {route})"
+              f"{via} in {result['seconds']:.3f} s")
     return 0
 
 

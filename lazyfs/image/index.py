@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import trio
 
-from lazyfs.errors import ConfigError, FormatError
+from lazyfs.errors import ConfigError, FormatError, IntegrityError, NotFoundError, TrustError
+from lazyfs.fetch.backend import Backend
+from lazyfs.fetch.directory import DirectoryBackend
+from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, RegistryBackend
 from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, MEDIA_TYPE_LAYER, LayerMeta
 from lazyfs.format.oci import (
     ANN_META_DIGEST,
@@ -35,6 +38,7 @@ from lazyfs.format.oci import (
     ANN_VIRTUAL_SIZE,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
+    ImageManifest,
     LayerDescriptor,
     canonical_json,
     parse_descriptor,
@@ -43,16 +47,35 @@ from lazyfs.format.oci import (
     sha256_digest,
 )
 from lazyfs.format.numbers import decimal
-from lazyfs.format.spanindex import MEDIA_TYPE_SPANS, SPAN_SIZE, MappedExtent, build_spans, encode_span_map
+from lazyfs.format.ociimage import host_platform, parse_source_manifest
+from lazyfs.format.reference import parse_reference
+from lazyfs.format.spanindex import (
+    MEDIA_TYPE_SPANS,
+    SPAN_SIZE,
+    MappedExtent,
+    SpanMap,
+    build_spans,
+    decode_span_map,
+    encode_span_map,
+)
 from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.blockmap import data_segments, fiemap, file_extents, verified_extents, without_mapped
 from lazyfs.image.build import known_chunks, write_layer
-from lazyfs.image.convert import ConvertProgress, SourceImage, open_source
+from lazyfs.image.convert import ConvertProgress, SourceImage, _choose, _is_lazyfs, open_source
+from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
-from lazyfs.image.referrers import add_referrer_local, add_referrer_remote
-from lazyfs.image.remote import ImageOpener
+from lazyfs.image.ref import parse_local_ref
+from lazyfs.image.referrers import add_referrer_local, add_referrer_remote, find_referrers_local, find_referrers_remote
+from lazyfs.image.remote import ImageOpener, OpenedImage
 from lazyfs.image.tarapply import LayerApplier, check_diff_id, scan_layer
-from lazyfs.image.trust import conversion_ledger
+from lazyfs.image.trust import (
+    ArtifactSource,
+    LayoutSource,
+    RegistrySource,
+    TrustPolicy,
+    conversion_ledger,
+    describe,
+)
 from lazyfs.image.workfs import WorkFs
 
 INDEX_ARTIFACT_TYPE = "application/vnd.lazyfs.index.v1"
@@ -82,6 +105,7 @@ class IndexManifest:
     subject: str
     virtual_size: int
     layers: tuple[IndexLayer, ...]
+    config: Descriptor
 
 
 def build_index_manifest(config: Descriptor, layers: list[IndexLayer], virtual_size: int,
@@ -137,7 +161,8 @@ def parse_index_manifest(data: bytes, subject: str, source_layers: list[str]) ->
         # the metadata layer is a lazyfs layer in all but its media type (so no reader mounts it alone)
         as_layer = Descriptor(MEDIA_TYPE_LAYER, m.digest, m.size, m.annotations)
         layers.append(IndexLayer(parse_layer_descriptor(as_layer, f"{where} layers[{2 * i}]"), s, source))
-    return IndexManifest(digest, subject, size, tuple(layers))
+    config = parse_descriptor(doc.get("config"), f"{where} config")
+    return IndexManifest(digest, subject, size, tuple(layers), config)
 
 
 # ---------------------------------------------------------------- building
@@ -327,3 +352,96 @@ async def index_image(opener: ImageOpener, source_text: str, *, platform: str | 
                     "span_map_bytes": r.span_map_bytes, "seconds": r.seconds} for r in indexer.reports],
     }
 
+
+
+# ---------------------------------------------------------------- opening an ordinary image through its index
+
+
+MAX_INDEXES_CHECKED = 16  # indexes of one image whose trust is checked, newest first
+
+
+def is_ordinary(data: bytes) -> bool:
+    """Whether *data* is a manifest (or index) of an ordinary image rather than a lazyfs image."""
+    return not _is_lazyfs(data)
+
+
+async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, limits: ImageLimits,
+                       source_sizes: list[int]) -> Image:
+    """The index's metadata layers (each tail checked against its meta-digest) and span maps (sha256-checked)."""
+    declared = sum(layer.spans.size for layer in index.layers)
+    if declared > limits.metadata_budget:
+        raise FormatError(f"{name}: its index declares {declared} bytes of span maps, more than the metadata "
+                          f"budget of {limits.metadata_budget} bytes (the config's metadata_budget)")
+    manifest = ImageManifest(index.digest, index.config, tuple(layer.meta for layer in index.layers),
+                             index.virtual_size, {}, None)
+    image = await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})", limits=limits)
+    maps: list[SpanMap] = []
+    for i, layer in enumerate(index.layers):
+        what = f"span map of layer {i} ({layer.source_digest[:19]}) of {name}"
+        data = await backend.read_range(layer.spans.digest, 0, layer.spans.size)
+        got = sha256_digest(data)
+        if got != layer.spans.digest:
+            raise IntegrityError(what, layer.spans.digest, got, backend.name)
+        span_map = await trio.to_thread.run_sync(decode_span_map, data, what)
+        if span_map.source_digest != layer.source_digest or span_map.source_size != source_sizes[i]:
+            raise FormatError(f"{what}: it maps {span_map.source_digest} of {span_map.source_size} bytes, not "
+                              f"{layer.source_digest} of {source_sizes[i]}")
+        maps.append(span_map)
+    return Image(manifest, image.layers, tuple(maps))
+
+
+async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str) -> OpenedImage:
+    """Open the ordinary image *text* (its manifest *data*) through a trusted lazyfs index.
+
+    NotFoundError when it has none (saying how to make one), TrustError when none is trusted.
+    """
+    platform = host_platform()
+    local = parse_local_ref(text)
+    policy = TrustPolicy.from_config(opener.config)
+    if local is not None:
+        layout = OciLayout(local.path)
+
+        async def load_local(d: Descriptor) -> bytes:
+            return layout.read_blob(d.digest)
+
+        data, media_type, digest = await _choose(data, media_type, digest, platform, text, load_local)
+        entries = find_referrers_local(layout, digest, INDEX_ARTIFACT_TYPE)
+        artifacts: ArtifactSource = LayoutSource(layout)
+        backend: Backend = DirectoryBackend(layout.path)
+
+        async def manifest_of(d: str) -> bytes:
+            return layout.read_blob(d)
+        remote = None
+    else:
+        client = opener.client
+        ref = parse_reference(text)
+
+        async def load_remote(d: Descriptor) -> bytes:
+            return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
+
+        data, media_type, digest = await _choose(data, media_type, digest, platform, text, load_remote)
+        entries = await find_referrers_remote(client, ref.repo(), digest, INDEX_ARTIFACT_TYPE)
+        artifacts = RegistrySource(client, ref.repo())
+        backend = RegistryBackend(client, ref.repo())
+
+        async def manifest_of(d: str) -> bytes:
+            return (await client.get_manifest(ref.with_digest(d), accept=(MEDIA_TYPE_MANIFEST,)))[0]
+        remote = ref.with_digest(digest)
+    source = parse_source_manifest(data, digest, media_type)
+    if not entries:
+        raise NotFoundError(f"{text} is an ordinary image ({digest}) with no lazyfs index: run `lazyfs index {text}` "
+                            f"(or `lazyfs convert`) first")
+    refused = []
+    for entry in reversed(entries[-MAX_INDEXES_CHECKED:]):
+        decision = await policy.check(artifacts, entry["digest"], digest)
+        if not decision.trusted:
+            refused.append(decision)
+            continue
+        index = parse_index_manifest(await manifest_of(entry["digest"]), digest,
+                                     [layer.digest for layer in source.layers])
+        image = await load_indexed(index, backend, name=text, limits=opener.limits,
+                                   source_sizes=[layer.size for layer in source.layers])
+        via = f"index {index.digest} ({decision.reason})"
+        return OpenedImage(text, image, backend, local=local, remote=remote, via=via)
+    raise TrustError(f"no trusted lazyfs index of {text} ({digest}): {describe(refused)}. Index it on this host "
+                     f"(lazyfs index), or sign the index and list the signer's root in trust.trust_store (docs/index.md)")

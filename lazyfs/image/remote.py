@@ -13,7 +13,7 @@ from lazyfs.errors import FetchError, LazyfsError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.directory import DirectoryBackend
-from lazyfs.fetch.registry import ProxySettings, RegistryBackend, RegistryClient, RegistryConfig, RetryPolicy
+from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, ProxySettings, RegistryBackend, RegistryClient, RegistryConfig, RetryPolicy
 from lazyfs.fetch.registry.certsd import load_hosts_dir
 from lazyfs.fetch.registry.hosts import HostsEntry
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
@@ -37,6 +37,7 @@ class OpenedImage:
     backend: Backend
     local: LocalRef | None = None
     remote: Reference | None = None
+    via: str = ""  # how an ordinary image was opened ("index <digest> (why it is trusted)"); "" for lazyfs images
 
     @property
     def backends(self) -> list[Backend]:
@@ -49,7 +50,7 @@ class OpenedImage:
     def blobs(self) -> set[str]:
         """Every blob any chunk of the image can come from."""
         return {loc.blob for meta, digest in self.image.layers for loc in meta.locations(digest)} | {
-            digest for _, digest in self.image.layers}
+            digest for _, digest in self.image.layers} | {m.source_digest for m in self.image.mapped if m is not None}
 
 
 class FallbackBackend(Backend):
@@ -157,7 +158,11 @@ class ImageOpener:
         if local is not None:
             return await self._open_local(text, local)
         ref = parse_reference(text)
-        data, _, digest = await self.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+        data, media_type, digest = await self.client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+        if _ordinary(data):  # an ordinary image: through its lazyfs index, if it has a trusted one
+            from lazyfs.image.index import open_indexed
+
+            return await open_indexed(self, text, data, media_type, digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         backend = RegistryBackend(self.client, ref.repo())
         image = await _load(text, manifest, backend, None, self.limits)
@@ -166,6 +171,10 @@ class ImageOpener:
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
         data, desc = layout.read_manifest(local.tag)
+        if _ordinary(data):
+            from lazyfs.image.index import open_indexed
+
+            return await open_indexed(self, text, data, desc.media_type, desc.digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)
         if source is not None and not all(layout.has_blob(layer.digest) for layer in manifest.layers):
@@ -176,6 +185,20 @@ class ImageOpener:
             return OpenedImage(text, image, backend, local=local, remote=ref)
         backend = DirectoryBackend(layout.path)
         return OpenedImage(text, await _load(text, manifest, backend, None, self.limits), backend, local=local)
+
+
+def _ordinary(data: bytes) -> bool:
+    """Whether a manifest is an ordinary image's (or an index of them): no layer is a lazyfs layer."""
+    try:
+        doc = parse_json(data, "manifest")
+    except LazyfsError:
+        return False
+    if isinstance(doc.get("manifests"), list):
+        return True
+    layers = doc.get("layers")
+    return isinstance(layers, list) and bool(layers) and doc.get("artifactType") is None and not any(
+        isinstance(layer, dict) and str(layer.get("mediaType", "")).startswith("application/vnd.lazyfs.")
+        for layer in layers)
 
 
 def _saved_tail_path(layout: OciLayout, digest: str) -> str:
