@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import tarfile
 from io import BytesIO
 import urllib.request
@@ -163,6 +164,39 @@ def test_mount_through_index_matches_umoci_and_source_is_untouched(env, edge, va
     assert info_lines[0]["via"].startswith(f"index {summary['index']}")
     assert tree["big/random.bin"][5] == hashlib.sha256(RANDOM_FILE).hexdigest()
     assert leftovers(env.tmp / "cache-main") == []
+
+
+def test_multi_arch_index_and_export(env, edge, tmp_path):
+    """An image index (amd64 + arm64): `lazyfs index` indexes this host's platform, `lazyfs export`
+    of the index's reference goes through it, and the exported disk passes e2fsck."""
+    src = str(tmp_path / "multi")
+    amd = write_image(src, None, edge["tars"][:2], compression="gzip")
+    arm = write_image(src, None, edge["tars"][:1], compression="gzip", architecture="arm64")
+    from tests.support.ociimages import write_index
+
+    write_index(src, "v", [(*amd, "linux/amd64"), (*arm, "linux/arm64")])
+    ref = env.ref("edge/multi:v")
+    push_layout(env, src, amd[0], ref.replace(":v", "@" + amd[0]))
+    push_layout(env, src, arm[0], ref.replace(":v", "@" + arm[0]))
+    layout = OciLayout(src)
+    data, desc = layout.read_manifest("v")
+
+    async def put_index():
+        config = Config(registries=(RegistrySettings(env.registry.registry, plain_http=True),))
+        async with ImageOpener(config) as opener:
+            await opener.client.put_manifest(parse_reference(ref), data, desc.media_type)
+
+    trio.run(put_index)
+    summary = index(env, ref)
+    assert summary["source_manifest"] == amd[0] and summary["platform"] == "linux/amd64"
+    out = tmp_path / "export"
+    env.lazyfs("export", ref, str(out))
+    try:
+        disk = out / "disk.img"
+        fsck = subprocess.run(["e2fsck", "-fn", str(disk)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    finally:
+        env.lazyfs("umount", str(out))
 
 
 def test_ordinary_image_without_index_says_so(env, edge, tmp_path):
