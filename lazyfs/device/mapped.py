@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lazyfs.format.spanindex import MappedExtent, SpanLocation, SpanMap
+from lazyfs.format.spanindex import ZSTD_WHOLE, MappedExtent, SpanLocation, SpanMap
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -33,6 +33,13 @@ def tar_range(ref: MappedRef, first_block: int, blocks: int) -> tuple[int, int]:
 
 
 def span_locations(ref: MappedRef, first_block: int, blocks: int) -> list[SpanLocation]:
+    """The spans a read of these blocks needs: those covering its tar bytes.
+
+    For a single-frame zstd layer (``zstd-whole``), all of its spans: each is decoded
+    from the blob's first byte, so they are asked for together and served from one fetch.
+    """
+    if ref.spans.access == ZSTD_WHOLE:
+        return list(ref.spans.spans)
     lo, hi = tar_range(ref, first_block, blocks)
     return ref.spans.spans_for(lo, hi)
 

@@ -233,6 +233,8 @@ class GzipScanner:
                                                        self._history))
                 if ret == _Z_BUF_ERROR and not self._inflater.avail_in and not self._pending:
                     return
+                if ret == _Z_BUF_ERROR and not piece and before == self._inflater.avail_in:
+                    raise FormatError(f"gzip stream makes no progress at compressed byte {self.consumed}")
             elif self._state == "trailer":
                 if len(self._pending) < 8:
                     return

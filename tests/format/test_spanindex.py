@@ -134,3 +134,14 @@ def test_bad_blobs_are_format_errors() -> None:
     with pytest.raises(FormatError):
         build_spans(io.BytesIO(gzip.compress(data)), "gzip", 10, lambda b: None, span_size=SPAN, limit=1000)
     assert os.urandom  # keep the import used in both branches
+
+
+def test_long_deflate_blocks_are_split_into_spans_that_skip_from_their_checkpoint() -> None:
+    rnd = random.Random(6)
+    data = rnd.randbytes(100_000) + bytes(3_000_000) + rnd.randbytes(100_000)
+    blob, m = _build("gzip", data)
+    assert any(s.skip > 0 for s in m.spans), "a block longer than 4 spans must be cut with skips"
+    assert max(s.raw_length for s in m.spans) <= 4 * SPAN
+    for span in m.spans:
+        raw = decode_location(span, blob[span.offset:span.offset + span.compressed_length])
+        assert raw == data[span.tar_offset:span.tar_offset + span.raw_length]
