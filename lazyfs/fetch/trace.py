@@ -24,6 +24,7 @@ import trio
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
+from lazyfs.format.spanindex import SpanLocation
 from lazyfs.nursery import open_nursery
 
 __all__ = [
@@ -68,6 +69,8 @@ class TraceRecorder:
 
     def record(self, loc: ChunkLocation) -> None:
         if self.stopped or loc.digest in self._seen or len(self._locations) >= self.max_entries:
+            return
+        if isinstance(loc, SpanLocation):  # spans of an indexed image: not in the trace format (docs/index.md §7)
             return
         self._seen.add(loc.digest)
         self._locations.append(loc)
