@@ -61,7 +61,7 @@ from lazyfs.format.spanindex import (
 from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.blockmap import data_segments, fiemap, file_extents, verified_extents, without_mapped
 from lazyfs.image.build import known_chunks, write_layer
-from lazyfs.image.convert import ConvertProgress, SourceImage, _choose, _is_lazyfs, open_source
+from lazyfs.image.convert import ConvertProgress, SourceImage, _choose, open_source
 from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import parse_local_ref
@@ -358,11 +358,6 @@ async def index_image(opener: ImageOpener, source_text: str, *, platform: str | 
 
 
 MAX_INDEXES_CHECKED = 16  # indexes of one image whose trust is checked, newest first
-
-
-def is_ordinary(data: bytes) -> bool:
-    """Whether *data* is a manifest (or index) of an ordinary image rather than a lazyfs image."""
-    return not _is_lazyfs(data)
 
 
 async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, limits: ImageLimits,
