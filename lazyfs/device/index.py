@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from lazyfs.device.mapped import MappedRef, span_locations
 from lazyfs.errors import FormatError
 from lazyfs.format.layer import ZEROED, ChunkLocation, LayerMeta
-from lazyfs.format.spanindex import SpanMap
+from lazyfs.format.spanindex import SpanLocation, SpanMap
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,20 +125,21 @@ class MergedIndex:
 
     def following(self, loc: ChunkLocation, count: int) -> list[ChunkLocation]:
         """Up to *count* distinct chunks read after *loc*'s first use, in virtual order (for readahead)."""
+        if isinstance(loc, SpanLocation):
+            return []  # a span (~1 MiB) is itself as much as the readahead of several chunks
         if self._first_use is None:
             first: dict[bytes, int] = {}
             for i, seg in enumerate(self.segments):
-                for one in seg.locations():
-                    first.setdefault(one.digest, i)
+                if seg.loc is not None:
+                    first.setdefault(seg.loc.digest, i)
             self._first_use = first
         i = self._first_use.get(loc.digest)
         if i is None:
             return []
         out: dict[bytes, ChunkLocation] = {}
         for seg in self.segments[i + 1 : i + 1 + 4 * count]:
-            for one in seg.locations():
-                if one.digest != loc.digest:
-                    out.setdefault(one.digest, one)
+            if seg.loc is not None and seg.loc.digest != loc.digest:  # chunks only: spans are read on demand
+                out.setdefault(seg.loc.digest, seg.loc)
             if len(out) >= count:
                 break
         return list(out.values())[:count]

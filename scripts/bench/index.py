@@ -13,7 +13,8 @@ stdlib, Perl, and /etc + zoneinfo), pushed byte for byte to a local docker-regis
   full pull: every layer blob fetched through the same proxy, then `umoci unpack`.
   Bytes fetched are counted at the proxy.
 
-Usage: scripts/bench/index.py [--workdir DIR] [--mbit 100] [--rtt 0 0.02] [--files 300] [--json FILE]
+Usage: scripts/bench/index.py [--workdir DIR] [--mbit 100] [--rtt 0 0.02] [--files 300] [--span-size 1M]
+                              [--json FILE]
 Needs root, umoci, docker-registry.
 """
 
@@ -198,13 +199,14 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=100)
     parser.add_argument("--rtt", type=float, nargs="+", default=[0.0, 0.02])
     parser.add_argument("--files", type=int, default=300)
+    parser.add_argument("--span-size", default="1M", help="passed to lazyfs index")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root", file=sys.stderr)
         return 1
     work = args.workdir or tempfile.mkdtemp(prefix="lazyfs-bench-index-", dir="/var/tmp")
-    results: dict = {"trees": args.trees}
+    results: dict = {"trees": args.trees, "files": args.files, "span_size": args.span_size}
     try:
         tars = make_tars(work, args.trees)
         layout = os.path.join(work, "image")
@@ -220,7 +222,7 @@ def main() -> int:
             cfg["registries"] = [{"host": reg.registry, "plain_http": True}]
             with open(build, "w") as f:
                 json.dump(cfg, f)
-            summary, index_s = lazyfs(build, "index", ref)
+            summary, index_s = lazyfs(build, "index", ref, "--span-size", args.span_size)
             converted, convert_s = lazyfs(build, "convert", ref, f"{reg.registry}/bench/app:lazyfs", "--no-cache")
             drop_caches()
             t = time.perf_counter()
