@@ -424,8 +424,8 @@ async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: 
         remote = ref.with_digest(digest)
     source = parse_source_manifest(data, digest, media_type)
     if not entries:
-        raise NotFoundError(f"{text} is an ordinary image ({digest}) with no lazyfs index: run `lazyfs index {text}` "
-                            f"(or `lazyfs convert`) first")
+        raise NotFoundError(f"{text} is an ordinary image ({digest}) with no lazyfs index: index it "
+                            f"(`lazyfs index {text}`) or convert it first (`lazyfs convert`)")
     refused = []
     for entry in reversed(entries[-MAX_INDEXES_CHECKED:]):
         decision = await policy.check(artifacts, entry["digest"], digest)
