@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import trio
 
-from lazyfs.errors import ConfigError, FormatError, IntegrityError, NotFoundError, TrustError
+from lazyfs.errors import ConfigError, FormatError, IntegrityError, LazyfsError, NotFoundError, TrustError
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import MANIFEST_MEDIA_TYPES, RegistryBackend
@@ -77,6 +77,7 @@ from lazyfs.image.trust import (
     describe,
 )
 from lazyfs.image.workfs import WorkFs
+from lazyfs.nursery import open_nursery
 
 INDEX_ARTIFACT_TYPE = "application/vnd.lazyfs.index.v1"
 MEDIA_TYPE_INDEX_CONFIG = "application/vnd.lazyfs.index.config.v1+json"
@@ -370,18 +371,29 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
     manifest = ImageManifest(index.digest, index.config, tuple(layer.meta for layer in index.layers),
                              index.virtual_size, {}, None)
     image = await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})", limits=limits)
-    maps: list[SpanMap] = []
-    for i, layer in enumerate(index.layers):
+    maps: list[SpanMap | None] = [None] * len(index.layers)
+    errors: dict[int, LazyfsError] = {}
+
+    async def one(i: int, layer: IndexLayer) -> None:
         what = f"span map of layer {i} ({layer.source_digest[:19]}) of {name}"
-        data = await backend.read_range(layer.spans.digest, 0, layer.spans.size)
-        got = sha256_digest(data)
-        if got != layer.spans.digest:
-            raise IntegrityError(what, layer.spans.digest, got, backend.name)
-        span_map = await trio.to_thread.run_sync(decode_span_map, data, what)
-        if span_map.source_digest != layer.source_digest or span_map.source_size != source_sizes[i]:
-            raise FormatError(f"{what}: it maps {span_map.source_digest} of {span_map.source_size} bytes, not "
-                              f"{layer.source_digest} of {source_sizes[i]}")
-        maps.append(span_map)
+        try:
+            data = await backend.read_range(layer.spans.digest, 0, layer.spans.size)
+            got = sha256_digest(data)
+            if got != layer.spans.digest:
+                raise IntegrityError(what, layer.spans.digest, got, backend.name)
+            span_map = await trio.to_thread.run_sync(decode_span_map, data, what)
+            if span_map.source_digest != layer.source_digest or span_map.source_size != source_sizes[i]:
+                raise FormatError(f"{what}: it maps {span_map.source_digest} of {span_map.source_size} bytes, "
+                                  f"not {layer.source_digest} of {source_sizes[i]}")
+            maps[i] = span_map
+        except LazyfsError as exc:  # reported once, below, as itself (not inside an exception group)
+            errors[i] = exc
+
+    async with open_nursery() as nursery:  # one round trip for all of them, not one per layer
+        for i, layer in enumerate(index.layers):
+            nursery.start_soon(one, i, layer)
+    if errors:
+        raise errors[min(errors)]
     return Image(manifest, image.layers, tuple(maps))
 
 

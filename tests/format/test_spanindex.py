@@ -145,3 +145,28 @@ def test_long_deflate_blocks_are_split_into_spans_that_skip_from_their_checkpoin
     for span in m.spans:
         raw = decode_location(span, blob[span.offset:span.offset + span.compressed_length])
         assert raw == data[span.tar_offset:span.tar_offset + span.raw_length]
+
+
+def test_mutated_span_maps_are_format_errors_or_valid() -> None:
+    """Random byte flips and truncations of a span map's msgpack: never anything but FormatError."""
+    import msgpack
+
+    data = _stream(8, 200_000)
+    _, m = _build("gzip", data)
+    raw = zstandard.ZstdDecompressor().decompress(encode_span_map(m))
+    rnd = random.Random(9)
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(300):
+        mutated = bytearray(raw)
+        for _ in range(rnd.randint(1, 4)):
+            mutated[rnd.randrange(len(mutated))] = rnd.randrange(256)
+        if rnd.random() < 0.2:
+            mutated = mutated[:rnd.randrange(len(mutated))]
+        stored = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(mutated))
+        try:
+            decode_span_map(stored)
+            outcomes["ok"] += 1
+        except FormatError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 30  # most flips land in digests and windows, which stay well-formed
+    assert msgpack  # the codec under test
