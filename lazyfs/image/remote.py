@@ -159,7 +159,7 @@ class ImageOpener:
             return await self._open_local(text, local)
         ref = parse_reference(text)
         data, media_type, digest = await self.client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
-        if _ordinary(data):  # an ordinary image: through its lazyfs index, if it has a trusted one
+        if ordinary_manifest(data):  # an ordinary image: through its lazyfs index, if it has a trusted one
             from lazyfs.image.index import open_indexed
 
             return await open_indexed(self, text, data, media_type, digest)
@@ -171,7 +171,7 @@ class ImageOpener:
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
         data, desc = layout.read_manifest(local.tag)
-        if _ordinary(data):
+        if ordinary_manifest(data):
             from lazyfs.image.index import open_indexed
 
             return await open_indexed(self, text, data, desc.media_type, desc.digest)
@@ -187,7 +187,7 @@ class ImageOpener:
         return OpenedImage(text, await _load(text, manifest, backend, None, self.limits), backend, local=local)
 
 
-def _ordinary(data: bytes) -> bool:
+def ordinary_manifest(data: bytes) -> bool:
     """Whether a manifest is an ordinary image's (or an index of them): no layer is a lazyfs layer."""
     try:
         doc = parse_json(data, "manifest")
