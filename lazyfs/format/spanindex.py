@@ -390,11 +390,14 @@ def _ints(row: object, n: int, what: str) -> list[int]:
     return row
 
 
-def decode_span_map(stored: bytes, what: str = "span map") -> SpanMap:
-    """Parse and check a span map (every rule of docs/index.md §3); FormatError naming the field."""
+def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_DOC) -> SpanMap:
+    """Parse and check a span map (every rule of docs/index.md §3); FormatError naming the field.
+
+    *max_size*: the most decompressed bytes accepted (checked on the frame header, before decompressing).
+    """
     size = declared_size(stored, what)
-    if size > MAX_DOC:
-        raise FormatError(f"{what}: {size} bytes decompressed (at most {MAX_DOC})")
+    if size > min(max_size, MAX_DOC):
+        raise FormatError(f"{what}: {size} bytes decompressed (at most {min(max_size, MAX_DOC)})")
     raw = decompress_declared(stored, size, what)
     try:
         doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=MAX_WINDOW_STORED,

@@ -381,7 +381,7 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
             got = sha256_digest(data)
             if got != layer.spans.digest:
                 raise IntegrityError(what, layer.spans.digest, got, backend.name)
-            span_map = await trio.to_thread.run_sync(decode_span_map, data, what)
+            span_map = await trio.to_thread.run_sync(decode_span_map, data, what, limits.metadata_budget)
             if span_map.source_digest != layer.source_digest or span_map.source_size != source_sizes[i]:
                 raise FormatError(f"{what}: it maps {span_map.source_digest} of {span_map.source_size} bytes, "
                                   f"not {layer.source_digest} of {source_sizes[i]}")
