@@ -6,6 +6,7 @@ import gzip
 import io
 import os
 import random
+import subprocess
 
 import pytest
 import zstandard
@@ -53,6 +54,7 @@ BLOBS = {
     "zstd-frames": lambda d: _zstd_frames(d, 20000),
     "zstd-single": lambda d: zstandard.ZstdCompressor(level=3).compress(d),
     "none": lambda d: d,
+    "gzip-cli": lambda d: subprocess.run(["gzip", "-c", "-n", "-9"], input=d, capture_output=True, check=True).stdout,
 }
 
 
