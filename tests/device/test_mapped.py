@@ -96,3 +96,30 @@ def test_mapped_blocks_may_not_overlap_the_layers_own_extents():
     _, _, spans, meta, backend = _setup((MappedExtent(0, 2, 0, 2 * BS),))
     with pytest.raises(FormatError, match="overlap"):
         MergedDevice([(meta, LAYER)], DirectChunkStore(backend), size=64 * BS, mapped=[spans])
+
+
+def test_an_upper_layer_cuts_a_mapped_extent_and_the_rest_keeps_its_tar_offsets():
+    """Layer 0 maps blocks 0..12 to the tar; layer 1 stores blocks 3..5 and zeroes block 9: the clipped
+    pieces of the mapped extent still read the tar bytes of their own blocks."""
+    tar, _, spans, _, backend = _setup((MappedExtent(0, 12, 5000, 12 * BS),))
+    bottom_meta, bottom_blob = _layer(40, b"\x01" * BS)  # layer 0's own chunk, away from the mapped blocks
+    b = BlobBuilder(64 * BS, 64 << 10)
+    digest, stored, compression = encode_chunk(b"\x09" * 3 * BS)
+    frames = b.add_chunk(3, digest, stored, compression, 3 * BS)
+    b.add_zeroed(9, 1)
+    top_blob = frames + b.finish()
+    top_meta = parse_blob(top_blob)[1]
+    top = "sha256:" + "33" * 32
+    backend.blobs[LAYER] = bottom_blob
+    backend.blobs[top] = top_blob
+
+    async def main():
+        device = MergedDevice([(bottom_meta, LAYER), (top_meta, top)], DirectChunkStore(backend), size=64 * BS,
+                              mapped=[spans, None])
+        return await device.read(0, 16 * BS)
+
+    got = trio.run(main)
+    want = bytearray(tar[5000:5000 + 12 * BS] + bytes(4 * BS))
+    want[3 * BS:6 * BS] = b"\x09" * 3 * BS
+    want[9 * BS:10 * BS] = bytes(BS)
+    assert got == bytes(want)
