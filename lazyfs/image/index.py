@@ -61,7 +61,7 @@ from lazyfs.format.spanindex import (
 from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.blockmap import data_segments, fiemap, file_extents, verified_extents, without_mapped
 from lazyfs.image.build import known_chunks, write_layer
-from lazyfs.image.convert import ConvertProgress, SourceImage, _choose, open_source
+from lazyfs.image.convert import DOWNLOAD_CONCURRENCY, ConvertProgress, SourceImage, _choose, open_source
 from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import parse_local_ref
@@ -221,15 +221,37 @@ class Indexer:
         self.layers: list[IndexLayer] = []
         self.reports: list[_LayerReport] = []
         self.virtual_size = 0
+        self._blobs: dict[int, str] = {}  # layer -> its blob file, once downloaded
+        self._ready: dict[int, trio.Event] = {}
 
     async def run(self) -> None:
         with tempfile.TemporaryDirectory(prefix="index-", dir=self.work_root) as work:
             fs = WorkFs(os.path.join(work, "fs"))
             os.makedirs(fs.directory, exist_ok=True)
             lower: list[tuple[LayerMeta, str]] = []
-            for i in range(len(self.source.manifest.layers)):
-                lower.append(await self._layer(i, work, fs, lower))
+            count = len(self.source.manifest.layers)
+            self._ready = {i: trio.Event() for i in range(count)}
+            async with open_nursery() as nursery:  # downloads run ahead of the indexing, as in convert
+                nursery.start_soon(self._download_all, work)
+                for i in range(count):
+                    lower.append(await self._layer(i, work, fs, lower))
             self.virtual_size = fs.size
+
+    async def _download_all(self, work: str) -> None:
+        limiter = trio.CapacityLimiter(DOWNLOAD_CONCURRENCY)
+
+        async def one(i: int) -> None:
+            layer = self.source.manifest.layers[i]
+            if layer.size > self.max_layer_bytes:
+                raise FormatError(f"layer {i} ({layer.digest[:19]}) of {self.source.text}: {layer.size} bytes, "
+                                  f"more than the {self.max_layer_bytes}-byte limit")
+            async with limiter:
+                self._blobs[i] = await self.source.fetch_layer(i, work)
+            self._ready[i].set()
+
+        async with open_nursery() as nursery:
+            for i in sorted(self._ready):
+                nursery.start_soon(one, i)
 
     async def _layer(self, i: int, work: str, fs: WorkFs, lower: list[tuple[LayerMeta, str]]):
         started = time.monotonic()
@@ -237,7 +259,8 @@ class Indexer:
         what = f"layer {i} ({source_layer.digest[:19]}) of {self.source.text}"
         if source_layer.size > self.max_layer_bytes:
             raise FormatError(f"{what}: {source_layer.size} bytes, more than the {self.max_layer_bytes}-byte limit")
-        blob = await self.source.fetch_layer(i, work)
+        await self._ready[i].wait()
+        blob = self._blobs[i]
         size = await trio.to_thread.run_sync(os.path.getsize, blob)
         if size != source_layer.size:
             raise FormatError(f"{what}: the blob is {size} bytes, its descriptor says {source_layer.size}")
