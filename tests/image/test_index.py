@@ -45,12 +45,16 @@ RANDOM_FILE = random.Random(7).randbytes(300_000)  # incompressible: gzip stores
 
 
 def layer4(path: str) -> str:
-    """Larger files, so layers have many spans: random bytes, text, and a file of zeros."""
+    """Larger files, so layers have many spans: random bytes, text, a file of zeros, a name written twice."""
     rnd = random.Random(11)
     text = "\n".join(f"line {i} {rnd.randint(0, 10 ** 9)}" for i in range(40_000)).encode()
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        # big/dup twice: the second replaces the first within the layer (tar semantics); the first copy's
+        # FIEMAP candidates must not survive (blockmap.verified_extents; its unit test shows the check)
         for name, data in (("big/random.bin", RANDOM_FILE), ("big/text.txt", text), ("big/zeros", bytes(200_000)),
-                           ("big/odd", rnd.randbytes(4097))):
+                           ("big/odd", rnd.randbytes(4097)), ("big/dup", rnd.randbytes(40_000)),
+                           ("big/dup", rnd.randbytes(60_000)), ("big/after1", rnd.randbytes(40_000)),
+                           ("big/after2", rnd.randbytes(40_000))):
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 1_600_000_000, 0o644
             tf.addfile(info, BytesIO(data))
