@@ -156,14 +156,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
                          plain_http=_plain_http(args), devices=args.dev, setuid=args.suid, hydrate=_hydrate(args))
     if result.get("note"):  # a twin was mounted instead of the image named: never silently
         print(f"lazyfs: {result['note']}", file=sys.stderr)
+    if result.get("via"):  # an ordinary image, through its lazyfs index: say which path was taken
+        print(f"lazyfs: {args.image} is an ordinary image: mounted via {result['via']}", file=sys.stderr)
     if args.json:
         _print(result, True)
     else:
         mode = "read-write" if args.writable else "read-only"
         route = {"hydrated": f"loop on the hydrated local file {result.get('loop_file')}, no FUSE",
                  "buffered": "buffered loop"}.get(result.get("loop_route"), "direct-I/O loop")
-        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}, {route}) "
-              f"in {result['seconds']:.3f} s")
+        via = f" via {result['via'].split(' (')[0]}" if result.get("via") else ""
+        print(f"mounted {result.get('image', args.image)} at {result['target']} ({mode}, {result['loop']}, {route})"
+              f"{via} in {result['seconds']:.3f} s")
     return 0
 
 
@@ -350,6 +353,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from lazyfs.image.index import index_image
+    from lazyfs.image.remote import ImageOpener
+
+    async def run(progress):
+        async with ImageOpener(_config(args)) as opener:
+            return await index_image(opener, args.source, platform=args.platform, chunk_size=args.chunk_size,
+                                     span_size=args.span_size, progress=progress)
+
+    result = _run_with_progress(args, run)
+    if args.json:
+        _print(result, True)
+    elif not args.quiet:
+        print(f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
+              f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
+              f"built in {result['build_seconds']:.1f} s)")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from lazyfs.doctor import examine
 
@@ -453,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress bars)")
 
+    p = add("index", cmd_index, "index an ordinary OCI image for lazy start without converting it (docs/index.md)")
+    p.add_argument("source", help="registry reference or oci:DIR[:TAG]; the index is stored as its referrer")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-arch index (default: this host's)")
+    p.add_argument("--chunk-size", **chunk)
+    p.add_argument("--span-size", type=parse_size, default=1 << 20,
+                   help="uncompressed bytes per verified span (default 1M)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress bars)")
+
     p = add("mount", cmd_mount, "mount IMAGE (registry reference or local layout) at TARGET, lazily")
     p.add_argument("image")
     p.add_argument("target")
@@ -524,11 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
 # Through the daemon (mount, export, commit TARGET REF, tcmu attach) the flag travels with the
 # request; rpull refuses it, because the snapshotter fetches the layers with its own config.
 # See docs/errors.md.
-REGISTRY_COMMANDS = frozenset({"push", "pull", "convert", "mount", "export", "commit", "tcmu", "rpull", "daemon",
+REGISTRY_COMMANDS = frozenset({"push", "pull", "convert", "index", "mount", "export", "commit", "tcmu", "rpull", "daemon",
                                "snapshotter", "config", "verify"})
 
 
-_SUBJECT = {"pull": "ref", "rpull": "ref", "convert": "source", "umount": "target", "stats": "target"}
+_SUBJECT = {"pull": "ref", "rpull": "ref", "convert": "source", "index": "source", "umount": "target", "stats": "target"}
 
 
 def error_line(args: argparse.Namespace, exc: BaseException) -> str:

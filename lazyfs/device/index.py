@@ -7,20 +7,40 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lazyfs.device.mapped import MappedRef, span_locations
+from lazyfs.errors import FormatError
 from lazyfs.format.layer import ZEROED, ChunkLocation, LayerMeta
+from lazyfs.format.spanindex import SpanLocation, SpanMap
 
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """Virtual blocks ``[start, end)`` served from *loc* starting at its block *chunk_block*; loc None = zeros."""
+    """Virtual blocks ``[start, end)`` served from *loc* starting at its block *chunk_block*; loc None = zeros.
+
+    A mapped segment (*mapped* set, *loc* None) reads tar bytes from its extent's
+    block *chunk_block* on (``lazyfs.device.mapped``).
+    """
 
     start: int
     end: int
     loc: ChunkLocation | None
     chunk_block: int = 0
+    mapped: MappedRef | None = None
 
     def clip(self, start: int, end: int) -> "Segment":
-        return Segment(start, end, self.loc, self.chunk_block + (start - self.start))
+        return Segment(start, end, self.loc, self.chunk_block + (start - self.start), self.mapped)
+
+    @property
+    def has_data(self) -> bool:
+        return self.loc is not None or self.mapped is not None
+
+    def locations(self) -> list[ChunkLocation]:
+        """What a read of the whole segment needs: its chunk, or the spans of its tar bytes."""
+        if self.loc is not None:
+            return [self.loc]
+        if self.mapped is not None:
+            return list(span_locations(self.mapped, self.chunk_block, self.end - self.start))
+        return []
 
 
 def layer_segments(meta: LayerMeta, blob_digest: str) -> list[Segment]:
@@ -29,6 +49,19 @@ def layer_segments(meta: LayerMeta, blob_digest: str) -> list[Segment]:
     return [
         Segment(e.start, e.end, None if e.chunk == ZEROED else locs[e.chunk], e.chunk_offset) for e in meta.extents
     ]
+
+
+def mapped_segments(spans: SpanMap) -> list[Segment]:
+    return [Segment(e.start, e.end, None, 0, MappedRef(spans, e)) for e in spans.mapped]
+
+
+def with_mapped(segments: list[Segment], mapped: list[Segment], what: str) -> list[Segment]:
+    """A layer's chunk extents and its mapped extents, sorted (FormatError if they overlap)."""
+    out = sorted(segments + mapped, key=lambda s: s.start)
+    for prev, seg in zip(out, out[1:]):
+        if seg.start < prev.end:
+            raise FormatError(f"{what}: mapped blocks {seg.start}.. overlap the layer's own extents")
+    return out
 
 
 def overlay(lower: Sequence[Segment], upper: Sequence[Segment]) -> list[Segment]:
@@ -52,13 +85,21 @@ def overlay(lower: Sequence[Segment], upper: Sequence[Segment]) -> list[Segment]
 class MergedIndex:
     """Where each virtual block of a stack of read-only layers comes from."""
 
-    def __init__(self, layers: Sequence[tuple[LayerMeta, str]], blocks: int) -> None:
-        """*layers*: ``(meta, blob digest)`` bottom first; *blocks*: the device size in blocks."""
+    def __init__(self, layers: Sequence[tuple[LayerMeta, str]], blocks: int,
+                 mapped: Sequence[SpanMap | None] | None = None) -> None:
+        """*layers*: ``(meta, blob digest)`` bottom first; *blocks*: the device size in blocks.
+
+        *mapped*: per layer, the span map of an indexed layer (its mapped extents join the layer's own).
+        """
         merged: list[Segment] = []
-        for meta, digest in layers:
-            merged = overlay(merged, layer_segments(meta, digest))
+        for i, (meta, digest) in enumerate(layers):
+            segments = layer_segments(meta, digest)
+            spans = mapped[i] if mapped else None
+            if spans is not None:
+                segments = with_mapped(segments, mapped_segments(spans), f"layer {i} ({digest[:19]})")
+            merged = overlay(merged, segments)
         # ZEROED segments have done their job (hiding lower data); gaps read as zeros anyway.
-        self.segments = [s.clip(s.start, min(s.end, blocks)) for s in merged if s.loc is not None and s.start < blocks]
+        self.segments = [s.clip(s.start, min(s.end, blocks)) for s in merged if s.has_data and s.start < blocks]
         self._starts = [s.start for s in self.segments]
         self._first_use: dict[bytes, int] | None = None  # chunk digest -> first segment, built on demand
 
@@ -78,23 +119,27 @@ class MergedIndex:
         """Every distinct chunk the merged view can read, in virtual order."""
         seen: dict[bytes, ChunkLocation] = {}
         for seg in self.segments:
-            seen.setdefault(seg.loc.digest, seg.loc)
+            for loc in seg.locations():
+                seen.setdefault(loc.digest, loc)
         return list(seen.values())
 
     def following(self, loc: ChunkLocation, count: int) -> list[ChunkLocation]:
         """Up to *count* distinct chunks read after *loc*'s first use, in virtual order (for readahead)."""
+        if isinstance(loc, SpanLocation):
+            return []  # a span (~1 MiB) is itself as much as the readahead of several chunks
         if self._first_use is None:
             first: dict[bytes, int] = {}
             for i, seg in enumerate(self.segments):
-                first.setdefault(seg.loc.digest, i)
+                if seg.loc is not None:
+                    first.setdefault(seg.loc.digest, i)
             self._first_use = first
         i = self._first_use.get(loc.digest)
         if i is None:
             return []
         out: dict[bytes, ChunkLocation] = {}
         for seg in self.segments[i + 1 : i + 1 + 4 * count]:
-            if seg.loc.digest != loc.digest:
+            if seg.loc is not None and seg.loc.digest != loc.digest:  # chunks only: spans are read on demand
                 out.setdefault(seg.loc.digest, seg.loc)
-                if len(out) == count:
-                    break
-        return list(out.values())
+            if len(out) >= count:
+                break
+        return list(out.values())[:count]

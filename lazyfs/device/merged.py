@@ -10,10 +10,12 @@ import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.index import MergedIndex, Segment
+from lazyfs.device.mapped import copy_mapped
 from lazyfs.device.source import BlockSource, check_write, clamp_read
 from lazyfs.device.writable import DATA, LOWER, WritableLayer
 from lazyfs.errors import FormatError, ReadOnlyError, StorageError
 from lazyfs.format.layer import LayerMeta
+from lazyfs.format.spanindex import SpanMap
 from lazyfs.nursery import open_nursery
 
 MAX_LAYERS = 255
@@ -40,8 +42,12 @@ class MergedDevice(BlockSource):
         store: ChunkStore,
         writable: WritableLayer | None = None,
         size: int | None = None,
+        mapped: Sequence[SpanMap | None] | None = None,
     ) -> None:
-        """*layers*: ``(meta, blob digest)`` bottom first; the device is as big as the top one."""
+        """*layers*: ``(meta, blob digest)`` bottom first; the device is as big as the top one.
+
+        *mapped*: per layer, the span map of an indexed layer (docs/index.md), or None.
+        """
         if len(layers) > MAX_LAYERS:
             raise FormatError(f"{len(layers)} layers: at most {MAX_LAYERS} are supported")
         if not layers and size is None:
@@ -52,7 +58,7 @@ class MergedDevice(BlockSource):
         self.size = size if size is not None else layers[-1][0].virtual_size
         if self.size <= 0 or self.size % self.block_size:
             raise FormatError(f"device size {self.size} is not a positive multiple of {self.block_size}")
-        self.index = MergedIndex(layers, self.size // self.block_size)
+        self.index = MergedIndex(layers, self.size // self.block_size, mapped)
         self.store = store
         self.writable = writable
         if writable is not None and (writable.size != self.size or writable.block_size != self.block_size):
@@ -90,7 +96,7 @@ class MergedDevice(BlockSource):
         if not segments:
             return
         chunks: dict[bytes, bytes] = {}
-        wanted = {seg.loc.digest: seg.loc for seg in segments}
+        wanted = {loc.digest: loc for seg in segments for loc in seg.locations()}
         if len(wanted) == 1:
             (loc,) = wanted.values()
             chunks[loc.digest] = await self.store.get(loc, Priority.DEMAND)
@@ -102,7 +108,10 @@ class MergedDevice(BlockSource):
                 for loc in wanted.values():
                     nursery.start_soon(fetch, loc)
         for seg in segments:
-            _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
+            if seg.loc is not None:
+                _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
+            else:
+                copy_mapped(buf, offset, seg.start, seg.end, seg.mapped, seg.chunk_block, chunks)
 
     # ------------------------------------------------------------ writes
 

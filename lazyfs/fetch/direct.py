@@ -10,7 +10,7 @@ import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.fetch.backend import Backend
-from lazyfs.format.chunk import decode_chunk
+from lazyfs.format.spanindex import decode_location
 
 
 class DirectChunkStore(ChunkStore):
@@ -24,7 +24,7 @@ class DirectChunkStore(ChunkStore):
         self.reads += 1
         self.bytes_fetched += len(stored)
         return await trio.to_thread.run_sync(
-            decode_chunk, loc.digest, stored, loc.compression, loc.raw_length, f"{loc.blob}@{loc.offset}",
+            decode_location, loc, stored, f"{loc.blob}@{loc.offset}",
             limiter=self._limiter,
         )
 

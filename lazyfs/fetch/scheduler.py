@@ -41,7 +41,7 @@ from lazyfs.errors import AuthError, ConfigError, FetchError, FormatError, Integ
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
-from lazyfs.format.chunk import decode_chunk
+from lazyfs.format.spanindex import decode_location
 from lazyfs.nursery import open_nursery
 
 __all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
@@ -489,7 +489,7 @@ class FetchScheduler(ChunkStore):
                         frame = view[loc.offset - start : loc.end - start]
                         try:
                             raw = await trio.to_thread.run_sync(
-                                decode_chunk, loc.digest, frame, loc.compression, loc.raw_length, got.source,
+                                decode_location, loc, frame, got.source,
                                 limiter=self._cpu,
                             )
                         except IntegrityError as exc:

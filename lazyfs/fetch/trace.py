@@ -25,6 +25,7 @@ from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
 from lazyfs.format.counted import Table, decode_counted_map
 from lazyfs.format.digest import check_chunk_digest, split_digest
+from lazyfs.format.spanindex import SpanLocation
 from lazyfs.nursery import open_nursery
 
 __all__ = [
@@ -68,6 +69,8 @@ class TraceRecorder:
 
     def record(self, loc: ChunkLocation) -> None:
         if self.stopped or loc.digest in self._seen or len(self._locations) >= self.max_entries:
+            return
+        if isinstance(loc, SpanLocation):  # spans of an indexed image: not in the trace format (docs/index.md §7)
             return
         self._seen.add(loc.digest)
         self._locations.append(loc)

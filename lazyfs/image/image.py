@@ -22,6 +22,7 @@ from lazyfs.format.layer import (
     parse_anchored_tail,
 )
 from lazyfs.format.oci import ImageManifest, LayerDescriptor
+from lazyfs.format.spanindex import SpanMap
 from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,14 @@ class ImageLimits:
 class Image:
     manifest: ImageManifest
     layers: tuple[tuple[LayerMeta, str], ...]  # (meta, blob digest), bottom first
+    mapped: tuple[SpanMap | None, ...] = ()  # an ordinary image opened through its index: each layer's span map
 
     @property
     def virtual_size(self) -> int:
         return self.manifest.virtual_size
 
     def device(self, store: ChunkStore, writable: WritableLayer | None = None) -> MergedDevice:
-        return MergedDevice(self.layers, store, writable, size=self.virtual_size)
+        return MergedDevice(self.layers, store, writable, size=self.virtual_size, mapped=self.mapped or None)
 
 
 def layer_name(i: int, layer: LayerDescriptor, image: str) -> str:

@@ -33,11 +33,11 @@ import trio
 from lazyfs.durable import write_atomically
 from lazyfs.errors import IntegrityError, LazyfsError
 from lazyfs.fetch.registry import RegistryBackend
-from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, LayerDescriptor, parse_json, parse_manifest, sha256_digest
+from lazyfs.format.oci import MANIFEST_MEDIA_TYPES, LayerDescriptor, parse_json, parse_manifest, sha256_digest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.image import load_image
 from lazyfs.image.ref import parse_local_ref
-from lazyfs.image.remote import MAX_CONFIG_SIZE, ImageOpener, OpenedImage
+from lazyfs.image.remote import MAX_CONFIG_SIZE, ImageOpener, OpenedImage, ordinary_manifest
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,14 @@ class MetadataCache:
             data = await trio.to_thread.run_sync(self.read_manifest, pinned)
         from_cache = data is not None
         if data is None:
-            data, _, digest = await opener.client.get_manifest(ref.with_digest(pinned) if pinned else ref,
-                                                                accept=(MEDIA_TYPE_MANIFEST,))
+            data, media_type, digest = await opener.client.get_manifest(ref.with_digest(pinned) if pinned else ref,
+                                                                         accept=MANIFEST_MEDIA_TYPES)
             if pinned is not None and digest != pinned:
                 raise IntegrityError(f"manifest of {text}", pinned, digest, "registry")
+            if ordinary_manifest(data):  # an ordinary image: through its lazyfs index (docs/index.md), not kept here
+                from lazyfs.image.index import open_indexed
+
+                return await open_indexed(opener, text, data, media_type, digest), False
         manifest = parse_manifest(data, opener.limits.max_virtual_size)
         digest = manifest.digest
         if not from_cache:

@@ -17,7 +17,7 @@ from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import ProxySettings, RegistryBackend, RegistryClient, RegistryConfig, RetryPolicy
 from lazyfs.fetch.registry.certsd import load_hosts_dir
 from lazyfs.fetch.registry.hosts import HostsEntry
-from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
+from lazyfs.format.oci import MANIFEST_MEDIA_TYPES, MEDIA_TYPE_MANIFEST, ImageManifest, parse_json, parse_manifest
 from lazyfs.format.reference import Reference, parse_reference
 from lazyfs.image.image import Image, ImageLimits, load_image
 from lazyfs.image.layout import OciLayout
@@ -37,6 +37,7 @@ class OpenedImage:
     backend: Backend
     local: LocalRef | None = None
     remote: Reference | None = None
+    via: str = ""  # how an ordinary image was opened ("index <digest> (why it is trusted)"); "" for lazyfs images
 
     @property
     def backends(self) -> list[Backend]:
@@ -49,7 +50,7 @@ class OpenedImage:
     def blobs(self) -> set[str]:
         """Every blob any chunk of the image can come from."""
         return {loc.blob for meta, digest in self.image.layers for loc in meta.locations(digest)} | {
-            digest for _, digest in self.image.layers}
+            digest for _, digest in self.image.layers} | {m.source_digest for m in self.image.mapped if m is not None}
 
 
 class FallbackBackend(Backend):
@@ -169,7 +170,11 @@ class ImageOpener:
             return await self._open_local(text, local)
         ref = parse_reference(text)
         await self.ensure_client()
-        data, _, digest = await self.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
+        data, media_type, digest = await self.client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+        if ordinary_manifest(data):  # an ordinary image: through its lazyfs index, if it has a trusted one
+            from lazyfs.image.index import open_indexed
+
+            return await open_indexed(self, text, data, media_type, digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         backend = RegistryBackend(self.client, ref.repo())
         image = await _load(text, manifest, backend, None, self.limits)
@@ -178,6 +183,10 @@ class ImageOpener:
     async def _open_local(self, text: str, local: LocalRef) -> OpenedImage:
         layout = OciLayout(local.path)
         data, desc = await trio.to_thread.run_sync(layout.read_manifest, local.tag)  # files: not on the loop
+        if ordinary_manifest(data):
+            from lazyfs.image.index import open_indexed
+
+            return await open_indexed(self, text, data, desc.media_type, desc.digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)
         if source is not None and not await trio.to_thread.run_sync(
@@ -190,6 +199,20 @@ class ImageOpener:
             return OpenedImage(text, image, backend, local=local, remote=ref)
         backend = DirectoryBackend(layout.path)
         return OpenedImage(text, await _load(text, manifest, backend, None, self.limits), backend, local=local)
+
+
+def ordinary_manifest(data: bytes) -> bool:
+    """Whether a manifest is an ordinary image's (or an index of them): no layer is a lazyfs layer."""
+    try:
+        doc = parse_json(data, "manifest")
+    except LazyfsError:
+        return False
+    if isinstance(doc.get("manifests"), list):
+        return True
+    layers = doc.get("layers")
+    return isinstance(layers, list) and bool(layers) and doc.get("artifactType") is None and not any(
+        isinstance(layer, dict) and str(layer.get("mediaType", "")).startswith("application/vnd.lazyfs.")
+        for layer in layers)
 
 
 def _saved_tail_path(layout: OciLayout, digest: str) -> str:

@@ -411,6 +411,10 @@ class LayerApplier:
         self.upper = UpperPaths()
         self.dir_times: dict[Path, tuple[int, int]] = {}  # directory -> (atime, mtime) in ns, set at the end
         self.report = ApplyReport()
+        # on_file(fd, member): called for every regular file created, its data written (``lazyfs index``
+        # maps the file's blocks to its bytes in the tar); member is the tarfile member being applied.
+        self.on_file: Callable[[int, tarfile.TarInfo], None] | None = None
+        self._member: tarfile.TarInfo | None = None
 
     def close(self) -> None:
         if self.root_fd >= 0:
@@ -435,6 +439,7 @@ class LayerApplier:
                     if action is None:
                         continue
                     reader = tf.extractfile(ti) if entry.kind is Kind.FILE else None
+                    self._member = ti
                     try:
                         self.apply(action, entry, reader)
                     finally:
@@ -611,6 +616,8 @@ class LayerApplier:
                          dir_fd=parent_fd)
             try:
                 self._write_data(fd, entry, data)
+                if self.on_file is not None and self._member is not None:
+                    self.on_file(fd, self._member)
                 self._set_meta(fd, None, None, entry, clear_xattrs=False)
                 os.utime(fd, ns=self._times(entry))
             finally:

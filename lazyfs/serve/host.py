@@ -110,7 +110,8 @@ class Attachment:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
                 "size": self.device.size, "writable": self.writable_dir, "layers": len(self.opened.image.layers),
                 "plain_http": list(self.plain_http), "attached_at": self.attached_at, "trace": self.trace,
-                "hydrate": None if self.hydrate is None else self.hydrate.to_json(), **self.front_end.to_json()}
+                "hydrate": None if self.hydrate is None else self.hydrate.to_json(),
+                **({"via": self.opened.via} if self.opened.via else {}), **self.front_end.to_json()}
 
     def statistics(self) -> dict:
         return {**self.describe(), **self.store.statistics(), "device": self.device.statistics(),

@@ -36,6 +36,7 @@ LAYER_TYPES = {
     ("oci", "gzip"): "application/vnd.oci.image.layer.v1.tar+gzip",
     ("oci", "zstd"): "application/vnd.oci.image.layer.v1.tar+zstd",
     ("oci", "none"): "application/vnd.oci.image.layer.v1.tar",
+    ("oci", "zstd-frames"): "application/vnd.oci.image.layer.v1.tar+zstd",
     ("docker", "gzip"): "application/vnd.docker.image.rootfs.diff.tar.gzip",
 }
 
@@ -90,6 +91,9 @@ def _compress(data: bytes, compression: str) -> bytes:
         return gzip.compress(data, mtime=0)
     if compression == "zstd":
         return zstandard.ZstdCompressor().compress(data)
+    if compression == "zstd-frames":  # independent 64 KiB frames, as zstd:chunked-style tools write
+        c = zstandard.ZstdCompressor()
+        return b"".join(c.compress(data[i:i + (64 << 10)]) for i in range(0, len(data), 64 << 10))
     return data
 
 

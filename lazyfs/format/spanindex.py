@@ -1,0 +1,467 @@
+"""The span map of an indexed layer (docs/index.md): values, codec, builder and span decoding.
+
+An ordinary OCI layer is left as it is. Its *uncompressed* tar stream is cut
+into spans of about ``SPAN_SIZE`` bytes, each named by the blake3-256 of its
+bytes, and each readable on its own from a ranged read of the original blob:
+
+* gzip: from a zran checkpoint (``lazyfs.format.zran``) at a deflate block boundary;
+* zstd: from a frame start (several frames); a single-frame layer has one
+  checkpoint, so every span reads the blob from its start (fetched whole);
+* plain tar: the span's own bytes.
+
+The ext4 blocks of the index's metadata layer that hold file data are
+*mapped*: ``MappedExtent`` says which tar bytes they read.
+
+A span is served like a chunk: ``SpanLocation`` is a ``ChunkLocation`` (its
+digest names its raw bytes; ``blob``/``offset``/``compressed_length`` say
+what to fetch), so the fetch scheduler, the cache and failover handle spans
+unchanged; ``decode_location`` turns fetched bytes into verified raw bytes.
+Sans-IO apart from reading the blob it is given in ``build_spans``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import blake3
+import msgpack
+import zstandard
+
+from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.format.chunk import decode_chunk, decompress_declared, declared_size
+from lazyfs.format.layer import ChunkLocation
+from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from
+
+SPAN_VERSION = 1
+SPAN_SIZE = 1 << 20
+MAX_SPAN = 16 << 20  # raw bytes of one span (the chunk limit: spans live in the chunk cache)
+MAX_DOC = 256 << 20  # a span map, decompressed
+MAX_ENTRIES = 1 << 22  # spans, windows or mapped extents in one span map
+MAX_WINDOW_STORED = 64 << 10
+READ_PIECE = 256 << 10
+MEDIA_TYPE_SPANS = "application/vnd.lazyfs.spans.v1+zstd"
+
+# ChunkLocation.compression of spans: never a chunk's (0, 1), so a plain chunk decoder refuses them.
+SPAN_GZIP, SPAN_ZSTD, SPAN_NONE = 0x10, 0x11, 0x12
+CODECS = {"gzip": SPAN_GZIP, "zstd": SPAN_ZSTD, "none": SPAN_NONE}
+ACCESS = {"gzip": "gzip-checkpoints", "zstd": "zstd-frames", "none": "direct"}
+ZSTD_WHOLE = "zstd-whole"  # a single-frame zstd layer: every span reads the blob from byte 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpanLocation(ChunkLocation):
+    """A span: ``raw_length`` uncompressed bytes at tar offset *tar_offset*.
+
+    Fetch ``[offset, offset + compressed_length)`` of *blob*, resume decoding
+    there (gzip: *bits* of the first byte and the zstd-compressed *window*),
+    drop the first *skip* uncompressed bytes, keep ``raw_length``.
+    """
+
+    tar_offset: int = 0
+    skip: int = 0
+    bits: int = 0
+    window: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class MappedExtent:
+    """Virtual blocks ``[start, start + count)`` read tar bytes ``[tar_offset, tar_offset + length)``, then zeros."""
+
+    start: int
+    count: int
+    tar_offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SpanMap:
+    """One indexed layer: its source blob, its spans (cover the tar stream in order) and mapped extents."""
+
+    source_digest: str
+    source_size: int
+    codec: str  # gzip | zstd | none
+    access: str  # gzip-checkpoints | zstd-frames | zstd-whole | direct
+    tar_size: int
+    block_size: int
+    spans: tuple[SpanLocation, ...]
+    mapped: tuple[MappedExtent, ...]
+    starts: tuple[int, ...] = field(default=(), repr=False)  # the spans' tar offsets, for bisect
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "starts", tuple(s.tar_offset for s in self.spans))
+
+    def spans_for(self, lo: int, hi: int) -> list[SpanLocation]:
+        """The spans holding tar bytes ``[lo, hi)``, in order."""
+        if lo >= hi:
+            return []
+        starts = self.starts
+        i = bisect.bisect_right(starts, lo) - 1
+        out = []
+        while i < len(self.spans) and self.spans[i].tar_offset < hi:
+            out.append(self.spans[i])
+            i += 1
+        return out
+
+
+def read_tar_range(m: SpanMap, raw_of: Callable[[SpanLocation], bytes], lo: int, hi: int) -> bytes:
+    """Tar bytes ``[lo, hi)`` assembled from the spans' raw bytes (``raw_of(span)``)."""
+    out = bytearray()
+    for span in m.spans_for(lo, hi):
+        raw = raw_of(span)
+        a = max(lo, span.tar_offset) - span.tar_offset
+        b = min(hi, span.tar_offset + span.raw_length) - span.tar_offset
+        out += raw[a:b]
+    if len(out) != hi - lo:
+        raise FormatError(f"tar bytes {lo}..{hi} of {m.source_digest} are not covered by its spans")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- decoding one span
+
+
+def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "") -> bytes:
+    """The verified raw bytes of a span from its fetched compressed range (IntegrityError if they are not)."""
+    what = f"span {loc.digest.hex()[:16]} (tar {loc.tar_offset}+{loc.raw_length}) of {loc.blob}"
+    if not 0 < loc.raw_length <= MAX_SPAN:
+        raise FormatError(f"{what}: absurd raw length")
+    stored = bytes(stored)
+    if loc.compression == SPAN_NONE:
+        raw = stored
+    elif loc.compression == SPAN_GZIP:
+        window = _window(loc.window, what) if loc.window else b""
+        raw = inflate_from(stored, loc.bits, window, loc.skip, loc.raw_length, what)
+    elif loc.compression == SPAN_ZSTD:
+        raw = _zstd_range(stored, loc.skip, loc.raw_length, what)
+    else:
+        raise FormatError(f"{what}: unknown span codec {loc.compression}")
+    got = blake3.blake3(raw).digest()
+    if got != loc.digest or len(raw) != loc.raw_length:
+        raise IntegrityError(what, loc.digest.hex(), got.hex(), source)
+    return raw
+
+
+def decode_location(loc: ChunkLocation, stored: bytes | memoryview, source: str = "") -> bytes:
+    """A chunk's or a span's verified raw bytes: what the fetch layer calls for every location."""
+    if isinstance(loc, SpanLocation):
+        return decode_span(loc, stored, source)
+    return decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, source)
+
+
+def _window(stored: bytes, what: str) -> bytes:
+    size = declared_size(stored, f"{what}: window")
+    if size > WINDOW:
+        raise FormatError(f"{what}: a window of {size} bytes (at most {WINDOW})")
+    return decompress_declared(stored, size, f"{what}: window")
+
+
+def _zstd_range(stored: bytes, skip: int, length: int, what: str) -> bytes:
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(stored), read_across_frames=True)
+        left = skip
+        for _ in range(skip // READ_PIECE + 2):
+            if not left:
+                break
+            got = reader.read(min(left, READ_PIECE))
+            if not got:
+                break
+            left -= len(got)
+        raw = reader.read(length) if not left else b""
+        while left == 0 and len(raw) < length:  # read() may return less than asked at frame ends
+            more = reader.read(length - len(raw))
+            if not more:
+                break
+            raw += more
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise IntegrityError(what, "a zstd stream", f"one that does not decode ({exc})") from None
+    if left or len(raw) != length:
+        raise IntegrityError(what, f"{skip + length} uncompressed bytes", "fewer")
+    return raw
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclass(slots=True)
+class _Cut:
+    tar_offset: int
+    length: int
+    digest: bytes
+    checkpoint: int  # index into the checkpoints
+
+
+class _SpanCutter:
+    """Hashes the uncompressed stream into spans: cut at checkpoints, and every *max_span* bytes between them."""
+
+    def __init__(self, max_span: int) -> None:
+        self.max_span = max_span
+        self.cuts: list[_Cut] = []
+        self.pos = 0
+        self.start = 0
+        self.hasher = blake3.blake3()
+        self.checkpoint = 0
+
+    def add(self, piece: bytes) -> None:
+        view = memoryview(piece)
+        while view:
+            room = self.max_span - (self.pos - self.start)
+            take = view[:room]
+            self.hasher.update(take)
+            self.pos += len(take)
+            view = view[len(take):]
+            if self.pos - self.start >= self.max_span:
+                self.close(self.checkpoint)
+
+    def close(self, next_checkpoint: int) -> None:
+        if self.pos > self.start:
+            self.cuts.append(_Cut(self.start, self.pos - self.start, self.hasher.digest(), self.checkpoint))
+            self.start = self.pos
+            self.hasher = blake3.blake3()
+        self.checkpoint = next_checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltSpans:
+    """What ``build_spans`` found; ``span_map`` adds the mapped extents."""
+
+    codec: str
+    access: str
+    source_size: int
+    tar_size: int
+    spans: tuple[SpanLocation, ...]
+    windows: int  # how many distinct windows the spans need
+
+    def span_map(self, source_digest: str, mapped: tuple[MappedExtent, ...], block_size: int = 4096) -> SpanMap:
+        spans = tuple(SpanLocation(s.digest, source_digest, s.offset, s.compressed_length, s.raw_length,
+                                   s.compression, s.tar_offset, s.skip, s.bits, s.window) for s in self.spans)
+        return SpanMap(source_digest, self.source_size, self.codec, self.access, self.tar_size, block_size,
+                       spans, mapped)
+
+
+def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None], *,
+                span_size: int = SPAN_SIZE, limit: int = 1 << 40) -> BuiltSpans:
+    """Read the layer blob *blob* (a binary file) once: spans, and the tar stream handed to *sink*.
+
+    FormatError if the blob does not decode, or decodes to more than *limit* bytes.
+    """
+    if codec not in CODECS:
+        raise FormatError(f"layer compression {codec!r} cannot be indexed (gzip, zstd or none)")
+    # zstd spans are cut at frame starts only, and split inside a frame only past MAX_SPAN: a span
+    # inside a frame is decoded from the frame's start, so fewer, larger ones cost less to read.
+    max_span = {"none": span_size, "gzip": min(MAX_SPAN, 4 * span_size), "zstd": MAX_SPAN}[codec]
+    cutter = _SpanCutter(max_span)
+    checkpoints: list[Checkpoint] = []
+
+    def emit(piece: bytes) -> None:
+        if cutter.pos + len(piece) > limit:
+            raise FormatError(f"the layer decompresses to more than {limit} bytes")
+        cutter.add(piece)
+        sink(piece)
+
+    if codec == "none":
+        checkpoints.append(Checkpoint(0, 0, 0, b""))
+        for _ in range(source_size // READ_PIECE + 2):
+            piece = blob.read(READ_PIECE)
+            if not piece:
+                break
+            emit(piece)
+    elif codec == "gzip":
+        scanner = GzipScanner(span_size)
+        for _ in range(source_size // READ_PIECE + 2):
+            data = blob.read(READ_PIECE)
+            if not data:
+                break
+            for piece in scanner.feed(data):
+                _sync(cutter, scanner.checkpoints, checkpoints)
+                emit(piece)
+        _sync(cutter, scanner.checkpoints, checkpoints)
+        scanner.finish()
+    else:
+        _zstd_frames(blob, source_size, span_size, cutter, checkpoints, emit)
+    cutter.close(len(checkpoints))
+    if not cutter.cuts:
+        raise FormatError("the layer is empty")
+    packed: dict[bytes, bytes] = {}
+    compressor = zstandard.ZstdCompressor(level=19)
+    spans = []
+    for cut in cutter.cuts:
+        cp = checkpoints[cut.checkpoint]
+        if codec == "none":
+            start, end = cut.tar_offset, cut.tar_offset + cut.length
+        else:
+            start = cp.start
+            nxt = checkpoints[cut.checkpoint + 1] if cut.checkpoint + 1 < len(checkpoints) else None
+            end = (nxt.start + (1 if nxt.bits else 0)) if nxt is not None else source_size
+        window = b""
+        if cp.window:
+            if cp.window not in packed:
+                packed[cp.window] = compressor.compress(cp.window)
+            window = packed[cp.window]
+        spans.append(SpanLocation(cut.digest, "", start, end - start, cut.length, CODECS[codec], cut.tar_offset,
+                                  0 if codec == "none" else cut.tar_offset - cp.out, cp.bits, window))
+    access = ACCESS[codec] if not (codec == "zstd" and len(checkpoints) == 1) else ZSTD_WHOLE
+    return BuiltSpans(codec, access, source_size, cutter.pos, tuple(spans), len(packed))
+
+
+def _sync(cutter: _SpanCutter, found: list[Checkpoint], kept: list[Checkpoint]) -> None:
+    """Close the current span at every checkpoint the scanner found since the last call."""
+    while len(kept) < len(found):
+        cp = found[len(kept)]
+        assert cp.out == cutter.pos, "a checkpoint is taken right after the output it follows"
+        cutter.close(len(kept))
+        kept.append(cp)
+
+
+def _zstd_frames(blob, source_size: int, span_size: int, cutter: _SpanCutter, checkpoints: list[Checkpoint],
+                 emit: Callable[[bytes], None]) -> None:
+    """Walk the zstd frames of *blob*: a checkpoint at the first frame start after every *span_size* bytes."""
+    consumed = 0  # compressed bytes handed to finished frames
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    frame_start = 0
+    frames = 0
+    checkpoints.append(Checkpoint(0, 0, 0, b""))
+    pending = b""
+    for _ in range(source_size // 8 + 16):  # a read or a frame per pass; a frame takes at least 9 bytes
+        if not pending:
+            pending = blob.read(16384)
+            if not pending:
+                break
+        data, pending = pending, b""
+        try:
+            out = dobj.decompress(data)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"zstd frame at compressed byte {frame_start} does not decode: {exc}") from None
+        if out:
+            emit(out)
+        if dobj.eof:
+            rest = dobj.unused_data
+            frame_end = consumed + len(data) - len(rest)
+            frames += 1
+            consumed = frame_end
+            frame_start = frame_end
+            if rest or frame_end < source_size:
+                if cutter.pos - checkpoints[-1].out >= span_size:
+                    cutter.close(len(checkpoints))
+                    checkpoints.append(Checkpoint(cutter.pos, frame_start, 0, b""))
+            dobj = zstandard.ZstdDecompressor().decompressobj()
+            pending = rest
+        else:
+            consumed += len(data)
+    inside = consumed > frame_start  # bytes given to a frame that never ended
+    if frames == 0 or inside or consumed != source_size or pending:
+        raise FormatError(f"zstd stream ends inside a frame (at byte {consumed} of {source_size})")
+
+
+# ---------------------------------------------------------------- the span map document
+
+
+def encode_span_map(m: SpanMap) -> bytes:
+    """The span map as stored: one zstd frame (content size declared) of a msgpack map."""
+    windows: dict[bytes, int] = {}
+    rows = []
+    for s in m.spans:
+        w = windows.setdefault(s.window, len(windows)) if s.window else -1
+        rows.append([s.tar_offset, s.raw_length, s.digest, s.offset, s.compressed_length, s.skip, s.bits, w])
+    doc = {
+        "version": SPAN_VERSION,
+        "source": m.source_digest,
+        "source_size": m.source_size,
+        "codec": m.codec,
+        "access": m.access,
+        "tar_size": m.tar_size,
+        "block_size": m.block_size,
+        "spans": rows,
+        "windows": list(windows),
+        "mapped": [[e.start, e.count, e.tar_offset, e.length] for e in m.mapped],
+    }
+    raw = msgpack.packb(doc, use_bin_type=True)
+    return zstandard.ZstdCompressor(level=10, write_content_size=True).compress(raw)
+
+
+def _ints(row: object, n: int, what: str) -> list[int]:
+    if not isinstance(row, list) or len(row) != n or not all(type(x) is int for x in row):
+        raise FormatError(f"{what} is not an array of {n} integers")
+    return row
+
+
+def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_DOC) -> SpanMap:
+    """Parse and check a span map (every rule of docs/index.md §3); FormatError naming the field.
+
+    *max_size*: the most decompressed bytes accepted (checked on the frame header, before decompressing).
+    """
+    size = declared_size(stored, what)
+    if size > min(max_size, MAX_DOC):
+        raise FormatError(f"{what}: {size} bytes decompressed (at most {min(max_size, MAX_DOC)})")
+    raw = decompress_declared(stored, size, what)
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=MAX_WINDOW_STORED,
+                              max_str_len=128, max_array_len=MAX_ENTRIES, max_map_len=32)
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
+        raise FormatError(f"{what} does not decode: {exc or type(exc).__name__}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} is not a map")
+    if doc.get("version") != SPAN_VERSION:
+        raise FormatError(f"{what}: version {doc.get('version')!r} (this lazyfs reads {SPAN_VERSION})")
+    codec, access = doc.get("codec"), doc.get("access")
+    if codec not in CODECS or access not in (ACCESS[codec], ZSTD_WHOLE if codec == "zstd" else None):
+        raise FormatError(f"{what}: codec {codec!r} with access {access!r}")
+    source = doc.get("source")
+    if not isinstance(source, str) or not source.startswith("sha256:") or len(source) != 71:
+        raise FormatError(f"{what}: source {source!r} is not a sha256 digest")
+    source_size, tar_size, bs = doc.get("source_size"), doc.get("tar_size"), doc.get("block_size")
+    if type(source_size) is not int or type(tar_size) is not int or not 0 < source_size < 1 << 50 \
+            or not 0 < tar_size < 1 << 50:
+        raise FormatError(f"{what}: source_size or tar_size out of range")
+    if bs != 4096:
+        raise FormatError(f"{what}: block_size {bs!r} (4096)")
+    windows = doc.get("windows")
+    if not isinstance(windows, list) or not all(isinstance(w, bytes) and w for w in windows):
+        raise FormatError(f"{what}: windows is not an array of binaries")
+    rows, mapped_rows = doc.get("spans"), doc.get("mapped")
+    if not isinstance(rows, list) or not rows or not isinstance(mapped_rows, list):
+        raise FormatError(f"{what}: spans or mapped missing")
+    spans = []
+    pos = 0
+    code = CODECS[codec]
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != 8 or not isinstance(row[2], bytes) or len(row[2]) != 32:
+            raise FormatError(f"{what}: spans[{i}] is not [tar_offset, length, digest, offset, compressed_length, "
+                              f"skip, bits, window]")
+        tar_offset, length, digest, offset, clen, skip, bits, w = row
+        _ints([tar_offset, length, offset, clen, skip, bits, w], 7, f"{what}: spans[{i}]")
+        if tar_offset != pos or not 0 < length <= MAX_SPAN:
+            raise FormatError(f"{what}: spans[{i}] does not follow the previous span or has length {length}")
+        if offset < 0 or clen <= 0 or offset + clen > source_size or skip < 0 or skip > tar_size:
+            raise FormatError(f"{what}: spans[{i}] reads outside the source blob")
+        if not 0 <= bits <= (7 if codec == "gzip" else 0) or not -1 <= w < len(windows) or \
+                (w >= 0 and codec != "gzip"):
+            raise FormatError(f"{what}: spans[{i}] has bits {bits} or window {w} out of range")
+        if codec == "none" and (offset != tar_offset or clen != length or skip):
+            raise FormatError(f"{what}: spans[{i}] of a plain tar must read its own bytes")
+        spans.append(SpanLocation(digest, source, offset, clen, length, code, tar_offset, skip, bits,
+                                  windows[w] if w >= 0 else b""))
+        pos += length
+    if pos != tar_size:
+        raise FormatError(f"{what}: the spans cover {pos} bytes, the tar has {tar_size}")
+    mapped = []
+    end = 0
+    for i, row in enumerate(mapped_rows):
+        start, count, tar_offset, length = _ints(row, 4, f"{what}: mapped[{i}]")
+        if start < end or count <= 0 or not (count - 1) * bs < length <= count * bs or tar_offset < 0 \
+                or tar_offset + length > tar_size:
+            raise FormatError(f"{what}: mapped[{i}] overlaps the previous extent or reads outside the tar")
+        mapped.append(MappedExtent(start, count, tar_offset, length))
+        end = start + count
+    return SpanMap(source, source_size, codec, access, tar_size, bs, tuple(spans), tuple(mapped))
+
+
+def iter_mapped_blocks(m: SpanMap) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` block ranges of the mapped extents."""
+    for e in m.mapped:
+        yield e.start, e.end
