@@ -9,6 +9,11 @@ set ``/proc/1/ns/mnt``, the namespace of systemd itself):
 * ``mount``, ``umount`` and ``losetup`` run under ``nsenter --mount=…``. setns(CLONE_NEWNS)
   works only in a single-threaded process, which the daemon is not; nsenter is one, forked and
   exec'd for each command. It needs CAP_SYS_ADMIN and CAP_SYS_CHROOT.
+* Opening ``/proc/1/ns/mnt`` needs ptrace access to PID 1, i.e. CAP_SYS_PTRACE for a process
+  whose capabilities are fewer than PID 1's: a hardened unit must not have it. So the unit's
+  unsandboxed ``ExecStartPre=+lazyfs store-mount-namespace`` opens it and puts the fd in the
+  service's file descriptor store (``FDSTORE=1``, name ``lazyfs-mntns``); systemd passes it to
+  the daemon (``$LISTEN_FDS``), and nsenter enters it as ``/proc/self/fd/N``.
 * The FUSE export: the daemon opens ``/dev/fuse`` itself, the kernel mount with ``-o fd=N``
   happens in the host's namespace (the fd is inherited by nsenter and mount), and libfuse is
   handed the open fd as the mountpoint ``/dev/fd/N`` (:func:`mount_fuse`).
@@ -37,19 +42,29 @@ FUSE_DEVICE = "/dev/fuse"
 _NS_PATH = re.compile(r"/proc/([1-9][0-9]{0,9})/ns/mnt")
 
 
+FDNAME = "lazyfs-mntns"
+"""The name of the namespace fd in a systemd service's file descriptor store."""
+
+
 @dataclass(frozen=True, slots=True)
 class MountNamespace:
-    """The mount namespace of process *pid* (its ``/proc/PID/ns/mnt``)."""
+    """The mount namespace of process *pid*; *fd*: an open fd of it, entered instead of its /proc path."""
 
     pid: int
+    fd: int | None = None
 
     @property
     def path(self) -> str:
-        return f"/proc/{self.pid}/ns/mnt"
+        """What nsenter opens: the fd (inherited by nsenter) if there is one, else /proc/PID/ns/mnt."""
+        return f"/proc/self/fd/{self.fd}" if self.fd is not None else f"/proc/{self.pid}/ns/mnt"
 
     @property
     def mountinfo(self) -> str:
         return f"/proc/{self.pid}/mountinfo"
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return () if self.fd is None else (self.fd,)
 
 
 def parse_namespace(text: str | None) -> MountNamespace | None:
@@ -62,9 +77,59 @@ def parse_namespace(text: str | None) -> MountNamespace | None:
     return MountNamespace(int(m.group(1)))
 
 
+def listen_fd(name: str, environ: dict[str, str] | None = None, pid: int | None = None) -> int | None:
+    """The fd systemd passed to this process under *name* ($LISTEN_PID/$LISTEN_FDS/$LISTEN_FDNAMES), or None."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid() if pid is None else pid):
+        return None  # meant for another process (our parent, say)
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for i in range(min(count, len(names), 1024)):
+        if names[i] == name:
+            return 3 + i  # SD_LISTEN_FDS_START
+    return None
+
+
 def configured() -> MountNamespace | None:
-    """The namespace ``$LAZYFS_MOUNT_NAMESPACE`` names, or None (mount in this process's own)."""
-    return parse_namespace(os.environ.get(ENV))
+    """The namespace ``$LAZYFS_MOUNT_NAMESPACE`` names, or None (mount in this process's own).
+
+    If systemd passed this process a stored fd named ``lazyfs-mntns``, that fd is entered.
+    """
+    ns = parse_namespace(os.environ.get(ENV))
+    if ns is not None and (fd := listen_fd(FDNAME)) is not None:
+        ns = MountNamespace(ns.pid, fd)
+    return ns
+
+
+def store_namespace_fd(path: str = "/proc/1/ns/mnt") -> None:
+    """Open the mount namespace *path* and put it in the calling systemd service's fd store.
+
+    For ``ExecStartPre=+`` of a unit with ``FileDescriptorStoreMax=`` >= 1 and
+    ``NotifyAccess=all``: systemd hands the fd to the service's main process.
+    ConfigError if there is no $NOTIFY_SOCKET or *path* is not a mount namespace.
+    """
+    import socket
+
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        raise ConfigError("no $NOTIFY_SOCKET: store-mount-namespace runs from a systemd unit (ExecStartPre=+...)")
+    if target.startswith("@"):
+        target = "\0" + target[1:]  # an abstract socket
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        if not os.readlink(f"/proc/self/fd/{fd}").startswith("mnt:["):
+            raise ConfigError(f"{path} is not a mount namespace")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            message = f"FDSTORE=1\nFDNAME={FDNAME}\n".encode()
+            sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))], 0, target)
+    finally:
+        os.close(fd)
 
 
 def command(cmd: Sequence[str], namespace: MountNamespace | None) -> list[str]:
@@ -73,6 +138,11 @@ def command(cmd: Sequence[str], namespace: MountNamespace | None) -> list[str]:
     if namespace is None:
         return cmd
     return ["nsenter", f"--mount={namespace.path}", "--", *cmd]
+
+
+def pass_fds(namespace: MountNamespace | None) -> tuple[int, ...]:
+    """The fds a command made by :func:`command` must inherit."""
+    return () if namespace is None else namespace.pass_fds
 
 
 def mountinfo_path(namespace: MountNamespace | None) -> str:
@@ -120,10 +190,10 @@ async def mount_fuse(fd: int, mountpoint: str | os.PathLike, options: Iterable[s
     from lazyfs.serve.system import run  # system reads this module's settings: import late
 
     cmd = fuse_mount_command(fd, mountpoint, options, uid=os.getuid(), gid=os.getgid())
-    await run(command(cmd, namespace), timeout=timeout, pass_fds=(fd,))
+    await run(command(cmd, namespace), timeout=timeout, pass_fds=(fd, *(namespace.pass_fds if namespace else ())))
 
 
 __all__ = [
-    "ENV", "MountNamespace", "command", "configured", "fuse_mount_command", "mount_fuse", "mountinfo_path",
-    "open_fuse_device", "parse_namespace",
+    "ENV", "FDNAME", "MountNamespace", "command", "configured", "fuse_mount_command", "listen_fd", "mount_fuse",
+    "mountinfo_path", "open_fuse_device", "parse_namespace", "pass_fds", "store_namespace_fd",
 ]

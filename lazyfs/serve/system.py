@@ -99,11 +99,13 @@ async def losetup_attach(
     """
     path = os.path.abspath(path)  # abspath, not realpath: that would stat the FUSE file here
     # the file is opened where it is mounted: in the host's namespace if lazyfs mounts there
-    base = hostns.command(["losetup", "--show", "-f"] + (["-r"] if read_only else []), hostns.configured())
+    ns = hostns.configured()
+    base = hostns.command(["losetup", "--show", "-f"] + (["-r"] if read_only else []), ns)
+    fds = hostns.pass_fds(ns)
     dev = None
     if direct_io:
         try:
-            dev = (await run(base + ["--direct-io=on", path], timeout=timeout)).strip()
+            dev = (await run(base + ["--direct-io=on", path], timeout=timeout, pass_fds=fds)).strip()
         except CommandError as exc:
             # losetup may attach the device and only then fail to switch on direct
             # I/O; it printed the device then, and the device works without it.
@@ -112,7 +114,7 @@ async def losetup_attach(
                 dev = printed
             log.info("losetup --direct-io=on %s failed (%s); using buffered I/O", path, exc.stderr.strip())
     if not dev:
-        dev = (await run(base + [path], timeout=timeout)).strip()
+        dev = (await run(base + [path], timeout=timeout, pass_fds=fds)).strip()
     if not dev.startswith("/dev/loop"):
         raise CommandError(base + [path], 0, f"unexpected output {dev!r}")
     if direct_io and not loop_direct_io(dev):
@@ -181,13 +183,15 @@ async def mount(
     """Mount *dev* at *target*."""
     opts = (["ro"] if read_only else []) + list(options)
     cmd = ["mount", "-t", fstype] + (["-o", ",".join(opts)] if opts else []) + [dev, os.fspath(target)]
-    await run(hostns.command(cmd, hostns.configured()), timeout=timeout)
+    ns = hostns.configured()
+    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
 async def umount(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
     """Unmount *target* (BusyError if in use, unless *lazy*)."""
     cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(target)]
-    await run(hostns.command(cmd, hostns.configured()), timeout=timeout)
+    ns = hostns.configured()
+    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
 # -- /proc/self/mountinfo -----------------------------------------------------------

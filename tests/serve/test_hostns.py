@@ -166,3 +166,86 @@ def test_private_namespace_daemon_export_is_seen_by_the_host(tmp_path):
         log.close()
     assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()
     assert not system.is_mountpoint(os.path.join(run_dir, "export"))  # unmounted in the host's namespace
+
+
+def test_listen_fd_finds_the_named_fd_only_for_this_process():
+    env = {"LISTEN_PID": "42", "LISTEN_FDS": "3", "LISTEN_FDNAMES": "a:lazyfs-mntns:b"}
+    assert hostns.listen_fd("lazyfs-mntns", env, pid=42) == 4
+    assert hostns.listen_fd("lazyfs-mntns", env, pid=43) is None  # passed to another process
+    assert hostns.listen_fd("c", env, pid=42) is None
+    assert hostns.listen_fd("b", {**env, "LISTEN_FDS": "2"}, pid=42) is None  # past LISTEN_FDS
+    assert hostns.listen_fd("a", {**env, "LISTEN_FDS": "x"}, pid=42) is None
+    assert hostns.listen_fd("a", {}, pid=42) is None
+
+
+def _listen_env(monkeypatch, fd: int) -> None:
+    """Make *fd* look like systemd's stored ``lazyfs-mntns`` fd of this process (fds start at 3)."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", str(fd - 2))
+    monkeypatch.setenv("LISTEN_FDNAMES", ":".join(["unused"] * (fd - 3) + [hostns.FDNAME]))
+
+
+def test_configured_enters_a_stored_fd_rather_than_the_proc_path(monkeypatch):
+    monkeypatch.setenv(hostns.ENV, "/proc/1/ns/mnt")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    assert hostns.configured() == hostns.MountNamespace(1)
+    _listen_env(monkeypatch, 9)
+    ns = hostns.configured()
+    assert ns == hostns.MountNamespace(1, 9)
+    assert (ns.path, ns.mountinfo, hostns.pass_fds(ns)) == ("/proc/self/fd/9", "/proc/1/mountinfo", (9,))
+    assert hostns.command(["umount", "/x"], ns)[:2] == ["nsenter", "--mount=/proc/self/fd/9"]
+
+
+def test_store_namespace_fd_sends_the_namespace_to_the_notify_socket(tmp_path, monkeypatch):
+    """What ExecStartPre=+lazyfs store-mount-namespace sends: FDSTORE=1, the name, and the fd itself."""
+    import socket
+
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        hostns.store_namespace_fd("/proc/self/ns/mnt")
+        msg, ancdata, _, _ = server.recvmsg(4096, socket.CMSG_SPACE(4))
+    assert msg == b"FDSTORE=1\nFDNAME=lazyfs-mntns\n"
+    [(level, kind, data)] = ancdata
+    assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+    fd = int.from_bytes(data[:4], "little")
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == os.readlink("/proc/self/ns/mnt")
+    finally:
+        os.close(fd)
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    with pytest.raises(ConfigError, match="NOTIFY_SOCKET"):
+        hostns.store_namespace_fd()
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    with pytest.raises(ConfigError, match="not a mount namespace"):
+        hostns.store_namespace_fd("/proc/self/ns/net")
+
+
+@pytest.mark.fuse
+def test_serve_through_a_stored_namespace_fd(tmp_path, monkeypatch):
+    """The systemd path: nsenter enters /proc/self/fd/N, an fd it inherits (not a /proc/PID path)."""
+    from tests.support.memory import MemorySource
+
+    ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    monkeypatch.setenv(hostns.ENV, f"/proc/{os.getpid()}/ns/mnt")  # where mountinfo is read
+    _listen_env(monkeypatch, ns_fd)
+    mnt = tmp_path / "export"
+    mnt.mkdir()
+
+    async def main():
+        fs = ExportFS()
+        fs.add("one", MemorySource(b"x" * 4096))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, str(mnt), fs)
+            assert system.is_mountpoint(mnt)
+            got = await trio.to_thread.run_sync(lambda: (mnt / "one" / "disk.img").read_bytes())
+            assert got == b"x" * 4096
+            nursery.cancel_scope.cancel()
+        assert not system.is_mountpoint(mnt)
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(ns_fd)
