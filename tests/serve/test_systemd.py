@@ -26,7 +26,7 @@ from tests.serve.conftest import ROOT
 from tests.support.guest import require_qemu
 from tests.support.systemd_guest import SYSTEMD_GUEST_MODULES, run_systemd_guest
 
-pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.timeout(600)]
 
 UNIT = os.path.join(ROOT, "contrib", "containerd", "lazyfs.service")
 
