@@ -2,7 +2,8 @@
 
 The guest's root file system is the host's ``/`` shared read-only over 9p (virtfs), with a
 tmpfs overlay on top: the guest runs the host's systemd, Python and lazyfs (the worktree's
-``.venv`` included), and everything it writes is thrown away with the guest. The initrd's /init
+``.venv`` included), and everything it writes is thrown away with the guest. The guest's /tmp and
+/var/tmp are empty tmpfs: put files for the guest elsewhere (*files* of :func:`run_systemd_guest`). The initrd's /init
 (busybox) loads the modules, builds that overlay, copies the caller's files into it (units, a
 script) and hands over to ``/lib/systemd/systemd`` with ``switch_root``.
 
@@ -40,6 +41,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose {SHARE_
 mount -t tmpfs -o mode=0755,size=2g tmpfs /rw || fail "tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /newroot || fail "overlay"
+# the host's /tmp and /var/tmp stay out: systemd-tmpfiles would empty them at boot, through 9p
+# (a minute and more on a busy host)
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
+mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
 cp -a /lazyfs/root/. /newroot/ || fail "copy files"
 find /newroot/etc/systemd/system -type f -exec chmod 0644 {{}} +
 mount --move /dev /newroot/dev
