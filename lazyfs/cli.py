@@ -148,6 +148,13 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return daemon_main(_config(args), lambda: _config(args))
 
 
+def cmd_store_mount_namespace(args: argparse.Namespace) -> int:
+    from lazyfs.serve.hostns import store_namespace_fd
+
+    store_namespace_fd(args.namespace)
+    return 0
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from lazyfs.serve.mount import mount_image
 
@@ -464,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--toml", action="store_true", help="show as TOML (default JSON)")
 
     add("daemon", cmd_daemon, "run the host daemon in the foreground (mount starts one if needed)")
+    p = add("store-mount-namespace", cmd_store_mount_namespace,
+            "for a systemd unit's ExecStartPre=+: hand the host's mount namespace to the sandboxed daemon "
+            "(docs/daemon.md)")
+    p.add_argument("namespace", nargs="?", default="/proc/1/ns/mnt")
 
     p = add("convert", cmd_convert, "convert an OCI/Docker image (registry or layout) into a lazyfs image")
     p.add_argument("source", help="registry reference or oci:DIR[:TAG]")

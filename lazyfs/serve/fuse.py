@@ -33,6 +33,7 @@ import trio
 
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
+from lazyfs.serve import hostns, system
 
 log = logging.getLogger(__name__)
 
@@ -553,16 +554,50 @@ async def serve(
     if _session_active:
         raise BusyError("a FUSE session is already running in this process")
     _session_active = True
+    namespace = hostns.configured()
     try:
-        pyfuse3.init(fs, os.fspath(mountpoint), opts)
+        if namespace is None:
+            pyfuse3.init(fs, os.fspath(mountpoint), opts)
+        else:
+            # mounted in the host's namespace, where losetup/containerd/qemu see it (see hostns)
+            await _init_in_namespace(fs, mountpoint, opts, namespace)
         try:
             fs._mounted = True
-            log.info("serving FUSE exports at %s", mountpoint)
+            log.info("serving FUSE exports at %s%s", mountpoint, f" in {namespace.path}" if namespace else "")
             task_status.started()
             await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
         finally:
             fs._mounted = False
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=True)  # libfuse unmounts only what it mounted itself
+            if namespace is not None:
+                await _unmount_in_namespace(mountpoint)
             log.info("unmounted %s", mountpoint)
     finally:
         _session_active = False
+
+
+async def _init_in_namespace(fs: ExportFS, mountpoint, opts: set[str], namespace: hostns.MountNamespace) -> None:
+    fd = hostns.open_fuse_device()
+    try:
+        await hostns.mount_fuse(fd, mountpoint, opts, namespace)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        # libfuse takes an open, already mounted connection as "/dev/fd/N" and owns the fd from then on
+        pyfuse3.init(fs, f"/dev/fd/{fd}", opts)
+    except BaseException:
+        os.close(fd)
+        with trio.CancelScope(shield=True):
+            await _unmount_in_namespace(mountpoint)
+        raise
+
+
+async def _unmount_in_namespace(mountpoint) -> None:
+    # The connection is closed by now, so the kernel answers anyone still using the mount with
+    # ENOTCONN; a lazy unmount then detaches it even while files are open, as libfuse does.
+    with trio.CancelScope(shield=True):
+        try:
+            await system.umount(mountpoint, lazy=True, timeout=30)
+        except LazyfsError as exc:
+            log.warning("could not unmount %s: %s", mountpoint, exc)

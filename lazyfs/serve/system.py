@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.serve import hostns
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ async def _deliver_cancel(proc: trio.Process) -> None:
     proc.kill()
 
 
-async def run(cmd: Sequence[str], *, timeout: float = 60.0, stdin: bytes = b"") -> str:
+async def run(cmd: Sequence[str], *, timeout: float = 60.0, stdin: bytes = b"", pass_fds: Sequence[int] = ()) -> str:
     """Run *cmd*, return its stdout; CommandError (BusyError for EBUSY) on failure.
+
+    *pass_fds* stay open in the command under the same numbers.
 
     A command stuck in the kernel (D state, e.g. on a hung FUSE mount) cannot be
     killed; then this waits until the kernel lets go (see ``fuse_abort``).
@@ -55,7 +58,7 @@ async def run(cmd: Sequence[str], *, timeout: float = 60.0, stdin: bytes = b"") 
         with trio.fail_after(timeout):
             done = await trio.run_process(
                 cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
-                deliver_cancel=_deliver_cancel, env={**os.environ, "LC_ALL": "C"},
+                deliver_cancel=_deliver_cancel, env={**os.environ, "LC_ALL": "C"}, pass_fds=tuple(pass_fds),
             )
     except trio.TooSlowError:
         raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
@@ -95,11 +98,14 @@ async def losetup_attach(
     device's readahead is set to 1 MiB.
     """
     path = os.path.abspath(path)  # abspath, not realpath: that would stat the FUSE file here
-    base = ["losetup", "--show", "-f"] + (["-r"] if read_only else [])
+    # the file is opened where it is mounted: in the host's namespace if lazyfs mounts there
+    ns = hostns.configured()
+    base = hostns.command(["losetup", "--show", "-f"] + (["-r"] if read_only else []), ns)
+    fds = hostns.pass_fds(ns)
     dev = None
     if direct_io:
         try:
-            dev = (await run(base + ["--direct-io=on", path], timeout=timeout)).strip()
+            dev = (await run(base + ["--direct-io=on", path], timeout=timeout, pass_fds=fds)).strip()
         except CommandError as exc:
             # losetup may attach the device and only then fail to switch on direct
             # I/O; it printed the device then, and the device works without it.
@@ -108,7 +114,7 @@ async def losetup_attach(
                 dev = printed
             log.info("losetup --direct-io=on %s failed (%s); using buffered I/O", path, exc.stderr.strip())
     if not dev:
-        dev = (await run(base + [path], timeout=timeout)).strip()
+        dev = (await run(base + [path], timeout=timeout, pass_fds=fds)).strip()
     if not dev.startswith("/dev/loop"):
         raise CommandError(base + [path], 0, f"unexpected output {dev!r}")
     if direct_io and not loop_direct_io(dev):
@@ -177,12 +183,15 @@ async def mount(
     """Mount *dev* at *target*."""
     opts = (["ro"] if read_only else []) + list(options)
     cmd = ["mount", "-t", fstype] + (["-o", ",".join(opts)] if opts else []) + [dev, os.fspath(target)]
-    await run(cmd, timeout=timeout)
+    ns = hostns.configured()
+    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
 async def umount(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
     """Unmount *target* (BusyError if in use, unless *lazy*)."""
-    await run(["umount"] + (["-l"] if lazy else []) + [os.fspath(target)], timeout=timeout)
+    cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(target)]
+    ns = hostns.configured()
+    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
 # -- /proc/self/mountinfo -----------------------------------------------------------
@@ -229,8 +238,8 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
 
 
 def mounts() -> list[MountEntry]:
-    """The mounts visible to this process."""
-    with open("/proc/self/mountinfo") as f:
+    """The mounts of this process's namespace, or of the host's (``lazyfs.serve.hostns``)."""
+    with open(hostns.mountinfo_path(hostns.configured())) as f:
         return parse_mountinfo(f.read())
 
 

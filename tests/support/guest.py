@@ -56,7 +56,7 @@ VIRTIOFS_MODULES: tuple[str, ...] = ("virtio_pci", "virtiofs")
 DEFAULT_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "virtiofs")
 
 # Bump when the initrd layout or /init changes, so stale cache entries are not reused.
-_INITRD_FORMAT = 1
+_INITRD_FORMAT = 2
 
 
 # --------------------------------------------------------------------------- values
@@ -511,6 +511,8 @@ def _initrd_bytes(
         member = f"lib/modules/{name}"
         entries[member] = CpioEntry(member, stat.S_IFREG | 0o644, read_module(kernel.modules_dir / rel))
     entries["init"] = CpioEntry("init", x, render_init(module_files).encode())
+    # For callers that bring their own /init (in *files*): the modules to insmod, in order.
+    entries["lazyfs/modules"] = CpioEntry("lazyfs/modules", stat.S_IFREG | 0o644, "".join(f"{m}\n" for m in module_files).encode())
     entries["lazyfs/script"] = CpioEntry("lazyfs/script", x, init_script.encode())
     for name, data in files.items():
         name = name.lstrip("/")
@@ -562,8 +564,9 @@ def qemu_command(
     memory_mb: int = 512,
     accel: str = "tcg",
     cpus: int = 1,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    """The qemu command line :func:`boot` runs (pure)."""
+    """The qemu command line :func:`boot` runs (pure); *extra_args* go at the end."""
     cmd = [
         QEMU, "-machine", "q35", "-accel", accel, "-cpu", "max", "-smp", str(cpus), "-m", f"{memory_mb}M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
@@ -583,7 +586,7 @@ def qemu_command(
             "-chardev", f"socket,id=vfs,path={share_socket}",
             "-device", f"vhost-user-fs-pci,chardev=vfs,tag={share_tag}",
         ]  # fmt: skip
-    return cmd
+    return cmd + list(extra_args)
 
 
 def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -623,11 +626,14 @@ def boot(
     timeout: float = 120.0,
     memory_mb: int = 512,
     accel: str = "tcg",
+    cpus: int = 1,
+    extra_args: Sequence[str] = (),
 ) -> GuestResult:
     """Boot *kernel* (an ELF vmlinux) with *initrd* and wait for the guest to power off.
 
     *drives* become /dev/vda, /dev/vdb, ... (a bare path is a writable raw disk); *virtiofs*
-    starts virtiofsd for the share and attaches it. qemu (and virtiofsd) are killed after
+    starts virtiofsd for the share and attaches it; *extra_args* are appended to qemu's command
+    line (e.g. a ``-virtfs`` share). qemu (and virtiofsd) are killed after
     *timeout* seconds; the result then has ``timed_out`` set and the console so far. Never
     leaves a process behind.
     """
@@ -646,7 +652,8 @@ def boot(
             vfsd = _start_virtiofsd(virtiofs, socket_path, vfs_log, timeout=min(timeout, 30.0))
             stack.callback(_stop, vfsd)
         cmd = qemu_command(
-            Path(kernel), Path(initrd), drives, socket_path, virtiofs.tag if virtiofs else "", append, memory_mb, accel
+            Path(kernel), Path(initrd), drives, socket_path, virtiofs.tag if virtiofs else "", append, memory_mb, accel,
+            cpus, extra_args,
         )
         console_path = workdir / "console"
         with open(console_path, "w+b") as console_file:
