@@ -121,6 +121,7 @@ class Config:
     max_range: Annotated[int, _doc("largest coalesced ranged GET, bytes", gt=0)] = 4 << 20
     fetch_concurrency: Annotated[int, _doc("ranged GETs in flight per registry", gt=0)] = 8
     fetch_deadline: Annotated[float, _doc("seconds before a read fails with EIO (retries included)", gt=0)] = 30.0
+    decode_threads: Annotated[int, _doc("threads decoding and verifying fetched chunks (0: one per core)", ge=0)] = 0
     registry_probe_interval: Annotated[float, _doc(
         "seconds between health probes of every endpoint of registries with mirrors (0: off)", ge=0)] = 10.0
     readahead_chunks: Annotated[int, _doc("chunks queued after a demand miss (0: off)", ge=0)] = 4

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import blake3
@@ -86,6 +86,7 @@ class ChunkCache:
         self._disk_size = 0
         # Entries eviction skips (the chunks of hydrated images: docs/daemon.md, "Offline life").
         self.protected: Callable[[bytes], bool] | None = None
+        self._doomed: list[Path] = []  # evicted by written(), unlinked by remove_evicted()
         self._stats = dict.fromkeys(
             ("memory_hits", "disk_hits", "misses", "evictions", "damaged", "writes", "bytes_written", "write_errors"), 0
         )
@@ -234,6 +235,52 @@ class ChunkCache:
                 del self._pending[digest]
         if victims:
             await trio.to_thread.run_sync(_unlink_all, [p for _, p in victims], limiter=self._io_limiter())
+
+    # ---- write-back inside a fetch job's worker (one thread hop per coalesced read)
+
+    def wants_write(self, digest: bytes, size: int) -> bool:
+        """Whether a freshly verified chunk of *size* bytes should be written to disk (trio thread)."""
+        return self.root is not None and digest not in self._disk and digest not in self._pending and 0 < size <= self.max_bytes
+
+    def writer(self, digests: Collection[bytes]):
+        """A function for a worker thread: ``write(digest, raw)`` persists a verified chunk if it is one
+        of *digests* and returns True, the OSError or StorageError, or None (not asked). The index is not touched there:
+        report each result with :meth:`written` on the trio thread."""
+        wanted = frozenset(digests)
+        fsync = self.fsync
+
+        def write(digest: bytes, raw: bytes):
+            if digest not in wanted:
+                return None
+            path = self.path_of(digest)
+            try:
+                _write_entry(path, raw, fsync)
+            except (OSError, StorageError) as exc:
+                return exc
+            return True
+
+        return write
+
+    def written(self, digest: bytes, size: int, result) -> None:
+        """Record on the trio thread what a :meth:`writer` did for *digest* (evictions are queued)."""
+        if result is None:
+            return
+        if isinstance(result, (OSError, StorageError)):
+            self._stats["write_errors"] += 1
+            log.warning("chunk cache: cannot write %s: %s", self.path_of(digest), result)
+            return
+        self._stats["writes"] += 1
+        self._stats["bytes_written"] += size
+        if digest not in self._disk:
+            self._disk[digest] = size
+            self._disk_size += size
+        self._doomed.extend(p for _, p in self._evict_over_budget(keep=digest))
+
+    async def remove_evicted(self) -> None:
+        """Unlink the entries :meth:`written` evicted (in a worker thread)."""
+        if self._doomed:
+            doomed, self._doomed = self._doomed, []
+            await trio.to_thread.run_sync(_unlink_all, doomed, limiter=self._io_limiter())
 
     async def put(self, digest: bytes, raw: bytes, *, memory: bool = True) -> None:
         """Store a verified chunk in memory (unless ``memory=False``) and on disk."""

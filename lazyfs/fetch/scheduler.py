@@ -10,12 +10,17 @@ planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
   registry client: ``Backend.retries``) is called once, others are retried
   here with exponential backoff and jitter, each attempt bounded by
   ``attempt_timeout`` (see docs/registry.md for the effective policy);
-* every frame is decompressed and blake3-verified in a worker thread; a chunk
+* the frames of one ranged read are decompressed, blake3-verified and written
+  back to the disk cache in one worker-thread hop (``verify_threads`` workers,
+  default one per core); a chunk
   that fails verification is read again from another source of the same
   backend (the source is excluded and reported), then from the next backend
   of the blob's list, as is a read that fails outright; when all fail, waiters get the error
   (``IntegrityError`` if any backend served bad bytes). Bad bytes are never
   served nor cached;
+* single flight is per digest, but location-safe: a reader that joined the
+  flight of another location of its digest reads its own location once if
+  that flight fails;
 * a reader that is cancelled or times out stops waiting; the shared fetch goes
   on for the others (flights belong to the scheduler's nursery, not to readers).
 
@@ -29,6 +34,7 @@ import bisect
 import enum
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Collection, Hashable, Iterable, Sequence
@@ -138,6 +144,8 @@ _COUNTERS = (
     "prefetched",  # chunks queued by prefetch()
     "background_chunks",  # chunks fetched by background_download
     "background_bytes",
+    "decode_hops",  # worker-thread hops of fetch jobs (one per coalesced read, not per chunk)
+    "location_retries",  # joiners whose flight (another location of the digest) failed and who read their own
 )
 
 
@@ -164,7 +172,7 @@ class FetchScheduler(ChunkStore):
         max_retries: int = 4,
         backoff_base: float = 0.05,
         backoff_max: float = 2.0,
-        verify_threads: int = 2,
+        verify_threads: int | None = None,
     ) -> None:
         if not backends:
             raise ConfigError("the fetch scheduler needs at least one backend")
@@ -172,6 +180,10 @@ class FetchScheduler(ChunkStore):
             raise ConfigError(f"deadline and attempt_timeout must be positive ({deadline}, {attempt_timeout})")
         if max_retries < 0 or backoff_base < 0 or backoff_max < 0:
             raise ConfigError("retry settings must not be negative")
+        if verify_threads is None or verify_threads == 0:
+            verify_threads = os.cpu_count() or 1  # decode + verify scale with the cores
+        if verify_threads < 0:
+            raise ConfigError(f"verify_threads must not be negative, got {verify_threads}")
         self._backends = tuple(backends)
         self._routes: dict[str, tuple[Backend, ...]] = {}
         self.cache = cache
@@ -281,8 +293,7 @@ class FetchScheduler(ChunkStore):
             if raw is not None:
                 self._st["memory_hits"] += 1
             else:
-                flight = self._flight_for(loc, priority, joining=True)
-                raw = await self._wait(flight, priority, deadline)
+                raw = await self._resolve_chunk(loc, priority, deadline, joining=True)
             if len(raw) != loc.raw_length:
                 raise IntegrityError(f"chunk {loc.digest.hex()}", f"{loc.raw_length} bytes", f"{len(raw)} bytes", "chunk table")
         except LazyfsError:
@@ -296,8 +307,20 @@ class FetchScheduler(ChunkStore):
         """Wait until the chunk at *loc* is cached (without reading it back when it already is)."""
         if loc.digest in self.cache:
             return
+        await self._resolve_chunk(loc, priority, deadline, joining=False)
+
+    async def _resolve_chunk(self, loc: ChunkLocation, priority: Priority, deadline: float | None, *, joining: bool) -> bytes:
+        """Wait for the flight of *loc*'s digest; if that flight read another location and failed, try
+        *loc* itself once (the same digest may live in a blob only this reader's image can reach)."""
+        flight = self._flight_for(loc, priority, joining=joining)
+        try:
+            return await self._wait(flight, priority, deadline)
+        except LazyfsError:
+            if not flight.done.is_set() or flight.error is None or _same_place(flight.loc, loc):
+                raise
+        self._st["location_retries"] += 1
         flight = self._flight_for(loc, priority, joining=False)
-        await self._wait(flight, priority, deadline)
+        return await self._wait(flight, priority, deadline)
 
     def prefetch(self, locations: Iterable[ChunkLocation], priority: Priority = Priority.READAHEAD) -> int:
         """Queue the chunks not cached yet at *priority* without waiting; return how many were new.
@@ -438,7 +461,8 @@ class FetchScheduler(ChunkStore):
             with trio.CancelScope(deadline=trio.current_time() + WRITE_BACK_GRACE, shield=True):
                 for digest, result in outcome.items():
                     if isinstance(result, bytes):
-                        await self.cache.write_pending(digest)
+                        await self.cache.write_pending(digest)  # no-op for what the job's worker wrote
+                await self.cache.remove_evicted()
 
     def _sweep(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
         """Serve flights that joined this job after it had resolved their digest.
@@ -484,26 +508,28 @@ class FetchScheduler(ChunkStore):
                         log.warning("fetch %s %d+%d from %s failed: %s", job.blob, start, end - start, backend.name, exc)
                         break
                     view = memoryview(got.data)
+                    frames = [(loc, view[loc.offset - start : loc.end - start]) for loc in locs]
+                    write_back = [loc.digest for loc in locs if self.cache.wants_write(loc.digest, loc.raw_length)]
+                    # One thread hop for the whole coalesced read: decode, verify and the cache
+                    # write-back of every chunk in it run in the same worker.
+                    decoded = await trio.to_thread.run_sync(
+                        _decode_job, frames, got.source, self.cache.writer(write_back), limiter=self._cpu)
+                    self._st["decode_hops"] += 1
                     served_bad = False
-                    for loc in locs:
-                        frame = view[loc.offset - start : loc.end - start]
-                        try:
-                            raw = await trio.to_thread.run_sync(
-                                decode_location, loc, frame, got.source,
-                                limiter=self._cpu,
-                            )
-                        except IntegrityError as exc:
+                    for loc, result, written in decoded:
+                        if isinstance(result, IntegrityError):
                             self._st["integrity_failures"] += 1
-                            bad_bytes[loc.digest] = exc
+                            bad_bytes[loc.digest] = result
                             served_bad = True
-                            log.warning("%s", exc)
+                            log.warning("%s", result)
                             continue
-                        except FormatError as exc:  # the location itself is wrong: no mirror can help
+                        if isinstance(result, FormatError):  # the location itself is wrong: no mirror can help
                             del remaining[loc.digest]
-                            self._resolve(loc.digest, exc, outcome)
+                            self._resolve(loc.digest, result, outcome)
                             continue
                         del remaining[loc.digest]
-                        self._resolve(loc.digest, raw, outcome)
+                        self.cache.written(loc.digest, len(result), written)
+                        self._resolve(loc.digest, result, outcome)
                     if not served_bad or got.source in bad_sources:
                         break
                     bad_sources.add(got.source)
@@ -650,3 +676,25 @@ class FetchScheduler(ChunkStore):
             "planner": self._planner.statistics(),
             "cache": self.cache.statistics(),
         }
+
+
+def _same_place(a: ChunkLocation, b: ChunkLocation) -> bool:
+    """Whether two locations of one digest read the same stored bytes (chunks and spans alike)."""
+    return a == b
+
+
+def _decode_job(frames, source: str, write) -> list:
+    """Worker thread: decode and verify every frame of one read, writing verified chunks back.
+
+    Returns ``(loc, raw | IntegrityError | FormatError, write result)`` per frame, in order;
+    nothing unverified is written (*write* only ever sees bytes that matched their digest).
+    """
+    out = []
+    for loc, frame in frames:
+        try:
+            raw = decode_location(loc, frame, source)
+        except (IntegrityError, FormatError) as exc:
+            out.append((loc, exc, None))
+            continue
+        out.append((loc, raw, write(loc.digest, raw)))
+    return out

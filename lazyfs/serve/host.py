@@ -134,7 +134,7 @@ class Host:
         self._openers: dict[tuple[str, ...], ImageOpener] = {(): self.opener}
         self.scheduler = FetchScheduler(
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
-            deadline=config.fetch_deadline)
+            deadline=config.fetch_deadline, verify_threads=config.decode_threads)
         self.attachments: dict[str, Attachment] = {}
         self.budget = DiskBudget(config, cache)
         self.metadata = MetadataCache(os.path.join(config.cache_root, "metadata"))  # offline restore (hydrate.py)

@@ -78,6 +78,10 @@ SCHEDULER: tuple[Stat, ...] = (
     Stat("prefetched", "lazyfs_fetch_prefetched_chunks_total", COUNTER, "Chunks queued by trace prefetch and readahead"),
     Stat("background_chunks", "lazyfs_fetch_background_chunks_total", COUNTER, "Chunks fetched by background download"),
     Stat("background_bytes", "lazyfs_fetch_background_bytes_total", COUNTER, "Stored bytes fetched by background download"),
+    Stat("decode_hops", "lazyfs_fetch_decode_hops_total", COUNTER,
+         "Worker-thread hops that decoded, verified and wrote back one ranged read's chunks"),
+    Stat("location_retries", "lazyfs_fetch_location_retries_total", COUNTER,
+         "Readers that read their own location of a chunk after the shared fetch of another one failed"),
     Stat("in_flight", "lazyfs_fetch_in_flight_chunks", GAUGE, "Chunks being read from disk or fetched right now"),
     Stat("demand_waiting", "lazyfs_fetch_demand_waiting", GAUGE, "Demand reads waiting for the network right now"),
 )

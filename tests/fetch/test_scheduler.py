@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
@@ -491,11 +492,13 @@ def test_closing_the_scheduler_fails_waiting_readers(tmp_path):
     run(main)
 
 
-def test_reader_arriving_after_resolution_but_before_the_job_ends_is_served(tmp_path):
-    # One job holds a small chunk and then a big one. The small one is served
-    # while the big one is still being verified; with a cache that keeps
-    # nothing, reading the small one again in that window finds the planner
-    # saying "in flight" for a job that has already resolved it.
+def test_one_coalesced_read_is_decoded_in_one_thread_hop(tmp_path):
+    # One job holds a small chunk and then a big one. Decode, verify and the
+    # cache write-back of both run in one worker hop (issue 14 item 4), so the
+    # small chunk is never resolved while the job still runs: the old window in
+    # which a reader found the planner saying "in flight" for an already resolved
+    # digest is gone. With a cache that keeps nothing, a later reader fetches again.
+    # Broken on purpose once (a hop per chunk again): decode_hops went to 4, red.
     raws = [b"x" * 4096 + random.Random(1).randbytes(4096), random.Random(2).randbytes(8 << 20), b"z" * 8192]
     blob, locs = write_blob(tmp_path / "oci", raws)
     probe = Probe(DirectoryBackend(tmp_path / "oci"))
@@ -514,8 +517,8 @@ def test_reader_arriving_after_resolution_but_before_the_job_ends_is_served(tmp_
                 assert await sched.get(locs[0]) == raws[0]
             st = sched.statistics()
         assert probe.calls[1] == (blob, locs[0].offset, locs[1].end - locs[0].offset)
-        assert st["planner"]["joined"] == 1  # the window was hit
-        assert len(probe.calls) == 2
+        assert st["decode_hops"] == 3  # one per ranged read, not one per chunk (4)
+        assert len(probe.calls) == 3
 
     run(main)
 
@@ -575,3 +578,48 @@ def test_run_in_a_callers_nursery_and_aclose(tmp_path):
             await sched.run()
 
     run(main)
+
+
+def test_a_joiner_with_another_location_reads_its_own_when_the_flight_fails(tmp_path):
+    # The same chunk lives in two blobs; the first reader's blob is unreadable. The
+    # second reader (another location of the digest) joins the first one's flight,
+    # sees it fail, and then reads its own location once (issue 13 item 4): it gets
+    # the bytes, the first reader gets the error. Broken on purpose once (joiners
+    # re-raised the flight's error): the second reader failed too, red.
+    raw = make_chunks(1, seed=7)[0]
+    blob_a, (loc_a,) = write_blob(tmp_path / "oci", [raw], trailer=b"a")
+    blob_b, (loc_b,) = write_blob(tmp_path / "oci", [raw], trailer=b"b")
+    assert blob_a != blob_b and loc_a.digest == loc_b.digest
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+    probe.gate = trio.Event()
+    probe.fail_next = 1
+
+    async def main():
+        results = {}
+
+        async def reader(name, loc):
+            try:
+                results[name] = await sched.get(loc)
+            except FetchError as exc:
+                results[name] = exc
+
+        async with FetchScheduler.open([probe], ChunkCache(None, 0, 1 << 20), max_retries=0) as sched:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader, "a", loc_a)
+                await probe.wait_calls(1)
+                nursery.start_soon(reader, "b", loc_b)
+                await trio.testing.wait_all_tasks_blocked()
+                probe.gate.set()
+            st = sched.statistics()
+        assert isinstance(results["a"], FetchError)
+        assert results["b"] == raw
+        assert st["joins"] == 1 and st["location_retries"] == 1
+        assert [c[0] for c in probe.calls] == [blob_a, blob_b]
+
+    run(main)
+
+
+def test_decode_threads_default_to_the_cores():
+    sched = FetchScheduler([DirectoryBackend("/nonexistent")], ChunkCache(None, 0, 0))
+    assert sched._verify_threads == (os.cpu_count() or 1)
+    assert FetchScheduler([DirectoryBackend("/nonexistent")], ChunkCache(None, 0, 0), verify_threads=3)._verify_threads == 3
