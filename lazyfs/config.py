@@ -111,6 +111,8 @@ class Config:
     cache_root: Annotated[str, _doc("big, cheap disk: verified chunks", min_length=1)] = "/var/lib/lazyfs/cache"
     writable_root: Annotated[str, _doc("fast disk: writable layers", min_length=1)] = "/var/lib/lazyfs/writable"
     cache_size: Bytes = 10 << 30
+    flat_cache_size: Annotated[int, _doc(
+        "bytes of layer blocks kept in flat files under cache_root/flat, read at their offsets (0: off)", ge=0)] = 10 << 30
     memory_cache_size: Bytes = 256 << 20
     credentials: Annotated[str, _doc(
         "docker-style config.json (auths, credsStore, credHelpers); default ~/.docker/config.json",

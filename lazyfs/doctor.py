@@ -282,7 +282,8 @@ def check_tcmu(facts: HostFacts) -> Check:
 
 
 def check_verity(facts: HostFacts, cache: PathFacts) -> Check:
-    cost = "unused by lazyfs today: cached chunks are re-hashed with blake3 on every disk-cache read instead"
+    cost = ("unused by lazyfs: flat-cache reads check every 4 KiB block against a blake3 sidecar instead, "
+            "chunk files are re-hashed whole (docs/cache.md)")
     value = kernel_option(facts.kernel, "CONFIG_FS_VERITY")
     if value == "n":
         return Check("fs-verity", Status.MISSING, f"not in this kernel (CONFIG_FS_VERITY is not set); {cost}")
@@ -292,7 +293,7 @@ def check_verity(facts: HostFacts, cache: PathFacts) -> Check:
                      f"does not exist yet, so {cache.fstype} was not probed; {cost}")
     if facts.verity.ok:
         return Check("fs-verity", Status.UNUSED, f"works on the cache file system ({cache.fstype} at {cache.mountpoint}); "
-                                                  "unused: cached chunks are checked with blake3 instead")
+                                                  "unused: cached blocks are checked against a blake3 sidecar instead")
     hint = " (ext4 needs its verity feature: tune2fs -O verity DEVICE)" if cache.fstype == "ext4" and value == "y" else ""
     return Check("fs-verity", Status.MISSING,
                  f"not on the cache file system ({cache.fstype}: {facts.verity.detail}){hint}; {cost}")

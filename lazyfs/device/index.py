@@ -26,9 +26,10 @@ class Segment:
     loc: ChunkLocation | None
     chunk_block: int = 0
     mapped: MappedRef | None = None
+    layer: int = -1  # index of the read-only layer (bottom first) the blocks come from
 
     def clip(self, start: int, end: int) -> "Segment":
-        return Segment(start, end, self.loc, self.chunk_block + (start - self.start), self.mapped)
+        return Segment(start, end, self.loc, self.chunk_block + (start - self.start), self.mapped, self.layer)
 
     @property
     def has_data(self) -> bool:
@@ -43,11 +44,12 @@ class Segment:
         return []
 
 
-def layer_segments(meta: LayerMeta, blob_digest: str) -> list[Segment]:
+def layer_segments(meta: LayerMeta, blob_digest: str, layer: int = -1) -> list[Segment]:
     """One layer's extents as segments (ZEROED ones with loc None)."""
     locs = meta.locations(blob_digest)
     return [
-        Segment(e.start, e.end, None if e.chunk == ZEROED else locs[e.chunk], e.chunk_offset) for e in meta.extents
+        Segment(e.start, e.end, None if e.chunk == ZEROED else locs[e.chunk], e.chunk_offset, layer=layer)
+        for e in meta.extents
     ]
 
 
@@ -93,7 +95,7 @@ class MergedIndex:
         """
         merged: list[Segment] = []
         for i, (meta, digest) in enumerate(layers):
-            segments = layer_segments(meta, digest)
+            segments = layer_segments(meta, digest, i)
             spans = mapped[i] if mapped else None
             if spans is not None:
                 segments = with_mapped(segments, mapped_segments(spans), f"layer {i} ({digest[:19]})")

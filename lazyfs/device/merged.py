@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
+from lazyfs.device.blockcache import BlockCache
 from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
 from lazyfs.device.index import MergedIndex, Segment
 from lazyfs.device.mapped import copy_mapped
@@ -64,6 +65,7 @@ class MergedDevice(BlockSource):
         if writable is not None and (writable.size != self.size or writable.block_size != self.block_size):
             raise FormatError(f"writable layer of {writable.size} bytes does not fit a device of {self.size}")
         self.read_only = writable is None
+        self.block_cache: BlockCache | None = None  # serves read-only blocks it holds before the store is asked
         self._write_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(LAYER_THREADS)
         self._in_threads = 0  # worker-thread calls on the writable layer now running
@@ -95,6 +97,11 @@ class MergedDevice(BlockSource):
         segments = self.index.lookup(start, end)
         if not segments:
             return
+        cache = self.block_cache
+        if cache is not None:
+            segments = await cache.read_into(buf, offset, segments)
+            if not segments:
+                return
         chunks: dict[bytes, bytes] = {}
         wanted = {loc.digest: loc for seg in segments for loc in seg.locations()}
         if len(wanted) == 1:
@@ -112,6 +119,8 @@ class MergedDevice(BlockSource):
                 _copy_segment(buf, offset, seg, chunks[seg.loc.digest], self.block_size)
             else:
                 copy_mapped(buf, offset, seg.start, seg.end, seg.mapped, seg.chunk_block, chunks)
+        if cache is not None:
+            await cache.admit(segments, chunks)
 
     # ------------------------------------------------------------ writes
 
@@ -219,22 +228,28 @@ class MergedDevice(BlockSource):
                 await self._in_thread(self.writable.flush)
 
     async def aclose(self) -> None:
-        """Flush and close the writable layer; it is closed (lock released) even if the flush fails."""
-        if self.writable is not None:
-            try:
-                await self.flush()
-            finally:
-                with trio.CancelScope(shield=True):
-                    if self._in_threads:  # a read in a worker thread still uses the layer's descriptor
-                        self._threads_idle = trio.Event()
-                        await self._threads_idle.wait()
-                self.writable.close()
+        """Flush and close the writable layer (closed, lock released, even if the flush fails), then the block cache."""
+        try:
+            if self.writable is not None:
+                try:
+                    await self.flush()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if self._in_threads:  # a read in a worker thread still uses the layer's descriptor
+                            self._threads_idle = trio.Event()
+                            await self._threads_idle.wait()
+                    self.writable.close()
+        finally:
+            if self.block_cache is not None:
+                await self.block_cache.aclose()
 
     def statistics(self) -> dict:
         stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments),
                  "writable_reads_inline": self.nowait_reads, "writable_reads_in_thread": self.thread_reads}
         if self.writable is not None:
             stats["writable"] = self.writable.statistics()
+        if self.block_cache is not None:
+            stats["block_cache"] = self.block_cache.statistics()
         return stats
 
 

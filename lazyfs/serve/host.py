@@ -25,6 +25,7 @@ from lazyfs.device.writable import create_writable, open_writable
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, describe
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.flatfile import FlatCache, LayerFlats
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import TraceRecorder, replay
 from lazyfs.image.metacache import MetadataCache
@@ -127,9 +128,10 @@ def attachment_name(text: str) -> str:
 class Host:
     """Attach and detach images on one host; every attachment shares cache and scheduler."""
 
-    def __init__(self, config: Config, cache: ChunkCache) -> None:
+    def __init__(self, config: Config, cache: ChunkCache, flat: FlatCache | None = None) -> None:
         self.config = config
         self.cache = cache
+        self.flat = flat  # the flat per-layer disk cache under every device (None: off)
         self.opener = ImageOpener(config)
         self._openers: dict[tuple[str, ...], ImageOpener] = {(): self.opener}
         self.scheduler = FetchScheduler(
@@ -148,11 +150,16 @@ class Host:
     @asynccontextmanager
     async def open(cls, config: Config) -> AsyncIterator["Host"]:
         cache = await ChunkCache.load(config.cache_root, config.cache_size, config.memory_cache_size)
-        host = cls(config, cache)
+        flat = None
+        if config.flat_cache_size:
+            flat = await FlatCache.load(os.path.join(config.cache_root, "flat"), config.flat_cache_size)
+        host = cls(config, cache, flat)
         try:
             async with open_nursery() as nursery:
                 host._nursery = nursery
                 await nursery.start(host.scheduler.run)
+                if flat is not None:
+                    await nursery.start(flat.run)
                 nursery.start_soon(host.budget.run, host.writable_layers)
                 try:
                     yield host
@@ -166,6 +173,8 @@ class Host:
                 for opener in host._openers.values():
                     await opener.aclose()
                 await cache.aclose()
+                if flat is not None:
+                    await flat.aclose()
 
     def opener_for(self, plain_http: Iterable[str] = ()) -> ImageOpener:
         """The opener that also speaks plain HTTP to *plain_http* (registries the config does not
@@ -221,6 +230,11 @@ class Host:
                 store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
                 # the merged index is built from every layer's extents: CPU work, off the event loop
                 device = await trio.to_thread.run_sync(opened.image.device, store, layer)
+                if self.flat is not None:
+                    try:
+                        device.block_cache = await LayerFlats.open(self.flat, opened.image.layers)
+                    except OSError as exc:  # a broken cache disk costs speed, not the image
+                        log.warning("flat cache unusable for %s: %s", name, exc)
             except BaseException:
                 self._unroute(opened)
                 if layer is not None:
@@ -423,4 +437,5 @@ class Host:
         return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
                 "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(),
                 "registry": self.registry_statistics(),
+                "flat_cache": self.flat.statistics() if self.flat is not None else {},
                 "traces": dict(self.traces)}

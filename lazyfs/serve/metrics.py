@@ -182,7 +182,10 @@ DEVICE: tuple[Stat, ...] = (
     Stat("writable_reads_in_thread", "lazyfs_image_writable_reads_in_thread_total", COUNTER,
          "Reads of the writable layer that waited for the disk in a worker thread"),
 )
-DEVICE_SKIPPED: Mapping[str, str] = {"writable": "its own table (WRITABLE)"}
+DEVICE_SKIPPED: Mapping[str, str] = {
+    "writable": "its own table (WRITABLE)",
+    "block_cache": "the image's share of the host-wide flat cache (FLAT): layers and blocks, not exported per image",
+}
 
 WRITABLE: tuple[Stat, ...] = (
     Stat("writes", "lazyfs_image_writable_writes_total", COUNTER, "Writes into the image's writable layer"),
@@ -273,6 +276,28 @@ SOURCE_SKIPPED: Mapping[str, str] = {
 }
 SOURCE_LATENCY = "lazyfs_registry_request_duration_seconds"
 
+# -- FlatCache.statistics(): the flat per-layer disk cache (Host.statistics()["flat_cache"]) ----
+
+FLAT: tuple[Stat, ...] = (
+    Stat("hits", "lazyfs_flat_cache_hits_total", COUNTER, "Runs of blocks served from a flat layer file (one preadv each)"),
+    Stat("misses", "lazyfs_flat_cache_misses_total", COUNTER, "Runs of blocks the flat layer files did not hold"),
+    Stat("blocks_served", "lazyfs_flat_cache_served_blocks_total", COUNTER, "Verified blocks read from flat layer files"),
+    Stat("nowait_reads", "lazyfs_flat_cache_reads_total", COUNTER, "Flat file reads, by how they were done",
+         (("how", "nowait"),)),
+    Stat("thread_reads", "lazyfs_flat_cache_reads_total", COUNTER, "", (("how", "thread"),)),
+    Stat("tampered", "lazyfs_flat_cache_tampered_total", COUNTER,
+         "Flat file reads whose blocks did not match their hashes (the chunk was dropped and fetched again)"),
+    Stat("writes", "lazyfs_flat_cache_writes_total", COUNTER, "Extents of verified chunks written to flat layer files"),
+    Stat("bytes_written", "lazyfs_flat_cache_written_bytes_total", COUNTER, "Bytes written to flat layer files"),
+    Stat("write_errors", "lazyfs_flat_cache_write_errors_total", COUNTER, "Flat file writes or persists that failed"),
+    Stat("persists", "lazyfs_flat_cache_persists_total", COUNTER, "Map persists (data fdatasync, then the map records)"),
+    Stat("evictions", "lazyfs_flat_cache_evictions_total", COUNTER, "Whole layer files removed to stay under the limit"),
+    Stat("layers", "lazyfs_flat_cache_open_layers", GAUGE, "Layer files open right now"),
+    Stat("blocks", "lazyfs_flat_cache_blocks", GAUGE, "Blocks the open layer files hold"),
+    Stat("max_bytes", "lazyfs_flat_cache_limit_bytes", GAUGE, "Configured size limit of the flat cache"),
+)
+FLAT_SKIPPED: Mapping[str, str] = {}
+
 #: Every table with the keys it leaves out on purpose, by the statistics() it reads. Only numbers
 #: and nested dicts need a place here; strings, booleans and None describe (names, kinds, paths).
 TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
@@ -287,6 +312,7 @@ TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
     "export": (EXPORT, EXPORT_SKIPPED),
     "registry": (REGISTRY, REGISTRY_SKIPPED),
     "source": (SOURCE, SOURCE_SKIPPED),
+    "flat": (FLAT, FLAT_SKIPPED),
 }
 
 # -- DiskBudget.statistics(): Host.statistics()["disk"], sampled every few seconds ----------------
@@ -394,6 +420,8 @@ def metric_families(snapshot: Mapping) -> list:
         queued.add_metric([priority], n)
     _table(families, CACHE, scheduler.get("cache") or {})
     latency = histogram_family(LATENCY, LATENCY_DOC, scheduler.get("latency") or {})
+    families.declare(FLAT)
+    _table(families, FLAT, snapshot.get("flat_cache") or {})
     families.declare(REGISTRY)
     families.declare(SOURCE, ("source",))
     registry: Mapping = snapshot.get("registry") or {}

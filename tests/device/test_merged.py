@@ -9,36 +9,10 @@ from lazyfs.device.writable import create_writable
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.layer import BLOCK_SIZE
 from tests.support.conformance import check_source
-from tests.support.layers import MemoryBackend, build_blob
+from tests.support.layers import MemoryBackend, build_blob, make_stack
 from tests.support.stores import CountingStore
 
-SIZE = 96 * BLOCK_SIZE
-
-
-def make_stack(seed: int, nlayers: int = 3, chunk_size: int = 16 * 1024):
-    """A random stack of layers and the bytearray it must read as."""
-    rng = random.Random(seed)
-    model = bytearray(SIZE)
-    backend, layers = MemoryBackend(), []
-    for li in range(nlayers):
-        writes, zeroed, used = [], [], set()
-        for _ in range(rng.randint(1, 6)):
-            start, count = rng.randrange(96), rng.randint(1, 12)
-            span = set(range(start, min(96, start + count)))
-            if span & used:
-                continue
-            used |= span
-            if rng.random() < 0.75:
-                data = rng.choice([rng.randbytes, lambda n: bytes([li + 1]) * n])(len(span) * BLOCK_SIZE)
-                writes.append((start, data))
-                model[start * BLOCK_SIZE : (start + len(span)) * BLOCK_SIZE] = data
-            else:
-                zeroed.append((start, len(span)))
-                model[start * BLOCK_SIZE : (start + len(span)) * BLOCK_SIZE] = bytes(len(span) * BLOCK_SIZE)
-        blob, digest, meta = build_blob(SIZE, writes, zeroed, chunk_size=chunk_size)
-        backend.blobs[digest] = blob
-        layers.append((meta, digest))
-    return layers, backend, model
+from tests.support.layers import STACK_SIZE as SIZE
 
 
 @pytest.mark.parametrize("seed", range(6))

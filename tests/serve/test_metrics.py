@@ -82,7 +82,7 @@ def _sections(snapshot: dict) -> dict[str, dict]:
     return {"scheduler": sched, "planner": sched["planner"], "cache": sched["cache"], "image": att,
             "hydration": att["hydration"],
             "device": att["device"], "writable": att["device"]["writable"], "fuse": snapshot["fuse"],
-            "export": snapshot["fuse"]["exports"]["img"]}
+            "export": snapshot["fuse"]["exports"]["img"], "flat": snapshot["flat_cache"]}
 
 
 def test_every_statistic_is_classified_and_every_table_entry_exists(snapshots):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Mapping
 
 from lazyfs.errors import FetchError, NotFoundError
@@ -91,3 +92,32 @@ def write_frames_blob(root, raws: Iterable[bytes], trailer: bytes = b"") -> tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return name, [ChunkLocation(d, name, o, c, r, comp) for d, o, c, r, comp in metas]
+
+
+STACK_SIZE = 96 * BLOCK_SIZE
+
+
+def make_stack(seed: int, nlayers: int = 3, chunk_size: int = 16 * 1024):
+    """A random stack of layers and the bytearray it must read as."""
+    rng = random.Random(seed)
+    model = bytearray(STACK_SIZE)
+    backend, layers = MemoryBackend(), []
+    for li in range(nlayers):
+        writes, zeroed, used = [], [], set()
+        for _ in range(rng.randint(1, 6)):
+            start, count = rng.randrange(96), rng.randint(1, 12)
+            span = set(range(start, min(96, start + count)))
+            if span & used:
+                continue
+            used |= span
+            if rng.random() < 0.75:
+                data = rng.choice([rng.randbytes, lambda n: bytes([li + 1]) * n])(len(span) * BLOCK_SIZE)
+                writes.append((start, data))
+                model[start * BLOCK_SIZE : (start + len(span)) * BLOCK_SIZE] = data
+            else:
+                zeroed.append((start, len(span)))
+                model[start * BLOCK_SIZE : (start + len(span)) * BLOCK_SIZE] = bytes(len(span) * BLOCK_SIZE)
+        blob, digest, meta = build_blob(STACK_SIZE, writes, zeroed, chunk_size=chunk_size)
+        backend.blobs[digest] = blob
+        layers.append((meta, digest))
+    return layers, backend, model

@@ -1,0 +1,34 @@
+"""A block cache under the merged device: whole virtual ranges of read-only layers, read by offset.
+
+The merged device asks it first for the read-only part of a read; what it does
+not serve goes through the chunk store as before, and is then offered to it.
+The implementation (``lazyfs.fetch.flatfile``) keeps one flat file per layer.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+
+from lazyfs.device.index import Segment
+
+__all__ = ["BlockCache"]
+
+
+class BlockCache(abc.ABC):
+    """Serves virtual blocks of read-only layers that it holds, verified."""
+
+    @abc.abstractmethod
+    async def read_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> list[Segment]:
+        """Fill the parts of *buf* (device bytes from *offset*) that *segments* cover and this cache
+        holds with verified bytes; return the segments it did not serve, in order."""
+
+    @abc.abstractmethod
+    async def admit(self, segments: Sequence[Segment], chunks: Mapping[bytes, bytes]) -> None:
+        """Offer verified raw *chunks* (by digest) that *segments* were read from. Never raises for I/O errors."""
+
+    async def aclose(self) -> None:
+        """Persist what is written and release the layers' files."""
+
+    def statistics(self) -> dict:
+        return {}

@@ -1,0 +1,612 @@
+"""The flat disk cache: one sparse file per read-only layer, at the layer's virtual offsets.
+
+The nydus blobcache idea: a layer's cached blocks sit in ``<root>/<hex>.data``
+exactly where they sit in the layer's virtual device, so a disk-cache hit for
+a range is one ``preadv`` at the range's offset, of only that range (no chunk
+file to open, no whole chunk to read and hash). Which blocks are there, and
+what they must hash to, is in the layer's map ``<root>/<hex>.map`` (the
+persistent bitmap plus the per-4-KiB hash sidecar; docs/cache.md).
+
+Contracts:
+
+* **Verified once, then protected.** Blocks are written only from chunks the
+  fetch path verified (blake3 of the whole chunk). Each written block's
+  blake3 (16 bytes) is computed from those verified bytes. Every read from the
+  flat file hashes the blocks it touches and compares (fs-verity is the other
+  way to get this and is not used: see docs/cache.md); a mismatch drops the bits
+  of the chunk concerned, and the read goes to the chunk store (refetch).
+* **Crash safety by ordering.** The map is an append-only log of checksummed
+  records. A block's record is appended (and fdatasynced) only after the data
+  file was fdatasynced with the block in it, so after a crash the map never
+  lists a block whose data did not reach the disk; an unsynced block is simply
+  not listed and is fetched again. A torn last record is cut at open.
+* **No write per hit.** Reads do not touch metadata: the LRU order of the
+  layer files is kept in memory and persisted every ``persist_interval``
+  seconds (``<root>/lru``).
+* **Bounded.** ``max_bytes`` bounds the blocks held over all layer files;
+  over it, whole layer files not in use are removed, least recently used first.
+* **No file I/O on the trio thread except non-blocking reads.** Reads try
+  ``preadv(..., RWF_NOWAIT)`` inline (the page cache answers) and fall back to a
+  worker thread on EAGAIN or a short read; writes, fsyncs and opens run in threads.
+* Directories 0700, files 0600 (chunks of private images: docs/trust.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import blake3
+import trio
+
+from lazyfs.device.blockcache import BlockCache
+from lazyfs.device.index import Segment
+from lazyfs.durable import fsync_dir, pwrite_all, write_all, write_atomically
+from lazyfs.errors import ConfigError
+from lazyfs.format.layer import ZEROED, LayerMeta
+
+__all__ = ["BlockMap", "FlatCache", "FlatFile", "LayerFlats", "block_hashes"]
+
+log = logging.getLogger(__name__)
+
+HASH_LEN = 16  # bytes of blake3 kept per block: tamper detection needs a second preimage, 2**128 work
+MAP_MAGIC = b"LZFSFMAP"
+MAP_HEADER = struct.Struct("<8sHHIQ")  # magic, version, hash length, block size, blocks
+MAP_VERSION = 1
+_REC = struct.Struct("<cQI")  # kind, first block, count
+_SET, _CLEAR = b"S", b"C"
+_CHECK = 16  # blake3 of the record's bytes, closing it (a torn or altered record ends the log)
+MAX_RECORD_BLOCKS = 1 << 16  # 256 MiB of 4 KiB blocks per record
+_GROUP = 256  # blocks per lazily allocated hash group (4 KiB of hashes per MiB cached)
+
+
+def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> bytes:
+    """The HASH_LEN-byte blake3 of each whole block of *data*, concatenated."""
+    view = memoryview(data)
+    return b"".join([blake3.blake3(view[i : i + block_size]).digest(HASH_LEN) for i in range(0, len(view), block_size)])
+
+
+class BlockMap:
+    """Sans-IO: which blocks of a layer file hold verified data, and what each hashes to.
+
+    Also the codec of the map log: :meth:`replay` applies records,
+    :func:`encode_set`/:func:`encode_clear` make them.
+    """
+
+    def __init__(self, blocks: int, block_size: int) -> None:
+        self.blocks, self.block_size = blocks, block_size
+        self._bits = bytearray((blocks + 7) // 8)
+        self._groups: dict[int, bytearray] = {}
+        self.count = 0  # blocks held
+
+    def header(self) -> bytes:
+        return MAP_HEADER.pack(MAP_MAGIC, MAP_VERSION, HASH_LEN, self.block_size, self.blocks)
+
+    def has(self, block: int) -> bool:
+        return bool(self._bits[block >> 3] & (1 << (block & 7)))
+
+    def covered(self, start: int, end: int) -> bool:
+        """Whether every block of ``[start, end)`` is held."""
+        bits = self._bits
+        b = start
+        while b < end:  # whole bytes at a time where aligned
+            if b & 7 == 0 and b + 8 <= end:
+                if bits[b >> 3] != 0xFF:
+                    return False
+                b += 8
+            else:
+                if not bits[b >> 3] & (1 << (b & 7)):
+                    return False
+                b += 1
+        return True
+
+    def hashes(self, start: int, end: int) -> bytes:
+        """The recorded hashes of blocks ``[start, end)`` (all held), concatenated."""
+        out = []
+        b = start
+        while b < end:
+            g, i = divmod(b, _GROUP)
+            n = min(end - b, _GROUP - i)
+            out.append(self._groups[g][i * HASH_LEN : (i + n) * HASH_LEN])
+            b += n
+        return b"".join(out)
+
+    def set(self, start: int, hashes: bytes) -> None:
+        count = len(hashes) // HASH_LEN
+        self._check(start, count)
+        for k in range(count):
+            b = start + k
+            g, i = divmod(b, _GROUP)
+            group = self._groups.get(g)
+            if group is None:
+                group = self._groups[g] = bytearray(_GROUP * HASH_LEN)
+            group[i * HASH_LEN : (i + 1) * HASH_LEN] = hashes[k * HASH_LEN : (k + 1) * HASH_LEN]
+            if not self.has(b):
+                self._bits[b >> 3] |= 1 << (b & 7)
+                self.count += 1
+
+    def clear(self, start: int, count: int) -> None:
+        self._check(start, count)
+        for b in range(start, start + count):
+            if self.has(b):
+                self._bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+                self.count -= 1
+
+    def _check(self, start: int, count: int) -> None:
+        if start < 0 or count < 0 or start + count > self.blocks:
+            raise ValueError(f"blocks [{start}, {start + count}) outside a map of {self.blocks}")
+
+    def replay(self, log_bytes: bytes) -> int:
+        """Apply the records of *log_bytes* (after the header); return how many bytes were valid.
+
+        Stops at the first record that is torn, fails its checksum or lies outside the map.
+        """
+        view = memoryview(log_bytes)
+        pos = 0
+        while pos + _REC.size + _CHECK <= len(view):
+            kind, start, count = _REC.unpack_from(view, pos)
+            if kind not in (_SET, _CLEAR) or count > MAX_RECORD_BLOCKS or start + count > self.blocks:
+                break
+            body = _REC.size + (count * HASH_LEN if kind == _SET else 0)
+            end = pos + body + _CHECK
+            if end > len(view) or blake3.blake3(view[pos : pos + body]).digest(_CHECK) != view[pos + body : end]:
+                break
+            if kind == _SET:
+                self.set(start, bytes(view[pos + _REC.size : pos + body]))
+            else:
+                self.clear(start, count)
+            pos = end
+        return pos
+
+
+def encode_set(start: int, hashes: bytes) -> bytes:
+    body = _REC.pack(_SET, start, len(hashes) // HASH_LEN) + hashes
+    return body + blake3.blake3(body).digest(_CHECK)
+
+
+def encode_clear(start: int, count: int) -> bytes:
+    body = _REC.pack(_CLEAR, start, count)
+    return body + blake3.blake3(body).digest(_CHECK)
+
+
+class FlatFile:
+    """One layer's data file and map. Reads on the trio thread; writes and persists in workers."""
+
+    def __init__(self, root: Path, key: str, size: int, block_size: int) -> None:
+        """Open or create (synchronously: call from a worker thread)."""
+        self.key, self.size, self.block_size = key, size, block_size
+        self.data_path = root / f"{key}.data"
+        self.map_path = root / f"{key}.map"
+        self.map = BlockMap(size // block_size, block_size)
+        self.users = 0
+        self._pending: list[bytes] = []  # records waiting for the next persist (trio thread)
+        self._lock = threading.Lock()  # one persist at a time
+        created = not self.data_path.exists()
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.data_path, flags, 0o600)
+        try:
+            self.map_fd = os.open(self.map_path, flags | os.O_APPEND, 0o600)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+            self._load()
+            if created:
+                fsync_dir(str(root))
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self) -> None:
+        data = _read_all(self.map_fd)
+        header = self.map.header()
+        if data[: len(header)] != header:
+            if data:
+                log.warning("flat cache: map %s does not match its layer; starting it empty", self.map_path)
+            os.ftruncate(self.map_fd, 0)
+            write_all(self.map_fd, header)
+            os.fdatasync(self.map_fd)
+            return
+        valid = self.map.replay(data[len(header) :])
+        if len(header) + valid < len(data):
+            log.warning("flat cache: cut a torn tail of %d bytes from %s", len(data) - len(header) - valid, self.map_path)
+            os.ftruncate(self.map_fd, len(header) + valid)
+
+    # ---- trio thread
+
+    def note_written(self, start: int, hashes: bytes) -> None:
+        """Blocks from *start* were written with these hashes: serve them now, list them at the next persist."""
+        self.map.set(start, hashes)
+        self._pending.append(encode_set(start, hashes))
+
+    def drop(self, start: int, count: int) -> None:
+        self.map.clear(start, count)
+        self._pending.append(encode_clear(start, count))
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._pending)
+
+    def take_pending(self) -> bytes:
+        records, self._pending = self._pending, []
+        return b"".join(records)
+
+    # ---- worker threads
+
+    def write_blocks(self, items: Sequence[tuple[int, bytes | memoryview]]) -> list[tuple[int, bytes]]:
+        """Write verified bytes at their blocks; return ``(start, hashes)`` for each (not yet in the map)."""
+        out = []
+        for start, data in items:
+            pwrite_all(self.fd, data, start * self.block_size)
+            out.append((start, block_hashes(data, self.block_size)))
+        return out
+
+    def persist(self, records: bytes) -> None:
+        """Make the data durable, then append *records* and make them durable: never the other way round."""
+        with self._lock:
+            os.fdatasync(self.fd)
+            if records:
+                write_all(self.map_fd, records)  # O_APPEND: at the end
+                os.fdatasync(self.map_fd)
+
+    def verify_listed(self) -> list[int]:
+        """Every block the map lists whose data does not match its hash (a full check; worker thread)."""
+        bad = []
+        bs, blocks = self.block_size, self.map.blocks
+        for start in range(0, blocks, _GROUP):
+            end = min(blocks, start + _GROUP)
+            listed = [b for b in range(start, end) if self.map.has(b)]
+            if not listed:
+                continue
+            data = os.pread(self.fd, (end - start) * bs, start * bs).ljust((end - start) * bs, b"\0")
+            for b in listed:
+                if block_hashes(data[(b - start) * bs : (b - start + 1) * bs], bs) != self.map.hashes(b, b + 1):
+                    bad.append(b)
+        return bad
+
+    def close(self) -> None:
+        for fd in (self.fd, self.map_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def remove(self) -> None:
+        self.close()
+        for p in (self.map_path, self.data_path):  # the map first: no map, nothing trusted
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+class FlatCache:
+    """The host's layer files under *root*: opened on demand, shared by every device using a layer."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int, *, persist_interval: float = 5.0) -> None:
+        if max_bytes < 0 or persist_interval <= 0:
+            raise ConfigError(f"flat cache: max_bytes must not be negative ({max_bytes}), persist_interval positive")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.persist_interval = persist_interval
+        self._files: dict[str, FlatFile] = {}
+        self._lru: OrderedDict[str, None] = OrderedDict()  # layer keys, least recently used first
+        self._lru_dirty = False
+        self._opening: dict[str, trio.Event] = {}
+        self._stats = dict.fromkeys(
+            ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
+             "bytes_written", "write_errors", "persists", "evictions"), 0)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._load_lru()
+
+    @classmethod
+    async def load(cls, root, max_bytes: int, **kw) -> "FlatCache":
+        return await trio.to_thread.run_sync(lambda: cls(root, max_bytes, **kw))
+
+    def _load_lru(self) -> None:
+        keys = set()
+        for entry in os.scandir(self.root):
+            if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
+                keys.add(entry.name[: -len(".data")])
+                if entry.stat(follow_symlinks=False).st_mode & 0o077:
+                    os.chmod(entry.path, 0o600)
+        try:
+            order = (self.root / "lru").read_text().split()
+        except FileNotFoundError:
+            order = []
+        for key in order:
+            if key in keys:
+                self._lru[key] = None
+        for key in sorted(keys - set(self._lru)):
+            self._lru[key] = None
+            self._lru.move_to_end(key, last=False)  # unknown order: oldest
+
+    async def open_layer(self, key: str, size: int, block_size: int) -> FlatFile:
+        """The layer file of *key* (a blob digest's hex), opened once and shared; release with :meth:`release`."""
+        while key in self._opening:
+            await self._opening[key].wait()
+        f = self._files.get(key)
+        if f is None:
+            done = self._opening[key] = trio.Event()
+            try:
+                f = await trio.to_thread.run_sync(FlatFile, self.root, key, size, block_size)
+            finally:
+                del self._opening[key]
+                done.set()
+            if f.size != size or f.block_size != block_size:
+                f.close()
+                raise ConfigError(f"flat cache: layer {key} opened with two sizes")
+            self._files[key] = f
+        f.users += 1
+        self.touch(key)
+        return f
+
+    async def release(self, f: FlatFile) -> None:
+        f.users -= 1
+        await self.persist(f)
+        await self.enforce_budget()
+
+    def touch(self, key: str) -> None:
+        self._lru[key] = None
+        self._lru.move_to_end(key)
+        self._lru_dirty = True
+
+    def held_bytes(self) -> int:
+        return sum(f.map.count * f.block_size for f in self._files.values()) + self._closed_bytes()
+
+    def _closed_bytes(self) -> int:
+        total = 0
+        for key in self._lru:
+            if key not in self._files:
+                try:
+                    total += os.stat(self.root / f"{key}.data").st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+    async def persist(self, f: FlatFile) -> None:
+        """Data fdatasync, then the map records written since the last persist (worker thread)."""
+        if not f.dirty:
+            return
+        records = f.take_pending()
+        try:
+            await trio.to_thread.run_sync(f.persist, records)
+        except OSError as exc:
+            # The data may not be on disk: its records are not written, and blocks written
+            # since are not trusted after a restart (the in-memory map still serves this run).
+            self._stats["write_errors"] += 1
+            log.warning("flat cache: cannot persist %s: %s", f.key, exc)
+            return
+        self._stats["persists"] += 1
+
+    async def persist_all(self) -> None:
+        for f in list(self._files.values()):
+            await self.persist(f)
+        if self._lru_dirty:
+            self._lru_dirty = False
+            text = "\n".join(self._lru) + "\n"
+            try:
+                await trio.to_thread.run_sync(write_atomically, str(self.root / "lru"), text.encode())
+            except Exception as exc:  # the order is a hint: losing it costs eviction quality only
+                log.warning("flat cache: cannot save the LRU order: %s", exc)
+
+    async def enforce_budget(self) -> None:
+        """Remove whole layer files nobody uses, least recently used first, while over max_bytes."""
+        held = await trio.to_thread.run_sync(self.held_bytes)
+        for key in list(self._lru):
+            if held <= self.max_bytes:
+                break
+            f = self._files.get(key)
+            if f is not None and f.users:
+                continue
+            if f is not None:
+                del self._files[key]
+                held -= f.map.count * f.block_size
+                await trio.to_thread.run_sync(f.remove)
+            else:
+                path = self.root / f"{key}.data"
+                try:
+                    held -= os.stat(path).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+                await trio.to_thread.run_sync(_remove_pair, self.root, key)
+            del self._lru[key]
+            self._lru_dirty = True
+            self._stats["evictions"] += 1
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Persist maps and the LRU order every persist_interval seconds, and keep to the budget."""
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.persist_interval)
+                await self.persist_all()
+                await self.enforce_budget()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.persist_all()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self.persist_all()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
+    def statistics(self) -> dict:
+        return {**self._stats, "layers": len(self._files),
+                "blocks": sum(f.map.count for f in self._files.values()), "max_bytes": self.max_bytes}
+
+
+class LayerFlats(BlockCache):
+    """The block cache of one device: the flat files of its read-only layers (bottom first)."""
+
+    def __init__(self, cache: FlatCache, layers: Sequence[tuple[LayerMeta, str]], files: Sequence[FlatFile],
+                 chunk_extents: Sequence[dict[bytes, list[tuple[int, int, int]]]]) -> None:
+        self.cache = cache
+        self.files = list(files)
+        self.block_size = layers[0][0].block_size if layers else 4096
+        self._extents = chunk_extents  # per layer: chunk digest -> [(first block, count, chunk block)]
+        self._closed = False
+
+    @classmethod
+    async def open(cls, cache: FlatCache, layers: Sequence[tuple[LayerMeta, str]]) -> "LayerFlats":
+        files = []
+        try:
+            for meta, digest in layers:
+                files.append(await cache.open_layer(digest.split(":")[-1], meta.virtual_size, meta.block_size))
+        except BaseException:
+            for f in files:
+                await cache.release(f)
+            raise
+        extents = await trio.to_thread.run_sync(lambda: [_chunk_extents(meta) for meta, _ in layers])
+        return cls(cache, layers, files, extents)
+
+    async def read_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> list[Segment]:
+        missing: list[Segment] = []
+        bs = self.block_size
+        i = 0
+        while i < len(segments):  # runs of contiguous segments of one layer: one preadv each
+            j = i + 1
+            while j < len(segments) and segments[j].layer == segments[i].layer and segments[j].start == segments[j - 1].end:
+                j += 1
+            run = segments[i:j]
+            f = self.files[run[0].layer] if 0 <= run[0].layer < len(self.files) else None
+            start, end = run[0].start, run[-1].end
+            if f is None or not f.map.covered(start, end):
+                self.cache._stats["misses"] += 1
+                missing.extend(run)
+            else:
+                bad = await self._read_run(f, buf, offset, start, end)
+                if bad is None:
+                    self.cache.touch(f.key)  # in memory only: persisted with the maps
+                    self.cache._stats["hits"] += 1
+                    self.cache._stats["blocks_served"] += end - start
+                else:
+                    self.cache._stats["tampered"] += 1
+                    seg = next(s for s in run if s.start <= bad < s.end)
+                    log.warning("flat cache: block %d of layer %s does not match its hash; chunk %s dropped",
+                                bad, f.key, seg.loc.digest.hex()[:16])
+                    for first, count, _ in self._extents[seg.layer].get(seg.loc.digest, ()):
+                        f.drop(first, count)
+                    missing.extend(run)
+            i = j
+        return missing
+
+    async def _read_run(self, f: FlatFile, buf: bytearray, offset: int, start: int, end: int) -> int | None:
+        """Read blocks [start, end) into their place in *buf* and verify them; the first bad block or None."""
+        bs = self.block_size
+        lo, hi = start * bs, end * bs
+        direct = lo >= offset and hi <= offset + len(buf)
+        target = memoryview(buf)[lo - offset : hi - offset] if direct else memoryview(bytearray(hi - lo))
+        await self._pread(f, target, lo)
+        want = f.map.hashes(start, end)
+        got = block_hashes(target, bs)
+        if got != want:
+            for k in range(end - start):
+                if got[k * HASH_LEN : (k + 1) * HASH_LEN] != want[k * HASH_LEN : (k + 1) * HASH_LEN]:
+                    return start + k
+        if not direct:
+            a, b = max(lo, offset), min(hi, offset + len(buf))
+            buf[a - offset : b - offset] = target[a - lo : b - lo]
+        return None
+
+    async def _pread(self, f: FlatFile, target: memoryview, pos: int) -> None:
+        try:
+            n = os.preadv(f.fd, [target], pos, os.RWF_NOWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            n = 0
+        if n == len(target):
+            self.cache._stats["nowait_reads"] += 1
+            return
+        self.cache._stats["thread_reads"] += 1
+        rest = target[n:]
+        got = await trio.to_thread.run_sync(_pread_full, f.fd, rest, pos + n)
+        if got < len(rest):
+            rest[got:] = bytes(len(rest) - got)  # past the end of a shorter file: fails verification
+
+    async def admit(self, segments: Sequence[Segment], chunks: Mapping[bytes, bytes]) -> None:
+        bs = self.block_size
+        work: dict[int, list[tuple[int, memoryview]]] = {}
+        seen = set()
+        for seg in segments:
+            if seg.loc is None or not 0 <= seg.layer < len(self.files):
+                continue  # mapped (tar span) segments are not kept in flat files
+            key = (seg.layer, seg.loc.digest)
+            if key in seen:
+                continue
+            seen.add(key)
+            f, raw = self.files[seg.layer], chunks.get(seg.loc.digest)
+            if raw is None:
+                continue
+            view = memoryview(raw)
+            for first, count, chunk_block in self._extents[seg.layer].get(seg.loc.digest, ()):
+                if not f.map.covered(first, first + count) and (chunk_block + count) * bs <= len(raw):
+                    work.setdefault(seg.layer, []).append((first, view[chunk_block * bs : (chunk_block + count) * bs]))
+        for layer, items in work.items():
+            f = self.files[layer]
+            try:
+                written = await trio.to_thread.run_sync(f.write_blocks, items)
+            except OSError as exc:
+                self.cache._stats["write_errors"] += 1
+                log.warning("flat cache: cannot write layer %s: %s", f.key, exc)
+                continue
+            for start, hashes in written:
+                f.note_written(start, hashes)
+                self.cache._stats["writes"] += 1
+                self.cache._stats["bytes_written"] += len(hashes) // HASH_LEN * bs
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            for f in self.files:
+                await self.cache.release(f)
+
+    def statistics(self) -> dict:
+        return {"layers": len(self.files), "blocks": sum(f.map.count for f in self.files)}
+
+
+def _chunk_extents(meta: LayerMeta) -> dict[bytes, list[tuple[int, int, int]]]:
+    out: dict[bytes, list[tuple[int, int, int]]] = {}
+    for e in meta.extents:
+        if e.chunk != ZEROED:
+            out.setdefault(meta.chunks[e.chunk].digest, []).append((e.start, e.count, e.chunk_offset))
+    return out
+
+
+def _pread_full(fd: int, target: memoryview, pos: int) -> int:
+    done = 0
+    while done < len(target):  # bounded: every pass reads at least one byte or stops
+        n = os.preadv(fd, [target[done:]], pos + done)
+        if n <= 0:
+            break
+        done += n
+    return done
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+def _remove_pair(root: Path, key: str) -> None:
+    for suffix in (".map", ".data"):
+        try:
+            os.unlink(root / f"{key}{suffix}")
+        except FileNotFoundError:
+            pass
