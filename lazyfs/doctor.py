@@ -379,7 +379,7 @@ def diagnose(facts: HostFacts, daemon: DaemonFacts, config: Config) -> Report:
         check_tools(facts),
         check_state_dir("run dir", paths["run_dir"], "the daemon cannot create its control socket and export"),
         check_state_dir("state dir", paths["state_dir"], "attachments cannot be recorded, so every attach fails"),
-        check_cache_root(paths["cache_root"], config.cache_size),
+        check_cache_root(paths["cache_root"], config.cache_size + config.flat_cache_size),  # both disk tiers
         check_writable_root(paths["writable_root"]),
         check_fusectl(facts),
         check_fuse_passthrough(facts),

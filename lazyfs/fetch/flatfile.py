@@ -300,6 +300,7 @@ class FlatCache:
         self._files: dict[str, FlatFile] = {}
         self._lru: OrderedDict[str, None] = OrderedDict()  # layer keys, least recently used first
         self._lru_dirty = False
+        self.held = 0  # bytes of blocks held, as of the last budget check plus writes since (cheap to read)
         self._opening: dict[str, trio.Event] = {}
         self._stats = dict.fromkeys(
             ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
@@ -402,6 +403,12 @@ class FlatCache:
     async def enforce_budget(self) -> None:
         """Remove whole layer files nobody uses, least recently used first, while over max_bytes."""
         held = await trio.to_thread.run_sync(self.held_bytes)
+        try:
+            held = await self._evict_down_to_budget(held)
+        finally:
+            self.held = held
+
+    async def _evict_down_to_budget(self, held: int) -> int:
         for key in list(self._lru):
             if held <= self.max_bytes:
                 break
@@ -422,6 +429,7 @@ class FlatCache:
             del self._lru[key]
             self._lru_dirty = True
             self._stats["evictions"] += 1
+        return held
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Persist maps and the LRU order every persist_interval seconds, and keep to the budget."""
@@ -568,6 +576,7 @@ class LayerFlats(BlockCache):
                 f.note_written(start, hashes)
                 self.cache._stats["writes"] += 1
                 self.cache._stats["bytes_written"] += len(hashes) // HASH_LEN * bs
+                self.cache.held += len(hashes) // HASH_LEN * bs
 
     async def aclose(self) -> None:
         if self._closed:

@@ -22,6 +22,7 @@ from lazyfs.config import Config
 from lazyfs.device.writable import WritableLayer
 from lazyfs.device.writable.base import directory_usage
 from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.flatfile import FlatCache
 
 log = logging.getLogger(__name__)
 SAMPLE_SECONDS = 10.0
@@ -61,15 +62,16 @@ def conversion_cache_dir(config: Config) -> str:
 class DiskBudget:
     """Keeps writable layers out of the chunk cache's share of a disk, and reports who uses how much."""
 
-    def __init__(self, config: Config, cache: ChunkCache) -> None:
-        self.config, self.cache = config, cache
+    def __init__(self, config: Config, cache: ChunkCache, flat: FlatCache | None = None) -> None:
+        self.config, self.cache, self.flat = config, cache, flat
         self._sample: dict = {}
         self._changed = trio.Event()
 
     def cache_unused(self) -> int:
         """The part of the chunk cache's budget not filled yet (what writable layers must leave free)."""
         stats = self.cache.statistics()
-        return max(0, stats["max_bytes"] - stats["bytes"])
+        flat = 0 if self.flat is None else max(0, self.flat.max_bytes - self.flat.held)
+        return max(0, stats["max_bytes"] - stats["bytes"]) + flat
 
     def reserve_for(self, layer_dir: str) -> Callable[[], int] | None:
         """The ``keep_free`` of a writable layer in *layer_dir*: None if it is not on the cache's disk."""
@@ -116,6 +118,9 @@ class DiskBudget:
         return {
             "sampled_at": time.time(),
             "chunk_cache": {"root": self.config.cache_root, "bytes": cache["bytes"], "max_bytes": cache["max_bytes"]},
+            "flat_cache": {"root": os.path.join(self.config.cache_root, "flat"),
+                           "bytes": 0 if self.flat is None else self.flat.held,
+                           "max_bytes": 0 if self.flat is None else self.flat.max_bytes},
             "conversion_cache": {"root": conversion_cache_dir(self.config),
                                  "bytes": directory_usage(conversion_cache_dir(self.config)), "max_bytes": None},
             "writable_layers": {"root": self.config.writable_root,

@@ -138,7 +138,7 @@ class Host:
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
             deadline=config.fetch_deadline, verify_threads=config.decode_threads)
         self.attachments: dict[str, Attachment] = {}
-        self.budget = DiskBudget(config, cache)
+        self.budget = DiskBudget(config, cache, flat)
         self.metadata = MetadataCache(os.path.join(config.cache_root, "metadata"))  # offline restore (hydrate.py)
         self._hydrated_chunks: set[bytes] = set()  # never evicted: a hydrated image must stay local
         cache.protected = self._hydrated_chunks.__contains__

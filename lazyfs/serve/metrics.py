@@ -318,7 +318,7 @@ TABLES: Mapping[str, tuple[tuple[Stat, ...], Mapping[str, str]]] = {
 # -- DiskBudget.statistics(): Host.statistics()["disk"], sampled every few seconds ----------------
 
 #: the uses of disk space it reports, each with bytes and (when bounded) max_bytes
-DISK_USES = ("chunk_cache", "conversion_cache", "writable_layers")
+DISK_USES = ("chunk_cache", "flat_cache", "conversion_cache", "writable_layers")
 DISK_SKIPPED: Mapping[str, str] = {
     "sampled_at": "exported as lazyfs_disk_sampled_timestamp_seconds",
     "writable_reserve": "exported as lazyfs_disk_writable_reserve_bytes",
