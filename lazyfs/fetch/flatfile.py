@@ -185,6 +185,7 @@ class FlatFile:
         self.map_path = root / f"{key}.map"
         self.map = BlockMap(size // block_size, block_size)
         self.users = 0
+        self.closed = False
         self._pending: list[bytes] = []  # records waiting for the next persist (trio thread)
         self._lock = threading.Lock()  # one persist at a time
         created = not self.data_path.exists()
@@ -273,6 +274,7 @@ class FlatFile:
         return bad
 
     def close(self) -> None:
+        self.closed = True
         for fd in (self.fd, self.map_fd):
             try:
                 os.close(fd)
@@ -302,9 +304,13 @@ class FlatCache:
         self._lru_dirty = False
         self.held = 0  # bytes of blocks held, as of the last budget check plus writes since (cheap to read)
         self._opening: dict[str, trio.Event] = {}
+        # chunk digest -> (layer file, first block, blocks): a whole chunk held contiguously, so another
+        # layer holding the same chunk copies it from there instead of asking the chunk store
+        self._where: dict[bytes, tuple[FlatFile, int, int]] = {}
         self._stats = dict.fromkeys(
             ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
-             "bytes_written", "write_errors", "persists", "evictions"), 0)
+             "bytes_written", "write_errors", "persists", "evictions", "copied_blocks", "reflinked_blocks",
+             "copy_errors"), 0)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._load_lru()
@@ -355,6 +361,20 @@ class FlatCache:
         f.users -= 1
         await self.persist(f)
         await self.enforce_budget()
+
+    def index_chunk(self, digest: bytes, f: FlatFile, first: int, count: int) -> None:
+        self._where.setdefault(digest, (f, first, count))
+
+    def find_chunk(self, digest: bytes, exclude: FlatFile) -> tuple[FlatFile, int, int] | None:
+        """A layer file other than *exclude* that holds the whole chunk *digest*, contiguously."""
+        where = self._where.get(digest)
+        if where is None:
+            return None
+        f, first, count = where
+        if f.closed or not f.map.covered(first, first + count):
+            del self._where[digest]
+            return None
+        return None if f is exclude else where
 
     def touch(self, key: str) -> None:
         self._lru[key] = None
@@ -459,12 +479,19 @@ class LayerFlats(BlockCache):
     """The block cache of one device: the flat files of its read-only layers (bottom first)."""
 
     def __init__(self, cache: FlatCache, layers: Sequence[tuple[LayerMeta, str]], files: Sequence[FlatFile],
-                 chunk_extents: Sequence[dict[bytes, list[tuple[int, int, int]]]]) -> None:
+                 chunk_extents: Sequence[dict[bytes, tuple[int, list[tuple[int, int, int]]]]]) -> None:
         self.cache = cache
         self.files = list(files)
         self.block_size = layers[0][0].block_size if layers else 4096
-        self._extents = chunk_extents  # per layer: chunk digest -> [(first block, count, chunk block)]
+        self._extents = chunk_extents  # per layer: chunk digest -> (its blocks, [(first block, count, chunk block)])
         self._closed = False
+        self._starts: list[dict[int, bytes] | None] = [None] * len(self.files)  # per layer: first block -> chunk
+        for f, extents in zip(self.files, chunk_extents):
+            for digest, (blocks, exts) in extents.items():
+                for first, count, chunk_block in exts:
+                    if chunk_block == 0 and count == blocks and f.map.covered(first, first + count):
+                        cache.index_chunk(digest, f, first, count)
+                        break
 
     @classmethod
     async def open(cls, cache: FlatCache, layers: Sequence[tuple[LayerMeta, str]]) -> "LayerFlats":
@@ -488,12 +515,26 @@ class LayerFlats(BlockCache):
             while j < len(segments) and segments[j].layer == segments[i].layer and segments[j].start == segments[j - 1].end:
                 j += 1
             run = segments[i:j]
+            i = j
             f = self.files[run[0].layer] if 0 <= run[0].layer < len(self.files) else None
-            start, end = run[0].start, run[-1].end
-            if f is None or not f.map.covered(start, end):
-                self.cache._stats["misses"] += 1
+            if f is None:
                 missing.extend(run)
+                continue
+            if not f.map.covered(run[0].start, run[-1].end):
+                if self.cache._where:
+                    await self._copy_from_peers(run[0].layer, f, run)
+                if not f.map.covered(run[0].start, run[-1].end):
+                    run_parts = _split_by_cover(run, f.map)  # serve what is held, leave the rest
+                else:
+                    run_parts = [(True, run)]
             else:
+                run_parts = [(True, run)]
+            for held, part in run_parts:
+                if not held:
+                    self.cache._stats["misses"] += 1
+                    missing.extend(part)
+                    continue
+                start, end = part[0].start, part[-1].end
                 bad = await self._read_run(f, buf, offset, start, end)
                 if bad is None:
                     self.cache.touch(f.key)  # in memory only: persisted with the maps
@@ -501,14 +542,66 @@ class LayerFlats(BlockCache):
                     self.cache._stats["blocks_served"] += end - start
                 else:
                     self.cache._stats["tampered"] += 1
-                    seg = next(s for s in run if s.start <= bad < s.end)
+                    seg = next(s for s in part if s.start <= bad < s.end)
                     log.warning("flat cache: block %d of layer %s does not match its hash; chunk %s dropped",
                                 bad, f.key, seg.loc.digest.hex()[:16])
-                    for first, count, _ in self._extents[seg.layer].get(seg.loc.digest, ()):
+                    for first, count, _ in self._extents[seg.layer].get(seg.loc.digest, (0, ()))[1]:
                         f.drop(first, count)
-                    missing.extend(run)
-            i = j
+                    missing.extend(part)
         return missing
+
+    def _index_if_whole(self, layer: int, start: int) -> None:
+        """Record a chunk written whole from *start* (its chunk block 0) for other layers to copy."""
+        f = self.files[layer]
+        for digest, (blocks, exts) in self._chunk_at(layer, start):
+            for first, count, chunk_block in exts:
+                if first == start and chunk_block == 0 and count == blocks:
+                    self.cache.index_chunk(digest, f, first, count)
+                    return
+
+    def _chunk_at(self, layer: int, start: int):
+        starts = self._starts[layer]
+        if starts is None:
+            starts = self._starts[layer] = {first: digest for digest, (_, exts) in self._extents[layer].items()
+                                            for first, _, cb in exts if cb == 0}
+        digest = starts.get(start)
+        return [] if digest is None else [(digest, self._extents[layer][digest])]
+
+    async def _copy_from_peers(self, layer: int, f: FlatFile, run: Sequence[Segment]) -> None:
+        """Fill the chunks of *run* that another layer file holds whole: reflink (FICLONERANGE) where the
+        file system can, copy otherwise; each copy is checked against the source's hashes before use."""
+        jobs = []
+        seen = set()
+        for seg in run:
+            digest = seg.loc.digest
+            if digest in seen:
+                continue
+            seen.add(digest)
+            src = self.cache.find_chunk(digest, exclude=f)
+            if src is None:
+                continue
+            src_file, src_first, _ = src
+            for first, count, chunk_block in self._extents[layer].get(digest, (0, ()))[1]:
+                if not f.map.covered(first, first + count):
+                    a = src_first + chunk_block
+                    jobs.append((src_file, a, first, count, src_file.map.hashes(a, a + count)))
+        if not jobs:
+            return
+        try:
+            done = await trio.to_thread.run_sync(_copy_blocks, jobs, f, self.block_size)
+        except OSError as exc:
+            self.cache._stats["copy_errors"] += 1
+            log.warning("flat cache: cannot copy into layer %s: %s", f.key, exc)
+            return
+        for first, hashes, reflinked, ok in done:
+            if not ok:
+                self.cache._stats["copy_errors"] += 1
+                continue
+            f.note_written(first, hashes)
+            n = len(hashes) // HASH_LEN
+            self.cache._stats["copied_blocks"] += n
+            self.cache._stats["reflinked_blocks"] += n if reflinked else 0
+            self.cache.held += n * self.block_size
 
     async def _read_run(self, f: FlatFile, buf: bytearray, offset: int, start: int, end: int) -> int | None:
         """Read blocks [start, end) into their place in *buf* and verify them; the first bad block or None."""
@@ -561,7 +654,7 @@ class LayerFlats(BlockCache):
             if raw is None:
                 continue
             view = memoryview(raw)
-            for first, count, chunk_block in self._extents[seg.layer].get(seg.loc.digest, ()):
+            for first, count, chunk_block in self._extents[seg.layer].get(seg.loc.digest, (0, ()))[1]:
                 if not f.map.covered(first, first + count) and (chunk_block + count) * bs <= len(raw):
                     work.setdefault(seg.layer, []).append((first, view[chunk_block * bs : (chunk_block + count) * bs]))
         for layer, items in work.items():
@@ -574,6 +667,7 @@ class LayerFlats(BlockCache):
                 continue
             for start, hashes in written:
                 f.note_written(start, hashes)
+                self._index_if_whole(layer, start)
                 self.cache._stats["writes"] += 1
                 self.cache._stats["bytes_written"] += len(hashes) // HASH_LEN * bs
                 self.cache.held += len(hashes) // HASH_LEN * bs
@@ -590,12 +684,55 @@ class LayerFlats(BlockCache):
         return {"layers": len(self.files), "blocks": sum(f.map.count for f in self.files)}
 
 
-def _chunk_extents(meta: LayerMeta) -> dict[bytes, list[tuple[int, int, int]]]:
-    out: dict[bytes, list[tuple[int, int, int]]] = {}
+def _chunk_extents(meta: LayerMeta) -> dict[bytes, tuple[int, list[tuple[int, int, int]]]]:
+    """Per chunk digest: its size in blocks and the layer's extents that use it."""
+    out: dict[bytes, tuple[int, list[tuple[int, int, int]]]] = {}
     for e in meta.extents:
         if e.chunk != ZEROED:
-            out.setdefault(meta.chunks[e.chunk].digest, []).append((e.start, e.count, e.chunk_offset))
+            ref = meta.chunks[e.chunk]
+            out.setdefault(ref.digest, (-(-ref.raw_length // meta.block_size), []))[1].append(
+                (e.start, e.count, e.chunk_offset))
     return out
+
+
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+_CLONE_RANGE = struct.Struct("<qQQQ")  # src_fd, src_offset, src_length, dest_offset
+
+
+def _copy_blocks(jobs, dest: FlatFile, bs: int) -> list[tuple[int, bytes, bool, bool]]:
+    """Worker thread: copy each ``(src file, src first, dest first, count, src hashes)`` into *dest*;
+    return ``(dest first, hashes, reflinked, matches)``: the copy is read back and must hash as the source."""
+    import fcntl
+
+    out = []
+    for src, a, first, count, want in jobs:
+        length = count * bs
+        reflinked = False
+        try:
+            fcntl.ioctl(dest.fd, FICLONERANGE, _CLONE_RANGE.pack(src.fd, a * bs, length, first * bs))
+            reflinked = True
+        except OSError:
+            done = 0
+            while done < length:  # bounded: each pass copies at least one byte or stops
+                n = os.copy_file_range(src.fd, dest.fd, length - done, a * bs + done, first * bs + done)
+                if n <= 0:
+                    break
+                done += n
+        got = os.pread(dest.fd, length, first * bs)
+        out.append((first, want, reflinked, block_hashes(got, bs) == want and len(got) == length))
+    return out
+
+
+def _split_by_cover(run: Sequence[Segment], held: BlockMap) -> list[tuple[bool, list[Segment]]]:
+    """*run* cut into maximal parts of segments that are wholly held, or not."""
+    parts: list[tuple[bool, list[Segment]]] = []
+    for seg in run:
+        h = held.covered(seg.start, seg.end)
+        if parts and parts[-1][0] == h:
+            parts[-1][1].append(seg)
+        else:
+            parts.append((h, [seg]))
+    return parts
 
 
 def _pread_full(fd: int, target: memoryview, pos: int) -> int:

@@ -221,3 +221,45 @@ def test_block_hashes_are_per_block():
     data = random.Random(1).randbytes(3 * BLOCK_SIZE)
     h = block_hashes(data, BLOCK_SIZE)
     assert len(h) == 3 * HASH_LEN and h[HASH_LEN : 2 * HASH_LEN] == block_hashes(data[BLOCK_SIZE : 2 * BLOCK_SIZE], BLOCK_SIZE)
+
+
+def test_a_chunk_another_layer_holds_is_copied_from_its_flat_file_not_fetched(tmp_path):
+    """Dedup by chunk digest across layers: the second image's layer copies the shared chunks from the
+    first one's flat file (reflink where the file system has it), checked against the source's hashes.
+
+    Broken on purpose once (the copy's hashes not compared: ``matches`` always True) with the source
+    block altered on disk: the altered copy entered the second layer's map and only the read-time check
+    caught it (a tamper, both chunks fetched again), red (second half of this test).
+    """
+    from tests.support.layers import MemoryBackend, build_blob
+
+    shared = random.Random(3).randbytes(8 * BLOCK_SIZE)
+    blob1, d1, meta1 = build_blob(STACK_SIZE, [(0, shared)], chunk_size=4 * BLOCK_SIZE)
+    blob2, d2, meta2 = build_blob(STACK_SIZE, [(40, shared), (60, b"y" * BLOCK_SIZE)], chunk_size=4 * BLOCK_SIZE)
+    assert d1 != d2 and {c.digest for c in meta1.chunks} <= {c.digest for c in meta2.chunks}
+    backend = MemoryBackend({d1: blob1, d2: blob2})
+
+    async def main(tamper: bool):
+        root = tmp_path / ("t" if tamper else "c")
+        cache = await FlatCache.load(root, 1 << 30)
+        dev1 = MergedDevice([(meta1, d1)], CountingStore(backend))
+        dev1.block_cache = await LayerFlats.open(cache, [(meta1, d1)])
+        assert await dev1.read(0, 8 * BLOCK_SIZE) == shared
+        if tamper:
+            with open(root / f"{d1.split(':')[1]}.data", "r+b") as f:
+                f.seek(5 * BLOCK_SIZE)
+                f.write(b"!")
+        store = CountingStore(backend)
+        dev2 = MergedDevice([(meta2, d2)], store)
+        dev2.block_cache = await LayerFlats.open(cache, [(meta2, d2)])
+        assert await dev2.read(40 * BLOCK_SIZE, 8 * BLOCK_SIZE) == shared
+        st = cache.statistics()
+        await dev1.aclose()
+        await dev2.aclose()
+        await cache.aclose()
+        return st, store.gets
+
+    st, gets = trio.run(main, False)
+    assert gets == [] and st["copied_blocks"] == 8 and st["copy_errors"] == 0
+    st, gets = trio.run(main, True)  # the source was altered: that chunk's copy is refused and fetched
+    assert len(gets) == 1 and st["copied_blocks"] == 4 and st["copy_errors"] == 1 and st["tampered"] == 0
