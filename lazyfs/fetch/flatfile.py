@@ -199,15 +199,15 @@ class FlatFile:
         try:
             if os.fstat(self.fd).st_size != size:
                 os.ftruncate(self.fd, size)
-            self._load()
+            self._load(fresh=created)
             if created:
                 fsync_dir(str(root))
         except BaseException:
             self.close()
             raise
 
-    def _load(self) -> None:
-        data = _read_all(self.map_fd)
+    def _load(self, fresh: bool) -> None:
+        data = b"" if fresh else _read_all(self.map_fd)  # a new data file: an old map lists nothing in it
         header = self.map.header()
         if data[: len(header)] != header:
             if data:
@@ -322,6 +322,9 @@ class FlatCache:
     def _load_lru(self) -> None:
         keys = set()
         for entry in os.scandir(self.root):
+            if entry.name.startswith("lru.tmp."):
+                os.unlink(entry.path)  # an interrupted save of the order
+                continue
             if entry.name.endswith(".data") and entry.is_file(follow_symlinks=False):
                 keys.add(entry.name[: -len(".data")])
                 if entry.stat(follow_symlinks=False).st_mode & 0o077:
@@ -381,18 +384,11 @@ class FlatCache:
         self._lru.move_to_end(key)
         self._lru_dirty = True
 
-    def held_bytes(self) -> int:
-        return sum(f.map.count * f.block_size for f in self._files.values()) + self._closed_bytes()
-
-    def _closed_bytes(self) -> int:
-        total = 0
-        for key in self._lru:
-            if key not in self._files:
-                try:
-                    total += os.stat(self.root / f"{key}.data").st_blocks * 512
-                except FileNotFoundError:
-                    pass
-        return total
+    async def held_bytes(self) -> int:
+        """Bytes held: counted from the maps of open files, from the allocated size of the others."""
+        closed = [key for key in self._lru if key not in self._files]
+        return sum(f.map.count * f.block_size for f in self._files.values()) + await trio.to_thread.run_sync(
+            _allocated, self.root, closed)
 
     async def persist(self, f: FlatFile) -> None:
         """Data fdatasync, then the map records written since the last persist (worker thread)."""
@@ -422,7 +418,7 @@ class FlatCache:
 
     async def enforce_budget(self) -> None:
         """Remove whole layer files nobody uses, least recently used first, while over max_bytes."""
-        held = await trio.to_thread.run_sync(self.held_bytes)
+        held = await self.held_bytes()
         try:
             held = await self._evict_down_to_budget(held)
         finally:
@@ -587,12 +583,18 @@ class LayerFlats(BlockCache):
                     jobs.append((src_file, a, first, count, src_file.map.hashes(a, a + count)))
         if not jobs:
             return
+        sources = {job[0] for job in jobs}
+        for src in sources:
+            src.users += 1  # not evicted (its fd closed) while the worker copies from it
         try:
             done = await trio.to_thread.run_sync(_copy_blocks, jobs, f, self.block_size)
         except OSError as exc:
             self.cache._stats["copy_errors"] += 1
             log.warning("flat cache: cannot copy into layer %s: %s", f.key, exc)
             return
+        finally:
+            for src in sources:
+                src.users -= 1
         for first, hashes, reflinked, ok in done:
             if not ok:
                 self.cache._stats["copy_errors"] += 1
@@ -721,6 +723,16 @@ def _copy_blocks(jobs, dest: FlatFile, bs: int) -> list[tuple[int, bytes, bool, 
         got = os.pread(dest.fd, length, first * bs)
         out.append((first, want, reflinked, block_hashes(got, bs) == want and len(got) == length))
     return out
+
+
+def _allocated(root: Path, keys: Sequence[str]) -> int:
+    total = 0
+    for key in keys:
+        try:
+            total += os.stat(root / f"{key}.data").st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _split_by_cover(run: Sequence[Segment], held: BlockMap) -> list[tuple[bool, list[Segment]]]:

@@ -361,6 +361,7 @@ def main() -> None:
     ap.add_argument("--link-mbit", type=lambda t: [int(x) for x in t.split(",") if x], default=[1000, 250],
                     help="shaped links to repeat (a) on, Mbit/s, comma-separated ('' for none)")
     ap.add_argument("--no-sequential", action="store_true", help="skip (a); only the chunk-size study")
+    ap.add_argument("--no-chunk-sizes", action="store_true", help="skip (b) and its startup trace; only (a)")
     ap.add_argument("--child-sequential", nargs=3, metavar=("REGISTRY", "REF", "WORKDIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_sequential:
@@ -383,7 +384,7 @@ def main() -> None:
         print(f"ext4 of {', '.join(used)}: {os.path.getsize(raw) / 1e9:.2f} GB virtual, "
               f"{allocated / 1e9:.2f} GB allocated", flush=True)
 
-        batches = record_startup_trace(raw, work)
+        batches = [] if args.no_chunk_sizes else record_startup_trace(raw, work)
         trace_reads = sum(len(b) for b in batches)
         trace_bytes = sum(c for b in batches for _, c in b)
         trace_distinct = distinct_blocks(batches) * 4096
@@ -434,6 +435,9 @@ def main() -> None:
                           f"{row['lazyfs_MBps']:>12.1f} {row['ratio']:>11.2f}x {seq['ranged_gets']:>6}", flush=True)
 
             # (b) chunk sizes: random reads and the startup workload
+            if args.no_chunk_sizes:
+                _report(results, began)
+                return
             results["registry_ms_per_request"] = registry_request_ms(reg.port, blob_path, blob_size)
             offsets = pick_random_blocks(data_blocks(local), args.reads)
             rows = []
@@ -468,13 +472,17 @@ def main() -> None:
                 print(f"  serial random misses took {min(r['random_ms_per_miss'] for r in rows):.1f}-"
                       f"{max(r['random_ms_per_miss'] for r in rows):.1f} ms each on loopback; the registry alone takes "
                       f"{results['registry_ms_per_request']:.1f} ms per 64 KiB ranged GET (kept-alive http.client)")
-        results["seconds"] = time.monotonic() - began
-        results["loadavg_end"] = os.getloadavg()
-        print(f"\ntotal {results['seconds']:.0f} s; load average at start {results['loadavg_start'][0]:.1f}, "
-              f"at end {results['loadavg_end'][0]:.1f} (other work on this machine makes numbers noisy)")
-        print(json.dumps(results))
+        _report(results, began)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(results: dict, began: float) -> None:
+    results["seconds"] = time.monotonic() - began
+    results["loadavg_end"] = os.getloadavg()
+    print(f"\ntotal {results['seconds']:.0f} s; load average at start {results['loadavg_start'][0]:.1f}, "
+          f"at end {results['loadavg_end'][0]:.1f} (other work on this machine makes numbers noisy)")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
