@@ -12,7 +12,8 @@ import trio
 from lazyfs.device.chunks import ChunkStore, Priority
 from lazyfs.device.merged import MergedDevice
 from lazyfs.errors import FetchError
-from lazyfs.fetch.flatfile import HASH_LEN, BlockMap, FlatCache, LayerFlats, block_hashes, encode_clear, encode_set
+from lazyfs.fetch.flatfile import FlatCache, LayerFlats
+from lazyfs.fetch.flatmap import HASH_LEN, BlockMap, block_hashes, encode_clear, encode_set
 from lazyfs.format.layer import BLOCK_SIZE
 from tests.support.conformance import check_source
 from tests.support.layers import STACK_SIZE, make_stack
