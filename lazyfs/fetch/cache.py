@@ -19,8 +19,10 @@ Contracts:
   not fsynced by default: a torn entry after a crash fails verification and is
   simply refetched, so durability buys nothing here (``fsync=True`` if wanted).
 * The disk tier holds at most ``max_bytes`` of entries, evicting least recently
-  used first, except entries ``protected`` says to keep (then it may stay over). Access order lives in memory and is persisted as file mtimes
-  (touched on every disk hit), so it is rebuilt at start and entries survive restarts.
+  used first, except entries ``protected`` says to keep (then it may stay over).
+  Access order lives in memory and is persisted as file mtimes, touched at most
+  once per entry per ``TOUCH_EPOCH`` seconds (not an inode write per hit), so it
+  is rebuilt at start, to that grain, and entries survive restarts.
 * ``put``/``admit`` take bytes the caller has already verified (the scheduler
   does); the memory tier trusts them, the disk tier re-verifies on every read.
 * Disk I/O and hashing run in worker threads; the index is only touched on the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
 _DAMAGED = object()  # sentinel result of a disk read: entry was bad and has been deleted
+TOUCH_EPOCH = 60.0  # seconds: an entry's file time is refreshed at most once per epoch
 
 
 def _is_hex(name: str, length: int) -> bool:
@@ -87,6 +91,8 @@ class ChunkCache:
         # Entries eviction skips (the chunks of hydrated images: docs/daemon.md, "Offline life").
         self.protected: Callable[[bytes], bool] | None = None
         self._doomed: list[Path] = []  # evicted by written(), unlinked by remove_evicted()
+        self._touched: set[bytes] = set()  # entries whose file time was refreshed this epoch
+        self._epoch_started = time.monotonic()
         self._stats = dict.fromkeys(
             ("memory_hits", "disk_hits", "misses", "evictions", "damaged", "writes", "bytes_written", "write_errors"), 0
         )
@@ -180,7 +186,12 @@ class ChunkCache:
         if self.root is None or digest not in self._disk:
             return None
         path = self.path_of(digest)
-        result = await trio.to_thread.run_sync(_read_verified, path, digest, limiter=self._io_limiter())
+        now = time.monotonic()
+        if now - self._epoch_started >= TOUCH_EPOCH:
+            self._touched.clear()
+            self._epoch_started = now
+        touch = digest not in self._touched
+        result = await trio.to_thread.run_sync(_read_verified, path, digest, touch, limiter=self._io_limiter())
         if result is None:  # vanished (evicted meanwhile)
             self._forget(digest)
             return None
@@ -191,6 +202,7 @@ class ChunkCache:
             return None
         if digest in self._disk:
             self._disk.move_to_end(digest)
+        self._touched.add(digest)
         self._stats["disk_hits"] += 1
         self._remember(digest, result)
         return result
@@ -345,7 +357,7 @@ class ChunkCache:
 # ---------------------------------------------------------------- worker-thread helpers
 
 
-def _read_verified(path: Path, digest: bytes):
+def _read_verified(path: Path, digest: bytes, touch: bool = True):
     """Raw bytes if the file hashes to *digest*; None if absent; _DAMAGED (file deleted) otherwise."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -367,10 +379,11 @@ def _read_verified(path: Path, digest: bytes):
     if not data or blake3.blake3(data).digest() != digest:
         _unlink(path)
         return _DAMAGED
-    try:
-        os.utime(path)  # persist the access order for the next start
-    except OSError:
-        pass
+    if touch:
+        try:
+            os.utime(path)  # persist the access order for the next start
+        except OSError:
+            pass
     return data
 
 

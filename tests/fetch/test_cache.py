@@ -12,6 +12,7 @@ import trio
 from lazyfs.device.chunks import ChunkLocation
 from lazyfs.errors import ConfigError
 from lazyfs.fetch.backend import Backend
+from lazyfs.fetch import cache as cache_module
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
@@ -265,5 +266,26 @@ def test_cache_is_shared_by_digest_across_blobs(tmp_path):
             assert await sched.get(loc_a) == raw
             assert await sched.get(loc_b) == raw
         assert backend.calls == 1
+
+    run(main)
+
+
+def test_a_disk_hit_refreshes_the_file_time_at_most_once_per_epoch(tmp_path):
+    """No inode write per hit: the access order reaches the file time once per TOUCH_EPOCH per entry.
+
+    Broken on purpose once (``touch`` always True): the second hit moved the file time, red.
+    """
+    async def main():
+        cache = ChunkCache(tmp_path, 1 << 20, memory_bytes=0)
+        digest, raw = chunk(5)
+        await cache.put(digest, raw)
+        path = cache.path_of(digest)
+        assert await cache.get(digest) == raw
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+        assert await cache.get(digest) == raw  # same epoch: the file time stays
+        assert os.stat(path).st_mtime == 1_000_000_000
+        cache._epoch_started -= cache_module.TOUCH_EPOCH  # the next epoch (no wall-clock wait)
+        assert await cache.get(digest) == raw
+        assert os.stat(path).st_mtime > 1_000_000_000
 
     run(main)
