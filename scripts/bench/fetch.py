@@ -334,10 +334,12 @@ def registry_request_ms(port: int, path: str, blob_size: int, n: int = 200) -> f
         conn.close()
 
 
-def child_sequential(prefix: list[str], registry: str, ref: str, work: str) -> dict:
-    """``sequential_read`` in a child process (in the client namespace when *prefix* says so)."""
+def child_sequential(prefix: list[str], registry: str, ref: str, work: str, tree: str | None = None) -> dict:
+    """``sequential_read`` in a child process (in the client namespace when *prefix* says so), with the
+    lazyfs of source tree *tree* (another checkout gives a before/after in the same run)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # as the daemon runs (lazyfs.serve.mount)
-    out = run([*prefix, sys.executable, os.path.abspath(__file__), "--child-sequential", registry, ref, work],
+    script = os.path.abspath(__file__) if tree is None else os.path.join(tree, "scripts", "bench", "fetch.py")
+    out = run([*prefix, sys.executable, script, "--child-sequential", registry, ref, work],
               capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -362,6 +364,8 @@ def main() -> None:
                     help="shaped links to repeat (a) on, Mbit/s, comma-separated ('' for none)")
     ap.add_argument("--no-sequential", action="store_true", help="skip (a); only the chunk-size study")
     ap.add_argument("--no-chunk-sizes", action="store_true", help="skip (b) and its startup trace; only (a)")
+    ap.add_argument("--baseline-tree", default=None,
+                    help="another lazyfs checkout (e.g. main) whose sequential read runs too, in the same run")
     ap.add_argument("--child-sequential", nargs=3, metavar=("REGISTRY", "REF", "WORKDIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_sequential:
@@ -425,11 +429,18 @@ def main() -> None:
                             prefix = link.nsenter("client")
                         curl_s = [curl_blob(f"http://{registry}{blob_path}", prefix)]
                         seq = child_sequential(prefix, registry, ref.replace(reg.registry, registry), work)
+                        base = (child_sequential(prefix, registry, ref.replace(reg.registry, registry), work,
+                                                 args.baseline_tree) if args.baseline_tree else None)
                         curl_s.append(curl_blob(f"http://{registry}{blob_path}", prefix))
                     row = {"link_mbit": mbit or None, "curl_seconds": curl_s, "lazyfs": seq,
                            "curl_MBps": blob_size / min(curl_s) / 1e6,
                            "lazyfs_MBps": seq["bytes_fetched"] / seq["seconds"] / 1e6,
                            "ratio": min(curl_s) / seq["seconds"]}
+                    if base is not None:
+                        row["baseline"] = base
+                        row["baseline_ratio"] = min(curl_s) / base["seconds"]
+                        print(f"  {'':>9} baseline tree {args.baseline_tree}: {base['bytes_fetched'] / base['seconds'] / 1e6:.1f} MB/s, "
+                              f"{row['baseline_ratio']:.2f}x of curl", flush=True)
                     results["sequential"]["links"].append(row)
                     print(f"  {(str(mbit) + ' Mbit') if mbit else 'loopback':>9} {row['curl_MBps']:>10.1f} "
                           f"{row['lazyfs_MBps']:>12.1f} {row['ratio']:>11.2f}x {seq['ranged_gets']:>6}", flush=True)
