@@ -120,7 +120,7 @@ DEGRADED = [
      Status.WARN, "fetched again"),
     ("cache disk full", _paths(cache_root=_dir("/c", free_bytes=1 << 20)), "cache root", Status.WARN, "fetched again"),
     ("cache limit above free space", _paths(cache_root=_dir("/c", free_bytes=2 * GiB)), "cache root", Status.WARN,
-     "less than the 10 GiB cache limit"),
+     "less than the 20 GiB cache limit"),  # cache_size + flat_cache_size: both disk tiers
     ("writable root read-only", _paths(writable_root=_dir("/w", read_only=True, writable=False)), "writable root",
      Status.MISSING, "--writable cannot work"),
 ]
