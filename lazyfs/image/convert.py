@@ -66,7 +66,6 @@ from lazyfs.format.ociimage import (
     select_platform,
 )
 from lazyfs.format.reference import Reference, parse_reference
-from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.build import known_chunks, write_layer
 from lazyfs.image.image import ImageLimits, load_layer
 from lazyfs.image.layout import OciLayout
@@ -582,12 +581,7 @@ class Converter:
         check_diff_id(scanned, self.source.diff_ids[i], what)
         progress.add_total("convert", scanned.stats.tar_bytes)
         lap("scan")
-        if fs.size == 0:
-            await fs.create(next_fs_size(None, scanned.stats), self.source.chains[0])
-        else:
-            grown = next_fs_size(await trio.to_thread.run_sync(fs.usage), scanned.stats)
-            if grown is not None:
-                await fs.grow(grown)
+        await fs.make_room(scanned.stats, self.source.chains[0])
         lap("mkfs")
         async with fs.mounted() as root:
             report = await trio.to_thread.run_sync(_apply_pinned, root, blob, compression, what, progress)

@@ -59,7 +59,6 @@ from lazyfs.format.spanindex import (
     decode_span_map,
     encode_span_map,
 )
-from lazyfs.format.tarplan import next_fs_size
 from lazyfs.image.blockmap import data_segments, fiemap, file_extents, verified_extents, without_mapped
 from lazyfs.image.build import known_chunks, write_layer
 from lazyfs.image.convert import DOWNLOAD_CONCURRENCY, ConvertProgress, SourceImage, _choose, open_source
@@ -273,12 +272,7 @@ class Indexer:
             raise FormatError(f"{what}: {exc}") from None
         scanned = await trio.to_thread.run_sync(scan_layer, spool, "none", what, None, None, self.max_layer_bytes)
         check_diff_id(scanned, self.source.diff_ids[i], what)
-        if fs.size == 0:
-            await fs.create(next_fs_size(None, scanned.stats), self.source.chains[0])
-        else:
-            grown = next_fs_size(await trio.to_thread.run_sync(fs.usage), scanned.stats)
-            if grown is not None:
-                await fs.grow(grown)
+        await fs.make_room(scanned.stats, self.source.chains[0])
         async with fs.mounted() as root:
             candidates = await trio.to_thread.run_sync(_apply_recording, root, spool, what)
         mapped = await trio.to_thread.run_sync(verified_extents, fs.path, spool, candidates)

@@ -30,7 +30,7 @@ from lazyfs.durable import pwrite_all
 from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.format import ext4
 from lazyfs.format.layer import BLOCK_SIZE, LayerMeta
-from lazyfs.format.tarplan import BYTES_PER_INODE, FsUsage
+from lazyfs.format.tarplan import BYTES_PER_INODE, FsUsage, LayerStats, next_fs_size
 from lazyfs.nursery import open_nursery
 from lazyfs.serve import system
 
@@ -174,6 +174,15 @@ class WorkFs:
         ext4.set_journal_flag(raw, on)
         with open(self.path, "r+b") as f:
             pwrite_all(f.fileno(), bytes(raw), ext4.SUPERBLOCK_OFFSET)
+
+    async def make_room(self, stats: LayerStats, seed: str) -> None:
+        """Create the filesystem, or grow it, so that a layer with *stats* fits (``next_fs_size``)."""
+        if self.size == 0:
+            await self.create(next_fs_size(None, stats), seed)
+            return
+        grown = next_fs_size(await trio.to_thread.run_sync(self.usage), stats)
+        if grown is not None:
+            await self.grow(grown)
 
     async def grow(self, size: int) -> None:
         """Grow the filesystem (offline) to *size* bytes; the new blocks read as zeros until used."""
