@@ -18,6 +18,9 @@ stdin, ``ok JSON`` or ``error MESSAGE``:
     loops NAME          find_loop_devices for the export's disk.img
 
 Serves until SIGTERM/SIGINT or stdin closes, then unmounts and exits 0.
+
+The front end is lazyfs's own kernel-protocol one (``lazyfs.serve.fusekernel``), or the pyfuse3
+one with ``LAZYFS_FUSE_FRONTEND=pyfuse3`` in the environment.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 from lazyfs.device.source import BlockSource, check_write, clamp_read  # noqa: E402
 from lazyfs.errors import IntegrityError, LazyfsError, ReadOnlyError  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
-from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve  # noqa: E402
+if os.environ.get("LAZYFS_FUSE_FRONTEND") == "pyfuse3":  # the old libfuse front end, kept as a fallback
+    from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve  # noqa: E402
+else:  # the default: lazyfs speaks the kernel protocol itself
+    from lazyfs.serve.fusekernel.exports import IMAGE_NAME, ExportFS  # noqa: E402
+    from lazyfs.serve.fusekernel.session import serve  # noqa: E402
 from tests.support.memory import MemorySource  # noqa: E402
 
 

@@ -542,7 +542,8 @@ def test_fuse_abort_rescues_a_mount(tmp_path):
         trio.run(system.fuse_abort, srv.mnt)
         with pytest.raises(OSError) as info:
             os.stat(srv.path("img"))
-        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        # ENOENT: the server saw the abort and unmounted the dead connection already
+        assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENOENT)
         srv.proc.wait(timeout=60)  # the session is gone: the server winds down by itself
         srv.stop()
         assert not system.is_mountpoint(srv.mnt)

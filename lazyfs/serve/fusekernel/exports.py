@@ -1,0 +1,504 @@
+"""The export tree answering decoded FUSE requests: one ``NAME/disk.img`` per block source.
+
+The tree is fixed in shape::
+
+    MOUNTPOINT/               root, one directory per export (0700)
+    MOUNTPOINT/NAME/disk.img  a regular file of exactly ``source.size`` bytes (0600, or 0400 read-only)
+
+Reads and writes of ``disk.img`` go straight to the export's BlockSource; the file cannot be
+resized, renamed or unlinked, and nothing else can be created. Errors of a source reach the
+caller as the errno ``lazyfs.errors.to_errno`` gives (a full writable root as ENOSPC); nothing a
+source raises takes the session down.
+
+Restart-safe by construction, so a new daemon can take over a live connection:
+
+- inode numbers are chosen by the caller of ``add`` (the daemon persists them with each
+  attachment) or allocated from ``next_inode`` (persisted too), never reused;
+- a file handle says what it is: ``serial << 40 | inode << 1 | writable``. After a takeover
+  (``adopt_handles``), a handle the kernel opened with the previous daemon is adopted at first use.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from lazyfs.device.source import BLOCK_SIZE, BlockSource
+from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
+from lazyfs.serve.fusekernel import protocol as p
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "disk.img"
+"""The name of the exported file inside each export directory."""
+
+# The tree changes only through add/remove, which invalidate the kernel's dentries;
+# the attributes of an export never change size, so both can be cached for long.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+PREFERRED_IO = 1 << 20  # st_blksize: cp and dd pick it up; one big request costs about what a small one does
+
+FILE_MODE_RW = 0o600  # private images: only the daemon's user (root) reads exports
+FILE_MODE_RO = 0o400
+DIR_MODE = 0o700
+DT_DIR, DT_REG = 4, 8
+
+_FH_SERIAL_SHIFT = 40
+_MAX_INODE = (1 << (_FH_SERIAL_SHIFT - 1)) - 1
+
+
+class FuseErrno(Exception):
+    """Answer the request with this errno (raised inside handlers only)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+@dataclass(eq=False)
+class Export:
+    """Mutable bookkeeping for one export."""
+
+    name: str
+    source: BlockSource
+    dir_inode: int
+    file_inode: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    open_handles: int = 0
+    removing: bool = False  # remove() is waiting for the handles to go: no new opens
+    released: trio.Event | None = None  # set when a handle goes while remove() waits
+    dirty: bool = False  # written since the last successful source.flush()
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flushes: int = 0
+    errors: int = 0
+
+    def stats(self) -> dict:
+        return {"size": self.source.size, "read_only": self.source.read_only, "open_handles": self.open_handles,
+                "reads": self.reads, "writes": self.writes, "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written, "flushes": self.flushes, "errors": self.errors}
+
+
+@dataclass(eq=False)
+class Handle:
+    export: Export
+    writable: bool
+
+
+@dataclass(eq=False)
+class Counters:
+    reads: int = 0
+    writes: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flushes: int = 0
+    fsyncs: int = 0
+    opens: int = 0
+    largest_read: int = 0
+    largest_write: int = 0
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ConfigError(f"invalid export name {name!r}")
+    if len(name.encode()) > 255:
+        raise ConfigError(f"export name longer than 255 bytes: {name[:40]!r}...")
+
+
+def handle_id(serial: int, inode: int, writable: bool) -> int:
+    return serial << _FH_SERIAL_SHIFT | inode << 1 | int(writable)
+
+
+def parse_handle_id(fh: int) -> tuple[int, bool]:
+    """(file inode, writable) of a handle id made by ``handle_id``."""
+    return (fh & ((1 << _FH_SERIAL_SHIFT) - 1)) >> 1, bool(fh & 1)
+
+
+class ExportFS:
+    """The export tree over the kernel protocol.
+
+    ``add``/``remove`` change the set of exports at any time, also while mounted. ``remove``
+    waits a bounded time for open handles to go, then refuses with BusyError: it never pulls a
+    file from under its users. ``handle(request)`` answers one decoded request (an iovec, or
+    None for requests the kernel wants no answer to); requests are handled concurrently.
+    """
+
+    def __init__(self, *, next_inode: int = p.ROOT_ID + 1) -> None:
+        self._by_name: dict[str, Export] = {}
+        self._by_inode: dict[int, tuple[Export, bool]] = {}  # inode -> (export, is_file)
+        self._handles: dict[int, Handle] = {}
+        self._next_inode = max(next_inode, p.ROOT_ID + 1)
+        self._next_serial = 1
+        self._root_times = time.time_ns()
+        self.adopt_handles = False  # set after a takeover: handles of the previous daemon come back
+        self.notify: Callable[[list], None] | None = None  # sends a notification (set while mounted)
+        self._requests = 0
+        self._errors = 0
+        self._failures = 0
+        self._adopted = 0
+        self._resent = 0
+        self._c = Counters()
+
+    # -- management (called by the daemon, not by the kernel) --------------------
+
+    @property
+    def next_inode(self) -> int:
+        """The next inode number ``add`` would allocate (persist it to never reuse one)."""
+        return self._next_inode
+
+    def inode_of(self, name: str) -> int:
+        """The directory inode of export *name* (its file is that + 1)."""
+        try:
+            return self._by_name[name].dir_inode
+        except KeyError:
+            raise NotFoundError(f"no export named {name!r}") from None
+
+    def add(self, name: str, source: BlockSource, *, inode: int | None = None) -> None:
+        """Export *source* as ``NAME/disk.img``; BusyError if *name* (or *inode*) is taken.
+
+        *inode*: the directory's inode number (the file's is the next one), as a previous daemon
+        chose it; by default a fresh one.
+        """
+        check_name(name)
+        if name in self._by_name:
+            raise BusyError(f"export {name!r} already exists")
+        if inode is None:
+            inode = self._next_inode
+        if not (p.ROOT_ID < inode < _MAX_INODE) or inode in self._by_inode or inode + 1 in self._by_inode:
+            raise BusyError(f"export {name!r}: inode {inode} is not free")
+        now = time.time_ns()
+        exp = Export(name, source, inode, inode + 1, now, now, now)
+        self._next_inode = max(self._next_inode, inode + 2)  # never reused: stale kernel inodes stay dead
+        self._by_name[name] = exp
+        self._by_inode[exp.dir_inode] = (exp, False)
+        self._by_inode[exp.file_inode] = (exp, True)
+        self._root_times = now
+
+    async def remove(self, name: str, *, wait: float = 5.0) -> BlockSource:
+        """Stop exporting *name* and return its source (the caller closes it).
+
+        While ``disk.img`` is open, new opens fail and this waits up to *wait* seconds for the
+        open handles to go, then gives up with BusyError and leaves the export as it was.
+        """
+        exp = self._by_name.get(name)
+        if exp is None or exp.removing:
+            raise NotFoundError(f"no export named {name!r}")
+        if exp.open_handles:
+            exp.removing = True
+            try:
+                with trio.move_on_after(wait):
+                    while exp.open_handles:
+                        exp.released = trio.Event()
+                        await exp.released.wait()
+            finally:
+                exp.removing = False
+            if exp.open_handles:
+                raise BusyError(f"export {name!r} is still open {exp.open_handles} time(s); detach it first")
+        del self._by_name[name]
+        del self._by_inode[exp.dir_inode]
+        del self._by_inode[exp.file_inode]
+        self._root_times = time.time_ns()
+        if self.notify is not None:
+            # the kernel may hold a positive dentry for up to ENTRY_TIMEOUT: drop it now
+            self.notify(p.notify_inval_entry(p.ROOT_ID, name.encode()))
+        return exp.source
+
+    def names(self) -> list[str]:
+        """The current export names, sorted."""
+        return sorted(self._by_name)
+
+    def source(self, name: str) -> BlockSource:
+        """The source exported as *name* (NotFoundError if none)."""
+        try:
+            return self._by_name[name].source
+        except KeyError:
+            raise NotFoundError(f"no export named {name!r}") from None
+
+    def statistics(self) -> dict:
+        """Request, byte and error counters, in total and per export."""
+        c = self._c
+        return {
+            "requests": self._requests,
+            "errors": self._errors,
+            "failures": self._failures,  # errors that were not a LazyfsError/OSError: bugs
+            "reads": c.reads,
+            "writes": c.writes,
+            "bytes_read": c.bytes_read,
+            "bytes_written": c.bytes_written,
+            "flushes": c.flushes,
+            "fsyncs": c.fsyncs,
+            "opens": c.opens,
+            "open_handles": len(self._handles),
+            "adopted_handles": self._adopted,  # handles a previous daemon opened, seen again after a takeover
+            "resent_requests": self._resent,  # requests in flight at a daemon's death, answered by this one
+            "largest_read": c.largest_read,
+            "largest_write": c.largest_write,
+            "exports": {name: exp.stats() for name, exp in sorted(self._by_name.items())},
+        }
+
+    # -- the kernel's requests ------------------------------------------------------
+
+    async def handle(self, req: p.Request) -> list | None:
+        """Answer *req*: an iovec to write to /dev/fuse, or None when no answer is due."""
+        h = req.header
+        op = h.opcode
+        if op in p.NO_REPLY:
+            return None  # forget: inodes live as long as their export; interrupt: requests finish quickly
+        self._requests += 1
+        if h.resent:
+            self._resent += 1
+        try:
+            return await self._dispatch(req)
+        except FuseErrno as exc:
+            if not (op == p.LOOKUP and exc.errno == errno.ENOENT or exc.errno == errno.ENOSYS):
+                self._errors += 1  # lookup misses are routine; ENOSYS (xattrs...) makes the kernel stop asking
+            return p.error_reply(h.unique, exc.errno)
+        except Exception as exc:  # noqa: BLE001 - a source's failure must not take the session down
+            self._errors += 1
+            code = to_errno(exc)
+            name = p.OPCODE_NAMES.get(op, str(op))
+            if isinstance(exc, (LazyfsError, OSError)):
+                log.warning("fuse %s(node %d) failed: %s (-> %s)", name, h.nodeid, exc, errno.errorcode.get(code, code))
+            else:
+                self._failures += 1
+                log.exception("fuse %s(node %d): unexpected error (-> EIO)", name, h.nodeid)
+            return p.error_reply(h.unique, code)
+
+    async def _dispatch(self, req: p.Request) -> list:
+        h, a, u = req.header, req.args, req.header.unique
+        op = h.opcode
+        if op == p.READ:
+            return p.reply(u, await self._read(a))
+        if op == p.WRITE:
+            return p.reply(u, p.write_out(await self._write(a)))
+        if op == p.LOOKUP:
+            return p.reply(u, p.entry_out(self._lookup(h.nodeid, a.name), ENTRY_TIMEOUT, ATTR_TIMEOUT))
+        if op == p.GETATTR:
+            return p.reply(u, p.attr_out(self._attr(h.nodeid), ATTR_TIMEOUT))
+        if op == p.SETATTR:
+            return p.reply(u, p.attr_out(self._setattr(h.nodeid, a), ATTR_TIMEOUT))
+        if op == p.OPEN:
+            return p.reply(u, self._open(h.nodeid, a.flags))
+        if op == p.FLUSH:
+            handle = self._handle(a.fh)
+            if handle.writable and handle.export.dirty:
+                await self._flush_source(handle.export)  # close(2) reports a failed flush
+            return p.reply(u)
+        if op == p.FSYNC:
+            self._c.fsyncs += 1
+            handle = self._handle(a.fh)
+            if not handle.export.source.read_only:
+                await self._flush_source(handle.export)
+            return p.reply(u)
+        if op == p.RELEASE:
+            self._release(a.fh)
+            return p.reply(u)
+        if op == p.OPENDIR:
+            self._opendir(h.nodeid)
+            return p.reply(u, p.open_out(h.nodeid))  # directory handles carry no state: the inode is enough
+        if op == p.READDIR:
+            return p.reply(u, self._readdir(a.fh, a.offset, a.size))
+        if op in (p.RELEASEDIR, p.FSYNCDIR, p.ACCESS, p.DESTROY):
+            return p.reply(u)  # stateless directories; default_permissions makes the kernel check access
+        if op == p.STATFS:
+            return p.reply(u, self._statfs())
+        if op in p.NAMESPACE_CHANGES:
+            raise FuseErrno(errno.EPERM)  # the namespace is managed by the daemon
+        raise FuseErrno(errno.ENOSYS)
+
+    # -- attributes ---------------------------------------------------------------
+
+    def _attr(self, inode: int) -> p.Attr:
+        if inode == p.ROOT_ID:
+            t = self._root_times
+            return p.Attr(inode, stat.S_IFDIR | DIR_MODE, 2 + len(self._by_name), atime_ns=t, mtime_ns=t, ctime_ns=t,
+                          blksize=PREFERRED_IO)
+        try:
+            exp, is_file = self._by_inode[inode]
+        except KeyError:
+            raise FuseErrno(errno.ENOENT) from None
+        times = {"atime_ns": exp.atime_ns, "mtime_ns": exp.mtime_ns, "ctime_ns": exp.ctime_ns}
+        if is_file:
+            mode = stat.S_IFREG | (FILE_MODE_RO if exp.source.read_only else FILE_MODE_RW)
+            return p.Attr(inode, mode, 1, exp.source.size, blksize=PREFERRED_IO, **times)
+        return p.Attr(inode, stat.S_IFDIR | DIR_MODE, 2, blksize=PREFERRED_IO, **times)
+
+    def _lookup(self, parent: int, name: bytes) -> p.Attr:
+        if parent == p.ROOT_ID:
+            exp = self._by_name.get(os.fsdecode(name))
+            if exp is not None:
+                return self._attr(exp.dir_inode)
+        else:
+            entry = self._by_inode.get(parent)
+            if entry is not None and not entry[1] and name == IMAGE_NAME.encode():
+                return self._attr(entry[0].file_inode)
+        raise FuseErrno(errno.ENOENT)
+
+    def _setattr(self, inode: int, a: p.SetAttr) -> p.Attr:
+        current = self._attr(inode)
+        if a.valid & p.FATTR_SIZE and a.size != current.size:
+            raise FuseErrno(errno.EPERM)  # an export is a window on a fixed-size device; O_TRUNC lands here too
+        if a.valid & (p.FATTR_MODE | p.FATTR_UID | p.FATTR_GID):
+            raise FuseErrno(errno.EPERM)  # mode and owner say whether it is writable: changing them would lie
+        entry = self._by_inode.get(inode)
+        if entry is not None:
+            exp, now = entry[0], time.time_ns()  # times are harmless and losetup/qemu/touch set them: keep them
+            if a.valid & p.FATTR_ATIME_NOW:
+                exp.atime_ns = now
+            elif a.valid & p.FATTR_ATIME:
+                exp.atime_ns = a.atime_ns
+            if a.valid & p.FATTR_MTIME_NOW:
+                exp.mtime_ns = now
+            elif a.valid & p.FATTR_MTIME:
+                exp.mtime_ns = a.mtime_ns
+            exp.ctime_ns = now
+        return self._attr(inode)
+
+    def _statfs(self) -> bytes:
+        total = sum(e.source.size for e in self._by_name.values())
+        return p.statfs_out((total + BLOCK_SIZE - 1) // BLOCK_SIZE, 0, 0, 1 + 2 * len(self._by_name), 0,
+                            PREFERRED_IO, 255, BLOCK_SIZE)
+
+    # -- directories --------------------------------------------------------------
+
+    def _opendir(self, inode: int) -> None:
+        if inode != p.ROOT_ID:
+            entry = self._by_inode.get(inode)
+            if entry is None:
+                raise FuseErrno(errno.ENOENT)
+            if entry[1]:
+                raise FuseErrno(errno.ENOTDIR)
+
+    def _readdir(self, fh: int, offset: int, size: int) -> bytes:
+        out = bytearray()
+        if fh == p.ROOT_ID:
+            # Offsets are directory inode numbers: never reused and increasing with age, so an
+            # export added or removed mid-listing is neither repeated nor makes another skipped.
+            for exp in sorted(self._by_name.values(), key=lambda e: e.dir_inode):
+                if exp.dir_inode <= offset:
+                    continue
+                ent = p.dirent(exp.dir_inode, exp.dir_inode, exp.name.encode(), DT_DIR)
+                if len(out) + len(ent) > size:
+                    break
+                out += ent
+            return bytes(out)
+        entry = self._by_inode.get(fh)
+        if entry is None or offset != 0:
+            return b""  # removed while listed: an empty directory is the truthful answer
+        ent = p.dirent(entry[0].file_inode, 1, IMAGE_NAME.encode(), DT_REG)
+        return ent if len(ent) <= size else b""
+
+    # -- the exported file --------------------------------------------------------
+
+    def _open(self, inode: int, flags: int) -> bytes:
+        entry = self._by_inode.get(inode)
+        if entry is None:
+            raise FuseErrno(errno.ENOENT)
+        exp, is_file = entry
+        if not is_file:
+            raise FuseErrno(errno.EISDIR)
+        if exp.removing:
+            raise FuseErrno(errno.ENOENT)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and exp.source.read_only:
+            raise FuseErrno(errno.EROFS)
+        fh = handle_id(self._next_serial, exp.file_inode, writable)
+        self._next_serial += 1
+        self._handles[fh] = Handle(exp, writable)
+        exp.open_handles += 1
+        self._c.opens += 1
+        # Not direct_io: the page cache stays in play for buffered users (qemu cache=writeback,
+        # cp, mkfs) and mmap works; the loop device's O_DIRECT I/O bypasses it anyway.
+        # keep_cache only for read-only exports: their bytes never change between opens.
+        return p.open_out(fh, keep_cache=exp.source.read_only)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is not None:
+            return h
+        if self.adopt_handles:
+            # opened through a daemon that died: the id says which file and how
+            inode, writable = parse_handle_id(fh)
+            entry = self._by_inode.get(inode)
+            if entry is not None and entry[1] and not (writable and entry[0].source.read_only):
+                h = self._handles[fh] = Handle(entry[0], writable)
+                entry[0].open_handles += 1
+                self._adopted += 1
+                return h
+        raise FuseErrno(errno.EBADF)
+
+    async def _read(self, a: p.Read) -> bytes:
+        exp = self._handle(a.fh).export
+        try:
+            data = await exp.source.read(a.offset, a.size)
+        except Exception:
+            exp.errors += 1
+            raise
+        n = len(data)
+        c = self._c
+        c.reads += 1
+        c.bytes_read += n
+        c.largest_read = max(c.largest_read, a.size)
+        exp.reads += 1
+        exp.bytes_read += n
+        return data
+
+    async def _write(self, a: p.Write) -> int:
+        h = self._handle(a.fh)
+        exp = h.export
+        if exp.source.read_only:
+            raise FuseErrno(errno.EROFS)
+        if not h.writable:
+            raise FuseErrno(errno.EBADF)
+        size, off, buf = exp.source.size, a.offset, a.data
+        if off >= size and len(buf):
+            raise FuseErrno(errno.ENOSPC)  # like a block device: no room past the end
+        if off + len(buf) > size:
+            buf = buf[: size - off]  # a short write, then ENOSPC on the retry
+        exp.dirty = True
+        try:
+            await exp.source.write(off, bytes(buf))
+        except Exception:
+            exp.errors += 1
+            raise
+        n = len(buf)
+        c = self._c
+        c.writes += 1
+        c.bytes_written += n
+        c.largest_write = max(c.largest_write, n)
+        exp.writes += 1
+        exp.bytes_written += n
+        return n
+
+    async def _flush_source(self, exp: Export) -> None:
+        exp.dirty = False  # cleared before: a write racing with the flush marks it dirty again
+        try:
+            await exp.source.flush()
+        except Exception:
+            exp.dirty = True
+            exp.errors += 1
+            raise
+        exp.flushes += 1
+        self._c.flushes += 1
+
+    def _release(self, fh: int) -> None:
+        # No answer can carry an error from release; it must only drop the handle.
+        try:
+            h = self._handle(fh)
+        except FuseErrno:
+            return  # already released (a resent RELEASE) or never known
+        del self._handles[fh]
+        h.export.open_handles -= 1
+        if h.export.released is not None:
+            h.export.released.set()

@@ -1,0 +1,241 @@
+"""The trio shell around the FUSE codec: mount(2), read /dev/fuse, dispatch, answer with writev.
+
+``mount_session`` opens /dev/fuse, mounts it (``mount -t fuse.lazyfs -o fd=N,...`` through the
+mount(2) syscall) and answers the kernel's INIT; ``Session.serve`` then reads requests from the
+non-blocking fd (``trio.lowlevel.wait_readable``) and answers each in a task of its own.
+
+A session can also be *taken over*: a new daemon gets a dup of a live connection's fd (from the
+fd keeper, ``lazyfs.serve.fusekernel.keeper``) and the parameters INIT settled, asks the kernel
+to resend what the dead daemon had read but not answered (``FUSE_NOTIFY_RESEND``), and serves on.
+The kernel never notices the gap: readers wait, they get no error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import stat
+
+import trio
+
+from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.serve.fusekernel import protocol as p
+from lazyfs.serve.fusekernel.exports import ExportFS
+
+log = logging.getLogger(__name__)
+
+DEVICE = "/dev/fuse"
+MS_NOSUID, MS_NODEV = 2, 4
+MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class FuseMountError(LazyfsError):
+    """/dev/fuse could not be opened, mounted or initialised."""
+
+
+def mount_options(fd: int, *, allow_other: bool = True) -> str:
+    """The mount data for a session on *fd* (what fusermount would pass)."""
+    opts = [f"fd={fd}", "rootmode=40000", "user_id=0", "group_id=0", "default_permissions"]
+    if allow_other:
+        opts.append("allow_other")  # qemu, runc and loop workers may run as other users
+    return ",".join(opts)
+
+
+def _mount(fd: int, mountpoint: str, fsname: str, subtype: str) -> None:
+    data = mount_options(fd).encode()
+    if _libc.mount(fsname.encode(), os.fsencode(mountpoint), f"fuse.{subtype}".encode(),
+                   ctypes.c_ulong(MS_NOSUID | MS_NODEV), data) != 0:
+        code = ctypes.get_errno()
+        raise FuseMountError(f"mount -t fuse.{subtype} {mountpoint}: {os.strerror(code)}")
+
+
+def unmount(mountpoint: str, *, lazy: bool = True) -> None:
+    """Unmount *mountpoint* (lazily by default: files still open keep working until closed)."""
+    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point (any more)
+            raise FuseMountError(f"umount {mountpoint}: {os.strerror(code)}")
+
+
+def open_device() -> int:
+    try:
+        fd = os.open(DEVICE, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise FuseMountError(f"cannot open {DEVICE}: {exc.strerror}") from None
+    return fd
+
+
+class Session:
+    """One FUSE connection (its /dev/fuse fd and INIT parameters) serving an ExportFS."""
+
+    def __init__(self, fd: int, params: p.SessionParams, fs: ExportFS, mountpoint: str) -> None:
+        os.set_blocking(fd, False)
+        self.fd, self.params, self.fs, self.mountpoint = fd, params, fs, mountpoint
+        self.closed = False
+        self.resend_sent = False
+        self.unanswerable = 0  # answers the kernel refused (request interrupted or connection gone)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def send(self, iov: list) -> bool:
+        """Write one answer or notification; False if the kernel no longer wants it."""
+        try:
+            os.writev(self.fd, iov)
+            return True
+        except OSError as exc:
+            # ENOENT: the request was interrupted or resent meanwhile; ENODEV: the connection is gone
+            if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ECONNABORTED):
+                self.unanswerable += 1
+                return False
+            raise
+
+    def notify(self, iov: list) -> None:
+        """Send a notification, never failing the caller (invalidations are best effort)."""
+        try:
+            self.send(iov)
+        except OSError as exc:
+            log.warning("FUSE notification not delivered: %s", exc)
+
+    def resend(self) -> bool:
+        """Ask the kernel to send again every request a dead daemon read but never answered.
+
+        False (and one log line) where the kernel lacks FUSE_NOTIFY_RESEND: those requests then
+        wait until the connection is aborted.
+        """
+        if not self.params.has_resend:
+            log.warning("FUSE_NOTIFY_RESEND: the kernel speaks FUSE 7.%d (< 7.%d): requests in flight at the "
+                        "previous daemon's death are not replayed", self.params.kernel_minor, p.RESEND_MINOR)
+            return False
+        try:
+            self.send(p.notify_resend())
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            log.warning("FUSE_NOTIFY_RESEND refused by the kernel (%s): requests in flight at the previous "
+                        "daemon's death are not replayed", exc.strerror)
+            return False
+        self.resend_sent = True
+        log.info("FUSE_NOTIFY_RESEND sent: requests in flight at the previous daemon's death are replayed")
+        return True
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def read_message(self) -> bytes | None:
+        """The next message from the kernel, or None once the connection is gone."""
+        while True:
+            try:
+                return os.read(self.fd, p.READ_BUFFER)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.ENOENT):  # ENOENT: the request was interrupted meanwhile
+                    continue
+                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):  # unmounted or aborted
+                    return None
+                raise
+
+    async def initialise(self) -> None:
+        """Answer the kernel's INIT (a fresh mount only) and settle the session parameters."""
+        raw = await self.read_message()
+        if raw is None:
+            raise FuseMountError(f"the FUSE connection at {self.mountpoint} went away before INIT")
+        req = p.parse_request(raw)
+        if req.header.opcode != p.INIT:
+            raise FuseMountError(f"expected FUSE INIT, got opcode {req.header.opcode}")
+        try:
+            self.params, payload = p.negotiate(req.args)
+        except FormatError as exc:
+            self.send(p.error_reply(req.header.unique, errno.EPROTO))
+            raise FuseMountError(str(exc)) from None
+        self.send(p.reply(req.header.unique, payload))
+        log.info("FUSE session at %s: protocol 7.%d (kernel 7.%d), max_write %d, resend %s", self.mountpoint,
+                 self.params.minor, self.params.kernel_minor, self.params.max_write,
+                 "available" if self.params.has_resend else "missing")
+
+    async def serve(self, *, max_tasks: int = 64, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Answer requests until the connection goes (unmount, abort) or the caller cancels.
+
+        Cancelled, requests being handled stay unanswered: a daemon taking over the connection
+        gets them again through ``resend``.
+        """
+        self.fs.notify = self.notify
+        limit = trio.Semaphore(max_tasks)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    await limit.acquire()
+                    raw = await self.read_message()
+                    if raw is None:
+                        limit.release()
+                        log.info("FUSE connection at %s closed by the kernel", self.mountpoint)
+                        break
+                    try:
+                        req = p.parse_request(raw)
+                    except FormatError as exc:
+                        limit.release()
+                        log.error("dropping a malformed FUSE message: %s", exc)
+                        continue
+                    if req.header.opcode == p.INIT:  # only a fresh mount sends one: refuse a second
+                        limit.release()
+                        self.send(p.error_reply(req.header.unique, errno.EPROTO))
+                        continue
+                    nursery.start_soon(self._answer, req, limit)
+        finally:
+            self.fs.notify = None
+
+    async def _answer(self, req: p.Request, limit: trio.Semaphore) -> None:
+        try:
+            iov = await self.fs.handle(req)
+            if iov is not None:
+                self.send(iov)
+        finally:
+            limit.release()
+
+    def close(self) -> None:
+        """Close this process's fd of the connection (a keeper's dup keeps it alive)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+async def mount_session(mountpoint: str, fs: ExportFS, *, fsname: str = "lazyfs", subtype: str = "lazyfs") -> Session:
+    """Mount a fresh FUSE connection at *mountpoint* and answer its INIT (FuseMountError if not)."""
+    st = os.stat(mountpoint)
+    if not stat.S_ISDIR(st.st_mode):
+        raise FuseMountError(f"{mountpoint} is not a directory")
+    fd = open_device()
+    try:
+        _mount(fd, mountpoint, fsname, subtype)
+        session = Session(fd, p.SessionParams(p.OUR_MINOR, 0, 0, 0, 0, p.MAX_WRITE), fs, mountpoint)
+        try:
+            with trio.fail_after(30):
+                await session.initialise()
+        except BaseException:
+            unmount(mountpoint)
+            raise
+        return session
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def serve(mountpoint: str, fs: ExportFS, *, max_tasks: int = 64, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount *fs* at *mountpoint* and serve until cancelled or unmounted; unmount on the way out.
+
+    ``task_status.started()`` once the mount exists and INIT is answered.
+    """
+    session = await mount_session(mountpoint, fs)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: session.serve(max_tasks=max_tasks, task_status=task_status))
+            task_status.started()
+    finally:
+        with trio.CancelScope(shield=True):
+            unmount(mountpoint)
+            session.close()
+            log.info("unmounted %s", mountpoint)
