@@ -18,7 +18,9 @@ from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
 from lazyfs.serve import hydrated, system
 from lazyfs.serve.control import serve_control
-from lazyfs.serve.fuse import IMAGE_NAME, ExportFS, serve
+from lazyfs.serve.fusekernel import keeper, takeover
+from lazyfs.serve.fusekernel.exports import IMAGE_NAME, ExportFS
+from lazyfs.serve.fusekernel.session import Session
 from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
 from lazyfs.serve.metrics import serve_metrics
@@ -38,6 +40,7 @@ class Daemon:
         self.load_config = load_config or (lambda: config)  # re-reads the config file, for reloads
         self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
+        self.handover = False  # stop serving but leave the FUSE connection to the next daemon
         self._state_lock = trio.Lock()  # orders state-file saves (local disk only; nothing else waits on it)
 
     # ------------------------------------------------------------ state
@@ -47,7 +50,10 @@ class Daemon:
                                  kind=a.device.writable.kind if a.device.writable else None,
                                  plain_http=a.plain_http, front_end=a.front_end,
                                  manifest=a.opened.image.manifest.digest,
-                                 hydrate=False if a.hydrate is None else a.hydrate.to_json() or True)
+                                 hydrate=False if a.hydrate is None else a.hydrate.to_json() or True,
+                                 # a daemon taking over the FUSE connection must give each export
+                                 # the inode numbers the kernel already knows it by
+                                 inode=self.fs.inode_of(a.name) if a.name in self.fs.names() else None)
                 for a in self.host.attachments.values()]
 
     async def save_state(self) -> None:
@@ -57,7 +63,7 @@ class Daemon:
         always ends with the latest state, whatever order the saves were asked in.
         """
         async with self._state_lock:
-            doc = encode_state(self._records())
+            doc = encode_state(self._records(), next_inode=self.fs.next_inode)
             with trio.CancelScope(shield=True):  # a cancelled save must not leave a half-done write racing the next
                 await trio.to_thread.run_sync(self._write_state, doc)
 
@@ -65,21 +71,14 @@ class Daemon:
         os.makedirs(self.config.state_dir, mode=0o700, exist_ok=True)
         write_atomically(self.config.state_file, doc)
 
-    def _read_state(self) -> LoadedState:
-        with open(self.config.state_file, "rb") as f:
-            return decode_state(f.read(), f"state file {self.config.state_file}")
-
-    async def restore(self) -> None:
-        """Attach again what was attached when the previous daemon stopped or died."""
-        try:
-            state = await trio.to_thread.run_sync(self._read_state)
-        except FileNotFoundError:
+    async def restore(self, state: LoadedState | None = None) -> None:
+        """Attach again what was attached when the previous daemon stopped or died (*state*: the
+        state file as read at start). Each export gets the inode numbers it had, so a daemon taking
+        over the FUSE connection serves the kernel's cached inodes and open handles."""
+        if state is None:
+            state = await trio.to_thread.run_sync(read_state, self.config)
+        if not state.records and not state.skipped:
             return
-        except (OSError, FormatError) as exc:
-            log.error("ignoring damaged state file %s: %s", self.config.state_file, exc)
-            return
-        for problem in state.skipped:
-            log.error("could not restore an attachment: %s", problem)
         # all at once: one image whose registry stalls does not hold up the others
         async with open_nursery() as nursery:
             for rec in state.records:
@@ -91,7 +90,7 @@ class Daemon:
             await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
                               writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
                               front_end=rec.front_end, plain_http=rec.plain_http, save=False,
-                              manifest=rec.manifest, hydrate=rec.hydrate)
+                              manifest=rec.manifest, hydrate=rec.hydrate, inode=rec.inode)
             log.info("restored attachment %s (%s)", rec.name, rec.image)
         except LazyfsError as exc:
             log.error("could not restore attachment %s: %s", rec.name, exc)
@@ -105,10 +104,10 @@ class Daemon:
                      kind: str = "sparse", front_end: FrontEnd | dict | None = None, save: bool = True,
                      record_trace: bool | None = None,
                      plain_http: list[str] | tuple[str, ...] = (), manifest: str | None = None,
-                     hydrate: object = None) -> dict:
+                     hydrate: object = None, inode: int | None = None) -> dict:
         """Attach and export *image*. *hydrate*: None (the config's default), false, true, or
         ``{"rate": BYTES_PER_S}`` / ``{"deadline": SECONDS}`` / ``{"deadline_at": UNIX_TIME}``.
-        *manifest* pins the manifest digest (restores)."""
+        *manifest* pins the manifest digest and *inode* the export's inode numbers (restores)."""
         if not isinstance(front_end, FrontEnd):
             front_end = FrontEnd.from_json(front_end or {})
         if manifest is not None and not isinstance(manifest, str):
@@ -117,7 +116,12 @@ class Daemon:
         att = await self.host.attach(image, name, writable=writable, writable_dir=writable_dir, kind=kind,
                                      record_trace=record_trace, plain_http=_hosts(plain_http), manifest=manifest,
                                      hydrate=policy, front_end=front_end)
-        self.fs.add(att.name, att.device)
+        try:
+            self.fs.add(att.name, att.device, inode=inode)
+        except LazyfsError:
+            with trio.CancelScope(shield=True):
+                await self.host.detach(att.name, save=False)
+            raise
         if save:
             await self.save_state()
         return {**att.describe(), "path": self.path_of(att.name)}
@@ -208,6 +212,8 @@ class Daemon:
             if name not in self.host.attachments:
                 raise NotFoundError(f"no image attached as {name!r}")
             return {**self.host.attachments[name].statistics(), "scheduler": self.host.scheduler.statistics()}
+        if op == "fuse-stats":
+            return self.fs.statistics()
         if op == "mark":
             return await self.mark(**_only(args, "name", "front_end"))
         if op == "commit":
@@ -251,9 +257,14 @@ async def clear_stale_export(export_dir: str) -> None:
     """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
 
     Call it only while holding the run directory's `daemon_lock`: then the export's owner is
-    provably dead, and a live session is never aborted.
+    provably dead, and a live session is never aborted. A connection the fd keeper holds
+    (``RUN_DIR/fuse-keeper.sock`` answers) is not stale: the next daemon takes it over.
     """
     if system.is_mountpoint(export_dir):
+        kept = keeper.socket_path(os.path.dirname(os.path.abspath(export_dir)))
+        if await trio.to_thread.run_sync(keeper.alive, kept):
+            log.info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
+            return
         log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
         try:
             await system.fuse_abort(export_dir)
@@ -296,45 +307,91 @@ async def run_daemon(config: Config, load_config: Callable[[], Config] | None = 
 
 async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] | None) -> None:
     log.info("lazyfs daemon %d starting for %s", os.getpid(), config.run_dir)
-    # a killed daemon's FUSE mount answers ENOTCONN: secure_dirs skips it, it is cleared, then made private
+    # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
+    # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
-    await clear_stale_export(config.export_dir)
-    await trio.to_thread.run_sync(system.private_dir, config.export_dir)
+    state = await trio.to_thread.run_sync(read_state, config)
     async with Host.open(config) as host:
-        fs = ExportFS()
-        async with open_nursery() as nursery:
-            daemon = Daemon(config, host, fs, nursery, load_config)
-            await nursery.start(serve, config.export_dir, fs)
-            await daemon.restore()
-            await nursery.start(serve_control, config.socket_path, daemon.handle)
-            if config.metrics_address:
-                await nursery.start(serve_metrics, config.metrics_address, host, fs)
-            await nursery.start(reload_on_sighup, daemon)
-            if config.hydrated_max_bytes > 0:
-                await nursery.start(hydrated.watch, host, config.hydrated_check_interval)
-            if config.registry_probe_interval > 0:
-                await nursery.start(host.probe_registries, config.registry_probe_interval)
-            log.info("lazyfs daemon %d ready: export %s, control %s", os.getpid(), config.export_dir, config.socket_path)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async def wait_signal():
-                    async for _ in signals:
-                        daemon.stopping.set()
-                        return
-                nursery.start_soon(wait_signal)
-                await daemon.stopping.wait()
-            log.info("lazyfs daemon stopping")
-            for lun in list(daemon.luns):
-                try:
-                    await daemon.tcmu_detach(lun)
-                except LazyfsError as exc:
-                    log.warning("TCMU device %s: %s", lun, exc)
-            for name in list(host.attachments):
-                try:
-                    await fs.remove(name, wait=2.0)
-                except LazyfsError as exc:
-                    log.warning("export %s still open at shutdown: %s", name, exc)
-                await host.detach(name, save=True)
-            nursery.cancel_scope.cancel()
+        fs = ExportFS(next_inode=state.next_inode or 2)
+        session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, clear_stale_export)
+        full_stop = False  # only a deliberate stop ends the connection; a crash or a handover leaves it kept
+        try:
+            async with open_nursery() as nursery:
+                daemon = Daemon(config, host, fs, nursery, load_config)
+                if taken_over:
+                    # The kernel knows the exports by the inode numbers and handles the previous
+                    # daemon gave: restore them before answering anything, then have the requests
+                    # it left unanswered sent again. Until then readers wait; they get no error.
+                    await daemon.restore(state)
+                    session.resend()
+                    await nursery.start(_serve_session, session)
+                else:
+                    await nursery.start(_serve_session, session)
+                    await daemon.restore(state)
+                await nursery.start(serve_control, config.socket_path, daemon.handle)
+                if config.metrics_address:
+                    await nursery.start(serve_metrics, config.metrics_address, host, fs)
+                await nursery.start(reload_on_sighup, daemon)
+                if config.hydrated_max_bytes > 0:
+                    await nursery.start(hydrated.watch, host, config.hydrated_check_interval)
+                if config.registry_probe_interval > 0:
+                    await nursery.start(host.probe_registries, config.registry_probe_interval)
+                log.info("lazyfs daemon %d ready: export %s, control %s%s", os.getpid(), config.export_dir,
+                         config.socket_path, " (took over the FUSE connection)" if taken_over else "")
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async def wait_signal():
+                        async for _ in signals:
+                            # a signal with images attached is a restart or an upgrade: hand over
+                            daemon.handover = bool(host.attachments)
+                            daemon.stopping.set()
+                            return
+                    nursery.start_soon(wait_signal)
+                    await daemon.stopping.wait()
+                if daemon.handover:
+                    log.info("lazyfs daemon handing over: the FUSE connection and %d image(s) stay for the next "
+                             "daemon", len(host.attachments))
+                    nursery.cancel_scope.cancel()  # requests being answered are resent to the next daemon
+                    return
+                log.info("lazyfs daemon stopping")
+                full_stop = True
+                for lun in list(daemon.luns):
+                    try:
+                        await daemon.tcmu_detach(lun)
+                    except LazyfsError as exc:
+                        log.warning("TCMU device %s: %s", lun, exc)
+                for name in list(host.attachments):
+                    try:
+                        await fs.remove(name, wait=2.0)
+                    except LazyfsError as exc:
+                        log.warning("export %s still open at shutdown: %s", name, exc)
+                    await host.detach(name, save=True)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if full_stop:
+                    await trio.to_thread.run_sync(takeover.release, session, config.run_dir)
+                    log.info("unmounted %s", config.export_dir)
+                else:
+                    takeover.leave(session)
+
+
+async def _serve_session(session: Session, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await session.serve(task_status=task_status)
+
+
+def read_state(config: Config) -> LoadedState:
+    """The state file (no records if there is none; a damaged one is logged and ignored)."""
+    try:
+        with open(config.state_file, "rb") as f:
+            state = decode_state(f.read(), f"state file {config.state_file}")
+    except FileNotFoundError:
+        return LoadedState((), ())
+    except (OSError, FormatError) as exc:
+        log.error("ignoring damaged state file %s: %s", config.state_file, exc)
+        return LoadedState((), ())
+    for problem in state.skipped:
+        log.error("could not restore an attachment: %s", problem)
+    return state
 
 
 def main(config: Config, load_config: Callable[[], Config] | None = None) -> int:

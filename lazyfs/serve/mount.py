@@ -19,7 +19,8 @@ from lazyfs.errors import BusyError, ConfigError, FormatError, LazyfsError, NotF
 from lazyfs.serve import system, warmloop
 from lazyfs.serve.control import call
 from lazyfs.serve.daemon import clear_stale_export
-from lazyfs.serve.fuse import IMAGE_NAME
+from lazyfs.serve.fusekernel import keeper
+from lazyfs.serve.fusekernel.exports import IMAGE_NAME
 from lazyfs.serve.host import attachment_name
 from lazyfs.serve.singleton import daemon_lock, owner_pid, start_lock
 from lazyfs.serve.state import AttachmentRecord, FrontEnd, decode_state
@@ -284,8 +285,11 @@ def umount_target(config: Config, target: str) -> dict:
     if system.is_mountpoint(config.export_dir):
         with contextlib.suppress(BusyError):  # busy: a live (or starting) daemon owns the export
             with daemon_lock(config.run_dir):
-                trio.run(clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount
-                done.append(f"removed the dead daemon's export {config.export_dir}")
+                if not _state_records(config):  # nothing left for a next daemon: the kept connection goes too
+                    keeper.release(keeper.socket_path(config.run_dir))
+                trio.run(clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount, unless kept
+                if not system.is_mountpoint(config.export_dir):
+                    done.append(f"removed the dead daemon's export {config.export_dir}")
     if not done:
         raise NotFoundError(f"nothing of lazyfs is mounted or exported at {target}")
     return {"target": target, "done": done}

@@ -90,6 +90,9 @@ class AttachmentRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     manifest: str | None = None
     # False: none; True: the default rate; else HydratePolicy.to_json() (checked when it is applied)
     hydrate: bool | dict[str, int | float] | None = None
+    # the export's directory inode on the FUSE connection (its disk.img is the next one): a daemon
+    # taking the connection over gives it the same numbers (docs/daemon.md "Live restart")
+    inode: Annotated[int, msgspec.Meta(ge=2, lt=1 << 39)] | None = None
 
     def __post_init__(self) -> None:
         if self.manifest is not None and not is_sha256(self.manifest):
@@ -107,9 +110,11 @@ class AttachmentRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         return msgspec.to_builtins(self)
 
 
-def encode_state(records: list[AttachmentRecord] | tuple[AttachmentRecord, ...]) -> bytes:
-    """The state file's bytes for *records*."""
+def encode_state(records: list[AttachmentRecord] | tuple[AttachmentRecord, ...], next_inode: int | None = None) -> bytes:
+    """The state file's bytes for *records* (and the FUSE export's next free inode number)."""
     doc = {"version": STATE_VERSION, "attachments": [r.to_json() for r in records]}
+    if next_inode is not None:
+        doc["next_inode"] = next_inode
     return json.dumps(doc, indent=1).encode()
 
 
@@ -119,6 +124,7 @@ class LoadedState:
 
     records: tuple[AttachmentRecord, ...]
     skipped: tuple[str, ...]
+    next_inode: int | None = None  # never reuse an inode number a kept FUSE connection may know
 
 
 def decode_state(data: bytes, what: str = "state file") -> LoadedState:
@@ -152,7 +158,10 @@ def decode_state(data: bytes, what: str = "state file") -> LoadedState:
             continue
         seen.add(record.name)
         records.append(record)
-    return LoadedState(tuple(records), tuple(skipped))
+    next_inode = doc.get("next_inode")
+    if not (isinstance(next_inode, int) and not isinstance(next_inode, bool) and 2 <= next_inode < 1 << 39):
+        next_inode = None
+    return LoadedState(tuple(records), tuple(skipped), next_inode)
 
 
 def _convert(doc: object, cls: type, what: str):

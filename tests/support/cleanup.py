@@ -9,6 +9,7 @@ import time
 
 from lazyfs.serve import system
 from lazyfs.serve.control import call
+from lazyfs.serve.fusekernel import keeper
 
 
 def loop_backing_files() -> list[tuple[str, str]]:
@@ -31,8 +32,16 @@ def loop_backing_files() -> list[tuple[str, str]]:
 
 def release_under(directory: str | os.PathLike, daemon_socket: str | None = None, timeout: float = 20.0) -> None:
     """Unmount everything mounted below *directory* (deepest first), detach loop devices whose
-    backing file is below it, then stop the daemon answering on *daemon_socket* (bounded wait)."""
+    backing file is below it, then stop the daemon answering on *daemon_socket* (bounded wait)
+    and let its FUSE connection's keeper go.
+
+    A connection kept for a daemon that never came back would leave I/O waiting forever (and
+    ``losetup -a`` hanging on the host): with no daemon answering, its keeper is released first.
+    """
     directory = str(directory)
+    kept = keeper.socket_path(os.path.dirname(daemon_socket)) if daemon_socket else None
+    if kept is not None and not _answers(daemon_socket):
+        keeper.release(kept)
     for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
         if m.mountpoint.startswith(directory):
             subprocess.run(["umount", "-l", m.mountpoint], capture_output=True)
@@ -42,9 +51,21 @@ def release_under(directory: str | os.PathLike, daemon_socket: str | None = None
     if daemon_socket is None:
         return
     try:
-        os.kill(call(daemon_socket, "ping", timeout=10)["pid"], signal.SIGTERM)
+        try:
+            call(daemon_socket, "stop", timeout=10)  # a full stop: SIGTERM would hand the connection over
+        except Exception:
+            os.kill(call(daemon_socket, "ping", timeout=10)["pid"], signal.SIGTERM)
     except Exception:  # no daemon (or a dead one): nothing to stop
-        return
+        pass
     deadline = time.monotonic() + timeout
     while os.path.exists(daemon_socket) and time.monotonic() < deadline:
         time.sleep(0.1)
+    keeper.release(kept)
+
+
+def _answers(daemon_socket: str) -> bool:
+    try:
+        call(daemon_socket, "ping", timeout=5)
+        return True
+    except Exception:
+        return False
