@@ -234,11 +234,12 @@ def check_fuse_passthrough(facts: HostFacts) -> Check:
 def check_fuse_resend(facts: HostFacts) -> Check:
     has, why = _kernel_feature(facts, None, FUSE_NOTIFY_RESEND_SINCE)
     if has:
-        return Check("FUSE_NOTIFY_RESEND", Status.UNUSED,
-                     f"in the kernel ({why}); unused: pyfuse3 cannot send it, so a restarted daemon cannot "
-                     "take over: readers of a killed daemon get EIO and its mounts must be remounted")
+        return Check("FUSE_NOTIFY_RESEND", Status.OK,
+                     f"in the kernel ({why}): a restarted daemon takes the kept FUSE connection over and has the "
+                     "requests in flight at its predecessor's death sent again; readers wait, never get EIO")
     return Check("FUSE_NOTIFY_RESEND", Status.MISSING,
-                 f"not in this kernel ({why}): a killed daemon's readers get EIO (as they do today anyway)")
+                 f"not in this kernel ({why}): a restarted daemon takes the kept FUSE connection over, but a "
+                 "request in flight at the crash is never answered (its reader waits until the mount is aborted)")
 
 
 def check_fuse_io_uring(facts: HostFacts) -> Check:

@@ -143,8 +143,9 @@ def test_kernel_features_from_config_or_version():
         assert check.status is Status.MISSING and "6.8 <" in check.text, check
     new = dataclasses.replace(old, release="6.14.1", version=(6, 14))
     report = _report(dataclasses.replace(GOOD, kernel=new))
-    for topic in ("FUSE passthrough", "FUSE_NOTIFY_RESEND", "FUSE over io_uring"):
+    for topic in ("FUSE passthrough", "FUSE over io_uring"):
         assert _check(report, topic).status is Status.UNUSED
+    assert _check(report, "FUSE_NOTIFY_RESEND").status is Status.OK  # the daemon uses it on takeover
     # a config saying "not set" wins over the version
     off = dataclasses.replace(GOOD_KERNEL, config={**GOOD_KERNEL.config, "CONFIG_FUSE_PASSTHROUGH": "n"})
     check = _check(_report(dataclasses.replace(GOOD, kernel=off)), "FUSE passthrough")
@@ -287,7 +288,7 @@ def test_doctor_reports_this_host(tmp_path):
         if line is not None:
             assert status[topic] == ("unused" if line.endswith("=y") or line.endswith("=m") else "missing"), topic
     if hostprobe.parse_release(os.uname().release) >= (6, 9):
-        assert status["FUSE_NOTIFY_RESEND"] == "unused"
+        assert status["FUSE_NOTIFY_RESEND"] == "ok"
 
     disabled = open("/proc/sys/kernel/io_uring_disabled").read().strip() if os.path.exists(
         "/proc/sys/kernel/io_uring_disabled") else "0"

@@ -28,6 +28,7 @@ import pytest
 
 from lazyfs.serve.control import call
 from lazyfs.serve.fusekernel import keeper
+from lazyfs.serve.singleton import owner_pid
 from tests.serve.conftest import ROOT
 from tests.support.cleanup import release_under
 from tests.support.proxy import FaultKind, FaultProxy
@@ -100,7 +101,9 @@ class Stack:
         return call(self.socket, "ping", timeout=10)["pid"]
 
 
-def test_reader_survives_kill_9_and_restart(env, tmp_path):
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_reader_survives_kill_9_and_restart(env, tmp_path, how):
+    """*how*: SIGKILL (a crash) or SIGTERM with an image attached (a restart or upgrade: a handover)."""
     with FaultProxy.running_in_thread(env.registry.port) as proxy:
         stack = Stack(env, tmp_path, proxy)
         target = tmp_path / "mnt"
@@ -118,7 +121,8 @@ def test_reader_survives_kill_9_and_restart(env, tmp_path):
                                        str(progress), str(stop)], stderr=subprocess.PIPE, text=True)
             wait_for(lambda: [r for r in proxy.requests("GET", "/blobs/") if r.fault == FaultKind.STALL],
                      "a read in flight in the daemon")
-            os.kill(stack.pid(), signal.SIGKILL)
+            os.kill(stack.pid(), signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+            wait_for(lambda: owner_pid(stack.doc["run_dir"]) is None, "the old daemon's exit")
             proxy.faults.clear()
             assert keeper.alive(keeper.socket_path(stack.doc["run_dir"]))  # the connection lives on
             assert reader.poll() is None  # waiting, not failing
