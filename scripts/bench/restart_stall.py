@@ -2,7 +2,9 @@
 """Benchmark live restart (issue 13): a reader's longest stall while the daemon is `kill -9`ed and restarted.
 
 A reader (tests/support/reader.py) checksums every file of a loop-mounted ext4 served by lazyfs
-from a local docker-registry, dropping each file's pages first, so every pass reaches the daemon.
+from a local docker-registry, dropping each file's pages first. The image is mounted --writable:
+its loop device uses O_DIRECT, so every pass reaches the daemon (a read-only mount's buffered loop
+serves re-reads from the kernel's page cache, docs/warm.md, and would hide the gap).
 While it runs, the daemon is killed with SIGKILL and a new `lazyfs daemon` started --restarts
 times (default 20). The new daemon takes the FUSE connection over from the fd keeper. For each
 restart, the stall is the longest single file read that overlapped the gap (kill to one second
@@ -105,7 +107,7 @@ def main() -> int:
         reader = None
         daemons: list[subprocess.Popen] = []
         try:
-            lazyfs(config, "mount", ref, target)
+            lazyfs(config, "mount", ref, target, "--writable")
             with open(os.path.join(tmp, "expected.json"), "w") as f:
                 json.dump(checksums(src), f)
             log = os.path.join(tmp, "reads.log")
