@@ -221,3 +221,26 @@ def test_a_new_tree_adopts_the_handles_of_a_dead_daemon():
         assert new.inode_of("b") >= old.next_inode  # inode numbers are never reused
 
     trio.run(main)
+
+
+def test_resend_on_a_kernel_without_it_says_so_in_one_line(caplog):
+    """Protocol 7.38 (kernel < 6.9): no RESEND is written, one warning says why, the takeover goes on."""
+    from lazyfs.serve.fusekernel.session import Session
+
+    r, w = os.pipe()
+    try:
+        params, _ = p.negotiate(p.Init(7, 38, 0, 0))
+        session = Session(w, params, ExportFS(), "/mnt")
+        with caplog.at_level("WARNING"):
+            assert session.resend() is False
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and "7.38 (< 7.40)" in lines[0] and "not replayed" in lines[0]
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # nothing was sent
+        params, _ = p.negotiate(p.Init(7, 44, 0, 0))
+        assert Session(w, params, ExportFS(), "/mnt").resend() is True
+        assert os.read(r, 100) == b"".join(bytes(x) for x in p.notify_resend())
+    finally:
+        os.close(r)
+        os.close(w)
