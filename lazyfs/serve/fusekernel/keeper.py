@@ -123,7 +123,9 @@ def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
     if target.startswith("@"):
         target = "\0" + target[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        socket.send_fds(s, [f"FDSTORE=1\nFDNAME={name}\n".encode()], [fd], address=target)
+        # sendmsg, not socket.send_fds: the latter ignores its address argument
+        s.sendmsg([f"FDSTORE=1\nFDNAME={name}\n".encode()],
+                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, target)
     return True
 
 

@@ -74,3 +74,33 @@ def test_the_keeper_goes_when_its_connection_goes(kept):
     os.close(w)  # the read end hangs up, as /dev/fuse reports POLLERR after an abort
     assert _reap(pid)
     assert not os.path.exists(path)
+
+
+def test_systemd_fd_store_messages(tmp_path, monkeypatch):
+    """What the daemon tells systemd (a datagram socket stands in for NOTIFY_SOCKET), and how it
+    finds the fd again in LISTEN_FDS/LISTEN_FDNAMES after a restart."""
+    import socket
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert keeper.sd_store_fd(0) is False  # not under systemd: nothing sent
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        r, w = os.pipe()
+        try:
+            assert keeper.sd_store_fd(r)
+            msg, fds, _flags, _addr = socket.recv_fds(listener, 4096, 4)
+            assert msg == b"FDSTORE=1\nFDNAME=lazyfs-fuse\n" and len(fds) == 1
+            os.write(w, b"x")
+            assert os.read(fds[0], 1) == b"x"  # the very file
+            os.close(fds[0])
+        finally:
+            os.close(r)
+            os.close(w)
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    monkeypatch.setenv("LISTEN_FDNAMES", "other:lazyfs-fuse")
+    assert keeper.sd_stored_fd() == 4
+    monkeypatch.setenv("LISTEN_PID", "1")  # meant for another process
+    assert keeper.sd_stored_fd() is None
