@@ -146,3 +146,15 @@ def test_a_file_that_is_not_a_state_file_is_one_error(data, message) -> None:
 def test_empty_state_file() -> None:
     assert decode_state(b'{"attachments": []}') == LoadedState((), ())
     assert decode_state(encode_state([])) == LoadedState((), ())
+
+
+def test_inode_numbers_round_trip_and_bad_ones_are_dropped():
+    """The FUSE inode numbers a takeover needs survive the state file; a wrong one never reaches ExportFS."""
+    from lazyfs.serve.state import AttachmentRecord, decode_state, encode_state
+
+    rec = AttachmentRecord(name="a", image="r/x:1", inode=6)
+    loaded = decode_state(encode_state([rec], next_inode=8))
+    assert loaded.records[0].inode == 6 and loaded.next_inode == 8
+    assert decode_state(b'{"version": 2, "attachments": [], "next_inode": "8"}').next_inode is None
+    bad = decode_state(b'{"version": 2, "attachments": [{"name": "a", "image": "r", "inode": 1}]}')
+    assert bad.records == () and "inode" in bad.skipped[0]
