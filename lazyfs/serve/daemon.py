@@ -20,6 +20,7 @@ from lazyfs.serve import hydrated, system
 from lazyfs.serve.control import serve_control
 from lazyfs.serve.fusekernel import keeper, takeover
 from lazyfs.serve.fusekernel.exports import IMAGE_NAME, ExportFS
+from lazyfs.serve.fusekernel.protocol import ROOT_ID, notify_inval_entry
 from lazyfs.serve.fusekernel.session import Session
 from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
@@ -28,6 +29,8 @@ from lazyfs.serve.singleton import daemon_lock
 from lazyfs.serve.state import AttachmentRecord, FrontEnd, LoadedState, decode_state, encode_state
 
 log = logging.getLogger("lazyfs.daemon")
+
+FRESH_INODES = 1 << 32  # where a takeover without recorded inode numbers allocates from
 
 
 class Daemon:
@@ -322,7 +325,13 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                     # The kernel knows the exports by the inode numbers and handles the previous
                     # daemon gave: restore them before answering anything, then have the requests
                     # it left unanswered sent again. Until then readers wait; they get no error.
+                    if state.next_inode is None:  # numbers not recorded (an older state file): never alias
+                        fs.skip_inodes_to(FRESH_INODES)
                     await daemon.restore(state)
+                    for rec in state.records:
+                        if rec.inode is None and rec.name in fs.names():
+                            # restored under a new number: drop the kernel's dentry so the next lookup finds it
+                            session.notify(notify_inval_entry(ROOT_ID, rec.name.encode()))
                     session.resend()
                     await nursery.start(_serve_session, session)
                 else:

@@ -157,6 +157,11 @@ class ExportFS:
         """The next inode number ``add`` would allocate (persist it to never reuse one)."""
         return self._next_inode
 
+    def skip_inodes_to(self, inode: int) -> None:
+        """Allocate from *inode* on (at least): after a takeover without a record of the numbers
+        the previous daemon used, fresh numbers must not alias ones the kernel still knows."""
+        self._next_inode = max(self._next_inode, min(inode, _MAX_INODE - 2))
+
     def inode_of(self, name: str) -> int:
         """The directory inode of export *name* (its file is that + 1)."""
         try:

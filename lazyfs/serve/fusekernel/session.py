@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 
 import trio
 
@@ -94,11 +95,18 @@ class Session:
             raise
 
     def notify(self, iov: list) -> None:
-        """Send a notification, never failing the caller (invalidations are best effort)."""
-        try:
-            self.send(iov)
-        except OSError as exc:
-            log.warning("FUSE notification not delivered: %s", exc)
+        """Send a notification from a thread of its own, never failing or blocking the caller.
+
+        An invalidation takes the directory's lock in the kernel, which a request waiting for
+        this very loop may hold: written from the loop's thread, it could deadlock.
+        """
+        def write() -> None:
+            try:
+                self.send(iov)
+            except OSError as exc:
+                log.warning("FUSE notification not delivered: %s", exc)
+
+        threading.Thread(target=write, name="lazyfs-fuse-notify", daemon=True).start()
 
     def resend(self) -> bool:
         """Ask the kernel to send again every request a dead daemon read but never answered.
