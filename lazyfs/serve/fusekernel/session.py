@@ -18,11 +18,13 @@ import errno
 import logging
 import os
 import stat
+import subprocess
 import threading
 
 import trio
 
 from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.serve import hostns
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.exports import ExportFS
 
@@ -54,8 +56,19 @@ def _mount(fd: int, mountpoint: str, fsname: str, subtype: str) -> None:
         raise FuseMountError(f"mount -t fuse.{subtype} {mountpoint}: {os.strerror(code)}")
 
 
+MOUNT_OPTIONS = frozenset({"fsname=lazyfs", "subtype=lazyfs", "allow_other", "default_permissions"})
+
+
 def unmount(mountpoint: str, *, lazy: bool = True) -> None:
-    """Unmount *mountpoint* (lazily by default: files still open keep working until closed)."""
+    """Unmount *mountpoint* (lazily by default: files still open keep working until closed), in
+    the host's mount namespace when lazyfs mounts there (``lazyfs.serve.hostns``)."""
+    namespace = hostns.configured()
+    if namespace is not None:
+        cmd = hostns.command(["umount", *(["-l"] if lazy else []), mountpoint], namespace)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, pass_fds=hostns.pass_fds(namespace))
+        if proc.returncode and "not mounted" not in proc.stderr:
+            raise FuseMountError(f"umount {mountpoint}: {proc.stderr.strip()}")
+        return
     if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
         code = ctypes.get_errno()
         if code not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point (any more)
@@ -218,7 +231,11 @@ async def mount_session(mountpoint: str, fs: ExportFS, *, fsname: str = "lazyfs"
         raise FuseMountError(f"{mountpoint} is not a directory")
     fd = open_device()
     try:
-        _mount(fd, mountpoint, fsname, subtype)
+        namespace = hostns.configured()
+        if namespace is None:
+            _mount(fd, mountpoint, fsname, subtype)
+        else:  # mounted in the host's namespace, where losetup/containerd/qemu see it (docs/daemon.md)
+            await hostns.mount_fuse(fd, mountpoint, MOUNT_OPTIONS, namespace)
         session = Session(fd, p.SessionParams(p.OUR_MINOR, 0, 0, 0, 0, p.MAX_WRITE), fs, mountpoint)
         try:
             with trio.fail_after(30):
