@@ -16,7 +16,7 @@ from lazyfs import cli
 from lazyfs.config import Config
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError
 from lazyfs.fetch.cache import ChunkCache
-from lazyfs.fetch.direct import DirectChunkStore
+from lazyfs.fetch.direct import DirectChunkSource
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.format.oci import parse_manifest
@@ -75,7 +75,7 @@ def test_host_attach_raises_the_integrity_error_itself(layouts, tmp_path):
 def test_a_read_over_several_chunks_raises_the_integrity_error_itself(layouts):
     async def main():
         image, layout = await open_local(layouts["bad-chunk"])
-        device = image.device(DirectChunkStore(DirectoryBackend(layout.path)))
+        device = image.device(DirectChunkSource(DirectoryBackend(layout.path)))
         await device.read(0, 4 * CHUNK)  # four chunks at once: the concurrent path
 
     with pytest.raises(IntegrityError, match="chunk"):

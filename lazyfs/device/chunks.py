@@ -7,7 +7,7 @@ import enum
 
 from lazyfs.format.layer import ChunkLocation
 
-__all__ = ["ChunkLocation", "ChunkStore", "Priority"]
+__all__ = ["ChunkLocation", "ChunkSource", "Priority"]
 
 
 class Priority(enum.IntEnum):
@@ -19,7 +19,7 @@ class Priority(enum.IntEnum):
     BACKGROUND = 3
 
 
-class ChunkStore(abc.ABC):
+class ChunkSource(abc.ABC):
     """Hands out verified raw chunk bytes. Never returns bytes whose blake3 does not match."""
 
     @abc.abstractmethod

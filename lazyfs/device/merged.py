@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from lazyfs.device.blockcache import BlockCache
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.device.index import MergedIndex, Segment
 from lazyfs.device.mapped import copy_mapped
 from lazyfs.device.source import BlockSource, check_write, clamp_read
@@ -40,7 +40,7 @@ class MergedDevice(BlockSource):
     def __init__(
         self,
         layers: Sequence[tuple[LayerMeta, str]],
-        store: ChunkStore,
+        store: ChunkSource,
         writable: WritableLayer | None = None,
         size: int | None = None,
         mapped: Sequence[SpanMap | None] | None = None,

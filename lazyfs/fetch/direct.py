@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import trio
 
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.fetch.backend import Backend
 from lazyfs.format.spanindex import decode_location
 
 
-class DirectChunkStore(ChunkStore):
+class DirectChunkSource(ChunkSource):
     def __init__(self, backend: Backend, limiter: trio.CapacityLimiter | None = None) -> None:
         self.backend = backend
         self._limiter = limiter or trio.CapacityLimiter(4)

@@ -1,6 +1,6 @@
 """The trio fetch executor: cache first, then single-flight, coalesced, prioritised, verified fetches.
 
-``FetchScheduler`` is the ``ChunkStore`` read-only layers use. It runs what the
+``FetchScheduler`` is the ``ChunkSource`` read-only layers use. It runs what the
 planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
 
 * ``get`` answers from the cache (memory, then disk), else joins the one
@@ -42,7 +42,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.errors import AuthError, ConfigError, FetchError, FormatError, IntegrityError, LazyfsError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
@@ -149,7 +149,7 @@ _COUNTERS = (
 )
 
 
-class FetchScheduler(ChunkStore):
+class FetchScheduler(ChunkSource):
     """Verified chunks from a cache over an ordered list of backends.
 
     ``backends`` are tried in order for every blob, unless ``set_backends``

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 import msgpack
 import trio
 
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
 from lazyfs.format.counted import Table, decode_counted_map
@@ -33,7 +33,7 @@ __all__ = [
     "TRACE_VERSION",
     "MAX_TRACE_ENTRIES",
     "TraceRecorder",
-    "RecordingChunkStore",
+    "RecordingChunkSource",
     "encode_trace",
     "decode_trace",
     "replay",
@@ -93,10 +93,10 @@ class TraceRecorder:
         return encode_trace(self._locations)
 
 
-class RecordingChunkStore(ChunkStore):
-    """A ChunkStore that records every demand read into *recorder* before passing it on."""
+class RecordingChunkSource(ChunkSource):
+    """A ChunkSource that records every demand read into *recorder* before passing it on."""
 
-    def __init__(self, inner: ChunkStore, recorder: TraceRecorder) -> None:
+    def __init__(self, inner: ChunkSource, recorder: TraceRecorder) -> None:
         self.inner = inner
         self.recorder = recorder
 

@@ -36,7 +36,7 @@ from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError, TrustError
 from lazyfs.fetch.backend import Backend
-from lazyfs.fetch.direct import DirectChunkStore
+from lazyfs.fetch.direct import DirectChunkSource
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import RegistryBackend, RegistryClient
 from lazyfs.format.digest import chain_ids, sha256_digest
@@ -549,7 +549,7 @@ class Converter:
         top = self.outcomes[-1].layer
         self.progress.note(f"materializing {len(metas)} reused layer(s) to convert the rest")
         started = time.monotonic()
-        await fs.load(metas, DirectChunkStore(backend), top.virtual_size)
+        await fs.load(metas, DirectChunkSource(backend), top.virtual_size)
         self.materialize_seconds = round(time.monotonic() - started, 3)
         return metas
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.config import Config
-from lazyfs.device.chunks import ChunkStore
+from lazyfs.device.chunks import ChunkSource
 from lazyfs.device.merged import MergedDevice
 from lazyfs.device.writable import WritableLayer
 from lazyfs.errors import FetchError, FormatError, IntegrityError, LazyfsError
@@ -51,7 +51,7 @@ class Image:
     def virtual_size(self) -> int:
         return self.manifest.virtual_size
 
-    def device(self, store: ChunkStore, writable: WritableLayer | None = None) -> MergedDevice:
+    def device(self, store: ChunkSource, writable: WritableLayer | None = None) -> MergedDevice:
         return MergedDevice(self.layers, store, writable, size=self.virtual_size, mapped=self.mapped or None)
 
 

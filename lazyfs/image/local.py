@@ -14,7 +14,7 @@ from lazyfs.device.index import MergedIndex
 from lazyfs.device.writable import create_writable, open_writable, writable_base
 from lazyfs.durable import pwrite_all, replace_durably
 from lazyfs.errors import ConfigError, IntegrityError, LazyfsError, NotFoundError
-from lazyfs.fetch.direct import DirectChunkStore
+from lazyfs.fetch.direct import DirectChunkSource
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.format.chunk import decode_chunk
 from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, SELF_BLOB, ZEROED
@@ -122,7 +122,7 @@ async def _diff_over_base(layout: OciLayout, out: LocalRef, raw: str, base: Loca
     if size != image.virtual_size:
         raise ConfigError(f"{raw} is {size} bytes but base image {base} is {image.virtual_size}")
     layer = create_writable(os.path.join(tmp, "diff"), "log", size)
-    store = DirectChunkStore(DirectoryBackend(base_layout.path))
+    store = DirectChunkSource(DirectoryBackend(base_layout.path))
     device = image.device(store)
     try:
         with open(raw, "rb") as f:
@@ -228,7 +228,7 @@ async def verify_image(ref: LocalRef) -> list[str]:
 async def flatten_image(ref: LocalRef, out: str) -> int:
     """Write the merged device to the raw file *out* (sparse where the image has holes)."""
     image, layout = await open_local(ref)
-    device = image.device(DirectChunkStore(DirectoryBackend(layout.path)))
+    device = image.device(DirectChunkSource(DirectoryBackend(layout.path)))
     tmp = f"{out}.partial"
     with open(tmp, "wb") as f:
         f.truncate(image.virtual_size)

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import trio
 
-from lazyfs.device.chunks import ChunkStore
+from lazyfs.device.chunks import ChunkSource
 from lazyfs.device.merged import MergedDevice
 from lazyfs.durable import pwrite_all
 from lazyfs.errors import FormatError, LazyfsError
@@ -124,7 +124,7 @@ class WorkFs:
         self.digests = bytearray(_ZERO_DIGEST * (size // BLOCK_SIZE))
         # mkfs's own blocks belong to the first layer: the digests stay "all zero" until then
 
-    async def load(self, layers: Sequence[tuple[LayerMeta, str]], store: ChunkStore, size: int,
+    async def load(self, layers: Sequence[tuple[LayerMeta, str]], store: ChunkSource, size: int,
                    progress=None, concurrency: int = 8) -> None:
         """Materialize a stack of lazyfs layers as the raw file (the state to convert the next layer over)."""
         device = MergedDevice(layers, store, size=size)

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterable
 import trio
 
 from lazyfs.config import Config
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.device.merged import MergedDevice
 from lazyfs.device.writable import create_writable, open_writable
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, describe
@@ -52,7 +52,7 @@ class _Unrouted(Backend):
         raise NotFoundError(f"blob {blob} belongs to no attached image")
 
 
-class ImageStore(ChunkStore):
+class AttachmentReader(ChunkSource):
     """One attachment's view of the shared scheduler: counts its reads, records its trace, reads ahead."""
 
     def __init__(self, scheduler: FetchScheduler, index, readahead: int) -> None:
@@ -97,7 +97,7 @@ class Attachment:
     ref: str
     opened: OpenedImage
     device: MergedDevice
-    store: ImageStore
+    store: AttachmentReader
     writable_dir: str | None
     opener: ImageOpener  # the registry client this image was opened with (and its traces go through)
     plain_http: tuple[str, ...] = ()  # registries the attach request asked to speak plain HTTP to
@@ -227,7 +227,7 @@ class Host:
                     # never leaves an opened (and flock-ed) layer behind
                     with trio.CancelScope(shield=True):
                         layer = await trio.to_thread.run_sync(self._open_layer, writable_dir, kind, opened)
-                store = ImageStore(self.scheduler, None, self.config.readahead_chunks)
+                store = AttachmentReader(self.scheduler, None, self.config.readahead_chunks)
                 # the merged index is built from every layer's extents: CPU work, off the event loop
                 device = await trio.to_thread.run_sync(opened.image.device, store, layer)
                 if self.flat is not None:

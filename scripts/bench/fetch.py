@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from benchnet import ShapedLink, relay  # noqa: E402
 from lazyfs.config import Config, RegistrySettings  # noqa: E402
 from lazyfs.device.index import MergedIndex  # noqa: E402
-from lazyfs.fetch.direct import DirectChunkStore  # noqa: E402
+from lazyfs.fetch.direct import DirectChunkSource  # noqa: E402
 from lazyfs.fetch.directory import DirectoryBackend  # noqa: E402
 from lazyfs.format.reference import parse_reference  # noqa: E402
 from lazyfs.image.local import create_image, mkfs_from_dir, open_local  # noqa: E402
@@ -231,7 +231,7 @@ async def sequential_read(config: Config, ref: str) -> dict:
 
 async def local_read(ref: LocalRef) -> dict:
     image, layout = await open_local(ref)
-    device = image.device(DirectChunkStore(DirectoryBackend(layout.path)))
+    device = image.device(DirectChunkSource(DirectoryBackend(layout.path)))
     sem = trio.Semaphore(READ_WINDOW)
     started = time.perf_counter()
 

@@ -22,7 +22,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from lazyfs.device.writable import open_writable  # noqa: E402
-from lazyfs.fetch.direct import DirectChunkStore  # noqa: E402
+from lazyfs.fetch.direct import DirectChunkSource  # noqa: E402
 from lazyfs.fetch.directory import DirectoryBackend  # noqa: E402
 from lazyfs.image.local import commit_image, create_image, image_info, mkfs_from_dir, new_writable, open_local  # noqa: E402
 from lazyfs.image.ref import LocalRef  # noqa: E402
@@ -45,7 +45,7 @@ def drop_caches() -> None:
 
 async def read_all(ref: LocalRef) -> int:
     image, layout = await open_local(ref)
-    device = image.device(DirectChunkStore(DirectoryBackend(layout.path)))
+    device = image.device(DirectChunkSource(DirectoryBackend(layout.path)))
     step, total = 4 << 20, 0
     sem = trio.Semaphore(4)
 

@@ -12,7 +12,7 @@ import trio
 from lazyfs.device.merged import MergedDevice
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.fetch.backend import Backend
-from lazyfs.fetch.direct import DirectChunkStore
+from lazyfs.fetch.direct import DirectChunkSource
 from lazyfs.format.builder import BlobBuilder
 from lazyfs.format.chunk import encode_chunk
 from lazyfs.format.layer import parse_blob
@@ -62,7 +62,7 @@ def test_mapped_blocks_read_their_tar_bytes_then_zeros():
     tar, _, spans, meta, backend = _setup(mapped)
 
     async def main():
-        device = MergedDevice([(meta, LAYER)], DirectChunkStore(backend), size=64 * BS, mapped=[spans])
+        device = MergedDevice([(meta, LAYER)], DirectChunkSource(backend), size=64 * BS, mapped=[spans])
         whole = await device.read(0, 64 * BS)
         part = await device.read(11 * BS + 5, 3 * BS)
         return whole, part
@@ -85,7 +85,7 @@ def test_a_span_that_fails_its_digest_is_never_served():
     backend.blobs[SOURCE] = bytes(bad)
 
     async def main():
-        device = MergedDevice([(meta, LAYER)], DirectChunkStore(backend), size=64 * BS, mapped=[spans])
+        device = MergedDevice([(meta, LAYER)], DirectChunkSource(backend), size=64 * BS, mapped=[spans])
         await device.read(4 * BS, BS)
 
     with pytest.raises(IntegrityError):
@@ -95,7 +95,7 @@ def test_a_span_that_fails_its_digest_is_never_served():
 def test_mapped_blocks_may_not_overlap_the_layers_own_extents():
     _, _, spans, meta, backend = _setup((MappedExtent(0, 2, 0, 2 * BS),))
     with pytest.raises(FormatError, match="overlap"):
-        MergedDevice([(meta, LAYER)], DirectChunkStore(backend), size=64 * BS, mapped=[spans])
+        MergedDevice([(meta, LAYER)], DirectChunkSource(backend), size=64 * BS, mapped=[spans])
 
 
 def test_an_upper_layer_cuts_a_mapped_extent_and_the_rest_keeps_its_tar_offsets():
@@ -114,7 +114,7 @@ def test_an_upper_layer_cuts_a_mapped_extent_and_the_rest_keeps_its_tar_offsets(
     backend.blobs[top] = top_blob
 
     async def main():
-        device = MergedDevice([(bottom_meta, LAYER), (top_meta, top)], DirectChunkStore(backend), size=64 * BS,
+        device = MergedDevice([(bottom_meta, LAYER), (top_meta, top)], DirectChunkSource(backend), size=64 * BS,
                               mapped=[spans, None])
         return await device.read(0, 16 * BS)
 

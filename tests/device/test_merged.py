@@ -10,7 +10,7 @@ from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.layer import BLOCK_SIZE
 from tests.support.conformance import check_source
 from tests.support.layers import MemoryBackend, build_blob, make_stack
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 from tests.support.layers import STACK_SIZE as SIZE
 
@@ -19,7 +19,7 @@ from tests.support.layers import STACK_SIZE as SIZE
 def test_read_only_stack_conformance(seed):
     async def make():
         layers, backend, model = make_stack(seed)
-        return MergedDevice(layers, CountingStore(backend)), bytes(model)
+        return MergedDevice(layers, CountingSource(backend)), bytes(model)
 
     trio.run(check_source, make, seed)
 
@@ -30,7 +30,7 @@ def test_writable_stack_conformance(tmp_path, kind, seed):
     async def make():
         layers, backend, model = make_stack(seed)
         writable = create_writable(str(tmp_path / f"w{seed}"), kind, SIZE)
-        return MergedDevice(layers, CountingStore(backend), writable), bytes(model)
+        return MergedDevice(layers, CountingSource(backend), writable), bytes(model)
 
     trio.run(check_source, make, seed)
 
@@ -38,7 +38,7 @@ def test_writable_stack_conformance(tmp_path, kind, seed):
 def test_read_fetches_only_needed_chunks():
     data = bytes(range(256)) * (8 * BLOCK_SIZE // 256)
     blob, digest, meta = build_blob(SIZE, [(0, data), (40, data)], chunk_size=4 * BLOCK_SIZE)
-    store = CountingStore(MemoryBackend({digest: blob}))
+    store = CountingSource(MemoryBackend({digest: blob}))
     dev = MergedDevice([(meta, digest)], store)
     assert trio.run(dev.read, 41 * BLOCK_SIZE + 5, 10) == data[BLOCK_SIZE + 5 : BLOCK_SIZE + 15]
     assert len(store.gets) == 1
@@ -50,7 +50,7 @@ def test_corrupt_chunk_raises_integrity_error():
     blob, digest, meta = build_blob(SIZE, [(0, b"x" * BLOCK_SIZE * 3)], chunk_size=4 * BLOCK_SIZE)
     bad = bytearray(blob)
     bad[meta.chunks[0].offset] ^= 1
-    dev = MergedDevice([(meta, digest)], CountingStore(MemoryBackend({digest: bytes(bad)})))
+    dev = MergedDevice([(meta, digest)], CountingSource(MemoryBackend({digest: bytes(bad)})))
     with pytest.raises(IntegrityError):
         trio.run(dev.read, 0, 100)
 
@@ -58,12 +58,12 @@ def test_corrupt_chunk_raises_integrity_error():
 def test_too_many_layers_rejected():
     blob, digest, meta = build_blob(SIZE, [(0, b"x" * BLOCK_SIZE)])
     with pytest.raises(FormatError):
-        MergedDevice([(meta, digest)] * (MAX_LAYERS + 1), CountingStore(MemoryBackend({digest: blob})))
+        MergedDevice([(meta, digest)] * (MAX_LAYERS + 1), CountingSource(MemoryBackend({digest: blob})))
 
 
 @given(st.integers(0, 10_000), st.integers(1, 8))
 @settings(max_examples=40, deadline=None)
 def test_stacks_read_like_the_model(seed, nlayers):
     layers, backend, model = make_stack(seed, nlayers)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     assert trio.run(dev.read, 0, SIZE) == model

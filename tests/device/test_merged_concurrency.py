@@ -16,13 +16,13 @@ from lazyfs.device.merged import MergedDevice
 from lazyfs.device.writable import create_writable
 from lazyfs.format.layer import BLOCK_SIZE as BS
 from tests.support.layers import MemoryBackend, build_blob
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 SIZE = 64 * BS
 DEADLINE = 15.0  # stands in for the fetch deadline; only a broken guarantee ever waits for it
 
 
-class GatedStore(CountingStore):
+class GatedSource(CountingSource):
     """Holds every get of chunk *gated* until ``release`` is set (or DEADLINE passes)."""
 
     def __init__(self, backend, gated: bytes) -> None:
@@ -42,7 +42,7 @@ def _device(tmp_path, name="w"):
     blob, digest, meta = build_blob(SIZE, [(0, b"\x01" * 4 * BS), (32, b"\x02" * 4 * BS)], chunk_size=16 * 1024)
     backend = MemoryBackend({digest: blob})
     first = next(loc for loc in meta.locations(digest))
-    store = GatedStore(backend, first.digest)
+    store = GatedSource(backend, first.digest)
     layer = create_writable(str(tmp_path / name), "sparse", SIZE)
     return MergedDevice([(meta, digest)], store, layer), store
 

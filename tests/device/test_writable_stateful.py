@@ -13,7 +13,7 @@ from lazyfs.device.writable import create_writable, open_writable
 from lazyfs.format.layer import BLOCK_SIZE
 from lazyfs.image.build import layer_from_writable
 from lazyfs.image.layout import OciLayout
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 from tests.device.test_merged import SIZE, make_stack
 
@@ -35,7 +35,7 @@ class StackMachine(RuleBasedStateMachine):
         self.generation += 1
         self.wdir = os.path.join(self.tmp, f"w{self.generation}")
         self.writable = create_writable(self.wdir, self.kind, SIZE)
-        self.dev = MergedDevice(self.layers, CountingStore(self.backend), self.writable)
+        self.dev = MergedDevice(self.layers, CountingSource(self.backend), self.writable)
 
     def teardown(self):
         if hasattr(self, "writable"):
@@ -64,7 +64,7 @@ class StackMachine(RuleBasedStateMachine):
         trio.run(self.dev.flush)
         self.writable.close()
         self.writable = open_writable(self.wdir)
-        self.dev = MergedDevice(self.layers, CountingStore(self.backend), self.writable)
+        self.dev = MergedDevice(self.layers, CountingSource(self.backend), self.writable)
 
     @precondition(lambda self: len(self.layers) < 12)
     @rule()

@@ -9,7 +9,7 @@ import stat
 import pytest
 import trio
 
-from lazyfs.device.chunks import ChunkStore, Priority
+from lazyfs.device.chunks import ChunkSource, Priority
 from lazyfs.device.merged import MergedDevice
 from lazyfs.errors import FetchError
 from lazyfs.fetch.flatfile import FlatCache, LayerFlats
@@ -17,10 +17,10 @@ from lazyfs.fetch.flatmap import HASH_LEN, BlockMap, block_hashes, encode_clear,
 from lazyfs.format.layer import BLOCK_SIZE
 from tests.support.conformance import check_source
 from tests.support.layers import STACK_SIZE, make_stack
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 
-class NoStore(ChunkStore):
+class NoSource(ChunkSource):
     """A chunk store that must not be asked: every read has to come from the flat files."""
 
     async def get(self, loc, priority=Priority.DEMAND):
@@ -35,7 +35,7 @@ async def _device(root, layers, store, **kw) -> tuple[MergedDevice, FlatCache]:
 
 
 async def _hydrate(root, layers, backend) -> None:
-    dev, cache = await _device(root, layers, CountingStore(backend))
+    dev, cache = await _device(root, layers, CountingSource(backend))
     await dev.read(0, STACK_SIZE)
     await dev.aclose()
     await cache.aclose()
@@ -77,7 +77,7 @@ def test_flat_read_path_conforms_to_the_merged_device(tmp_path, seed):
     trio.run(_hydrate, tmp_path / "flat", layers, backend)
 
     async def make():
-        dev, _ = await _device(tmp_path / "flat", layers, NoStore())
+        dev, _ = await _device(tmp_path / "flat", layers, NoSource())
         return dev, bytes(model)
 
     trio.run(check_source, make, seed)
@@ -89,7 +89,7 @@ def test_partly_cached_reads_conform(tmp_path, seed):
     layers, backend, model = make_stack(seed + 10)
 
     async def make():
-        dev, _ = await _device(tmp_path / "flat", layers, CountingStore(backend))
+        dev, _ = await _device(tmp_path / "flat", layers, CountingSource(backend))
         return dev, bytes(model)
 
     trio.run(check_source, make, seed)
@@ -101,7 +101,7 @@ def test_a_warm_read_is_one_flat_read_and_no_chunk_get(tmp_path):
 
     async def main():
         await _hydrate(tmp_path / "flat", layers, backend)
-        store = CountingStore(backend)
+        store = CountingSource(backend)
         dev, cache = await _device(tmp_path / "flat", layers, store)
         seg = dev.index.segments[0]
         got = await dev.read(seg.start * BLOCK_SIZE, (seg.end - seg.start) * BLOCK_SIZE)
@@ -137,7 +137,7 @@ def test_a_byte_tampered_on_disk_is_caught_and_the_chunk_fetched_again(tmp_path)
     """
     layers, backend, model = make_stack(5, nlayers=1)
     trio.run(_hydrate, tmp_path / "flat", layers, backend)
-    seg = next(s for s in MergedDevice(layers, NoStore()).index.segments
+    seg = next(s for s in MergedDevice(layers, NoSource()).index.segments
                if any(model[s.start * BLOCK_SIZE : s.end * BLOCK_SIZE]))
     (data,) = [p for p in (tmp_path / "flat").iterdir() if p.suffix == ".data"]
     pos = seg.start * BLOCK_SIZE + 100
@@ -148,7 +148,7 @@ def test_a_byte_tampered_on_disk_is_caught_and_the_chunk_fetched_again(tmp_path)
         f.write(bytes([old[0] ^ 0xFF]))
 
     async def main():
-        store = CountingStore(backend)
+        store = CountingSource(backend)
         dev, cache = await _device(tmp_path / "flat", layers, store)
         assert await dev.read(pos - 100, BLOCK_SIZE) == model[pos - 100 : pos - 100 + BLOCK_SIZE]
         assert cache.statistics()["tampered"] == 1 and len(store.gets) == 1  # refetched
@@ -171,11 +171,11 @@ def test_blocks_written_but_not_persisted_are_not_trusted_after_a_crash(tmp_path
     layers, backend, model = make_stack(6, nlayers=1)
 
     async def main():
-        dev, cache = await _device(tmp_path / "flat", layers, CountingStore(backend), persist_interval=3600)
+        dev, cache = await _device(tmp_path / "flat", layers, CountingSource(backend), persist_interval=3600)
         assert await dev.read(0, STACK_SIZE) == model
         for f in dev.block_cache.files:  # the process dies: no persist, no close
             f.close()
-        store = CountingStore(backend)
+        store = CountingSource(backend)
         dev2, cache2 = await _device(tmp_path / "flat", layers, store)
         assert cache2.statistics()["blocks"] == 0
         assert await dev2.read(0, STACK_SIZE) == model
@@ -196,13 +196,13 @@ def test_over_budget_whole_unused_layer_files_go_least_recently_used_first(tmp_p
         cache = await FlatCache.load(tmp_path / "flat", 1 << 30)
         sizes = []
         for layers, backend, _ in stacks:
-            dev = MergedDevice(layers, CountingStore(backend))
+            dev = MergedDevice(layers, CountingSource(backend))
             dev.block_cache = await LayerFlats.open(cache, layers)
             await dev.read(0, STACK_SIZE)
             sizes.append(dev.block_cache.files[0].map.count * BLOCK_SIZE)
             await dev.aclose()
         # use the first again: the second is now the least recently used
-        dev = MergedDevice(stacks[0][0], NoStore())
+        dev = MergedDevice(stacks[0][0], NoSource())
         dev.block_cache = await LayerFlats.open(cache, stacks[0][0])
         await dev.read(0, STACK_SIZE)
         cache.max_bytes = sizes[0] + sizes[2]
@@ -243,14 +243,14 @@ def test_a_chunk_another_layer_holds_is_copied_from_its_flat_file_not_fetched(tm
     async def main(tamper: bool):
         root = tmp_path / ("t" if tamper else "c")
         cache = await FlatCache.load(root, 1 << 30)
-        dev1 = MergedDevice([(meta1, d1)], CountingStore(backend))
+        dev1 = MergedDevice([(meta1, d1)], CountingSource(backend))
         dev1.block_cache = await LayerFlats.open(cache, [(meta1, d1)])
         assert await dev1.read(0, 8 * BLOCK_SIZE) == shared
         if tamper:
             with open(root / f"{d1.split(':')[1]}.data", "r+b") as f:
                 f.seek(5 * BLOCK_SIZE)
                 f.write(b"!")
-        store = CountingStore(backend)
+        store = CountingSource(backend)
         dev2 = MergedDevice([(meta2, d2)], store)
         dev2.block_cache = await LayerFlats.open(cache, [(meta2, d2)])
         assert await dev2.read(40 * BLOCK_SIZE, 8 * BLOCK_SIZE) == shared

@@ -25,7 +25,7 @@ from lazyfs.fetch.flatfile import FlatCache, FlatFile, LayerFlats
 from lazyfs.format.layer import BLOCK_SIZE
 from tests.support.faultfs import FaultFs
 from tests.support.layers import STACK_SIZE, make_stack
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -39,7 +39,7 @@ def faultfs(tmp_path_factory):
 def _generation(root: str, layers, backend) -> None:
     async def main():
         cache = await FlatCache.load(root, 1 << 30)
-        dev = MergedDevice(layers, CountingStore(backend))
+        dev = MergedDevice(layers, CountingSource(backend))
         dev.block_cache = await LayerFlats.open(cache, layers)
         half = STACK_SIZE // 2 // BLOCK_SIZE * BLOCK_SIZE
         await dev.read(0, half)

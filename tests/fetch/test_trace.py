@@ -17,7 +17,7 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
-from lazyfs.fetch.trace import RecordingChunkStore, TraceRecorder, decode_trace, encode_trace, replay
+from lazyfs.fetch.trace import RecordingChunkSource, TraceRecorder, decode_trace, encode_trace, replay
 from lazyfs.format.chunk import MAX_CHUNK_SIZE
 from tests.support.layers import write_frames_blob
 
@@ -153,11 +153,11 @@ def test_record_then_replay_turns_later_reads_into_hits(tmp_path):
 
     async def main():
         with trio.fail_after(60):
-            # First boot: record what the reader touches (through the ChunkStore wrapper).
+            # First boot: record what the reader touches (through the ChunkSource wrapper).
             first = CountingBackend(DirectoryBackend(tmp_path / "oci"))
             recorder = TraceRecorder()
             async with FetchScheduler.open([first], ChunkCache(tmp_path / "host1", 1 << 30)) as sched:
-                store = RecordingChunkStore(sched, recorder)
+                store = RecordingChunkSource(sched, recorder)
                 for loc in startup:
                     assert await store.get(loc) == raws[locs.index(loc)]
                 await store.get(locs[20], Priority.READAHEAD)  # not a demand read: not traced

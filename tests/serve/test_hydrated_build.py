@@ -11,7 +11,7 @@ from lazyfs.errors import IntegrityError
 from lazyfs.serve import hydrated
 from tests.device.test_merged import SIZE, make_stack
 from tests.support.layers import MemoryBackend, build_blob
-from tests.support.stores import CountingStore
+from tests.support.sources import CountingSource
 
 MANIFEST = "sha256:" + "ab" * 32
 
@@ -22,7 +22,7 @@ def test_hydrated_file_is_the_merged_device(tmp_path, seed):
     (ZEROED) blocks included; the file is 0600 and published under its final name.
     (Break-checked: ignoring seg.chunk_block when slicing the chunk makes it fail.)"""
     layers, backend, model = make_stack(seed)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     built = trio.run(hydrated.build, dev, dev.store, str(tmp_path), MANIFEST)
     assert built.path == hydrated.path_for(str(tmp_path), MANIFEST)
     with open(built.path, "rb") as f:
@@ -35,7 +35,7 @@ def test_hydrated_file_is_the_merged_device(tmp_path, seed):
 
 def test_a_file_of_another_size_is_never_served(tmp_path):
     layers, backend, _ = make_stack(1)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     built = trio.run(hydrated.build, dev, dev.store, str(tmp_path), MANIFEST)
     assert hydrated.existing(str(tmp_path), MANIFEST, SIZE + 4096) is None
     os.truncate(built.path, SIZE - 4096)
@@ -47,7 +47,7 @@ def test_a_bad_chunk_leaves_no_file(tmp_path):
     blob, digest, meta = build_blob(SIZE, [(0, b"x" * 4096 * 3)], chunk_size=4 * 4096)
     bad = bytearray(blob)
     bad[meta.chunks[0].offset] ^= 1
-    dev = MergedDevice([(meta, digest)], CountingStore(MemoryBackend({digest: bytes(bad)})))
+    dev = MergedDevice([(meta, digest)], CountingSource(MemoryBackend({digest: bytes(bad)})))
     with pytest.raises(IntegrityError):
         trio.run(hydrated.build, dev, dev.store, str(tmp_path), MANIFEST)
     assert os.listdir(hydrated.directory(str(tmp_path))) == []
@@ -83,7 +83,7 @@ def test_the_daemon_check_hydrates_an_image_once_it_became_fully_local(tmp_path)
     from lazyfs.format.chunk import decode_chunk
 
     layers, backend, model = make_stack(3)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
     att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
@@ -118,7 +118,7 @@ def test_the_control_operation_reports_missing_chunks_then_builds(tmp_path):
     from lazyfs.format.chunk import decode_chunk
 
     layers, backend, model = make_stack(4)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
     att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
@@ -148,7 +148,7 @@ def test_no_file_past_the_budget(tmp_path):
     from lazyfs.format.chunk import decode_chunk
 
     layers, backend, _ = make_stack(5)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
     att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
 
@@ -173,7 +173,7 @@ def test_build_locks_are_dropped_once_unused(tmp_path):
     from lazyfs.format.chunk import decode_chunk
 
     layers, backend, _ = make_stack(4)
-    dev = MergedDevice(layers, CountingStore(backend))
+    dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
     host = _Host(config=Config(cache_root=str(tmp_path), hydrated_max_bytes=1 << 30), cache=cache, attachments={})
 

@@ -26,7 +26,7 @@ from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve.host import Host, _Unrouted
 from lazyfs.serve.snapshotter.core import Snapshotter
 from lazyfs.serve.snapshotter.lazy import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
-from lazyfs.serve.snapshotter.store import LAZYFS
+from lazyfs.serve.snapshotter.table import LAZYFS
 from tests.support.proxy import FaultProxy
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow]
@@ -119,7 +119,7 @@ def test_reads_of_another_image_are_not_held_by_a_stalled_fetch(images, proxy, t
     same registry client and scheduler) is read whole, and a third image attaches.
 
     Broken on purpose once: with one host-wide trio.Lock taken around every chunk fetch in
-    ``ImageStore.get``, B's reads waited for A's and the order was ["a", "b"].
+    ``AttachmentReader.get``, B's reads waited for A's and the order was ["a", "b"].
     """
     async def main():
         async with Host.open(_config(tmp_path, proxy)) as host:

@@ -37,7 +37,7 @@ from lazyfs.serve.snapshotter.lazy import (
 from lazyfs.serve.snapshotter.portal import TrioPortal
 from lazyfs.serve.snapshotter.locks import KeyedLocks
 from lazyfs.serve.snapshotter.overlay import Mount, disk_usage, move_tree, overlay_mounts, remove_tree
-from lazyfs.serve.snapshotter.store import (
+from lazyfs.serve.snapshotter.table import (
     ACTIVE,
     BLOCK,
     COMMITTED,
@@ -46,7 +46,7 @@ from lazyfs.serve.snapshotter.store import (
     ON_WRITABLE,
     OVERLAY,
     VIEW,
-    MetaStore,
+    SnapshotTable,
     Snapshot,
 )
 
@@ -66,7 +66,7 @@ class Snapshotter:
         for d in (self.root, os.path.join(self.root, "snapshots"), os.path.join(self.root, "mnt"),
                   os.path.join(self.root, "images"), os.path.join(self.writable_root, "snapshots")):
             os.makedirs(d, mode=0o711, exist_ok=True)
-        self.store = MetaStore(os.path.join(self.root, "metadata.db"))
+        self.store = SnapshotTable(os.path.join(self.root, "metadata.db"))
         # one trio loop and one registry client for the process; gRPC threads enter it
         self.portal = TrioPortal(config, name="snapshotter-trio")
         self.images = LazyImages(config, os.path.join(self.root, "images"), self.portal)

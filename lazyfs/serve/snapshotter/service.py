@@ -21,7 +21,7 @@ from lazyfs.nursery import single_error
 from lazyfs.serve import system
 from lazyfs.serve.snapshotter import api
 from lazyfs.serve.snapshotter.core import Snapshotter
-from lazyfs.serve.snapshotter.store import ACTIVE, COMMITTED, VIEW, Snapshot
+from lazyfs.serve.snapshotter.table import ACTIVE, COMMITTED, VIEW, Snapshot
 
 log = logging.getLogger("lazyfs.snapshotter")
 DEFAULT_ADDRESS = "/run/lazyfs/snapshotter.sock"

@@ -22,7 +22,7 @@ from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.snapshotter.core import Snapshotter
 from lazyfs.serve.snapshotter.lazy import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
-from lazyfs.serve.snapshotter.store import ACTIVE, COMMITTED, LAZYFS
+from lazyfs.serve.snapshotter.table import ACTIVE, COMMITTED, LAZYFS
 from tests.support.registry import registry_fixture
 from tests.image.test_local import make_busybox_tree
 

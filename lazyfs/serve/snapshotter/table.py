@@ -73,7 +73,7 @@ def _row(r: tuple) -> Snapshot:
     return Snapshot(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], usage, json.loads(r[12]))
 
 
-class MetaStore:
+class SnapshotTable:
     """The snapshot table. Every method is atomic; `transaction` groups several."""
 
     def __init__(self, path: str) -> None:
@@ -104,7 +104,7 @@ class MetaStore:
             yield
 
     @contextmanager
-    def transaction(self) -> Iterator["MetaStore"]:
+    def transaction(self) -> Iterator["SnapshotTable"]:
         """All changes inside commit together or not at all (nested uses join the outer one)."""
         if getattr(self._local, "depth", 0):
             self._local.depth += 1

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from lazyfs.device.chunks import ChunkLocation, ChunkStore, Priority
+from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.fetch.backend import Backend
 from lazyfs.format.chunk import decode_chunk
 
 
-class CountingStore(ChunkStore):
+class CountingSource(ChunkSource):
     """Reads every frame from *backend* and verifies it; records each get."""
 
     def __init__(self, backend: Backend) -> None:

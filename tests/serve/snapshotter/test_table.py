@@ -9,13 +9,13 @@ import time
 import pytest
 
 from lazyfs.errors import AlreadyExistsError, BusyError, ConfigError, NotFoundError
-from lazyfs.serve.snapshotter.store import ACTIVE, COMMITTED, ON_CACHE, VIEW, MetaStore
+from lazyfs.serve.snapshotter.table import ACTIVE, COMMITTED, ON_CACHE, VIEW, SnapshotTable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def test_lifecycle_and_errors(tmp_path):
-    db = MetaStore(str(tmp_path / "m.db"))
+    db = SnapshotTable(str(tmp_path / "m.db"))
     a = db.create("a", "", ACTIVE, {"x": "1"})
     assert (a.kind, a.parent, a.labels, a.created == a.updated) == (ACTIVE, "", {"x": "1"}, True)
     with pytest.raises(AlreadyExistsError):
@@ -42,7 +42,7 @@ def test_lifecycle_and_errors(tmp_path):
 
 def test_transaction_is_all_or_nothing_and_survives_reopening(tmp_path):
     path = str(tmp_path / "m.db")
-    db = MetaStore(path)
+    db = SnapshotTable(path)
     with pytest.raises(RuntimeError):
         with db.transaction():
             db.create("kept-only-if-committed", "", ACTIVE, {})
@@ -54,15 +54,15 @@ def test_transaction_is_all_or_nothing_and_survives_reopening(tmp_path):
     db.create("kid", "parent", ACTIVE, {})
     db.set_labels("kid", {"new": "label"})
     db.close()
-    reopened = MetaStore(path)
+    reopened = SnapshotTable(path)
     kid = reopened.get("kid")
     assert (kid.parent, kid.labels, kid.updated > kid.created) == ("parent", {"new": "label"}, True)
 
 
 WRITER = """
 import sys
-from lazyfs.serve.snapshotter.store import ACTIVE, ON_CACHE, MetaStore
-db = MetaStore(sys.argv[1])
+from lazyfs.serve.snapshotter.table import ACTIVE, ON_CACHE, SnapshotTable
+db = SnapshotTable(sys.argv[1])
 print("ready", flush=True)
 i = 0
 while True:
@@ -84,7 +84,7 @@ def test_kill_9_mid_write_leaves_a_consistent_table(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    db = MetaStore(path)
+    db = SnapshotTable(path)
     assert db._db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     snaps = db.all()
     assert snaps, "the writer committed nothing"
