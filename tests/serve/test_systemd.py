@@ -37,7 +37,7 @@ L={lazyfs}
 say() {{ echo "RESULT $*"; }}
 mkdir -p /etc/lazyfs /srv /mnt/rw
 # the guest's disk is a 2 GiB tmpfs: keep the chunk cache's reserve below it
-echo '{{"trace_record_seconds": 0, "cache_size": 268435456}}' > /etc/lazyfs/config.json
+echo '{{"trace_record_seconds": 0, "cache_size": 268435456, "flat_cache_size": 268435456}}' > /etc/lazyfs/config.json
 systemctl start lazyfs.service || {{ systemctl status lazyfs --no-pager; journalctl -u lazyfs --no-pager; exit 1; }}
 i=0; while [ ! -S /run/lazyfs/lazyfs.sock ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
 PID=$(systemctl show -p MainPID --value lazyfs)
