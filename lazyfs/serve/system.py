@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -64,12 +65,32 @@ async def run(cmd: Sequence[str], *, timeout: float = 60.0, stdin: bytes = b"", 
         raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
     except OSError as exc:  # the program itself is missing or not executable
         raise CommandError(cmd, None, str(exc)) from exc
-    stderr = done.stderr.decode(errors="replace")
-    if done.returncode != 0:
-        if "busy" in stderr.lower():
-            raise BusyError(f"{' '.join(cmd)}: {stderr.strip()}")
-        raise CommandError(cmd, done.returncode, stderr, done.stdout.decode(errors="replace"))
-    return done.stdout.decode(errors="replace")
+    return _result(cmd, done.returncode, done.stdout, done.stderr)
+
+
+def _result(cmd: list[str], returncode: int, stdout: bytes, stderr: bytes) -> str:
+    err = stderr.decode(errors="replace")
+    if returncode != 0:
+        if "busy" in err.lower():
+            raise BusyError(f"{' '.join(cmd)}: {err.strip()}")
+        raise CommandError(cmd, returncode, err, stdout.decode(errors="replace"))
+    return stdout.decode(errors="replace")
+
+
+def run_blocking(cmd: Sequence[str], *, timeout: float = 60.0, pass_fds: Sequence[int] = ()) -> str:
+    """:func:`run` for a worker thread outside trio (the snapshotter's gRPC handlers): same errors.
+
+    Never call it from a trio thread: it blocks until the command ends.
+    """
+    cmd = [os.fspath(c) for c in cmd]
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, timeout=timeout,
+                              env={**os.environ, "LC_ALL": "C"}, pass_fds=tuple(pass_fds))
+    except subprocess.TimeoutExpired:
+        raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
+    except OSError as exc:
+        raise CommandError(cmd, None, str(exc)) from exc
+    return _result(cmd, done.returncode, done.stdout, done.stderr)
 
 
 # -- loop devices ---------------------------------------------------------------
@@ -127,8 +148,13 @@ async def losetup_attach(
 
 
 async def losetup_detach(dev: str, *, timeout: float = 60.0) -> None:
-    """Detach loop device *dev* (the kernel finishes it once nothing holds it open)."""
-    await run(["losetup", "-d", dev], timeout=timeout)
+    """Detach loop device *dev* (the kernel finishes it once nothing holds it open).
+
+    Run where :func:`losetup_attach` ran (the host's namespace, if configured), like every
+    losetup/mount/umount of lazyfs.
+    """
+    ns = hostns.configured()
+    await run(hostns.command(["losetup", "-d", dev], ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
 async def find_loop_devices(backing_file: str | os.PathLike) -> list[str]:
@@ -187,11 +213,22 @@ async def mount(
     await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
 
 
-async def umount(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
-    """Unmount *target* (BusyError if in use, unless *lazy*)."""
-    cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(target)]
+def _umount_command(target: str | os.PathLike, lazy: bool) -> tuple[list[str], tuple[int, ...]]:
     ns = hostns.configured()
-    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
+    cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(target)]
+    return hostns.command(cmd, ns), hostns.pass_fds(ns)
+
+
+async def umount(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
+    """Unmount *target* (BusyError if in use, unless *lazy*), in the host's namespace if configured."""
+    cmd, fds = _umount_command(target, lazy)
+    await run(cmd, timeout=timeout, pass_fds=fds)
+
+
+def umount_blocking(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
+    """:func:`umount` for a worker thread outside trio (see :func:`run_blocking`)."""
+    cmd, fds = _umount_command(target, lazy)
+    run_blocking(cmd, timeout=timeout, pass_fds=fds)
 
 
 # -- /proc/self/mountinfo -----------------------------------------------------------
@@ -312,5 +349,5 @@ def private_dir(path: str | os.PathLike) -> str:
 __all__ = [
     "CommandError", "MountEntry", "READAHEAD_SECTORS", "find_loop_devices", "fuse_abort", "is_mountpoint",
     "loop_direct_io", "losetup_attach", "losetup_detach", "mkfs_ext4", "mount", "mounts", "parse_mountinfo",
-    "private_dir", "run", "umount",
+    "private_dir", "run", "run_blocking", "umount", "umount_blocking",
 ]

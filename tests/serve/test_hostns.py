@@ -249,3 +249,38 @@ def test_serve_through_a_stored_namespace_fd(tmp_path, monkeypatch):
         trio.run(main)
     finally:
         os.close(ns_fd)
+
+
+def test_snapshotter_remove_tree_unmounts_in_the_host_namespace(tmp_path):
+    """The snapshotter's remove_tree, run in a private mount namespace with $LAZYFS_MOUNT_NAMESPACE
+    naming the host's, unmounts what is mounted below the tree in the host's namespace (where the
+    snapshotter mounted it, and where containerd sees it), then removes the tree.
+
+    As under systemd, the private namespace is a slave of the host's (host umounts reach it) and
+    the tree is on a shared mount (systemd makes / shared; this test's host may not).
+
+    Break-test (done once): with remove_tree calling a plain ``umount -l`` again (not through
+    lazyfs.serve.system), the umount only reaches the private namespace's copy, the host still
+    has the mount, and remove_tree refuses ("still has mounts below it"): this test goes red.
+    """
+    if subprocess.run(["unshare", "--help"], capture_output=True).returncode != 0:
+        pytest.skip("unshare (util-linux) is not installed")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        tree = shared / "snapshot"
+        mnt = tree / "fs" / "mnt"
+        mnt.mkdir(parents=True)
+        (tree / "fs" / "file").write_text("x")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+        env = {**os.environ, hostns.ENV: f"/proc/{os.getpid()}/ns/mnt"}
+        code = "import sys; from lazyfs.serve.snapshotter.overlay import remove_tree; remove_tree(sys.argv[1])"
+        done = subprocess.run(["unshare", "--mount", "--propagation", "slave", sys.executable, "-c", code,
+                               str(tree)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert not system.is_mountpoint(mnt)
+        assert not tree.exists()
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(shared)], check=False)

@@ -99,9 +99,11 @@ def remove_tree(path: str) -> None:
     mounted = sorted({m.mountpoint for m in system.mounts() if m.mountpoint == prefix or
                       m.mountpoint.startswith(prefix + "/")}, key=len, reverse=True)
     for target in mounted:
-        done = subprocess.run(["umount", "-l", target], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            log.warning("umount -l %s: %s", target, done.stderr.strip())
+        try:
+            # through system: in the host's namespace, where they were mounted (lazyfs.serve.hostns)
+            system.umount_blocking(target, lazy=True)
+        except LazyfsError as exc:
+            log.warning("%s", exc)
     if any(m.mountpoint == prefix or m.mountpoint.startswith(prefix + "/") for m in system.mounts()):
         raise LazyfsError(f"{path} still has mounts below it; not removing it")
     if os.path.isdir(path) and not os.path.islink(path):
