@@ -103,7 +103,7 @@ L={lazyfs}
 say() {{ echo "RESULT $*"; }}
 mkdir -p /etc/lazyfs /srv /mnt/rw
 # /etc/lazyfs/config.json comes with the initrd (the guest's disk is a 2 GiB tmpfs: the chunk
-# cache's reserve stays below it and the flat cache is off; the registry runs in the guest, its storage filled on the host)
+# cache's and the flat cache's reserves stay below it; the registry runs in the guest, its storage filled on the host)
 /usr/bin/docker-registry serve /srv/registry.json >/srv/registry.log 2>&1 &
 systemctl start lazyfs.service || {{ systemctl status lazyfs --no-pager; journalctl -u lazyfs --no-pager; exit 1; }}
 i=0; while [ ! -S /run/lazyfs/lazyfs.sock ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done
@@ -183,7 +183,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
     # the same image in the host's registry, for the snapshotter; its storage goes into the guest's
     ref = f"{registry.registry}/guest/hello:v1"
     cfg = {"registries": [{"host": registry.registry, "plain_http": True}], "trace_record_seconds": 0,
-           "cache_size": 268435456, "flat_cache_size": 0}
+           "cache_size": 268435456, "flat_cache_size": 268435456}
     (tmp_path / "push.json").write_text(json.dumps(cfg))
 
     async def push():
