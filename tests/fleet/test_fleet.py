@@ -56,7 +56,10 @@ def test_eight_hosts_in_two_racks_cost_the_origin_one_copy_per_rack(image):
             stats = fleet.host_stats(host)
             assert stats["fetch_errors"] == 0 and stats["integrity_failures"] == 0, (host.name, stats)
         traffic = fleet.traffic()
-        assert traffic["origin_blob_bytes"] <= 2 * image.compressed_bytes, traffic
+        # one copy of the layer blobs per rack, plus the small image config each rack also fetches
+        # once (hosts keep it with their cached metadata: docs/daemon.md, "Offline life")
+        config_allowance = 4096
+        assert traffic["origin_blob_bytes"] <= 2 * (image.compressed_bytes + config_allowance), traffic
         for rack in traffic["racks"]:  # and what a rack took from the origin is at most one copy (plus headers)
             assert rack["fetched_bytes"] <= image.compressed_bytes * 1.02, rack
 
