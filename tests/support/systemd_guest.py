@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +46,10 @@ mount -t overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work overlay /
 # (a minute and more on a busy host)
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
+# ...except the checkout and its venv when they live there (a CI clone under /tmp): bound back in
+while read -r d; do
+    mkdir -p "/newroot$d" && mount -o bind "/host$d" "/newroot$d" || fail "bind $d"
+done < /lazyfs/binds
 cp -a /lazyfs/root/. /newroot/ || fail "copy files"
 find /newroot/etc/systemd/system -type f -exec chmod 0644 {{}} +
 mount --move /dev /newroot/dev
@@ -84,6 +89,17 @@ exit 0
 """
 
 
+def hidden_host_dirs() -> list[str]:
+    """The checkout and the venv the guest must run, where they sit under /tmp or /var/tmp (which
+    the guest replaces with empty tmpfs)."""
+    repo = Path(__file__).resolve().parents[2]
+    out = []
+    for d in (os.fspath(repo), os.path.realpath(sys.prefix)):
+        if d.startswith(("/tmp/", "/var/tmp/")) and not any(d == o or d.startswith(o + "/") for o in out):
+            out.append(d)
+    return out
+
+
 def systemd_files(script: str, units: Mapping[str, str], files: Mapping[str, bytes] | None = None) -> dict[str, bytes]:
     """The initrd members that become the guest root's extra files (pure).
 
@@ -92,6 +108,7 @@ def systemd_files(script: str, units: Mapping[str, str], files: Mapping[str, byt
     """
     out = {
         "/init": _INIT.encode(),
+        "/lazyfs/binds": "".join(f"{d}\n" for d in hidden_host_dirs()).encode(),
         "/lazyfs/root/etc/systemd/system/lazyfs-guest.target": _TARGET.encode(),
         "/lazyfs/root/etc/systemd/system/lazyfs-guest.service": _SERVICE.encode(),
         "/lazyfs/root/lazyfs-guest/run": _RUN.encode(),
