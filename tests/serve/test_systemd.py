@@ -47,7 +47,7 @@ from lazyfs.serve.snapshotter import api
 from tests.serve.conftest import ROOT
 from tests.support.guest import require_qemu
 from tests.support.registry import registry_fixture
-from tests.support.systemd_guest import SYSTEMD_GUEST_MODULES, run_systemd_guest
+from tests.support.systemd_guest import SYSTEMD_GUEST_MODULES, hidden_host_dirs, run_systemd_guest
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, pytest.mark.registry, pytest.mark.timeout(480)]
 registry = registry_fixture()
@@ -165,8 +165,14 @@ def _unit(name: str, venv: str) -> str:
     (a failure shows at once)."""
     with open(os.path.join(CONTRIB, name)) as f:
         text = f.read()
-    return (text.replace("/usr/local/bin/lazyfs", os.path.join(venv, "lazyfs"))
+    text = (text.replace("/usr/local/bin/lazyfs", os.path.join(venv, "lazyfs"))
             .replace("Restart=on-failure", "Restart=no").replace("Restart=always", "Restart=no"))
+    hidden = hidden_host_dirs()
+    if hidden:
+        # a checkout under /tmp (a CI clone) would vanish behind the unit's PrivateTmp: bind it back
+        # in read-only (systemd mounts the private /tmp first, then binds below it)
+        text = text.replace("[Service]\n", "[Service]\nBindReadOnlyPaths=" + " ".join(hidden) + "\n", 1)
+    return text
 
 
 def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registry):
