@@ -27,6 +27,8 @@ Contracts:
   does); the memory tier trusts them, the disk tier re-verifies on every read.
 * Disk I/O and hashing run in worker threads; the index is only touched on the
   trio thread.
+* ``watch`` callbacks hear every change of ``digest in cache`` (in either tier or
+  pending), so per-image counters (hydration progress) stay O(1) to read.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class ChunkCache:
         # Entries eviction skips (the chunks of hydrated images: docs/daemon.md, "Offline life").
         self.protected: Callable[[bytes], bool] | None = None
         self._doomed: list[Path] = []  # evicted by written(), unlinked by remove_evicted()
+        self._watchers: list[Callable[[bytes, bool], None]] = []
         self._touched: set[bytes] = set()  # entries whose file time was refreshed this epoch
         self._epoch_started = time.monotonic()
         self._stats = dict.fromkeys(
@@ -136,6 +139,25 @@ class ChunkCache:
             self._disk_size += size
         for digest, path in self._evict_over_budget():
             _unlink(path)
+
+    # ------------------------------------------------------------ change notifications
+
+    def watch(self, callback: Callable[[bytes, bool], None]) -> Callable[[], None]:
+        """Call ``callback(digest, present)`` on the trio thread whenever ``digest in self`` changes
+        (not for what is there when watching starts); returns the function that stops it."""
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return unwatch
+
+    def _changed(self, digest: bytes, was: bool) -> None:
+        """Tell the watchers if *digest*'s presence is no longer *was*."""
+        if self._watchers and (digest in self) != was:
+            for callback in tuple(self._watchers):
+                callback(digest, not was)
 
     # ------------------------------------------------------------ lookups
 
@@ -216,10 +238,12 @@ class ChunkCache:
         alone, so bulk downloads do not flush the hot set; the chunk is served
         from the pending table until it is on disk.
         """
+        was = digest in self
         if memory or self.root is None:
             self._remember(digest, raw)
         if self.root is not None and digest not in self._disk and 0 < len(raw) <= self.max_bytes:
             self._pending[digest] = raw
+        self._changed(digest, was)
 
     async def write_pending(self, digest: bytes) -> None:
         """Persist an admitted chunk to disk (no-op if it is not pending). Never raises for I/O errors."""
@@ -245,6 +269,7 @@ class ChunkCache:
         finally:
             if self._pending.get(digest) is raw:
                 del self._pending[digest]
+                self._changed(digest, True)  # gone if the write failed and memory does not hold it
         if victims:
             await trio.to_thread.run_sync(_unlink_all, [p for _, p in victims], limiter=self._io_limiter())
 
@@ -284,8 +309,10 @@ class ChunkCache:
         self._stats["writes"] += 1
         self._stats["bytes_written"] += size
         if digest not in self._disk:
+            was = digest in self
             self._disk[digest] = size
             self._disk_size += size
+            self._changed(digest, was)
         self._doomed.extend(p for _, p in self._evict_over_budget(keep=digest))
 
     async def remove_evicted(self) -> None:
@@ -308,13 +335,15 @@ class ChunkCache:
         self._mem[digest] = raw
         self._mem_size += len(raw)
         while self._mem_size > self.memory_bytes:
-            _, dropped = self._mem.popitem(last=False)
+            gone, dropped = self._mem.popitem(last=False)
             self._mem_size -= len(dropped)
+            self._changed(gone, True)
 
     def _forget(self, digest: bytes) -> None:
         size = self._disk.pop(digest, None)
         if size is not None:
             self._disk_size -= size
+            self._changed(digest, True)
 
     def _evict_over_budget(self, keep: bytes | None = None) -> list[tuple[bytes, Path]]:
         """Drop least recently used disk entries until within max_bytes; return what to unlink."""

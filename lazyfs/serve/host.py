@@ -270,11 +270,12 @@ class Host:
             hydrate = self.config.hydrate
         policy = HydratePolicy() if hydrate is True else hydrate or None
         att.hydration = Hydrator(att.device.index.locations(), policy or HydratePolicy(),
-                                 is_cached=self.scheduler.is_cached, download=self.scheduler.background_download,
+                                 cache=self.cache, download=self.scheduler.background_download,
                                  default_rate=self.config.hydrate_rate, max_range=self.config.max_range)
         if policy is None:
             return
         if att.hydration.raw_total > self.cache.max_bytes:  # it could never all be local at once
+            att.hydration.cancel()  # stops its progress counter: this attach fails
             raise ConfigError(f"hydrating {att.ref} needs {att.hydration.raw_total} bytes of chunk cache; "
                               f"cache_size is {self.cache.max_bytes}")
         att.hydrate = policy

@@ -12,6 +12,8 @@ much to ask for, at what rate, and reports progress.
 * ``plan_batch`` (pure): the next chunks to fetch, about ``BATCH_SECONDS`` worth at the rate.
 * ``Hydrator`` (the trio shell): runs until cancelled. Once everything is local it checks again
   every ``RECHECK_SECONDS`` and fetches what the cache evicted meanwhile; failed batches back off.
+  Its progress (chunks and bytes local) is a counter the chunk cache's ``watch`` keeps current,
+  counted once at attach or restore: ``statistics()`` (``lazyfs stats``, /metrics) is O(1).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -103,19 +106,28 @@ def plan_batch(missing: Sequence[ChunkLocation], start: int, rate: float, max_ra
     return end
 
 
+class WatchedCache(Protocol):
+    """What a Hydrator needs of the chunk cache (``ChunkCache`` is one)."""
+
+    def __contains__(self, digest: bytes) -> bool: ...
+
+    def watch(self, callback: Callable[[bytes, bool], None]) -> Callable[[], None]: ...
+
+
 class Hydrator:
     """Keeps one attachment's chunks local (see the module docstring); ``run`` until ``cancel``.
 
-    *locations* are the image's distinct chunks; *is_cached* and *download* are the scheduler's
-    ``is_cached`` and ``background_download``; *clock* is wall-clock time, for the deadline.
+    *locations* are the image's distinct chunks; *cache* is the chunk cache the scheduler fills
+    (its ``watch`` keeps the progress counter current until ``cancel``); *download* is the
+    scheduler's ``background_download``; *clock* is wall-clock time, for the deadline.
     """
 
     def __init__(self, locations: Sequence[ChunkLocation], policy: HydratePolicy, *,
-                 is_cached: Callable[[bytes], bool], download, default_rate: int, max_range: int,
+                 cache: WatchedCache, download, default_rate: int, max_range: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.locations = tuple(locations)
         self.policy = policy
-        self._is_cached, self._download = is_cached, download
+        self._cache, self._download = cache, download
         self.default_rate, self.max_range, self.clock = default_rate, max_range, clock
         self.bytes_total = sum(loc.compressed_length for loc in self.locations)
         self.raw_total = sum(loc.raw_length for loc in self.locations)
@@ -123,12 +135,40 @@ class Hydrator:
         self.hydrated_at: float | None = None
         self.st = {"batches": 0, "chunks_fetched": 0, "bytes_fetched": 0, "chunks_failed": 0}
         self._scope = trio.CancelScope()
+        self._by_digest = {loc.digest: loc for loc in self.locations}
+        self._local: set[bytes] = set()
+        self.chunks_local = self.bytes_local = 0
+        self._unwatch = cache.watch(self._cache_changed)  # before the count: nothing slips between
+        for loc in self.locations:  # the only full count: at attach (or restore, after a restart)
+            if loc.digest in cache:
+                self._cache_changed(loc.digest, True)
+
+    def _cache_changed(self, digest: bytes, present: bool) -> None:
+        loc = self._by_digest.get(digest)
+        if loc is None or (digest in self._local) == present:
+            return
+        sign = 1 if present else -1
+        if present:
+            self._local.add(digest)
+        else:
+            self._local.discard(digest)
+        self.chunks_local += sign
+        self.bytes_local += sign * loc.compressed_length
 
     def cancel(self) -> None:
+        """Stop running and stop counting (idempotent)."""
         self._scope.cancel()
+        self._unwatch()
+
+    @property
+    def hydrated(self) -> bool:
+        return self.chunks_local == len(self.locations)
 
     def missing(self) -> list[ChunkLocation]:
-        return [loc for loc in self.locations if not self._is_cached(loc.digest)]
+        """The chunks not local now, in virtual order (none without a scan when all are local)."""
+        if self.hydrated:
+            return []
+        return [loc for loc in self.locations if loc.digest not in self._cache]
 
     async def run(self) -> None:
         backoff = 0.0
@@ -143,8 +183,8 @@ class Hydrator:
                     continue
                 failed = 0
                 start = 0
+                remaining = sum(loc.compressed_length for loc in missing)
                 while start < len(missing):  # one pass over what was missing, batch by batch
-                    remaining = sum(loc.compressed_length for loc in missing[start:])
                     self.rate = self.policy.rate_now(remaining, self.clock(), self.default_rate)
                     end = plan_batch(missing, start, self.rate, self.max_range)
                     try:
@@ -157,6 +197,7 @@ class Hydrator:
                     self.st["bytes_fetched"] += result["bytes"]
                     self.st["chunks_failed"] += result["failed"]
                     failed += result["failed"]
+                    remaining -= sum(loc.compressed_length for loc in missing[start:end])
                     start = end
                 if failed:  # the registry is away: try again later, not in a busy loop
                     backoff = min(BACKOFF[1], max(BACKOFF[0], 2 * backoff))
@@ -165,14 +206,9 @@ class Hydrator:
                     backoff = 0.0
 
     def statistics(self) -> dict:
-        """Progress: stored bytes local of total, and whether every chunk is local now."""
-        local_chunks = local_bytes = 0
-        for loc in self.locations:
-            if self._is_cached(loc.digest):
-                local_chunks += 1
-                local_bytes += loc.compressed_length
-        hydrated = local_chunks == len(self.locations)
-        return {"hydrated": hydrated, "bytes_local": local_bytes, "bytes_total": self.bytes_total,
-                "chunks_local": local_chunks, "chunks_total": len(self.locations), "rate": self.rate,
+        """Progress: stored bytes local of total, and whether every chunk is local now (O(1))."""
+        hydrated = self.hydrated
+        return {"hydrated": hydrated, "bytes_local": self.bytes_local, "bytes_total": self.bytes_total,
+                "chunks_local": self.chunks_local, "chunks_total": len(self.locations), "rate": self.rate,
                 "deadline_at": self.policy.deadline_at, "hydrated_at": self.hydrated_at if hydrated else None,
                 **self.st}

@@ -64,20 +64,21 @@ def test_hydration_meets_its_deadline_at_the_derived_rate(tmp_path):
     and the whole path in tests/serve/test_offline.py."""
     _, locs = write_blob(tmp_path / "oci", make_chunks(200, seed=12))
     total = sum(loc.compressed_length for loc in locs)
-    local: set[bytes] = set()
+    local = ChunkCache(None, 0, 1 << 30)  # memory only: what the download admits stays
     batches: list[tuple[float, float, int]] = []  # (start time, rate, bytes)
 
     async def download(batch, rate):
         nbytes = sum(loc.compressed_length for loc in batch)
         batches.append((trio.current_time(), rate, nbytes))
         await trio.sleep(nbytes / rate)
-        local.update(loc.digest for loc in batch)
+        for loc in batch:
+            local.admit(loc.digest, b"x")
         return {"chunks": len(batch), "bytes": nbytes, "skipped": 0, "failed": 0}
 
     async def main():
         start = trio.current_time()
         policy = HydratePolicy.from_request({"deadline": 60}, now=start)
-        hydrator = Hydrator(locs, policy, is_cached=local.__contains__, download=download, default_rate=0,
+        hydrator = Hydrator(locs, policy, cache=local, download=download, default_rate=0,
                             max_range=16 * K, clock=trio.current_time)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hydrator.run)
@@ -107,7 +108,7 @@ def test_hydration_retries_after_failures_and_finishes(tmp_path):
     async def main():
         async with FetchScheduler.open([probe], ChunkCache(None, 0, 64 << 20), max_retries=0, deadline=1e9,
                                        attempt_timeout=1e9) as sched:
-            hydrator = Hydrator(locs, HydratePolicy(), is_cached=sched.is_cached, download=sched.background_download,
+            hydrator = Hydrator(locs, HydratePolicy(), cache=sched.cache, download=sched.background_download,
                                 default_rate=0, max_range=16 * K, clock=trio.current_time)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hydrator.run)
@@ -157,5 +158,80 @@ def test_a_hydrated_image_stays_local_while_another_image_churns_the_cache(tmp_p
                 assert not b.hydration.statistics()["hydrated"]
                 await host.detach("a")  # no longer hydrated: its chunks are fair game again
                 assert not host._hydrated_chunks
+
+    trio.run(main)
+
+
+def test_progress_is_a_counter_that_matches_a_recount_through_churn_and_restart(tmp_path, monkeypatch):
+    """Hydration progress is kept by the chunk cache's ``watch``, not recounted per call:
+    ``statistics()`` (``lazyfs stats``, /metrics) makes no cache lookup at all, and the counters
+    equal a full recount after hydration, after another image churned a small cache (memory-tier
+    drops, pending writes, disk evictions), and after a restart that restores both images.
+    Broken on purpose once: without the notification in ``ChunkCache._forget`` (disk evictions)
+    image b's counter stayed above the recount and this test went red; with statistics() scanning
+    the chunk list again, the lookup count went red; without the count at construction, the
+    restored image a read 0 chunks local and it went red."""
+    from lazyfs.config import Config
+    from lazyfs.image.local import create_image
+    from lazyfs.image.ref import LocalRef
+    from lazyfs.serve import host as host_module
+
+    lookups = [0]
+
+    class CountingCache(ChunkCache):
+        def __contains__(self, digest: bytes) -> bool:
+            lookups[0] += 1
+            return super().__contains__(digest)
+
+    monkeypatch.setattr(host_module, "ChunkCache", CountingCache)
+    MiB = 1 << 20
+    refs = {}
+    for name, size in (("a", 2 * MiB), ("b", 4 * MiB)):
+        raw = tmp_path / f"raw-{name}"
+        raw.write_bytes(random.Random(name).randbytes(size))
+        refs[name] = (LocalRef(str(tmp_path / f"layout-{name}"), "v1"), raw)
+    config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
+                    writable_root=str(tmp_path / "writable"), trace_record_seconds=0, readahead_chunks=0,
+                    cache_size=3 * MiB, memory_cache_size=MiB // 2)
+
+    def check(host, att) -> dict:
+        before = lookups[0]
+        stats = att.hydration.statistics()
+        assert lookups[0] == before, "statistics() looked chunks up in the cache"
+        local = [loc for loc in att.hydration.locations if loc.digest in host.cache]
+        assert (stats["chunks_local"], stats["bytes_local"]) == (len(local), sum(loc.compressed_length for loc in local))
+        assert stats["hydrated"] == (len(local) == stats["chunks_total"])
+        return stats
+
+    async def read_all(att) -> None:
+        for offset in range(0, att.device.size, MiB):
+            await att.device.read(offset, min(MiB, att.device.size - offset))
+
+    async def main():
+        for local, raw in refs.values():
+            await create_image(local, from_file=str(raw))
+        manifests = {}
+        with trio.fail_after(120):
+            async with host_module.Host.open(config) as host:
+                a = await host.attach(f"oci:{refs['a'][0].path}:v1", name="a", hydrate=HydratePolicy())
+                b = await host.attach(f"oci:{refs['b'][0].path}:v1", name="b", hydrate=False)
+                assert check(host, b)["chunks_local"] == 0
+                while not check(host, a)["hydrated"]:
+                    await trio.sleep(0.05)
+                await read_all(b)
+                assert host.cache.statistics()["evictions"] > 0  # the cache was churned
+                assert check(host, a)["hydrated"]
+                assert 0 < check(host, b)["chunks_local"] < check(host, b)["chunks_total"]
+                manifests = {n: att.opened.image.manifest.digest for n, att in host.attachments.items()}
+            async with host_module.Host.open(config) as host:  # a restart: attach again what was attached
+                a = await host.attach(f"oci:{refs['a'][0].path}:v1", name="a", hydrate=HydratePolicy(),
+                                      manifest=manifests["a"])
+                b = await host.attach(f"oci:{refs['b'][0].path}:v1", name="b", hydrate=False, manifest=manifests["b"])
+                assert check(host, a)["hydrated"]  # counted once, from the disk cache
+                assert 0 < check(host, b)["chunks_local"] < check(host, b)["chunks_total"]
+                await read_all(b)
+                check(host, a), check(host, b)
+                await host.detach("b")
+                assert host.cache._watchers == [a.hydration._cache_changed]  # b's counter stopped with it
 
     trio.run(main)
