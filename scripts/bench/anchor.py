@@ -39,6 +39,7 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from benchlib import run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
 from mount import Lazyfs, debian_rootfs, lazy_cold_start, run  # noqa: E402
 
@@ -121,9 +122,7 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("anchor.py needs root")
     work = tempfile.mkdtemp(prefix="lazyfs-bench-anchor-", dir=args.workdir)
-    results: dict = {"date": time.strftime("%Y-%m-%d"),
-                     "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, {os.uname().release}",
-                     "loadavg_start": os.getloadavg()}
+    results: dict = {**run_header()}
     hooks = os.path.join(work, "hooks")
     os.makedirs(hooks)
     with open(os.path.join(hooks, "sitecustomize.py"), "w") as f:

@@ -19,13 +19,15 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import drop_caches, print_results  # noqa: E402
 from tests.support.ociimages import (  # noqa: E402
     debian_minbase_tar,
     run,
@@ -37,15 +39,6 @@ from tests.support.ociimages import (  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"])
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
 
 
 def timed(cmd: list[str]) -> tuple[str, float]:
@@ -173,11 +166,7 @@ def main() -> int:
             shutil.rmtree(bundle, ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    print_results(results, args.json)
     return 0
 
 

@@ -51,6 +51,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from benchlib import nbdfuse_file, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
 from lazyfs.config import Config, RegistrySettings  # noqa: E402
 from lazyfs.device.index import MergedIndex  # noqa: E402
@@ -123,30 +124,18 @@ def record_startup_trace(raw: str, work: str) -> list[list[tuple[int, int]]]:
     overlapped in time at nbdkit (the kernel had them in flight together).
     """
     fusedir, mnt, log = os.path.join(work, "nbd"), os.path.join(work, "nbd-mnt"), os.path.join(work, "nbdkit.log")
-    os.makedirs(fusedir)
     os.makedirs(mnt)
-    proc = subprocess.Popen(["nbdfuse", "-r", fusedir, "--command", "nbdkit", "-s", "-r", "--filter=log",
-                             "file", raw, f"logfile={log}"], stdin=subprocess.DEVNULL)
-    loop = None
-    mounted = False
-    try:
-        wait_for(lambda: os.path.exists(os.path.join(fusedir, "nbd")), 30, "nbdfuse")
+    with nbdfuse_file(raw, fusedir, filters=("--filter=log",), plugin_args=(f"logfile={log}",)) as nbd_file:
         # attached exactly as `lazyfs mount` attaches its exported file (read-only, direct I/O)
-        loop = trio.run(system.losetup_attach, os.path.join(fusedir, "nbd"), True)
-        run(["mount", "-t", "ext4", "-o", "ro,noload", loop, mnt])
-        mounted = True
-        run(["sh", "-c", startup_commands(mnt)], timeout=600)
-    finally:
-        if mounted:
-            subprocess.run(["umount", mnt], timeout=60)
-        if loop:
-            trio.run(system.losetup_detach, loop)
-        subprocess.run(["fusermount3", "-u", fusedir], timeout=60)
+        loop = trio.run(system.losetup_attach, nbd_file, True)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+            run(["mount", "-t", "ext4", "-o", "ro,noload", loop, mnt])
+            try:
+                run(["sh", "-c", startup_commands(mnt)], timeout=600)
+            finally:
+                subprocess.run(["umount", mnt], timeout=60)
+        finally:
+            trio.run(system.losetup_detach, loop)
     return parse_nbdkit_log(log)
 
 
@@ -376,8 +365,7 @@ def main() -> None:
         raise SystemExit("fetch.py needs root (loop devices, FUSE)")
     began = time.monotonic()
     work = tempfile.mkdtemp(prefix="lazyfs-bench-fetch-", dir=args.workdir)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, "
-                     f"{os.uname().release}", "loadavg_start": os.getloadavg()}
+    results: dict = run_header()
     try:
         tree = os.path.join(work, "tree")
         used = stage_tree(args.source or DEFAULT_SOURCES, tree, args.min_bytes)

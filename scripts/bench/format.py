@@ -21,6 +21,9 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import drop_caches  # noqa: E402
 from lazyfs.device.writable import open_writable  # noqa: E402
 from lazyfs.fetch.direct import DirectChunkSource  # noqa: E402
 from lazyfs.fetch.directory import DirectoryBackend  # noqa: E402
@@ -32,15 +35,6 @@ def timed(fn, *args):
     t = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - t
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"])
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
 
 
 async def read_all(ref: LocalRef) -> int:

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,20 +33,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import drop_caches, print_results  # noqa: E402
 from tests.support.ociimages import run, tar_tree, umoci_unpack, write_image  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
 DEFAULT_TREES = ["/usr/lib/python3.11", "/usr/share/perl:/usr/lib/x86_64-linux-gnu/perl-base", "/etc:/usr/share/zoneinfo"]
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"])
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-    except OSError:
-        pass
 
 
 def lazyfs(config: str, *args: str, json_out: bool = True) -> tuple[dict | str, float]:
@@ -256,11 +249,7 @@ def main() -> int:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    print_results(results, args.json)
     return 0
 
 

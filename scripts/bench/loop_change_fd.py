@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchlib import nbdfuse_file  # noqa: E402
+
 LOOP_CHANGE_FD = 0x4C06
 
 
@@ -103,27 +105,6 @@ def kernel_log_lines() -> list[str]:
     return subprocess.run(["dmesg"], capture_output=True, text=True).stdout.splitlines()
 
 
-@contextlib.contextmanager
-def fuse_export(path: str, directory: str):
-    os.makedirs(directory)
-    proc = subprocess.Popen(["nbdfuse", "-r", directory, "--command", "nbdkit", "-s", "-r", "file", path],
-                            stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(directory, "nbd")):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("nbdfuse did not come up")
-            time.sleep(0.05)
-        yield os.path.join(directory, "nbd")
-    finally:
-        subprocess.run(["fusermount3", "-u", directory], timeout=60)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def one_round(backing: str, copy: str, image: str, mnt: str, sums: dict, before: float, after: float) -> dict:
     dev = run(["losetup", "--show", "-f", "-r", backing]).strip()  # buffered, as lazyfs mounts read-only images
     out: dict = {"device": dev}
@@ -185,7 +166,7 @@ def main() -> None:
         os.makedirs(mnt)
         for backing in args.backing.split(","):
             with contextlib.ExitStack() as stack:
-                path = image if backing == "file" else stack.enter_context(fuse_export(image, os.path.join(work, "fuse")))
+                path = image if backing == "file" else stack.enter_context(nbdfuse_file(image, os.path.join(work, "fuse")))
                 rounds = [one_round(path, copy, image, mnt, sums, args.before, args.after) for _ in range(args.rounds)]
             results["rounds"][backing] = rounds
             n = len(rounds)

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mount import drop_caches, run  # noqa: E402
+from benchlib import drop_caches  # noqa: E402
+from mount import run  # noqa: E402
 from warm import WarmLazyfs  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402

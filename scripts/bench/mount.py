@@ -47,6 +47,7 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from benchlib import drop_caches, nbdfuse_file, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
 from lazyfs.errors import LazyfsError  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
@@ -72,12 +73,6 @@ def timed(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float]:
     started = time.perf_counter()
     proc = run(cmd, **kw)
     return proc, time.perf_counter() - started
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], timeout=300)
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
 
 
 def du_bytes(path: str) -> int:
@@ -280,27 +275,6 @@ def loop_mount(path: str, target: str):
         trio.run(system.losetup_detach, dev)
 
 
-@contextlib.contextmanager
-def nbdfuse_file(raw: str, directory: str):
-    os.makedirs(directory)
-    proc = subprocess.Popen(["nbdfuse", "-r", directory, "--command", "nbdkit", "-s", "-r", "file", raw],
-                            stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(os.path.join(directory, "nbd")):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("nbdfuse did not come up")
-            time.sleep(0.05)
-        yield os.path.join(directory, "nbd")
-    finally:
-        subprocess.run(["fusermount3", "-u", directory], timeout=60)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def warm_fio(targets: dict[str, tuple[str, str]], seconds: int) -> dict:
     """fio seq and rand on each target's big file; *targets*: name -> (file, loop device)."""
     out: dict = {}
@@ -331,9 +305,7 @@ def main() -> None:
         raise SystemExit("mount.py needs root (namespaces, FUSE, loop devices, chroot)")
     began = time.monotonic()
     work = tempfile.mkdtemp(prefix="lazyfs-bench-mount-", dir=args.workdir)
-    results: dict = {"date": time.strftime("%Y-%m-%d"),
-                     "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, {os.uname().release}",
-                     "loadavg_start": os.getloadavg()}
+    results: dict = run_header()
     lazyfs_cli = [sys.executable, "-m", "lazyfs.cli"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     with contextlib.ExitStack() as stack:

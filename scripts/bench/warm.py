@@ -44,7 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mount import Lazyfs, drop_caches, run, write_bigfile  # noqa: E402
+from benchlib import drop_caches, run_header  # noqa: E402
+from mount import Lazyfs, run, write_bigfile  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
@@ -163,9 +164,7 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("warm.py needs root (FUSE, loop devices, mounts)")
     work = tempfile.mkdtemp(prefix="lazyfs-bench-warm-", dir=args.workdir)
-    results: dict = {"date": time.strftime("%Y-%m-%d"),
-                     "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, {os.uname().release}",
-                     "loadavg_start": os.getloadavg(), "size_mib": args.size, "seconds": args.seconds}
+    results: dict = {**run_header(), "size_mib": args.size, "seconds": args.seconds}
     lazyfs_cli = [sys.executable, "-m", "lazyfs.cli"]
     env = {**os.environ, "PYTHONPATH": ROOT}
     with contextlib.ExitStack() as stack:

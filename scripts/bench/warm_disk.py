@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mount import Lazyfs, drop_caches, fio, loop_mount, run  # noqa: E402
+from benchlib import drop_caches  # noqa: E402
+from mount import Lazyfs, fio, loop_mount, run  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402

@@ -1,0 +1,72 @@
+"""Helpers the benchmark scripts share (run from this folder: ``python scripts/bench/X.py``
+puts it on ``sys.path``, so ``from benchlib import ...`` works like ``from benchnet import ...``).
+
+Only what several scripts did the same way lives here; a script's own measurements stay in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page cache, dentries and inodes (root only: a
+    warning, not an error, without it, so an unprivileged dry run still runs)."""
+    subprocess.run(["sync"], timeout=300)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+    except OSError as exc:
+        print(f"benchmark: cannot drop caches ({exc}): later reads may be warm", file=sys.stderr)
+
+
+def run_header() -> dict:
+    """What every result starts with: the date, the machine and its load when the run began."""
+    return {"date": time.strftime("%Y-%m-%d"),
+            "machine": f"{os.uname().nodename}, {os.cpu_count()} cores, {os.uname().release}",
+            "loadavg_start": os.getloadavg()}
+
+
+def print_results(results: dict, path: str | None) -> None:
+    """Print *results* as indented JSON, and write the same text to *path* if given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait for *proc* to exit (after it was asked to), killing it after *timeout* seconds."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def nbdfuse_file(raw: str, directory: str, filters: tuple[str, ...] = (),
+                 plugin_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """*raw* served read-only by nbdkit's file plugin through nbdfuse (a C FUSE peer of lazyfs):
+    yields the path of the FUSE file ``directory/nbd``; unmounts and stops nbdfuse on exit.
+    *filters* go before the plugin (``--filter=log``), *plugin_args* after it (``logfile=...``)."""
+    os.makedirs(directory)
+    proc = subprocess.Popen(["nbdfuse", "-r", directory, "--command", "nbdkit", "-s", "-r", *filters,
+                             "file", raw, *plugin_args], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(os.path.join(directory, "nbd")):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("nbdfuse did not come up")
+            time.sleep(0.05)
+        yield os.path.join(directory, "nbd")
+    finally:
+        subprocess.run(["fusermount3", "-u", directory], timeout=60)
+        stop_process(proc)
