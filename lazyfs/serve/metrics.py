@@ -362,7 +362,11 @@ class _Families:
             self.add(stat, None, tuple((name, "") for name in labels))
 
 
-def _table(families: _Families, stats: Iterable[Stat], source: Mapping, labels: tuple[tuple[str, str], ...] = ()) -> None:
+def _table(families: _Families, stats: Iterable[Stat], source: Mapping, labels: tuple[tuple[str, str], ...] = (),
+           *, declare: bool = False) -> None:
+    """Add *source*'s samples of *stats* (with *declare*: first create every family, sampled or not)."""
+    if declare:
+        families.declare(stats)
     for stat in stats:
         value = source.get(stat.key)
         if stat.flag:
@@ -370,15 +374,25 @@ def _table(families: _Families, stats: Iterable[Stat], source: Mapping, labels: 
         families.add(stat, value, labels)
 
 
+def _le(bound: object) -> str:
+    """A bucket's upper bound as Prometheus writes it."""
+    return "+Inf" if bound in ("+Inf", math.inf) else floatToGoString(bound)
+
+
+def _closed(buckets: list[tuple[str, float]], count: float) -> list[tuple[str, float]]:
+    """*buckets* (cumulative) ending in the +Inf bucket, which holds all *count* observations."""
+    if not buckets or buckets[-1][0] != "+Inf":
+        buckets.append(("+Inf", count))
+    return buckets
+
+
 def histogram_family(name: str, doc: str, snapshot: Mapping) -> HistogramMetricFamily:
     """A histogram family from ``LatencyHistogram.snapshot()``: per-bucket counts made cumulative."""
     buckets, running = [], 0
     for bound, count in snapshot.get("buckets", ()):
         running += count
-        buckets.append(("+Inf" if bound == math.inf else floatToGoString(bound), running))
-    if not buckets or buckets[-1][0] != "+Inf":
-        buckets.append(("+Inf", running))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=snapshot.get("sum", 0.0))
+        buckets.append((_le(bound), running))
+    return HistogramMetricFamily(name, doc, buckets=_closed(buckets, running), sum_value=snapshot.get("sum", 0.0))
 
 
 def metric_families(snapshot: Mapping) -> list:
@@ -414,8 +428,7 @@ def metric_families(snapshot: Mapping) -> list:
     for name, export in sorted((fuse.get("exports") or {}).items()):
         _table(families, EXPORT, export, (("image", images.get(name, "")), ("name", name)))
 
-    families.declare(FUSE)
-    _table(families, FUSE, fuse)
+    _table(families, FUSE, fuse, declare=True)
     families.declare(SCHEDULER + PLANNER + CACHE)
     _table(families, SCHEDULER, scheduler)
     planner = scheduler.get("planner") or {}
@@ -426,12 +439,10 @@ def metric_families(snapshot: Mapping) -> list:
         queued.add_metric([priority], n)
     _table(families, CACHE, scheduler.get("cache") or {})
     latency = histogram_family(LATENCY, LATENCY_DOC, scheduler.get("latency") or {})
-    families.declare(FLAT)
-    _table(families, FLAT, snapshot.get("flat_cache") or {})
-    families.declare(REGISTRY)
-    families.declare(SOURCE, ("source",))
+    _table(families, FLAT, snapshot.get("flat_cache") or {}, declare=True)
     registry: Mapping = snapshot.get("registry") or {}
-    _table(families, REGISTRY, registry)
+    _table(families, REGISTRY, registry, declare=True)
+    families.declare(SOURCE, ("source",))
     sources = [src for src in registry.get("sources") or () if isinstance(src, Mapping) and src.get("host")]
     for src in sources:
         _table(families, SOURCE, src, (("source", str(src["host"])),))
@@ -449,11 +460,9 @@ def source_families(sources: Iterable[Mapping]) -> list:
         host = str(src["host"])
         for name in SOURCE_STATES:
             state.add_metric([host, name], 1 if src.get("state") == name else 0)
-        buckets = [("+Inf" if bound in ("+Inf", math.inf) else floatToGoString(bound), n)
-                   for bound, n in src.get("latency_buckets") or ()]
-        if not buckets or buckets[-1][0] != "+Inf":
-            buckets.append(("+Inf", src.get("latency_seconds_count", buckets[-1][1] if buckets else 0)))
-        latency.add_metric([host], buckets, src.get("latency_seconds_sum", 0.0))
+        buckets = [(_le(bound), n) for bound, n in src.get("latency_buckets") or ()]
+        count = src.get("latency_seconds_count", buckets[-1][1] if buckets else 0)
+        latency.add_metric([host], _closed(buckets, count), src.get("latency_seconds_sum", 0.0))
     return [state, latency]
 
 
