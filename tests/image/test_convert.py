@@ -95,6 +95,16 @@ class Env:
         release_under(self.tmp, self.socket)
 
 
+def module_env(registry, tmp_path_factory, name: str, why_root: str):
+    """The body of a module-scoped ``env`` fixture (``yield from`` it): an Env in a fresh
+    temporary directory *name*, released afterwards; skipped with *why_root* unless root."""
+    if os.geteuid() != 0:
+        pytest.skip(why_root)
+    e = Env(tmp_path_factory.mktemp(name), registry)
+    yield e
+    e.cleanup()
+
+
 def leftovers(tmp) -> list[str]:
     """Mounts and loop devices under *tmp* (conversion must leave none, even when it fails)."""
     found = [m.mountpoint for m in system.mounts() if m.mountpoint.startswith(str(tmp))]
@@ -216,26 +226,28 @@ def layer3(path, variant="v1"):
     ], format=tarfile.GNU_FORMAT)
 
 
-@pytest.fixture(scope="module")
-def env(registry, tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("conversion applies layers with a loop-mounted ext4: needs root")
-    tmp = tmp_path_factory.mktemp("convert")
-    e = Env(tmp, registry)
-    yield e
-    e.cleanup()
-
-
-@pytest.fixture(scope="module")
-def edge(env):
-    """An umoci layout with tags v1 and v2/v3 (same two bottom layers, different top), and umoci's unpacks."""
-    tmp = env.tmp
+def bottom_tars(tmp) -> list[str]:
+    """Layers 1 and 2 of the edge-case image, as tars under *tmp*."""
     tars = []
     for name, make in (("l1", layer1), ("l2", layer2)):
         tree = tmp / f"tree-{name}"
         tree.mkdir()
         make(str(tree))
         tars.append(tar_tree(str(tree), str(tmp / f"{name}.tar")))
+    return tars
+
+
+@pytest.fixture(scope="module")
+def env(registry, tmp_path_factory):
+    yield from module_env(registry, tmp_path_factory, "convert",
+                          "conversion applies layers with a loop-mounted ext4: needs root")
+
+
+@pytest.fixture(scope="module")
+def edge(env):
+    """An umoci layout with tags v1 and v2/v3 (same two bottom layers, different top), and umoci's unpacks."""
+    tmp = env.tmp
+    tars = bottom_tars(tmp)
     layout = str(tmp / "umoci")
     umoci_new(layout, "base")
     for t in tars:

@@ -32,8 +32,8 @@ from lazyfs.image.layout import OciLayout
 from lazyfs.image.remote import ImageOpener
 from lazyfs.image.trust import conversion_ledger
 from lazyfs.serve.host import Host
-from tests.image.test_convert import Env, assert_same, check_fsck, layer1, layer2, layer3, leftovers
-from tests.support.ociimages import tar_tree, umoci_add_layer, umoci_new, umoci_unpack, write_image
+from tests.image.test_convert import assert_same, bottom_tars, check_fsck, layer3, leftovers, module_env
+from tests.support.ociimages import umoci_add_layer, umoci_new, umoci_unpack, write_image
 from tests.support.proxy import FaultProxy
 from tests.support.registry import registry_fixture
 from tests.support.trees import describe_tree
@@ -69,24 +69,15 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def env(registry, tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("indexing applies layers with a loop-mounted ext4: needs root")
-    tmp = tmp_path_factory.mktemp("index")
-    e = Env(tmp, registry)
-    yield e
-    e.cleanup()
+    yield from module_env(registry, tmp_path_factory, "index",
+                          "indexing applies layers with a loop-mounted ext4: needs root")
 
 
 @pytest.fixture(scope="module")
 def edge(env):
     """The tars, umoci's unpack of them (the oracle), and one registry image per VARIANTS entry."""
     tmp = env.tmp
-    tars = []
-    for name, make in (("l1", layer1), ("l2", layer2)):
-        tree = tmp / f"tree-{name}"
-        tree.mkdir()
-        make(str(tree))
-        tars.append(tar_tree(str(tree), str(tmp / f"{name}.tar")))
+    tars = bottom_tars(tmp)
     tars.append(layer3(str(tmp / "l3.tar")))
     tars.append(layer4(str(tmp / "l4.tar")))
     oracle_layout = str(tmp / "umoci")
