@@ -411,7 +411,7 @@ def _read_verified(path: Path, digest: bytes, touch: bool = True):
     if touch:
         try:
             os.utime(path)  # persist the access order for the next start
-        except OSError:
+        except OSError:  # best effort: the entry was verified; only its eviction order suffers
             pass
     return data
 

@@ -90,7 +90,7 @@ class MetadataCache:
             return None
         try:
             os.utime(image_dir)  # recently used: pruned last
-        except OSError:
+        except OSError:  # best effort: at worst this image is pruned a little early
             pass
         return data
 
@@ -237,9 +237,12 @@ class MetadataCache:
 
 
 def _remove(path: str) -> None:
+    """Remove a rejected cache file; one that cannot be removed is rejected again next time."""
     try:
         os.unlink(path)
-    except OSError:
+    except FileNotFoundError:  # removed meanwhile (another prune)
         pass
+    except OSError as exc:
+        log.warning("metadata cache: cannot remove %s: %s", path, exc)
 
 

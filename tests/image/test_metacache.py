@@ -117,3 +117,32 @@ def test_pruning_keeps_attached_images(tmp_path):
         os.utime(cache.image_dir(digest), (i, i))
     assert cache.prune(keep=[digests[0]]) == 2
     assert sorted(os.listdir(cache.root)) == sorted(d.split(":")[1] for d in (digests[0], digests[3]))
+
+
+def test_a_rejected_file_that_cannot_be_removed_is_reported(tmp_path, monkeypatch, caplog):
+    """A manifest that does not match its digest is rejected and removed; when the removal fails
+    (here: unlink raises EACCES) the failure is logged, not swallowed, and the file is still never
+    used. Broken on purpose once: with the old ``except OSError: pass`` the warning was missing
+    and this test went red."""
+    import errno
+    import logging
+
+    from lazyfs.image import metacache
+
+    cache = MetadataCache(str(tmp_path / "meta"))
+    digest = "sha256:" + "ab" * 32
+    os.makedirs(cache.image_dir(digest))
+    manifest = os.path.join(cache.image_dir(digest), "manifest")
+    with open(manifest, "wb") as f:
+        f.write(b'{"not": "the manifest of that digest"}')
+
+    def unlink(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(metacache.os, "unlink", unlink)
+    with caplog.at_level(logging.WARNING, logger="lazyfs.image.metacache"):
+        assert cache.read_manifest(digest) is None
+    monkeypatch.undo()
+    assert cache.stats["manifests_rejected"] == 1 and os.path.exists(manifest)
+    assert any("cannot remove" in r.getMessage() and manifest in r.getMessage() for r in caplog.records)
+    assert cache.read_manifest(digest) is None and not os.path.exists(manifest)  # removable again: gone

@@ -277,7 +277,7 @@ class RegistryClient:
                     response = await self._http.send(request, stream=True)
                     await response.aclose()
                     outcome = Outcome.OK if response.status_code in (200, 401) else Outcome.FAILED
-            except httpx.HTTPError:
+            except httpx.HTTPError:  # unreachable: recorded as FAILED below, like a timeout
                 pass
             states[ep.host] = self.picker.record(ep.host, outcome, self._clock(),
                                                  seconds=self._clock() - started).value

@@ -108,7 +108,7 @@ class ProxySettings:
         try:
             if ipaddress.ip_address(host).is_loopback:
                 return None
-        except ValueError:
+        except ValueError:  # a host name, not an IP address: no_proxy decides
             pass
         if self.no_proxy:
             if self.no_proxy.strip() == "*":
