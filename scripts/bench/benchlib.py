@@ -42,6 +42,17 @@ def print_results(results: dict, path: str | None) -> None:
             f.write(text + "\n")
 
 
+def detach_loops_under(prefix: str) -> list[str]:
+    """Detach every loop device whose backing file is under *prefix* (a directory this run owns);
+    return them. Found in sysfs, not with ``losetup -a`` (see ``loop_backing_files``)."""
+    from tests.support.cleanup import loops_under  # the scripts put the checkout on sys.path
+
+    detached = [line.split(":")[0] for line in loops_under(prefix)]
+    for dev in detached:
+        subprocess.run(["losetup", "-d", dev], timeout=60)
+    return detached
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
     """Wait for *proc* to exit (after it was asked to), killing it after *timeout* seconds."""
     try:

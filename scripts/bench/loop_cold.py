@@ -31,8 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import drop_caches  # noqa: E402
-from mount import run  # noqa: E402
-from warm import WarmLazyfs  # noqa: E402
+from mount import Lazyfs, run  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
@@ -76,7 +75,7 @@ def main() -> None:
         run([*lazyfs_cli, "push", f"oci:{layout}:cold", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
         for i in range(args.repeat):
             for route in ("direct", "buffered"):
-                host = WarmLazyfs(os.path.join(work, f"{route}-{i}"), reg.registry, trace_record_seconds=0,
+                host = Lazyfs(os.path.join(work, f"{route}-{i}"), reg.registry, trace_record_seconds=0,
                                   read_only_loop=route, hydrated_max_bytes=0)
                 try:
                     target = os.path.join(host.base, "mnt")

@@ -47,7 +47,7 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from benchlib import drop_caches, nbdfuse_file, run_header  # noqa: E402
+from benchlib import detach_loops_under, drop_caches, nbdfuse_file, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
 from lazyfs.errors import LazyfsError  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
@@ -180,10 +180,8 @@ class Lazyfs:
                 time.sleep(0.1)
             if os.path.exists(f"/proc/{pid}"):
                 os.kill(pid, signal.SIGKILL)
+        detach_loops_under(self.base)  # its exported files and hydrated local files
         export = os.path.join(self.doc["run_dir"], "export")
-        for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True, timeout=60).stdout.splitlines():
-            if export in line:
-                subprocess.run(["losetup", "-d", line.split(":")[0]], timeout=60)
         if system.is_mountpoint(export):
             subprocess.run(["umount", "-l", export], timeout=60)
 

@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -65,35 +64,6 @@ def fio(path: str, rw: str, bs: str, seconds: int, one_pass: bool) -> dict:
               timeout=seconds + 120).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
     return {"MBps": job["bw_bytes"] / 1e6, "iops": job["iops"], "bytes": job["io_bytes"]}
-
-
-class WarmLazyfs(Lazyfs):
-    """Lazyfs whose cleanup finds its loop devices in /sys: ``losetup -a`` stats every backing
-    file and hangs on any loop left over a dead FUSE daemon by another job on the machine."""
-
-    def close(self) -> None:
-        export = os.path.join(self.doc["run_dir"], "export")
-        for target in reversed(self.targets):
-            if system.is_mountpoint(target):
-                try:
-                    self.cli("umount", target, prefix=False)
-                except RuntimeError:
-                    subprocess.run(["umount", "-l", target], timeout=60)
-        self.targets.clear()
-        pid = self.pid()
-        if pid is not None:
-            with contextlib.suppress(Exception):
-                call(self.socket, "stop", timeout=10)
-            deadline = time.monotonic() + 30
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                time.sleep(0.1)
-        for name in os.listdir("/sys/block"):
-            with contextlib.suppress(OSError):
-                with open(f"/sys/block/{name}/loop/backing_file") as f:
-                    if f.read().startswith(self.base):
-                        subprocess.run(["losetup", "-d", f"/dev/{name}"], timeout=60)
-        if system.is_mountpoint(export):
-            subprocess.run(["umount", "-l", export], timeout=60)
 
 
 @contextlib.contextmanager
@@ -181,7 +151,7 @@ def main() -> None:
         ref = f"{reg.registry}/bench/warm:v1"
         run([*lazyfs_cli, "push", f"oci:{layout}:warm", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
         # a long check interval: the benchmark asks for the hydrated file when it wants it
-        host = WarmLazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
+        host = Lazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
                       hydrated_check_interval=3600)
         stack.callback(host.close)
         buffered_mnt = os.path.join(work, "lazyfs", "mnt-buffered")
