@@ -123,16 +123,15 @@ def test_hydration_retries_after_failures_and_finishes(tmp_path):
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_a_hydrated_image_stays_local_while_another_image_churns_the_cache(tmp_path):
-    """A Host with a 3 MiB chunk cache: image A (2 MiB) hydrated, then image B (4 MiB) read in
-    full. B's reads evict B's own chunks, never A's: A stays hydrated. (Without the cache's
-    ``protected`` hook — tried once — A loses chunks and this test fails.)"""
-    from lazyfs.config import Config
-    from lazyfs.image.local import create_image
-    from lazyfs.image.ref import LocalRef
-    from lazyfs.serve.host import Host
+MiB = 1 << 20
 
-    MiB = 1 << 20
+
+def two_images(tmp_path):
+    """Local images "a" (2 MiB, random) and "b" (4 MiB), and a Host config with a 3 MiB chunk
+    cache (half a MiB of it in memory): a hydrated a fits, a and b together do not."""
+    from lazyfs.config import Config
+    from lazyfs.image.ref import LocalRef
+
     images = {}
     for name, size in (("a", 2 * MiB), ("b", 4 * MiB)):
         raw = tmp_path / f"raw-{name}"
@@ -141,10 +140,26 @@ def test_a_hydrated_image_stays_local_while_another_image_churns_the_cache(tmp_p
     config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
                     writable_root=str(tmp_path / "writable"), trace_record_seconds=0, readahead_chunks=0,
                     cache_size=3 * MiB, memory_cache_size=MiB // 2)
+    return images, config
+
+
+async def create_images(images) -> None:
+    from lazyfs.image.local import create_image
+
+    for local, raw in images.values():
+        await create_image(local, from_file=str(raw))
+
+
+def test_a_hydrated_image_stays_local_while_another_image_churns_the_cache(tmp_path):
+    """A Host with a 3 MiB chunk cache: image A (2 MiB) hydrated, then image B (4 MiB) read in
+    full. B's reads evict B's own chunks, never A's: A stays hydrated. (Without the cache's
+    ``protected`` hook — tried once — A loses chunks and this test fails.)"""
+    from lazyfs.serve.host import Host
+
+    images, config = two_images(tmp_path)
 
     async def main():
-        for local, raw in images.values():
-            await create_image(local, from_file=str(raw))
+        await create_images(images)
         with trio.fail_after(120):
             async with Host.open(config) as host:
                 a = await host.attach(f"oci:{images['a'][0].path}:v1", name="a", hydrate=HydratePolicy())
@@ -171,9 +186,6 @@ def test_progress_is_a_counter_that_matches_a_recount_through_churn_and_restart(
     image b's counter stayed above the recount and this test went red; with statistics() scanning
     the chunk list again, the lookup count went red; without the count at construction, the
     restored image a read 0 chunks local and it went red."""
-    from lazyfs.config import Config
-    from lazyfs.image.local import create_image
-    from lazyfs.image.ref import LocalRef
     from lazyfs.serve import host as host_module
 
     lookups = [0]
@@ -184,15 +196,7 @@ def test_progress_is_a_counter_that_matches_a_recount_through_churn_and_restart(
             return super().__contains__(digest)
 
     monkeypatch.setattr(host_module, "ChunkCache", CountingCache)
-    MiB = 1 << 20
-    refs = {}
-    for name, size in (("a", 2 * MiB), ("b", 4 * MiB)):
-        raw = tmp_path / f"raw-{name}"
-        raw.write_bytes(random.Random(name).randbytes(size))
-        refs[name] = (LocalRef(str(tmp_path / f"layout-{name}"), "v1"), raw)
-    config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
-                    writable_root=str(tmp_path / "writable"), trace_record_seconds=0, readahead_chunks=0,
-                    cache_size=3 * MiB, memory_cache_size=MiB // 2)
+    refs, config = two_images(tmp_path)
 
     def check(host, att) -> dict:
         before = lookups[0]
@@ -208,8 +212,7 @@ def test_progress_is_a_counter_that_matches_a_recount_through_churn_and_restart(
             await att.device.read(offset, min(MiB, att.device.size - offset))
 
     async def main():
-        for local, raw in refs.values():
-            await create_image(local, from_file=str(raw))
+        await create_images(refs)
         manifests = {}
         with trio.fail_after(120):
             async with host_module.Host.open(config) as host:
