@@ -32,7 +32,8 @@ from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.serve import system
 from lazyfs.serve.control import call
-from tests.support.cleanup import release_under
+from tests.support.cli import run_lazyfs
+from tests.support.cleanup import loops_under, release_under
 from tests.support.containerd import oci_image_from_trees, push_oci_image
 from tests.support.proxy import FaultProxy
 from tests.support.registry import free_port, registry_fixture, write_auth_file
@@ -62,8 +63,7 @@ class World:
     counter: int = 0
 
     def lazyfs(self, *args: str, timeout: float = 300, config: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", config or self.config],
-                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        return run_lazyfs(config or self.config, *args, check=False, timeout=timeout)
 
     def fresh(self, name: str) -> str:
         self.counter += 1
@@ -150,8 +150,7 @@ def leftovers(w: World) -> list[str]:
     """What a failed command left attached: mounts, loop devices, daemon attachments, export links."""
     found = [f"mount {m.mountpoint}" for m in system.mounts()
              if m.mountpoint.startswith(str(w.tmp)) and m.mountpoint != w.export_dir]
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    found += [f"loop {line}" for line in loops.splitlines() if str(w.tmp) in line]
+    found += [f"loop {line}" for line in loops_under(w.tmp)]
     if os.path.exists(w.socket):
         found += [f"attachment {a['name']}" for a in call(w.socket, "list", timeout=30)]
     found += [f"link {p}" for p in (w.tmp / "out").glob("*/disk.img")] if (w.tmp / "out").exists() else []

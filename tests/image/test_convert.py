@@ -10,7 +10,6 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import tarfile
 from io import BytesIO
 
@@ -21,7 +20,8 @@ from lazyfs.config import Config, RegistrySettings
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.remote import ImageOpener
 from lazyfs.serve import system
-from tests.support.cleanup import release_under
+from tests.support.cli import run_lazyfs
+from tests.support.cleanup import loops_under, release_under
 from tests.support.notation import TestSigner
 from tests.support.ociimages import (
     debian_minbase_tar,
@@ -65,11 +65,7 @@ class Env:
         return path
 
     def lazyfs(self, *args, config=None, check=True, timeout=600):
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", config or self.config_path],
-                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-        if check and proc.returncode:
-            raise AssertionError(f"lazyfs {' '.join(args)} failed: {proc.stderr}")
-        return proc
+        return run_lazyfs(config or self.config_path, *args, check=check, timeout=timeout)
 
     def convert(self, src, dst, *args, config=None) -> dict:
         return json.loads(self.lazyfs("convert", src, dst, "--json", *args, config=config).stdout)
@@ -108,8 +104,7 @@ def module_env(registry, tmp_path_factory, name: str, why_root: str):
 def leftovers(tmp) -> list[str]:
     """Mounts and loop devices under *tmp* (conversion must leave none, even when it fails)."""
     found = [m.mountpoint for m in system.mounts() if m.mountpoint.startswith(str(tmp))]
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return found + [line for line in loops.splitlines() if str(tmp) in line and "/export/" not in line]
+    return found + [line for line in loops_under(tmp) if "/export/" not in line]
 
 
 # ---------------------------------------------------------------- the edge-case image

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-from contextlib import contextmanager
 
 import pytest
 import trio
@@ -41,15 +39,6 @@ def image(registry, tmp_path_factory):
     return ref, config
 
 
-@contextmanager
-def registry_stalled(registry):
-    os.kill(registry.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(registry.process.pid, signal.SIGCONT)
-
-
 def _open(config, cache, ref, pinned=None):
     async def main():
         async with ImageOpener(config) as opener:
@@ -67,7 +56,7 @@ def test_kept_metadata_opens_the_pinned_image_with_the_registry_stalled(image, r
     digest = first.image.manifest.digest
     assert not from_cache and cache.stats["manifests_stored"] == 1 and cache.stats["tails_stored"] >= 1
     assert os.path.exists(os.path.join(cache.image_dir(digest), "config"))
-    with registry_stalled(registry):
+    with registry.stopped():
         again, from_cache = _open(config, cache, ref, pinned=digest)
     assert from_cache and again.image == first.image
 
@@ -85,7 +74,7 @@ def test_damaged_files_are_never_used_and_are_repaired(image, registry, tmp_path
     with open(tail, "r+b") as f:
         f.seek(len(good) // 2)
         f.write(bytes([good[len(good) // 2] ^ 0xFF]))
-    with registry_stalled(registry):
+    with registry.stopped():
         with pytest.raises(LazyfsError):
             _open(config, cache, ref, pinned=digest)
     again, from_cache = _open(config, cache, ref, pinned=digest)
@@ -94,7 +83,7 @@ def test_damaged_files_are_never_used_and_are_repaired(image, registry, tmp_path
     manifest = os.path.join(cache.image_dir(digest), "manifest")
     with open(manifest, "ab") as f:
         f.write(b" ")
-    with registry_stalled(registry):
+    with registry.stopped():
         with pytest.raises(LazyfsError):
             _open(config, cache, ref, pinned=digest)
     assert cache.stats["manifests_rejected"] == 1 and not os.path.exists(manifest)

@@ -12,8 +12,6 @@ publish traces only with trace_publish.
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -28,6 +26,7 @@ from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.image.traces import ARTIFACT_TYPE as TRACE_TYPE
 from lazyfs.image.traces import save_trace
 from lazyfs.serve.host import Host
+from tests.support.cli import run_lazyfs
 from tests.support.cleanup import release_under
 from tests.support.notation import TestSigner
 from tests.support.ociimages import skopeo_copy, write_image
@@ -73,11 +72,7 @@ class Hosts:
         return path
 
     def lazyfs(self, *args, config: str, check=True):
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", config],
-                              capture_output=True, text=True, cwd=ROOT, timeout=600)
-        if check and proc.returncode:
-            raise AssertionError(f"lazyfs {' '.join(args)} failed: {proc.stderr}")
-        return proc
+        return run_lazyfs(config, *args, check=check, timeout=600)
 
     def convert(self, src, dst, *args, config) -> dict:
         return json.loads(self.lazyfs("convert", src, dst, "--json", "--quiet", *args, config=config).stdout)

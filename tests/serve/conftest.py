@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import trio
@@ -15,7 +13,8 @@ from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
-from tests.support.cleanup import release_under
+from tests.support.cli import run_lazyfs
+from tests.support.cleanup import loops_under, release_under
 from tests.support.registry import registry_fixture
 from tests.image.test_local import make_busybox_tree
 
@@ -36,11 +35,7 @@ class Env:
         self.socket = os.path.join(self.doc["run_dir"], "lazyfs.sock")
 
     def lazyfs(self, *args, check=True, timeout=120):
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config_path],
-                              capture_output=True, text=True, cwd=ROOT, timeout=timeout)
-        if check and proc.returncode:
-            raise AssertionError(f"lazyfs {' '.join(args)}: {proc.stderr}")
-        return proc
+        return run_lazyfs(self.config_path, *args, check=check, timeout=timeout)
 
     def daemon_pid(self):
         return call(self.socket, "ping", timeout=10)["pid"]
@@ -77,8 +72,7 @@ def env(registry, tmp_path_factory):
 def leftovers(env) -> list[str]:
     """Mounts and loop devices of this test environment still around."""
     found = [m.mountpoint for m in system.mounts() if m.mountpoint.startswith(str(env.tmp) + "/mnt")]
-    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    found += [line for line in loops.splitlines() if "/export/" in line and str(env.tmp) in line]
+    found += [line for line in loops_under(env.tmp) if "/export/" in line]
     return found
 
 

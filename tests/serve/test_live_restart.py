@@ -30,6 +30,7 @@ from lazyfs.serve.control import call
 from lazyfs.serve.fusekernel import keeper
 from lazyfs.serve.singleton import owner_pid
 from tests.serve.conftest import ROOT
+from tests.support.cli import run_lazyfs
 from tests.support.cleanup import release_under
 from tests.support.proxy import FaultKind, FaultProxy
 
@@ -76,11 +77,7 @@ class Stack:
         self.socket = os.path.join(self.doc["run_dir"], "lazyfs.sock")
 
     def lazyfs(self, *args, check=True):
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config],
-                              capture_output=True, text=True, cwd=ROOT, timeout=120)
-        if check and proc.returncode:
-            raise AssertionError(f"lazyfs {' '.join(args)}: {proc.stderr}")
-        return proc
+        return run_lazyfs(self.config, *args, check=check, timeout=120)
 
     def start_daemon(self) -> subprocess.Popen:
         log = open(self.tmp / "daemon2.log", "ab")

@@ -53,16 +53,6 @@ def offline(env):
     return env
 
 
-@contextmanager
-def network_cut(registry):
-    """The registry stops answering (its process is stopped) until the block ends."""
-    os.kill(registry.process.pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(registry.process.pid, signal.SIGCONT)
-
-
 def _wait(predicate, what):
     for _ in range(WAIT_STEPS):
         try:
@@ -141,7 +131,7 @@ def test_hydrated_image_runs_with_the_network_cut_across_a_restart(offline, regi
     assert "hydrated: yes" in human
     proc = None
     try:
-        with network_cut(registry):
+        with registry.stopped():  # the network is cut
             _checksum_every_file(env, str(export / "disk.img"), "mnt-hydrated")  # the running daemon
             proc = _restart_daemon(env)
             restored = {a["name"]: a for a in call(env.socket, "list", timeout=10)}
@@ -258,7 +248,7 @@ def test_restart_offline_restores_a_partly_cached_image(offline, registry):
     size = os.path.getsize(disk)
     proc = None
     try:
-        with network_cut(registry):
+        with registry.stopped():  # the network is cut
             proc = _restart_daemon(env)
             assert name in {a["name"] for a in call(env.socket, "list", timeout=10)}
             with open(disk, "rb") as f:

@@ -15,7 +15,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -27,6 +26,7 @@ from lazyfs.image.local import create_image
 from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ImageOpener, push_image
 from tests.image.test_local import make_busybox_tree
+from tests.support.cli import run_lazyfs
 from tests.support.cleanup import release_under
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop]
@@ -74,11 +74,7 @@ class Host:
         os.chmod(self.config, 0o644)
 
     def lazyfs(self, *args, check=True):
-        proc = subprocess.run([sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config],
-                              capture_output=True, text=True, cwd=ROOT, timeout=300)
-        if check and proc.returncode:
-            raise AssertionError(f"lazyfs {' '.join(args)}: {proc.stderr}")
-        return proc
+        return run_lazyfs(self.config, *args, check=check, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,12 @@ def loop_backing_files() -> list[tuple[str, str]]:
     return found
 
 
+def loops_under(directory: str | os.PathLike) -> list[str]:
+    """``/dev/loopN: backing file`` of every loop device backed by a file under *directory*."""
+    prefix = os.fspath(directory).rstrip("/") + "/"
+    return [f"{dev}: {backing}" for dev, backing in loop_backing_files() if backing.startswith(prefix)]
+
+
 def release_under(directory: str | os.PathLike, daemon_socket: str | None = None, timeout: float = 20.0) -> None:
     """Unmount everything mounted below *directory* (deepest first), detach loop devices whose
     backing file is below it, then stop the daemon answering on *daemon_socket* (bounded wait)

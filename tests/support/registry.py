@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -430,6 +431,16 @@ class RegistryInfo:
     token_server: TokenServer | None = None
     pki: LocalPKI | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The registry stops answering until the block ends: its process is stopped (SIGSTOP),
+        so connections hang as over a dead link instead of being refused."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def config(self, **overrides: object) -> RegistryConfig:
         """The client configuration for this registry (plain HTTP unless TLS, our CA)."""
