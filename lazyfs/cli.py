@@ -55,14 +55,21 @@ def _print(result: object, as_json: bool) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def _run_with_progress(args: argparse.Namespace, run):
-    """``trio.run(run, progress)``: a rich progress display unless --quiet or --json."""
+def _run_with_progress(args: argparse.Namespace, run, summary) -> int:
+    """``trio.run(run, progress)`` (a rich progress display unless --quiet or --json), then print
+    its result: as JSON with --json, else the line ``summary(result)`` unless --quiet."""
     if args.quiet or args.json:
-        return trio.run(run, None)
-    from lazyfs.image.progress import RichProgress
+        result = trio.run(run, None)
+    else:
+        from lazyfs.image.progress import RichProgress
 
-    with RichProgress() as progress:
-        return trio.run(run, progress)
+        with RichProgress() as progress:
+            result = trio.run(run, progress)
+    if args.json:
+        _print(result, True)
+    elif not args.quiet:
+        print(summary(result))
+    return 0
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -294,14 +301,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             async with ImageOpener(_config(args)) as opener:
                 return await verify_remote(opener, args.image, progress)
 
-        result = _run_with_progress(args, run)
-        if args.json:
-            _print(result, True)
-        elif not args.quiet:
-            print(f"{args.image}: {result['manifest']}, anchored by {result['anchor']}: config, "
-                  f"{result['layers']} layer(s), {result['chunks_checked']} chunks and {result['bytes_checked']} "
-                  f"bytes match their digests")
-        return 0
+        return _run_with_progress(args, run, lambda result: (
+            f"{args.image}: {result['manifest']}, anchored by {result['anchor']}: config, "
+            f"{result['layers']} layer(s), {result['chunks_checked']} chunks and {result['bytes_checked']} "
+            f"bytes match their digests"))
     problems = trio.run(verify_image, _local(args.image))
     for problem in problems:
         print(f"BAD {problem}")
@@ -351,13 +354,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return await convert_image(opener, args.source, args.target, platform=args.platform,
                                        chunk_size=args.chunk_size, use_cache=not args.no_cache, progress=progress)
 
-    result = _run_with_progress(args, run)
-    if args.json:
-        _print(result, True)
-    elif not args.quiet:
-        print(f"{result['target']}: {result['manifest']} ({result['layers_converted']} layer(s) converted, "
-              f"{result['layers_reused']} reused, {result['bytes_pushed']} bytes pushed, {result['seconds']:.1f} s)")
-    return 0
+    return _run_with_progress(args, run, lambda result: (
+        f"{result['target']}: {result['manifest']} ({result['layers_converted']} layer(s) converted, "
+        f"{result['layers_reused']} reused, {result['bytes_pushed']} bytes pushed, {result['seconds']:.1f} s)"))
 
 
 def cmd_index(args: argparse.Namespace) -> int:
@@ -369,14 +368,10 @@ def cmd_index(args: argparse.Namespace) -> int:
             return await index_image(opener, args.source, platform=args.platform, chunk_size=args.chunk_size,
                                      span_size=args.span_size, progress=progress)
 
-    result = _run_with_progress(args, run)
-    if args.json:
-        _print(result, True)
-    elif not args.quiet:
-        print(f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
-              f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
-              f"built in {result['build_seconds']:.1f} s)")
-    return 0
+    return _run_with_progress(args, run, lambda result: (
+        f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
+        f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
+        f"built in {result['build_seconds']:.1f} s)"))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
