@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,6 +41,24 @@ def print_results(results: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def push_tree_image(tree: str, work: str, registry: str, name: str) -> tuple[str, str]:
+    """The ext4 image ``work/name.ext4`` of *tree* (which is removed then), made a lazyfs image
+    ``oci:work/layout:name`` by ``lazyfs create`` and pushed by ``lazyfs push`` to
+    ``registry/bench/name:v1``: (that ext4 file, that reference)."""
+    from lazyfs.image.local import mkfs_from_dir  # the scripts put the checkout on sys.path
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raw = os.path.join(work, f"{name}.ext4")
+    mkfs_from_dir(tree, raw)
+    shutil.rmtree(tree)
+    layout, ref = f"oci:{os.path.join(work, 'layout')}:{name}", f"{registry}/bench/{name}:v1"
+    cli = [sys.executable, "-m", "lazyfs.cli"]
+    env = {**os.environ, "PYTHONPATH": root}
+    for args in (["create", layout, "--from-file", raw], ["push", layout, ref, "--plain-http", registry]):
+        subprocess.run([*cli, *args], check=True, capture_output=True, env=env, cwd=root, timeout=900)
+    return raw, ref
 
 
 def detach_loops_under(prefix: str) -> list[str]:

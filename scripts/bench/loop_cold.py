@@ -30,9 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import drop_caches  # noqa: E402
+from benchlib import drop_caches, push_tree_image  # noqa: E402
 from mount import Lazyfs, run  # noqa: E402
-from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
 
@@ -56,8 +55,6 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("loop_cold.py needs root")
     work = tempfile.mkdtemp(prefix="lazyfs-bench-loopcold-", dir=args.workdir)
-    lazyfs_cli = [sys.executable, "-m", "lazyfs.cli"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
     results: dict = {"date": time.strftime("%Y-%m-%d"), "loadavg_start": os.getloadavg(), "runs": {}}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
@@ -65,14 +62,8 @@ def main() -> None:
         os.makedirs(tree)
         for src in sorted(glob.glob("/usr/lib/python3*")) + ["/usr/share/doc"]:
             run(["cp", "-a", src, os.path.join(tree, os.path.basename(src))])
-        raw = os.path.join(work, "image.ext4")
-        mkfs_from_dir(tree, raw)
-        shutil.rmtree(tree)
         reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
-        layout = os.path.join(work, "layout")
-        run([*lazyfs_cli, "create", f"oci:{layout}:cold", "--from-file", raw], env=env, cwd=ROOT)
-        ref = f"{reg.registry}/bench/cold:v1"
-        run([*lazyfs_cli, "push", f"oci:{layout}:cold", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
+        _, ref = push_tree_image(tree, work, reg.registry, "cold")
         for i in range(args.repeat):
             for route in ("direct", "buffered"):
                 host = Lazyfs(os.path.join(work, f"{route}-{i}"), reg.registry, trace_record_seconds=0,

@@ -43,9 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import drop_caches, run_header  # noqa: E402
+from benchlib import drop_caches, push_tree_image, run_header  # noqa: E402
 from mount import Lazyfs, run, write_bigfile  # noqa: E402
-from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
@@ -135,21 +134,13 @@ def main() -> None:
         raise SystemExit("warm.py needs root (FUSE, loop devices, mounts)")
     work = tempfile.mkdtemp(prefix="lazyfs-bench-warm-", dir=args.workdir)
     results: dict = {**run_header(), "size_mib": args.size, "seconds": args.seconds}
-    lazyfs_cli = [sys.executable, "-m", "lazyfs.cli"]
-    env = {**os.environ, "PYTHONPATH": ROOT}
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, True)
         tree = os.path.join(work, "tree")
         os.makedirs(tree)
         write_bigfile(os.path.join(tree, "bigfile"), args.size << 20)
-        raw = os.path.join(work, "local.ext4")
-        mkfs_from_dir(tree, raw)
-        shutil.rmtree(tree)
         reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
-        layout = os.path.join(work, "layout")
-        run([*lazyfs_cli, "create", f"oci:{layout}:warm", "--from-file", raw], env=env, cwd=ROOT)
-        ref = f"{reg.registry}/bench/warm:v1"
-        run([*lazyfs_cli, "push", f"oci:{layout}:warm", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
+        raw, ref = push_tree_image(tree, work, reg.registry, "warm")
         # a long check interval: the benchmark asks for the hydrated file when it wants it
         host = Lazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
                       hydrated_check_interval=3600)
