@@ -289,3 +289,44 @@ def test_a_disk_hit_refreshes_the_file_time_at_most_once_per_epoch(tmp_path):
         assert os.stat(path).st_mtime > 1_000_000_000
 
     run(main)
+
+
+def test_watchers_hear_every_change_of_membership(tmp_path):
+    """``watch`` reports each change of ``digest in cache``, through every tier: pending, disk,
+    a failed disk write, memory drops and disk evictions; a replay of the reports always equals
+    ``in``. Broken on purpose once: without the report after a failed write (``write_pending``'s
+    finally) the replay kept the chunk and this test went red."""
+    cache = ChunkCache(tmp_path / "c", max_bytes=40 * K, memory_bytes=20 * K)
+    chunks = [chunk(n) for n in range(5)]
+    seen: set[bytes] = set()
+    events = []
+
+    def heard(digest: bytes, present: bool) -> None:
+        assert (digest in seen) != present, "a report that changed nothing"
+        (seen.add if present else seen.discard)(digest)
+        events.append((digest, present))
+
+    unwatch = cache.watch(heard)
+
+    def check() -> None:
+        assert seen == {d for d, _ in chunks if d in cache}
+
+    async def main():
+        d0, r0 = chunks[0]
+        (tmp_path / "c" / d0.hex()[:2]).write_bytes(b"")  # its directory is a file: the write fails
+        cache.admit(d0, r0, memory=False)  # pending only
+        check()
+        assert d0 in seen
+        await cache.write_pending(d0)
+        check()
+        assert d0 not in seen and cache.statistics()["write_errors"] == 1
+        for digest, raw in chunks[1:]:  # 16 KiB each: memory holds one, disk two
+            await cache.put(digest, raw)
+            check()
+        assert cache.statistics()["evictions"] > 0
+        unwatch()
+        count = len(events)
+        await cache.put(*chunk(9))
+        assert len(events) == count  # no longer watching
+
+    run(main)
