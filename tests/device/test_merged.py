@@ -1,5 +1,3 @@
-import random
-
 import pytest
 import trio
 from hypothesis import given, settings, strategies as st

@@ -34,11 +34,8 @@ from lazyfs.format.oci import (
     ANN_META_OFFSET,
     ANN_VIRTUAL_SIZE,
     MAX_JSON_DEPTH,
-    json_depth,
     MEDIA_TYPE_CONFIG,
-    Descriptor,
     LayerDescriptor,
-    build_manifest,
     parse_json,
     parse_manifest,
 )

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
