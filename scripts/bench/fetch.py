@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from benchlib import nbdfuse_file, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
+from mount import loop_mount  # noqa: E402
 from lazyfs.config import Config, RegistrySettings  # noqa: E402
 from lazyfs.device.index import MergedIndex  # noqa: E402
 from lazyfs.fetch.direct import DirectChunkSource  # noqa: E402
@@ -61,7 +62,6 @@ from lazyfs.format.reference import parse_reference  # noqa: E402
 from lazyfs.image.local import create_image, mkfs_from_dir, open_local  # noqa: E402
 from lazyfs.image.ref import LocalRef  # noqa: E402
 from lazyfs.image.remote import ImageOpener, push_image  # noqa: E402
-from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.host import Host  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
@@ -103,14 +103,6 @@ def stage_tree(sources: list[str], tree: str, min_bytes: int) -> list[str]:
 # ---------------------------------------------------------------- the startup trace (nbdkit log)
 
 
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def startup_commands(mnt: str) -> str:
     """``ls -lR`` of the whole tree, then read every Nth regular file (sorted paths)."""
     return (f"ls -lR {mnt} >/dev/null && find {mnt} -type f | LC_ALL=C sort | "
@@ -125,17 +117,10 @@ def record_startup_trace(raw: str, work: str) -> list[list[tuple[int, int]]]:
     """
     fusedir, mnt, log = os.path.join(work, "nbd"), os.path.join(work, "nbd-mnt"), os.path.join(work, "nbdkit.log")
     os.makedirs(mnt)
-    with nbdfuse_file(raw, fusedir, filters=("--filter=log",), plugin_args=(f"logfile={log}",)) as nbd_file:
-        # attached exactly as `lazyfs mount` attaches its exported file (read-only, direct I/O)
-        loop = trio.run(system.losetup_attach, nbd_file, True)
-        try:
-            run(["mount", "-t", "ext4", "-o", "ro,noload", loop, mnt])
-            try:
-                run(["sh", "-c", startup_commands(mnt)], timeout=600)
-            finally:
-                subprocess.run(["umount", mnt], timeout=60)
-        finally:
-            trio.run(system.losetup_detach, loop)
+    # attached exactly as `lazyfs mount` attaches its exported file (read-only, direct I/O)
+    with nbdfuse_file(raw, fusedir, filters=("--filter=log",), plugin_args=(f"logfile={log}",)) as nbd_file, \
+            loop_mount(nbd_file, mnt):
+        run(["sh", "-c", startup_commands(mnt)], timeout=600)
     return parse_nbdkit_log(log)
 
 

@@ -259,11 +259,18 @@ def fio(path: str, rw: str, bs: str, seconds: int) -> dict:
 
 
 @contextlib.contextmanager
-def loop_mount(path: str, target: str):
-    """Attach *path* like `lazyfs mount` does (read-only, direct I/O if accepted) and mount its ext4."""
+def loop_mount(path: str, target: str, direct_io: bool | None = None):
+    """Attach *path* read-only and mount its ext4 at *target*; yields the loop device. By default
+    as `lazyfs mount` attaches (direct I/O if accepted); with *direct_io* True or False, exactly
+    that, with lazyfs's readahead."""
     os.makedirs(target, exist_ok=True)
-    dev = trio.run(system.losetup_attach, path, True)
+    if direct_io is None:
+        dev = trio.run(system.losetup_attach, path, True)
+    else:
+        dev = run(["losetup", "--show", "-f", "-r", *(["--direct-io=on"] if direct_io else []), path]).stdout.strip()
     try:
+        if direct_io is not None:
+            run(["blockdev", "--setra", str(system.READAHEAD_SECTORS), dev])
         run(["mount", "-t", "ext4", "-o", "ro,noload", dev, target])
         try:
             yield dev

@@ -35,7 +35,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
@@ -44,7 +43,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import drop_caches, push_tree_image, run_header  # noqa: E402
-from mount import Lazyfs, run, write_bigfile  # noqa: E402
+from mount import Lazyfs, loop_mount, run, write_bigfile  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
@@ -63,22 +62,6 @@ def fio(path: str, rw: str, bs: str, seconds: int, one_pass: bool) -> dict:
               timeout=seconds + 120).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
     return {"MBps": job["bw_bytes"] / 1e6, "iops": job["iops"], "bytes": job["io_bytes"]}
-
-
-@contextlib.contextmanager
-def local_loop(path: str, target: str, direct_io: bool):
-    os.makedirs(target, exist_ok=True)
-    cmd = ["losetup", "--show", "-f", "-r"] + (["--direct-io=on"] if direct_io else []) + [path]
-    dev = run(cmd).stdout.strip()
-    try:
-        run(["blockdev", "--setra", str(system.READAHEAD_SECTORS), dev])
-        run(["mount", "-t", "ext4", "-o", "ro,noload", dev, target])
-        try:
-            yield dev
-        finally:
-            subprocess.run(["umount", target], timeout=60)
-    finally:
-        subprocess.run(["losetup", "-d", dev], timeout=60)
 
 
 def backing_of(dev: str) -> str:
@@ -155,9 +138,9 @@ def main() -> None:
         hydrated_mnt = os.path.join(work, "lazyfs", "mnt-hydrated")
         mounted_h = host.mount(ref, hydrated_mnt)
         assert mounted_h["loop_route"] == "hydrated", mounted_h
-        targets = {"local-buffered": (stack.enter_context(local_loop(raw, os.path.join(work, "mnt-lb"), False)),
+        targets = {"local-buffered": (stack.enter_context(loop_mount(raw, os.path.join(work, "mnt-lb"), False)),
                                       os.path.join(work, "mnt-lb", "bigfile")),
-                   "local-direct": (stack.enter_context(local_loop(raw, os.path.join(work, "mnt-ld"), True)),
+                   "local-direct": (stack.enter_context(loop_mount(raw, os.path.join(work, "mnt-ld"), True)),
                                     os.path.join(work, "mnt-ld", "bigfile")),
                    "lazyfs-buffered": (mounted["loop"], os.path.join(buffered_mnt, "bigfile")),
                    "lazyfs-hydrated": (mounted_h["loop"], os.path.join(hydrated_mnt, "bigfile"))}
