@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 import trio
@@ -75,15 +76,21 @@ def test_read_only_mount_uses_a_buffered_loop_whose_rereads_never_reach_lazyfs(w
     assert leftovers(env) == []
 
 
-def test_writable_mount_keeps_direct_io(wenv):
-    env = wenv
-    target = env.tmp / "mnt-writable"
+@contextmanager
+def writable_mount(env, name: str):
+    """The image mounted writable at a fresh target (its `lazyfs mount --json` output), unmounted after."""
+    target = env.tmp / name
     target.mkdir()
     info = json.loads(env.lazyfs("mount", env.ref, str(target), "--writable", "--json").stdout)
     try:
-        assert info["loop_route"] == "direct" and system.loop_direct_io(info["loop"])
+        yield info
     finally:
         env.lazyfs("umount", str(target))
+
+
+def test_writable_mount_keeps_direct_io(wenv):
+    with writable_mount(wenv, "mnt-writable") as info:
+        assert info["loop_route"] == "direct" and system.loop_direct_io(info["loop"])
 
 
 def test_a_fully_local_image_is_hydrated_and_new_mounts_bypass_fuse(wenv):
@@ -126,16 +133,10 @@ def test_a_fully_local_image_is_hydrated_and_new_mounts_bypass_fuse(wenv):
 
 
 def test_hydrate_file_refuses_a_writable_attachment(wenv):
-    env = wenv
-    target = env.tmp / "mnt-hw"
-    target.mkdir()
-    info = json.loads(env.lazyfs("mount", env.ref, str(target), "--writable", "--json").stdout)
-    try:
+    with writable_mount(wenv, "mnt-hw") as info:
         with pytest.raises(Exception) as exc:
-            call(env.socket, "hydrate-file", name=info["name"], timeout=30)
+            call(wenv.socket, "hydrate-file", name=info["name"], timeout=30)
         assert "writable" in str(exc.value)
-    finally:
-        env.lazyfs("umount", str(target))
 
 
 def test_a_hydrated_mount_keeps_working_when_the_daemon_dies(wenv):
