@@ -33,12 +33,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from benchlib import drop_caches, print_results  # noqa: E402
 from tests.support.ociimages import run, tar_tree, umoci_unpack, write_image  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
+
+from benchlib import drop_caches, print_results  # noqa: E402  (this folder: sys.path[0] when run)
 
 DEFAULT_TREES = ["/usr/lib/python3.11", "/usr/share/perl:/usr/lib/x86_64-linux-gnu/perl-base", "/etc:/usr/share/zoneinfo"]
 
