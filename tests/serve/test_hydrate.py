@@ -139,7 +139,8 @@ def two_images(tmp_path):
         images[name] = (LocalRef(str(tmp_path / f"layout-{name}"), "v1"), raw)
     config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
                     writable_root=str(tmp_path / "writable"), trace_record_seconds=0, readahead_chunks=0,
-                    cache_size=3 * MiB, memory_cache_size=MiB // 2)
+                    cache_size=3 * MiB, memory_cache_size=MiB // 2,
+                    flat_cache_size=0)  # B's demand reads must go to the chunk tier (with flat files they go there)
     return images, config
 
 
