@@ -176,6 +176,10 @@ def plan_backstore(layout: Layout, info: DeviceInfo) -> list[Step]:
         WriteAttr(layout.backstore / "control",
                   control_string(usable, layout.dev_config, info.block_size, info.max_transfer_blocks)),
         WriteAttr(layout.backstore / "enable", "1"),
+        # no ring timeout (the default fails a command the handler has not answered in 30 s with
+        # CHECK CONDITION): across a daemon restart, commands wait on the kept ring for the next
+        # daemon. Settable only while the device has no LUN.
+        WriteAttr(layout.backstore / "attrib" / "cmd_time_out", "0"),
     ]
 
 

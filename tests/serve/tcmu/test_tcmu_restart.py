@@ -1,0 +1,157 @@
+"""A TCMU LUN across ``kill -9`` of the daemon and a restart: a reader of an ext4 mounted from the
+LUN (/dev/sdX) sees zero read errors and every checksum matches.
+
+Real kernel (target_core_user + tcm_loop), real registry behind a fault proxy, real ext4. The
+proxy holds every blob read once the LUN is mounted, so the reader's next cold read is provably
+a SCSI command the daemon has taken off the ring and not answered when it is killed. The keeper
+keeps the uio fd; the new daemon takes it over, maps the ring again and serves that command.
+
+``test_tcmu_restart_in_qemu_guest`` runs it in a qemu guest booted with the host's Debian kernel
+(this host has no target_core_user); ``test_lun_survives_kill_9_and_restart`` is the test itself,
+run directly where the kernel has TCMU.
+
+Broken on purpose once (2026-12-06): with the uio fd not handed to a keeper (``keep=None`` in
+``Daemon.tcmu_attach``), the kill closes the device, the new daemon finds nothing kept, removes
+the stale LUN and makes a new one: the reader failed with a read error (status 7) and the test
+went red.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazyfs.serve.control import call
+from lazyfs.serve.singleton import owner_pid
+from lazyfs.serve.tcmu import keep
+from tests.serve.tcmu.test_tcmu_real_kernel import GUEST_MODULES, unavailable_reason
+from tests.serve.test_live_restart import READER, Stack, checksums, wait_for
+from tests.support.cleanup import release_under
+from tests.support.proxy import FaultKind, FaultProxy
+
+LUN = "restart-lun"
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.registry
+@pytest.mark.timeout(600)
+def test_lun_survives_kill_9_and_restart(env, tmp_path):
+    reason = unavailable_reason()
+    if reason:
+        print(f"SKIP real-kernel TCMU restart: {reason}")
+        pytest.skip(reason)
+    with FaultProxy.running_in_thread(env.registry.port) as proxy:
+        stack = Stack(env, tmp_path, proxy)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        reader, mounted, attached = None, False, False
+        try:
+            out = stack.lazyfs("tcmu", "attach", stack.ref, LUN).stdout
+            attached = True
+            disk = re.search(r"SCSI disk (/dev/\S+)", out).group(1)
+            _run("mount", "-o", "ro,noload", disk, str(mnt))
+            mounted = True
+            expected = checksums(str(env.src))
+            (tmp_path / "expected.json").write_text(json.dumps(expected))
+            # from now on every blob read waits: the reader's first cold read stays in flight
+            proxy.faults.stall(path="/blobs/", method="GET")
+            stop, progress = tmp_path / "stop", tmp_path / "progress.json"
+            reader = subprocess.Popen([sys.executable, READER, str(mnt), str(tmp_path / "expected.json"),
+                                       str(progress), str(stop)], stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: [r for r in proxy.requests("GET", "/blobs/") if r.fault == FaultKind.STALL],
+                     "a read in flight in the daemon", timeout=120)
+            old = stack.pid()
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: owner_pid(stack.doc["run_dir"]) is None, "the old daemon's exit")
+            proxy.faults.clear()
+            from lazyfs.serve.fusekernel import keeper
+
+            assert keeper.alive(keep.socket_path(stack.doc["run_dir"], LUN))  # the uio fd lives on
+            assert reader.poll() is None  # waiting, not failing
+            stack.start_daemon()
+            stop.touch()
+            try:
+                reader.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                raise AssertionError("the reader is stuck: the command in flight at the kill was never answered")
+            assert reader.returncode == 0, reader.stderr.read()
+            assert json.loads(progress.read_text())["passes"] >= 2
+            listed = {a["name"]: a for a in call(stack.socket, "list", timeout=30)}
+            assert listed[f"tcmu-{LUN}"]["front_end"]["tcmu"] == LUN  # a LUN again, not a FUSE export
+            export_dir = call(stack.socket, "ping", timeout=30)["export_dir"]
+            assert not os.path.exists(os.path.join(export_dir, f"tcmu-{LUN}"))
+            log = (Path(stack.doc["run_dir"]) / "daemon.log").read_text() + (tmp_path / "daemon2.log").read_text()
+            assert f"restored TCMU LUN {LUN}" in log and "took over its uio fd from the keeper" in log, log[-3000:]
+            _run("umount", str(mnt))
+            mounted = False
+            stack.lazyfs("tcmu", "detach", LUN)
+            attached = False
+            assert not keeper.alive(keep.socket_path(stack.doc["run_dir"], LUN))  # detached for good: let go
+        finally:
+            if reader is not None and reader.poll() is None:
+                reader.kill()
+            if mounted:
+                subprocess.run(["umount", "-l", str(mnt)], timeout=60)
+            if attached:
+                stack.lazyfs("tcmu", "detach", LUN, check=False)
+            release_under(tmp_path, stack.socket)
+
+
+GUEST_SCRIPT = r"""
+set -e
+mount -t configfs none /sys/kernel/config
+mkdir -p /host
+mount -t virtiofs -o ro root /host
+mount -t proc proc /host/proc
+mount -t sysfs sysfs /host/sys
+mount -t configfs none /host/sys/kernel/config
+mount -t devtmpfs devtmpfs /host/dev
+mkdir -p /repo
+mount --bind /host{repo} /repo
+mount -t ext4 /dev/vda /host/tmp
+chmod 1777 /host/tmp
+mount -t tmpfs tmpfs /host/run
+mkdir -p /host{repo}
+mount --bind /repo /host{repo}
+chroot /host /bin/sh -c 'ip link set lo up && cd {repo} && PYTHONDONTWRITEBYTECODE=1 HOME=/tmp {python} -m pytest -q -x \
+    -p no:cacheprovider --basetemp=/tmp/pt -s -o log_cli=true --log-cli-level={log_level} \
+    tests/serve/tcmu/test_tcmu_restart.py -k test_lun_survives_kill_9_and_restart'
+"""
+
+
+@pytest.mark.qemu
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tcmu_restart_in_qemu_guest(tmp_path):
+    """Boot the host's kernel with target_core_user + tcm_loop and run the restart test inside it.
+
+    The guest's /tmp is an ext4 disk, not a tmpfs: the test image's tree has a user xattr, which
+    tmpfs refuses before kernel 6.6 (Debian 12's kernel is 6.1)."""
+    from tests.support import guest as G
+
+    if unavailable_reason() is None:
+        pytest.skip("the host kernel has target_core_user: test_lun_survives_kill_9_and_restart ran on it")
+    vm = G.require_qemu(GUEST_MODULES + ("virtio_blk",), virtiofs=True)
+    scratch = tmp_path / "guest-tmp.img"
+    with open(scratch, "wb") as f:
+        f.truncate(2 << 30)  # sparse
+    _run("mkfs.ext4", "-q", "-F", str(scratch))
+    repo = Path(__file__).resolve().parents[3]
+    script = GUEST_SCRIPT.format(repo=repo, python=sys.executable,
+                                 log_level=os.environ.get("LAZYFS_TCMU_GUEST_LOG", "WARNING"))
+    initrd = G.build_initrd(modules=vm.modules, init_script=script, kernel=vm.kernel)
+    result = G.boot(vm.vmlinux, initrd, drives=[scratch], virtiofs=G.Share(Path("/"), "root"), timeout=600, memory_mb=1024,
+                    append=os.environ.get("LAZYFS_TCMU_GUEST_APPEND", ""))
+    print(result.output)
+    result.check()
+    assert "1 passed" in result.output, result.output
