@@ -87,7 +87,7 @@ def test_lun_survives_kill_9_and_restart(env, tmp_path):
             assert reader.returncode == 0, reader.stderr.read()
             assert json.loads(progress.read_text())["passes"] >= 2
             listed = {a["name"]: a for a in call(stack.socket, "list", timeout=30)}
-            assert listed[f"tcmu-{LUN}"]["front_end"]["tcmu"] == LUN  # a LUN again, not a FUSE export
+            assert listed[f"tcmu-{LUN}"]["tcmu"] == LUN  # a LUN again, not a FUSE export
             export_dir = call(stack.socket, "ping", timeout=30)["export_dir"]
             assert not os.path.exists(os.path.join(export_dir, f"tcmu-{LUN}"))
             log = (Path(stack.doc["run_dir"]) / "daemon.log").read_text() + (tmp_path / "daemon2.log").read_text()
