@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -103,7 +102,8 @@ class Daemon:
 
     async def _restore_tcmu(self, rec: AttachmentRecord) -> None:
         """Serve a TCMU LUN again: take over its kept uio fd (the LUN never went away: readers
-        only waited), or, when nobody kept it, remove the dead daemon's LUN and make it afresh."""
+        only waited), or, when nobody kept it, open its uio device again. Never torn down here:
+        removing a LUN with commands on its ring blocks until they are answered."""
         from lazyfs.serve.tcmu import configfs, keep
 
         lun = rec.front_end.tcmu
@@ -117,23 +117,19 @@ class Daemon:
             return
         try:
             kept = await trio.to_thread.run_sync(keep.take, self.config.run_dir, lun)
-            device = None
-            if kept is not None:
-                fd, _uio, kind = kept
-                try:
-                    device = await configfs.adopt(att.device, lun, fd, nursery=self.nursery, block_size=block_size)
-                    log.info("restored TCMU LUN %s (%s): took over its uio fd from the %s", lun, rec.image, kind)
-                except NotFoundError as exc:
-                    log.warning("TCMU LUN %s: %s", lun, exc)
-            if device is None:
-                log.warning("TCMU LUN %s was not kept: its stale LUN is removed (its readers get errors) and "
-                            "made afresh", lun)
-                configfs.check_available()
-                with contextlib.suppress(NotFoundError):
-                    await configfs.detach(lun)
-                await trio.to_thread.run_sync(keep.release, self.config.run_dir, lun)
-                device = await configfs.attach(att.device, lun, nursery=self.nursery, block_size=block_size,
-                                               keep=self._keeper_for(lun))
+            if kept is None:
+                # nobody kept the fd (the keeper was killed too): the kernel keeps the device and
+                # its ring across the close, and the owner is provably dead (we hold the daemon
+                # lock), so open it again
+                kept = await trio.to_thread.run_sync(configfs.reopen, lun)
+            if kept is None:
+                raise NotFoundError(f"its uio device is gone or busy; `lazyfs tcmu detach {lun}` removes "
+                                    "what is left of it")
+            fd, _uio, kind = kept
+            await configfs.adopt(att.device, lun, fd, nursery=self.nursery, block_size=block_size)
+            log.info("restored TCMU LUN %s (%s): took over its uio fd from the %s", lun, rec.image, kind)
+            if kind == "uio device":  # keep it from now on
+                await trio.to_thread.run_sync(self._keeper_for(lun), self._adopted_fd(lun), _uio)
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await self.host.detach(att.name, save=False)
@@ -142,6 +138,12 @@ class Daemon:
                 return
             raise
         self.luns[lun] = att.name
+
+    @staticmethod
+    def _adopted_fd(lun: str) -> int:
+        from lazyfs.serve.tcmu import configfs
+
+        return configfs.attached(lun).uio.fileno()
 
     def _keeper_for(self, lun: str) -> Callable[[int, str], None]:
         from lazyfs.serve.tcmu import keep

@@ -384,6 +384,30 @@ async def adopt(source: BlockSource, name: str, fd: int, *, nursery: trio.Nurser
     return device
 
 
+def reopen(name: str, *, configfs: Path = CONFIGFS_TARGET, sys_class_uio: Path = SYS_CLASS_UIO,
+           dev: Path = DEV) -> tuple[int, str, str] | None:
+    """Open the uio device of LUN *name* again after its owner died without a keeper: the
+    kernel keeps the device, its ring and the commands on it across the close. ``(fd, uioN,
+    "uio device")``, or None if the device is gone or still open (EBUSY: someone holds it)."""
+    uio_dev = find_uio(Layout(validate_name(name), configfs), sys_class_uio)
+    if uio_dev is None:
+        return None
+    try:
+        fd = os.open(dev / uio_dev, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log.warning("TCMU %s: cannot open %s again: %s", name, dev / uio_dev, exc)
+        return None
+    return fd, uio_dev, "uio device"
+
+
+def attached(name: str) -> TcmuDevice:
+    """The device this process serves as *name* (NotFoundError if none)."""
+    device = _ATTACHED.get(name)
+    if device is None:
+        raise NotFoundError(f"TCMU device {name} is not attached here")
+    return device
+
+
 async def _serve(device: TcmuDevice, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     try:
         with device._scope:

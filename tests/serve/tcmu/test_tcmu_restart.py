@@ -5,15 +5,19 @@ Real kernel (target_core_user + tcm_loop), real registry behind a fault proxy, r
 proxy holds every blob read once the LUN is mounted, so the reader's next cold read is provably
 a SCSI command the daemon has taken off the ring and not answered when it is killed. The keeper
 keeps the uio fd; the new daemon takes it over, maps the ring again and serves that command.
+Then the daemon and its keeper are both killed: the next daemon opens the uio device again (the
+kernel keeps the device and its ring across the close), and the reader still sees no error.
 
 ``test_tcmu_restart_in_qemu_guest`` runs it in a qemu guest booted with the host's Debian kernel
 (this host has no target_core_user); ``test_lun_survives_kill_9_and_restart`` is the test itself,
 run directly where the kernel has TCMU.
 
-Broken on purpose once (2026-12-06): with the uio fd not handed to a keeper (``keep=None`` in
-``Daemon.tcmu_attach``), the kill closes the device, the new daemon finds nothing kept, removes
-the stale LUN and makes a new one: the reader failed with a read error (status 7) and the test
-went red.
+Broken on purpose (2026-12-06):
+- with the uio fd not handed to a keeper (``keep=None`` in ``Daemon.tcmu_attach``) and the
+  first fallback (tear the stale LUN down, make a new one), the new daemon hung removing a LUN
+  with a command on its ring, and the test went red ("timed out waiting for the new daemon").
+  That is why the fallback now opens the uio device again;
+- BREAK2
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.serve.control import call
+from lazyfs.serve.fusekernel import keeper
 from lazyfs.serve.singleton import owner_pid
 from lazyfs.serve.tcmu import keep
 from tests.serve.tcmu.test_tcmu_real_kernel import GUEST_MODULES, unavailable_reason
@@ -45,11 +50,8 @@ def _run(*cmd: str) -> None:
 
 @pytest.mark.registry
 @pytest.mark.timeout(600)
+@pytest.mark.skipif(unavailable_reason() is not None, reason=f"real-kernel TCMU: {unavailable_reason()}")
 def test_lun_survives_kill_9_and_restart(env, tmp_path):
-    reason = unavailable_reason()
-    if reason:
-        print(f"SKIP real-kernel TCMU restart: {reason}")
-        pytest.skip(reason)
     with FaultProxy.running_in_thread(env.registry.port) as proxy:
         stack = Stack(env, tmp_path, proxy)
         mnt = tmp_path / "mnt"
@@ -74,11 +76,20 @@ def test_lun_survives_kill_9_and_restart(env, tmp_path):
             os.kill(old, signal.SIGKILL)
             wait_for(lambda: owner_pid(stack.doc["run_dir"]) is None, "the old daemon's exit")
             proxy.faults.clear()
-            from lazyfs.serve.fusekernel import keeper
-
-            assert keeper.alive(keep.socket_path(stack.doc["run_dir"], LUN))  # the uio fd lives on
+            kept = keeper.alive(keep.socket_path(stack.doc["run_dir"], LUN))  # the uio fd lives on
             assert reader.poll() is None  # waiting, not failing
             stack.start_daemon()
+            passes = wait_for(lambda: progress.exists() and json.loads(progress.read_text())["passes"],
+                              "a pass after the restart", timeout=240)
+            # a second crash, the keeper killed too: the new daemon opens the uio device again
+            socket_path = keep.socket_path(stack.doc["run_dir"], LUN)
+            keeper_pid = int(keeper._ask(socket_path, b"ping"))
+            os.kill(keeper_pid, signal.SIGKILL)
+            os.kill(stack.pid(), signal.SIGKILL)
+            wait_for(lambda: owner_pid(stack.doc["run_dir"]) is None, "the second daemon's exit")
+            stack.start_daemon()
+            wait_for(lambda: json.loads(progress.read_text())["passes"] > passes, "a pass after the 2nd restart",
+                     timeout=240)
             stop.touch()
             try:
                 reader.wait(timeout=240)
@@ -86,12 +97,15 @@ def test_lun_survives_kill_9_and_restart(env, tmp_path):
                 raise AssertionError("the reader is stuck: the command in flight at the kill was never answered")
             assert reader.returncode == 0, reader.stderr.read()
             assert json.loads(progress.read_text())["passes"] >= 2
+            assert kept
             listed = {a["name"]: a for a in call(stack.socket, "list", timeout=30)}
             assert listed[f"tcmu-{LUN}"]["tcmu"] == LUN  # a LUN again, not a FUSE export
             export_dir = call(stack.socket, "ping", timeout=30)["export_dir"]
             assert not os.path.exists(os.path.join(export_dir, f"tcmu-{LUN}"))
             log = (Path(stack.doc["run_dir"]) / "daemon.log").read_text() + (tmp_path / "daemon2.log").read_text()
             assert f"restored TCMU LUN {LUN}" in log and "took over its uio fd from the keeper" in log, log[-3000:]
+            assert "took over its uio fd from the uio device" in log, log[-3000:]
+            assert keeper.alive(socket_path)  # kept again after the reopen
             _run("umount", str(mnt))
             mounted = False
             stack.lazyfs("tcmu", "detach", LUN)
