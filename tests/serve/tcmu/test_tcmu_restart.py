@@ -17,7 +17,10 @@ Broken on purpose (2026-12-06):
   first fallback (tear the stale LUN down, make a new one), the new daemon hung removing a LUN
   with a command on its ring, and the test went red ("timed out waiting for the new daemon").
   That is why the fallback now opens the uio device again;
-- BREAK2
+- with the TCMU branch removed from ``Daemon._restore_one`` (what main did before: the LUN came
+  back as a FUSE export, with no handler on the ring), the reader stayed blocked and the test
+  went red ("timed out waiting for a pass after the restart"; the cleanup's ``tcmu detach``
+  then hung too, on the command left on the ring).
 """
 
 from __future__ import annotations
