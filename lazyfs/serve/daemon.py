@@ -89,6 +89,8 @@ class Daemon:
         await self.save_state()
 
     async def _restore_one(self, rec: AttachmentRecord) -> None:
+        if rec.front_end.tcmu is not None:
+            return await self._restore_tcmu(rec)
         try:
             await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
                               writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
@@ -97,6 +99,56 @@ class Daemon:
             log.info("restored attachment %s (%s)", rec.name, rec.image)
         except LazyfsError as exc:
             log.error("could not restore attachment %s: %s", rec.name, exc)
+
+    async def _restore_tcmu(self, rec: AttachmentRecord) -> None:
+        """Serve a TCMU LUN again: take over its kept uio fd (the LUN never went away: readers
+        only waited), or, when nobody kept it, open its uio device again. Never torn down here:
+        removing a LUN with commands on its ring blocks until they are answered."""
+        from lazyfs.serve.tcmu import configfs, keep
+
+        lun = rec.front_end.tcmu
+        block_size = rec.front_end.tcmu_block_size or 512
+        try:
+            att = await self.host.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
+                                         writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
+                                         front_end=rec.front_end, plain_http=rec.plain_http, manifest=rec.manifest)
+        except LazyfsError as exc:
+            log.error("could not restore TCMU LUN %s (%s): %s", lun, rec.image, exc)
+            return
+        try:
+            kept = await trio.to_thread.run_sync(keep.take, self.config.run_dir, lun)
+            if kept is None:
+                # nobody kept the fd (the keeper was killed too): the kernel keeps the device and
+                # its ring across the close, and the owner is provably dead (we hold the daemon
+                # lock), so open it again
+                kept = await trio.to_thread.run_sync(configfs.reopen, lun)
+            if kept is None:
+                raise NotFoundError(f"its uio device is gone or busy; `lazyfs tcmu detach {lun}` removes "
+                                    "what is left of it")
+            fd, _uio, kind = kept
+            await configfs.adopt(att.device, lun, fd, nursery=self.nursery, block_size=block_size)
+            log.info("restored TCMU LUN %s (%s): took over its uio fd from the %s", lun, rec.image, kind)
+            if kind == "uio device":  # keep it from now on
+                await trio.to_thread.run_sync(self._keeper_for(lun), self._adopted_fd(lun), _uio)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self.host.detach(att.name, save=False)
+            if isinstance(exc, LazyfsError):
+                log.error("could not restore TCMU LUN %s (%s): %s", lun, rec.image, exc)
+                return
+            raise
+        self.luns[lun] = att.name
+
+    @staticmethod
+    def _adopted_fd(lun: str) -> int:
+        from lazyfs.serve.tcmu import configfs
+
+        return configfs.attached(lun).uio.fileno()
+
+    def _keeper_for(self, lun: str) -> Callable[[int, str], None]:
+        from lazyfs.serve.tcmu import keep
+
+        return lambda fd, uio: keep.keep(self.config.run_dir, lun, fd, uio)
 
     # ------------------------------------------------------------ operations
 
@@ -164,29 +216,38 @@ class Daemon:
     async def tcmu_attach(self, image: str, name: str, writable: bool = False, block_size: int = 512,
                           writable_dir: str | None = None, plain_http: list[str] | tuple[str, ...] = ()) -> dict:
         """Serve *image* as a SCSI disk through target_core_user (like overlaybd-tcmu)."""
-        from lazyfs.serve.tcmu import configfs
+        from lazyfs.serve.tcmu import configfs, keep
 
         configfs.validate_name(name)
         configfs.check_available()  # a clear error before anything is attached
+        if block_size not in (512, 1024, 2048, 4096):
+            raise ConfigError(f"block_size must be 512, 1024, 2048 or 4096, not {block_size!r}")
         att = await self.host.attach(image, f"tcmu-{name}", writable=writable, writable_dir=writable_dir,
-                                     front_end=FrontEnd(tcmu=name), plain_http=_hosts(plain_http))
+                                     front_end=FrontEnd(tcmu=name, tcmu_block_size=block_size),
+                                     plain_http=_hosts(plain_http))
         try:
-            device = await configfs.attach(att.device, name, nursery=self.nursery, block_size=block_size)
+            # the uio fd is kept (like the FUSE connection): a restarted daemon takes the LUN over
+            device = await configfs.attach(att.device, name, nursery=self.nursery, block_size=block_size,
+                                           keep=self._keeper_for(name))
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.host.detach(att.name, save=False)
+                await trio.to_thread.run_sync(keep.release, self.config.run_dir, name)
             raise
         self.luns[name] = att.name
+        await self.save_state()  # a restarted daemon serves the LUN again
         log.info("audit: tcmu attach %s image=%s disk=%s", name, image, device.disk)
         return {**att.describe(), "disk": device.disk}
 
     async def tcmu_detach(self, name: str) -> dict:
-        from lazyfs.serve.tcmu import configfs
+        from lazyfs.serve.tcmu import configfs, keep
 
+        await trio.to_thread.run_sync(keep.release, self.config.run_dir, name)  # detached for good
         await configfs.detach(name)
         attachment = self.luns.pop(name, None)
         if attachment in self.host.attachments:
             await self.host.detach(attachment)
+        await self.save_state()
         log.info("audit: tcmu detach %s", name)
         return {"detached": name}
 

@@ -60,6 +60,7 @@ class FrontEnd(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     loop: _LoopDevice | None = None  # the loop device over the exported image file
     loop_route: Literal["direct", "buffered", "hydrated"] | None = None  # how the loop reads (serve/warmloop.py)
     tcmu: Annotated[str, msgspec.Meta(pattern=TCMU_NAME)] | None = None  # the TCMU device name
+    tcmu_block_size: Literal[512, 1024, 2048, 4096] | None = None  # its logical block size
     owner: Literal["snapshotter"] | None = None  # who attached it, when not a user
 
     @classmethod

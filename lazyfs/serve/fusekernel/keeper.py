@@ -129,6 +129,19 @@ def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
     return True
 
 
+def sd_remove_fd(name: str) -> bool:
+    """Drop the fds stored under *name* from systemd's fd store (``FDSTOREREMOVE=1``); False
+    when not under systemd."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}\n".encode(), target)
+    return True
+
+
 def sd_stored_fd(name: str = FDSTORE_NAME) -> int | None:
     """The fd systemd hands back from the fd store under *name*, if this process got one."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Union
 
@@ -175,6 +176,10 @@ def plan_backstore(layout: Layout, info: DeviceInfo) -> list[Step]:
         WriteAttr(layout.backstore / "control",
                   control_string(usable, layout.dev_config, info.block_size, info.max_transfer_blocks)),
         WriteAttr(layout.backstore / "enable", "1"),
+        # no ring timeout (the default fails a command the handler has not answered in 30 s with
+        # CHECK CONDITION): across a daemon restart, commands wait on the kept ring for the next
+        # daemon. Settable only while the device has no LUN.
+        WriteAttr(layout.backstore / "attrib" / "cmd_time_out", "0"),
     ]
 
 
@@ -295,8 +300,13 @@ async def _poll(what: str, find, timeout: float):
 
 
 async def attach(source: BlockSource, name: str, *, nursery: trio.Nursery, block_size: int = 512,
-                 max_inflight: int = 64, configfs: Path = CONFIGFS_TARGET, timeout: float = 30.0) -> TcmuDevice:
+                 max_inflight: int = 64, configfs: Path = CONFIGFS_TARGET, timeout: float = 30.0,
+                 keep: Callable[[int, str], None] | None = None) -> TcmuDevice:
     """Serve *source* as SCSI disk *name*; the handler runs in *nursery* until ``detach(name)``.
+
+    *keep*: called (in a worker thread) with the uio fd and device name (``uio0``) before the
+    LUN exists, to keep the fd across a restart (``lazyfs.serve.tcmu.keep``); the ring is then
+    restartable (in-order completion, see ``ring.py``) and ``adopt`` takes it over.
 
     Raises ConfigError when configfs/target_core_user is missing, BusyError
     when *name* is attached already. On failure everything made so far is
@@ -317,7 +327,9 @@ async def attach(source: BlockSource, name: str, *, nursery: trio.Nursery, block
         uio_dev = await _poll(f"the UIO device of {name}", lambda: find_uio(layout), timeout)
         uio = await trio.to_thread.run_sync(Uio.open, DEV / uio_dev)
         try:
-            handler = TcmuHandler(source, uio, info, max_inflight=max_inflight)
+            handler = TcmuHandler(source, uio, info, max_inflight=max_inflight, restartable=keep is not None)
+            if keep is not None:
+                await trio.to_thread.run_sync(keep, uio.fileno(), uio_dev)
         except BaseException:
             uio.close()
             raise
@@ -332,6 +344,68 @@ async def attach(source: BlockSource, name: str, *, nursery: trio.Nursery, block
         with trio.CancelScope(shield=True):
             await _teardown(layout, device)
         raise
+
+
+async def adopt(source: BlockSource, name: str, fd: int, *, nursery: trio.Nursery, block_size: int = 512,
+                max_inflight: int = 64, configfs: Path = CONFIGFS_TARGET, sys_class_uio: Path = SYS_CLASS_UIO,
+                timeout: float = 30.0) -> TcmuDevice:
+    """Take over LUN *name* from a previous daemon: *fd* is its kept uio fd (taken over: closed
+    here on failure). The ring is mapped again and every command on it that the previous daemon
+    had not answered is served (``Ring``, restartable). NotFoundError if the LUN is gone."""
+    try:
+        validate_name(name)
+        layout = Layout(name, configfs)
+        if name in _ATTACHED:
+            raise BusyError(f"TCMU device {name} is already attached")
+        uio_dev = await trio.to_thread.run_sync(find_uio, layout, sys_class_uio)
+        if uio_dev is None or not layout.backstore.exists():
+            raise NotFoundError(f"TCMU device {name} is gone: nothing to take over")
+        size_file = sys_class_uio / uio_dev / "maps" / "map0" / "size"
+        try:
+            size = int(size_file.read_text().strip(), 0)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the map size of {uio_dev} from {size_file}: {exc}") from exc
+        info = DeviceInfo.for_source(source, name, block_size=block_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    uio = await trio.to_thread.run_sync(lambda: Uio.from_fds(fd, fd, size, name=uio_dev))
+    try:
+        handler = TcmuHandler(source, uio, info, max_inflight=max_inflight, restartable=True)
+    except BaseException:
+        uio.close()
+        raise
+    device = TcmuDevice(name, layout, uio, handler)
+    await nursery.start(_serve, device)
+    _ATTACHED[name] = device
+    disk = await _poll(f"the SCSI disk of {name}", lambda: find_disk(layout), timeout)
+    device.disk = DEV / disk
+    log.info("TCMU %s: took over %s (%s)", name, uio_dev, device.disk)
+    return device
+
+
+def reopen(name: str, *, configfs: Path = CONFIGFS_TARGET, sys_class_uio: Path = SYS_CLASS_UIO,
+           dev: Path = DEV) -> tuple[int, str, str] | None:
+    """Open the uio device of LUN *name* again after its owner died without a keeper: the
+    kernel keeps the device, its ring and the commands on it across the close. ``(fd, uioN,
+    "uio device")``, or None if the device is gone or still open (EBUSY: someone holds it)."""
+    uio_dev = find_uio(Layout(validate_name(name), configfs), sys_class_uio)
+    if uio_dev is None:
+        return None
+    try:
+        fd = os.open(dev / uio_dev, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log.warning("TCMU %s: cannot open %s again: %s", name, dev / uio_dev, exc)
+        return None
+    return fd, uio_dev, "uio device"
+
+
+def attached(name: str) -> TcmuDevice:
+    """The device this process serves as *name* (NotFoundError if none)."""
+    device = _ATTACHED.get(name)
+    if device is None:
+        raise NotFoundError(f"TCMU device {name} is not attached here")
+    return device
 
 
 async def _serve(device: TcmuDevice, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -115,13 +115,15 @@ class TcmuHandler:
     """Serves *source* as the LUN described by *info* on the ring behind *uio*."""
 
     def __init__(self, source: BlockSource, uio: Uio, info: scsi.DeviceInfo, *, max_inflight: int = 64,
-                 out_of_order: bool | None = None) -> None:
+                 out_of_order: bool | None = None, restartable: bool = False) -> None:
         if max_inflight < 1:
             raise ValueError("max_inflight must be at least 1")
         self.source = source
         self.uio = uio
         self.info = info
-        self.ring = Ring(uio.region, out_of_order=out_of_order)
+        # restartable: a new handler over the same region (after a daemon restart) takes over
+        # what this one leaves (ring.py): in-order completion, marked responses
+        self.ring = Ring(uio.region, out_of_order=out_of_order, restartable=restartable)
         self._slots = trio.Semaphore(max_inflight)
         self._kick = trio.Event()
         self._stats = {"commands": 0, "completed": 0, "check_conditions": 0, "bytes_read": 0,
@@ -134,6 +136,7 @@ class TcmuHandler:
         stats["inflight"] = self.ring.inflight
         stats["notifies"] = self.uio.notifies
         stats["events"] = self.uio.events
+        stats["taken_over"] = dict(self.ring.taken_over)
         return stats
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

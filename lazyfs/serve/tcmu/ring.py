@@ -25,6 +25,23 @@ Layout and rules follow the kernel uapi ``include/uapi/linux/target_core_user.h`
 * without it, a response is written into its own slot and the tail only moves
   over the prefix of answered slots (completed set, advanced in order).
 
+A *restartable* ring (``Ring(..., restartable=True)``, what the daemon uses) survives the death
+of its owner: the uio fd is kept (docs/daemon.md "TCMU LUNs across a restart") and a new
+``Ring`` over the same region re-parses every entry between ``cmd_tail`` and ``cmd_head``.
+That is only sound when the ring says, by itself, which of those entries are still requests:
+
+* completion is in order (no OOOC): a response only ever goes into its own command's slot, so
+  an out-of-order response never overwrites the request of a command still in flight (with
+  OOOC it does, and that request then lives only in the dead owner's memory);
+* a response is written in two marked steps: the slot's uflags get ``UFLAG_ANSWERING`` first,
+  then the response fields, then one 4-byte store of ``cmd_id, kflags, uflags`` with
+  ``UFLAG_ANSWERED``; the kernel ignores uflags bits it does not know.
+
+A new owner then finds, in ``[cmd_tail, cmd_head)``: requests (uflags 0: served again —
+every SCSI command lazyfs implements is idempotent), answered slots (``UFLAG_ANSWERED``:
+the tail moves over them) and at most one torn response (``UFLAG_ANSWERING`` alone: the
+request is garbled, so it is answered with BUSY, which the initiator's SCSI layer retries).
+
 PAD and TMR entries need no response; the tail moves over them as soon as
 everything before them is answered. An entry with an opcode we do not know is
 answered with ``TCMU_UFLAG_UNKNOWN_OP``.
@@ -61,6 +78,11 @@ OP_ALIGN_SIZE = 8  # TCMU_OP_ALIGN_SIZE == sizeof(__u64)
 UFLAG_UNKNOWN_OP = 0x1  # TCMU_UFLAG_UNKNOWN_OP
 UFLAG_READ_LEN = 0x2  # TCMU_UFLAG_READ_LEN
 UFLAG_KEEP_BUF = 0x4  # TCMU_UFLAG_KEEP_BUF
+# lazyfs's own marks in a response's uflags (the kernel ignores bits it does not know): a new
+# owner of a restartable ring tells responses from requests by them
+UFLAG_ANSWERING = 0x40  # response being written: the slot's request is no longer intact
+UFLAG_ANSWERED = 0x80  # response complete
+STATUS_BUSY = 0x08  # SAM_STAT_BUSY: the initiator retries the command
 
 SENSE_BUFFERSIZE = 96  # TCMU_SENSE_BUFFERSIZE
 
@@ -119,6 +141,8 @@ TMR_ENTRY_SIZE = 32
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
+_HDR_ID_FLAGS_PACK = struct.Struct("=HBB")  # cmd_id, kflags, uflags: header bytes 4..8
+_HDR_ID_FLAGS = struct.Struct("=I")
 
 # scsi_command_size(): CDB length by opcode group; 0x7f is variable length
 _GROUP_CDB_SIZE = (6, 10, 10, 12, 16, 12, 10, 10)
@@ -289,7 +313,7 @@ class Ring:
     kernel's ``CAP_OOOC`` flag. Not thread-safe; drive it from one trio thread.
     """
 
-    def __init__(self, region: memoryview, *, out_of_order: bool | None = None) -> None:
+    def __init__(self, region: memoryview, *, out_of_order: bool | None = None, restartable: bool = False) -> None:
         mem = memoryview(region)
         if mem.format != "B" or mem.ndim != 1:
             mem = mem.cast("B")
@@ -310,8 +334,10 @@ class Ring:
         self.cmdr_off = mb.cmdr_off
         self.cmdr_size = mb.cmdr_size
         self.data_off = mb.cmdr_off + mb.cmdr_size
+        if restartable and out_of_order:
+            raise ValueError("a restartable ring completes in order (see the module docstring)")
         if out_of_order is None:
-            out_of_order = bool(mb.flags & CAP_OOOC)
+            out_of_order = bool(mb.flags & CAP_OOOC) and not restartable
         elif out_of_order and not mb.flags & CAP_OOOC:
             raise FormatError("out-of-order completion requested but the kernel lacks CAP_OOOC")
         self.out_of_order = out_of_order
@@ -321,6 +347,10 @@ class Ring:
         self._pending: deque[_Slot] = deque()  # parsed, not yet behind the tail, in ring order
         self._inflight: dict[int, _Slot] = {}
         self._tail_moves = 0
+        self.restartable = restartable
+        # what a takeover found on the ring: responses the previous owner wrote whose slot the
+        # tail had not passed yet, and torn responses answered BUSY
+        self.taken_over = {"answered": 0, "busy": 0}
 
     # -- reading the ring ----------------------------------------------------------------
 
@@ -357,14 +387,25 @@ class Ring:
             pos = self._cursor
             available = (head - pos) % self.cmdr_size
             base = self.cmdr_off + pos
-            len_op, cmd_id, kflags, _uflags = _HDR.unpack_from(self._mem, base)
+            len_op, cmd_id, kflags, uflags = _HDR.unpack_from(self._mem, base)
             op, length = len_op & OP_MASK, len_op & ~OP_MASK
             if length < HDR_SIZE or length > available or length > self.cmdr_size - pos:
                 raise FormatError(
                     f"TCMU entry at ring offset {pos}: length {length} (op {op}) does not fit "
                     f"({available} bytes queued, {self.cmdr_size - pos} to the ring end)")
             slot = _Slot(pos, length, op, cmd_id)
-            if op == OP_CMD:
+            if op == OP_CMD and uflags & UFLAG_ANSWERED:
+                # a previous owner's complete response (in-order: in its own slot): only the tail
+                # has to move over it. The kernel never queues an entry with uflags set.
+                slot.answered = True
+                self.taken_over["answered"] += 1
+            elif op == OP_CMD and uflags & UFLAG_ANSWERING:
+                # a previous owner died writing this response: the request is garbled, the
+                # cmd_id (written last) is still its own. BUSY: the initiator sends it again.
+                self._write_response(slot, cmd_id, STATUS_BUSY, b"", None, False)
+                slot.answered = True
+                self.taken_over["busy"] += 1
+            elif op == OP_CMD:
                 if cmd_id in self._inflight:
                     raise FormatError(f"TCMU cmd_id {cmd_id} queued twice")
                 events.append(self._parse_cmd(pos, length, cmd_id, kflags))
@@ -469,12 +510,17 @@ class Ring:
         uflags = UFLAG_UNKNOWN_OP if unknown_op else 0
         if read_len is not None and self.read_len:
             uflags |= UFLAG_READ_LEN
-        _U16.pack_into(self._mem, base + HDR_CMD_ID, cmd_id)
-        self._mem[base + HDR_UFLAGS] = uflags
+        if self.restartable:
+            self._mem[base + HDR_UFLAGS] = UFLAG_ANSWERING  # first: the request is about to go
+            uflags |= UFLAG_ANSWERED
         self._mem[base + RSP_SCSI_STATUS : base + RSP_READ_LEN] = bytes([status & 0xFF, 0, 0, 0])
         _U32.pack_into(self._mem, base + RSP_READ_LEN, (read_len or 0) if uflags & UFLAG_READ_LEN else 0)
         sense = bytes(sense[:SENSE_BUFFERSIZE]).ljust(SENSE_BUFFERSIZE, b"\0")
         self._mem[base + RSP_SENSE_BUFFER : base + RSP_SENSE_BUFFER + SENSE_BUFFERSIZE] = sense
+        # last, in one aligned 4-byte store: cmd_id, kflags (kept), uflags (with ANSWERED)
+        kflags = self._mem[base + HDR_KFLAGS]
+        _U32.pack_into(self._mem, base + HDR_CMD_ID, _HDR_ID_FLAGS.unpack(_HDR_ID_FLAGS_PACK.pack(
+            cmd_id & 0xFFFF, kflags, uflags))[0])
 
     def _retire(self) -> None:
         """Move cmd_tail over the answered prefix of the parsed entries."""

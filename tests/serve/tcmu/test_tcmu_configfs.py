@@ -72,6 +72,8 @@ def test_plan_contents_and_order():
                                    f"dev_size={64 << 20},dev_config=lazyfs/img,hw_block_size=4096,"
                                    f"hw_max_sectors={info.max_transfer_blocks},nl_reply_supported=-1")
     assert steps[3] == C.WriteAttr(layout.backstore / "enable", "1")
+    # commands wait on the ring across a daemon restart, never failed by the ring's own timeout
+    assert steps[4] == C.WriteAttr(layout.backstore / "attrib" / "cmd_time_out", "0")
     fabric = C.plan_fabric(layout)
     assert fabric[-1] == C.Symlink(layout.backstore, layout.lun_link)
     assert C.WriteAttr(layout.tpg_dir / "nexus", layout.initiator_wwn) in fabric
