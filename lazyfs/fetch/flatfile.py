@@ -450,7 +450,6 @@ class LayerFlats(BlockCache):
 
     async def read_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> list[Segment]:
         missing: list[Segment] = []
-        bs = self.block_size
         i = 0
         while i < len(segments):  # runs of contiguous segments of one layer: one preadv each
             j = i + 1
