@@ -266,4 +266,4 @@ def _copy_segment(buf: bytearray, buf_offset: int, seg: Segment, raw: bytes, bs:
     hi = min(seg.end * bs, buf_offset + len(buf))
     if lo < hi:
         src = seg.chunk_block * bs + (lo - seg.start * bs)
-        buf[lo - buf_offset : hi - buf_offset] = raw[src : src + hi - lo]
+        buf[lo - buf_offset : hi - buf_offset] = memoryview(raw)[src : src + hi - lo]  # one copy, not two
