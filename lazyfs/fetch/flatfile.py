@@ -10,7 +10,10 @@ persistent bitmap plus the per-4-KiB hash sidecar; docs/cache.md).
 Contracts:
 
 * **Verified once, then protected.** Blocks are written only from chunks the
-  fetch path verified (blake3 of the whole chunk). Each written block's
+  fetch path verified (blake3 of the whole chunk): by the fetch scheduler's
+  decode worker right after it verified them (``targets``/``write_targets``;
+  such a chunk gets no chunk file), or by the device for chunks the chunk
+  store served from memory or a chunk file (``LayerFlats.admit``). Each written block's
   blake3 (16 bytes) is computed from those verified bytes. Every read from the
   flat file hashes the blocks it touches and compares (fs-verity is the other
   way to get this and is not used: see docs/cache.md); a mismatch drops the bits

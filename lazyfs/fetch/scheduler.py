@@ -12,7 +12,8 @@ planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
   ``attempt_timeout`` (see docs/registry.md for the effective policy);
 * the frames of one ranged read are decompressed, blake3-verified and written
   back to the disk cache in one worker-thread hop (``verify_threads`` workers,
-  default one per core); a chunk
+  default one per core): once, into the flat layer files of attached images that
+  use the chunk when there are any (``flat``), else as a chunk file; a chunk
   that fails verification is read again from another source of the same
   backend (the source is excluded and reported), then from the next backend
   of the blob's list, as is a read that fails outright; when all fail, waiters get the error
