@@ -116,3 +116,35 @@ def test_blocks_the_fetch_path_wrote_but_did_not_persist_are_fetched_again_after
         await flat.aclose()
 
     trio.run(main)
+
+
+def test_an_image_read_into_its_flat_files_counts_as_local_and_hydrates_from_them(tmp_path):
+    """With no chunk files behind them, blocks held in the device's flat files still make its image
+    fully local: the daemon's check builds the hydrated file from the flat files, with the network
+    and the chunk store not asked again (the scheduler is stopped by then).
+
+    Broken on purpose once (``is_fully_local`` ignoring the block cache, as before this change):
+    ``check_once`` built nothing and the test went red.
+    """
+    from lazyfs.config import Config
+    from lazyfs.serve import hydrated
+    from tests.serve.test_hydrated_build import MANIFEST, _Host, _Image
+
+    layers, mem, model = make_stack(9)
+    backend = MemoryBackend(mem.blobs)
+
+    async def main():
+        got, dev, flat, chunks, _ = await _read_all(tmp_path, layers, backend)
+        assert got == model and _chunk_files(tmp_path / "chunks") == []
+        reads = len(backend.reads)
+        assert hydrated.missing_chunks(dev, chunks) == 0
+        att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+        host = _Host(config=Config(cache_root=str(tmp_path)), cache=chunks, attachments={"a": att})
+        (built,) = await hydrated.check_once(host, set())
+        with open(built.path, "rb") as f:
+            assert f.read() == bytes(model)
+        assert len(backend.reads) == reads
+        await dev.aclose()
+        await flat.aclose()
+
+    trio.run(main)
