@@ -27,6 +27,10 @@ class BlockCache(abc.ABC):
     async def admit(self, segments: Sequence[Segment], chunks: Mapping[bytes, bytes]) -> None:
         """Offer verified raw *chunks* (by digest) that *segments* were read from. Never raises for I/O errors."""
 
+    def holds(self, segment: Segment) -> bool:
+        """Whether every block of *segment* is held here (so it is local without its chunk)."""
+        return False
+
     async def aclose(self) -> None:
         """Persist what is written and release the layers' files."""
 

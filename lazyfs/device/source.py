@@ -29,8 +29,9 @@ class BlockSource(abc.ABC):
     read_only: bool = True
 
     @abc.abstractmethod
-    async def read(self, offset: int, length: int) -> bytes:
-        """Return up to *length* bytes at *offset* (short only at the end)."""
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Return up to *length* bytes at *offset* (short only at the end): bytes, or a bytearray
+        fresh to this call (the caller's to keep; front ends take any buffer)."""
 
     async def write(self, offset: int, data: bytes) -> None:
         """Store *data* at *offset*."""

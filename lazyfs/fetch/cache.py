@@ -231,17 +231,18 @@ class ChunkCache:
 
     # ------------------------------------------------------------ inserts
 
-    def admit(self, digest: bytes, raw: bytes, *, memory: bool = True) -> None:
+    def admit(self, digest: bytes, raw: bytes, *, memory: bool = True, disk: bool = True) -> None:
         """Make a verified chunk servable now; ``write_pending`` later persists it.
 
         With ``memory=False`` (background download) the memory tier is left
         alone, so bulk downloads do not flush the hot set; the chunk is served
-        from the pending table until it is on disk.
+        from the pending table until it is on disk. With ``disk=False`` no chunk
+        file is written (the chunk went to the flat layer files instead).
         """
         was = digest in self
         if memory or self.root is None:
             self._remember(digest, raw)
-        if self.root is not None and digest not in self._disk and 0 < len(raw) <= self.max_bytes:
+        if disk and self.root is not None and digest not in self._disk and 0 < len(raw) <= self.max_bytes:
             self._pending[digest] = raw
         self._changed(digest, was)
 

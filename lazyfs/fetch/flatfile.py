@@ -10,7 +10,10 @@ persistent bitmap plus the per-4-KiB hash sidecar; docs/cache.md).
 Contracts:
 
 * **Verified once, then protected.** Blocks are written only from chunks the
-  fetch path verified (blake3 of the whole chunk). Each written block's
+  fetch path verified (blake3 of the whole chunk): by the fetch scheduler's
+  decode worker right after it verified them (``targets``/``write_targets``;
+  such a chunk gets no chunk file), or by the device for chunks the chunk
+  store served from memory or a chunk file (``LayerFlats.admit``). Each written block's
   blake3 (16 bytes) is computed from those verified bytes. Every read from the
   flat file hashes the blocks it touches and compares (fs-verity is the other
   way to get this and is not used: see docs/cache.md); a mismatch drops the bits
@@ -51,7 +54,7 @@ from lazyfs.errors import ConfigError
 from lazyfs.fetch.flatmap import GROUP, HASH_LEN, BlockMap, block_hashes, encode_clear, encode_set
 from lazyfs.format.layer import ZEROED, LayerMeta
 
-__all__ = ["FlatCache", "FlatFile", "LayerFlats"]
+__all__ = ["FlatCache", "FlatFile", "LayerFlats", "write_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +190,13 @@ class FlatCache:
         # chunk digest -> (layer file, first block, blocks): a whole chunk held contiguously, so another
         # layer holding the same chunk copies it from there instead of asking the chunk store
         self._where: dict[bytes, tuple[FlatFile, int, int]] = {}
+        # the layer files devices have open, with their chunk extents (digest -> (blocks, extents)):
+        # where the fetch scheduler writes a fetched chunk instead of a chunk file (see targets())
+        self._layers: list[tuple[FlatFile, dict]] = []
         self._stats = dict.fromkeys(
             ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
              "bytes_written", "write_errors", "persists", "evictions", "copied_blocks", "reflinked_blocks",
-             "copy_errors"), 0)
+             "copy_errors", "fetch_writes", "fetch_bytes_written"), 0)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._load_lru()
@@ -258,6 +264,67 @@ class FlatCache:
             del self._where[digest]
             return None
         return None if f is exclude else where
+
+    # ---- the fetch path writes here instead of a chunk file (one write per fetched block)
+
+    def register(self, f: FlatFile, extents: dict) -> None:
+        self._layers.append((f, extents))
+
+    def unregister(self, f: FlatFile, extents: dict) -> None:
+        for i, (g, e) in enumerate(self._layers):
+            if g is f and e is extents:
+                del self._layers[i]
+                return
+
+    def targets(self, digest: bytes, size: int) -> list[tuple[FlatFile, list[tuple[int, int, int]]]]:
+        """Trio thread: the extents of open layer files that use chunk *digest* (*size* raw bytes) and do
+        not hold it yet, per file. Each file returned is held (``users``) until :meth:`release_targets`."""
+        out: list[tuple[FlatFile, list[tuple[int, int, int]]]] = []
+        for f, extents in self._layers:
+            entry = extents.get(digest)
+            if entry is None or f.closed or any(g is f for g, _ in out):
+                continue
+            bs = f.block_size
+            todo = [(first, count, cb) for first, count, cb in entry[1]
+                    if (cb + count) * bs <= size and not f.map.covered(first, first + count)]
+            if todo:
+                f.users += 1  # not evicted (its fd closed) while a worker writes into it
+                out.append((f, todo))
+        return out
+
+    @staticmethod
+    def release_targets(targets) -> None:
+        for f, _ in targets:
+            f.users -= 1
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether an open layer file holds chunk *digest* wholly (at every extent of it), so a device
+        reading it is served from there (readahead need not fetch it)."""
+        if digest in self._where:
+            return True
+        for f, extents in self._layers:
+            entry = extents.get(digest)
+            if entry is not None and not f.closed and all(f.map.covered(a, a + n) for a, n, _ in entry[1]):
+                return True
+        return False
+
+    def committed(self, digest: bytes, results) -> None:
+        """Trio thread: record what :func:`write_targets` wrote for chunk *digest*."""
+        if isinstance(results, OSError):
+            self._stats["write_errors"] += 1
+            log.warning("flat cache: cannot write chunk %s: %s", digest.hex()[:16], results)
+            return
+        for f, first, count, chunk_block, blocks, hashes in results:
+            if f.closed:
+                continue
+            f.note_written(first, hashes)
+            if chunk_block == 0 and count == blocks:
+                self.index_chunk(digest, f, first, count)
+            self._stats["fetch_writes"] += 1
+            self._stats["fetch_bytes_written"] += count * f.block_size
+            self._stats["writes"] += 1
+            self._stats["bytes_written"] += count * f.block_size
+            self.held += count * f.block_size
 
     def touch(self, key: str) -> None:
         self._lru[key] = None
@@ -363,6 +430,8 @@ class LayerFlats(BlockCache):
         self._closed = False
         self._starts: list[dict[int, bytes] | None] = [None] * len(self.files)  # per layer: first block -> chunk
         for f, extents in zip(self.files, chunk_extents):
+            cache.register(f, extents)
+        for f, extents in zip(self.files, chunk_extents):
             for digest, (blocks, exts) in extents.items():
                 for first, count, chunk_block in exts:
                     if chunk_block == 0 and count == blocks and f.map.covered(first, first + count):
@@ -384,7 +453,6 @@ class LayerFlats(BlockCache):
 
     async def read_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> list[Segment]:
         missing: list[Segment] = []
-        bs = self.block_size
         i = 0
         while i < len(segments):  # runs of contiguous segments of one layer: one preadv each
             j = i + 1
@@ -425,6 +493,11 @@ class LayerFlats(BlockCache):
                         f.drop(first, count)
                     missing.extend(part)
         return missing
+
+    def holds(self, segment: Segment) -> bool:
+        if segment.loc is None or not 0 <= segment.layer < len(self.files):
+            return False
+        return self.files[segment.layer].map.covered(segment.start, segment.end)
 
     def _index_if_whole(self, layer: int, start: int) -> None:
         """Record a chunk written whole from *start* (its chunk block 0) for other layers to copy."""
@@ -558,12 +631,36 @@ class LayerFlats(BlockCache):
         if self._closed:
             return
         self._closed = True
+        for f, extents in zip(self.files, self._extents):
+            self.cache.unregister(f, extents)
         with trio.CancelScope(shield=True):
             for f in self.files:
                 await self.cache.release(f)
 
     def statistics(self) -> dict:
         return {"layers": len(self.files), "blocks": sum(f.map.count for f in self.files)}
+
+
+def write_targets(targets, raw: bytes | memoryview):
+    """Worker thread: write verified chunk *raw* at the extents *targets* (from :meth:`FlatCache.targets`)
+    and hash its blocks; ``[(file, first, count, chunk block, chunk blocks, hashes)]``, or the OSError.
+
+    The blocks are hashed once per chunk (the hashes of an extent are a slice of them)."""
+    view = memoryview(raw)
+    out = []
+    hashes = None
+    try:
+        for f, extents in targets:
+            bs = f.block_size
+            blocks = -(-len(view) // bs)
+            if hashes is None:
+                hashes = block_hashes(view, bs)
+            for first, count, cb in extents:
+                pwrite_all(f.fd, view[cb * bs : (cb + count) * bs], first * bs)
+                out.append((f, first, count, cb, blocks, hashes[cb * HASH_LEN : (cb + count) * HASH_LEN]))
+    except OSError as exc:
+        return exc
+    return out
 
 
 def _chunk_extents(meta: LayerMeta) -> dict[bytes, tuple[int, list[tuple[int, int, int]]]]:

@@ -77,18 +77,34 @@ class BlockMap:
         return b"".join(out)
 
     def set(self, start: int, hashes: bytes) -> None:
+        """Blocks from *start* are held with these hashes (one slice copy per group, whole bitmap
+        bytes where aligned: this runs on the trio thread for every chunk written)."""
         count = len(hashes) // HASH_LEN
         self._check(start, count)
-        for k in range(count):
-            b = start + k
+        end = start + count
+        b = start
+        while b < end:
             g, i = divmod(b, GROUP)
+            n = min(end - b, GROUP - i)
             group = self._groups.get(g)
             if group is None:
                 group = self._groups[g] = bytearray(GROUP * HASH_LEN)
-            group[i * HASH_LEN : (i + 1) * HASH_LEN] = hashes[k * HASH_LEN : (k + 1) * HASH_LEN]
-            if not self.has(b):
-                self._bits[b >> 3] |= 1 << (b & 7)
-                self.count += 1
+            k = b - start
+            group[i * HASH_LEN : (i + n) * HASH_LEN] = hashes[k * HASH_LEN : (k + n) * HASH_LEN]
+            b += n
+        bits = self._bits
+        b = start
+        while b < end:
+            if b & 7 == 0 and b + 8 <= end:
+                self.count += 8 - bits[b >> 3].bit_count()
+                bits[b >> 3] = 0xFF
+                b += 8
+            else:
+                m = 1 << (b & 7)
+                if not bits[b >> 3] & m:
+                    bits[b >> 3] |= m
+                    self.count += 1
+                b += 1
 
     def clear(self, start: int, count: int) -> None:
         self._check(start, count)

@@ -12,7 +12,8 @@ planner (``lazyfs.fetch.plan.FetchPlanner``) decides:
   ``attempt_timeout`` (see docs/registry.md for the effective policy);
 * the frames of one ranged read are decompressed, blake3-verified and written
   back to the disk cache in one worker-thread hop (``verify_threads`` workers,
-  default one per core); a chunk
+  default one per core): once, into the flat layer files of attached images that
+  use the chunk when there are any (``flat``), else as a chunk file; a chunk
   that fails verification is read again from another source of the same
   backend (the source is excluded and reported), then from the next backend
   of the blob's list, as is a read that fails outright; when all fail, waiters get the error
@@ -46,6 +47,7 @@ from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.errors import AuthError, ConfigError, FetchError, FormatError, IntegrityError, LazyfsError, NotFoundError
 from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.flatfile import FlatCache, write_targets
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
 from lazyfs.format.spanindex import decode_location
 from lazyfs.nursery import open_nursery
@@ -187,6 +189,9 @@ class FetchScheduler(ChunkSource):
         self._backends = tuple(backends)
         self._routes: dict[str, tuple[Backend, ...]] = {}
         self.cache = cache
+        # the flat layer files (set by the host): fetched chunks that open layer files use are written
+        # there, once, instead of as chunk files (docs/cache.md, "Dedup")
+        self.flat: FlatCache | None = None
         self.deadline = deadline
         self.attempt_timeout = attempt_timeout
         self.max_retries = max_retries
@@ -330,7 +335,7 @@ class FetchScheduler(ChunkSource):
         """
         queued = 0
         for loc in locations:
-            if loc.digest in self.cache:
+            if loc.digest in self.cache or (self.flat is not None and self.flat.holds(loc.digest)):
                 continue
             existing = loc.digest in self._flights
             self._flight_for(loc, priority, joining=False)
@@ -509,14 +514,22 @@ class FetchScheduler(ChunkSource):
                         break
                     view = memoryview(got.data)
                     frames = [(loc, view[loc.offset - start : loc.end - start]) for loc in locs]
-                    write_back = [loc.digest for loc in locs if self.cache.wants_write(loc.digest, loc.raw_length)]
+                    # Each verified chunk is written once: into the flat layer files of the devices
+                    # that use it when there are any (demand and readahead), else as a chunk file.
+                    flat = self._flat_targets(locs)
+                    write_back = [loc.digest for loc in locs
+                                  if loc.digest not in flat and self.cache.wants_write(loc.digest, loc.raw_length)]
                     # One thread hop for the whole coalesced read: decode, verify and the cache
                     # write-back of every chunk in it run in the same worker.
-                    decoded = await trio.to_thread.run_sync(
-                        _decode_job, frames, got.source, self.cache.writer(write_back), limiter=self._cpu)
+                    try:
+                        decoded = await trio.to_thread.run_sync(
+                            _decode_job, frames, got.source, self.cache.writer(write_back), flat, limiter=self._cpu)
+                    finally:
+                        for targets in flat.values():
+                            self.flat.release_targets(targets)
                     self._st["decode_hops"] += 1
                     served_bad = False
-                    for loc, result, written in decoded:
+                    for loc, result, written, flat_written in decoded:
                         if isinstance(result, IntegrityError):
                             self._st["integrity_failures"] += 1
                             bad_bytes[loc.digest] = result
@@ -529,7 +542,9 @@ class FetchScheduler(ChunkSource):
                             continue
                         del remaining[loc.digest]
                         self.cache.written(loc.digest, len(result), written)
-                        self._resolve(loc.digest, result, outcome)
+                        if flat_written is not None:
+                            self.flat.committed(loc.digest, flat_written)
+                        self._resolve(loc.digest, result, outcome, disk=loc.digest not in flat)
                     if not served_bad or got.source in bad_sources:
                         break
                     bad_sources.add(got.source)
@@ -589,13 +604,30 @@ class FetchScheduler(ChunkSource):
             cap = min(self.backoff_max, self.backoff_base * (2 ** (attempt - 1)))
             await trio.sleep(cap * random.uniform(0.5, 1.0))
 
-    def _resolve(self, digest: bytes, result: bytes | LazyfsError, outcome: dict) -> None:
+    def _flat_targets(self, locs: Sequence[ChunkLocation]) -> dict[bytes, list]:
+        """Per chunk of *locs*, the flat layer files to write it into instead of a chunk file (trio thread).
+
+        Background chunks (hydration) stay chunk files: a hydrated image is kept local by the chunk
+        tier (``ChunkCache.protected``), which flat files, evicted whole when unused, do not promise."""
+        if self.flat is None:
+            return {}
+        out = {}
+        for loc in locs:
+            flight = self._flights.get(loc.digest)
+            if flight is not None and flight.priority == Priority.BACKGROUND:
+                continue
+            targets = self.flat.targets(loc.digest, loc.raw_length)
+            if targets:
+                out[loc.digest] = targets
+        return out
+
+    def _resolve(self, digest: bytes, result: bytes | LazyfsError, outcome: dict, *, disk: bool = True) -> None:
         outcome[digest] = result
         flight = self._flights.pop(digest, None)
         if isinstance(result, bytes):
             # Bulk background chunks go to disk only, so they do not flush the hot set.
             in_memory = flight is None or flight.priority != Priority.BACKGROUND
-            self.cache.admit(digest, result, memory=in_memory)
+            self.cache.admit(digest, result, memory=in_memory, disk=disk)
         if flight is not None:
             self._settle(flight, result)
 
@@ -683,18 +715,23 @@ def _same_place(a: ChunkLocation, b: ChunkLocation) -> bool:
     return a == b
 
 
-def _decode_job(frames, source: str, write) -> list:
+def _decode_job(frames, source: str, write, flat: dict) -> list:
     """Worker thread: decode and verify every frame of one read, writing verified chunks back.
 
-    Returns ``(loc, raw | IntegrityError | FormatError, write result)`` per frame, in order;
-    nothing unverified is written (*write* only ever sees bytes that matched their digest).
+    Returns ``(loc, raw | IntegrityError | FormatError, chunk-file write result, flat write result)``
+    per frame, in order; nothing unverified is written (*write* and the flat files only ever see
+    bytes that matched their digest). A chunk with *flat* targets goes there, not to a chunk file.
     """
     out = []
     for loc, frame in frames:
         try:
             raw = decode_location(loc, frame, source)
         except (IntegrityError, FormatError) as exc:
-            out.append((loc, exc, None))
+            out.append((loc, exc, None, None))
             continue
-        out.append((loc, raw, write(loc.digest, raw)))
+        targets = flat.get(loc.digest)
+        if targets:
+            out.append((loc, raw, None, write_targets(targets, raw)))
+        else:
+            out.append((loc, raw, write(loc.digest, raw), None))
     return out

@@ -137,6 +137,7 @@ class Host:
         self.scheduler = FetchScheduler(
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
             deadline=config.fetch_deadline, verify_threads=config.decode_threads)
+        self.scheduler.flat = flat  # fetched chunks that attached layers use are written there, once
         self.attachments: dict[str, Attachment] = {}
         self.budget = DiskBudget(config, cache, flat)
         self.metadata = MetadataCache(os.path.join(config.cache_root, "metadata"))  # offline restore (hydrate.py)

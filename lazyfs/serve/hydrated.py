@@ -73,15 +73,33 @@ def existing(cache_root: str, manifest: str, size: int) -> Hydrated | None:
 
 
 def missing_chunks(device, cache) -> int:
-    """How many distinct chunks of *device* are on neither tier of *cache* (0: fully local)."""
-    return sum(1 for loc in device.index.locations() if loc.digest not in cache)
+    """How many distinct chunks of *device* are on neither tier of *cache* nor wholly in the device's
+    flat layer files (0: fully local)."""
+    held = _held_by_block_cache(device)
+    return sum(1 for loc in device.index.locations() if loc.digest not in cache and loc.digest not in held)
+
+
+def _held_by_block_cache(device) -> set[bytes]:
+    """The chunk digests every segment of which the device's block cache (flat layer files) holds:
+    the fetch path writes a chunk there instead of a chunk file (docs/cache.md)."""
+    bc = getattr(device, "block_cache", None)
+    if bc is None:
+        return set()
+    held: dict[bytes, bool] = {}
+    for seg in device.index.segments:
+        if seg.loc is not None:
+            held[seg.loc.digest] = held.get(seg.loc.digest, True) and bc.holds(seg)
+    return {d for d, ok in held.items() if ok}
 
 
 def is_fully_local(device, cache) -> bool:
     """Whether every chunk *device* (a read-only MergedDevice) can read is on this host: on the
     cache's disk, or in memory (perhaps still being written to disk)."""
     # short-circuits at the first missing chunk: cheap enough to poll
-    return device.read_only and all(seg.loc.digest in cache for seg in device.index.segments)
+    if not device.read_only:
+        return False
+    bc = getattr(device, "block_cache", None)
+    return all(seg.loc.digest in cache or (bc is not None and bc.holds(seg)) for seg in device.index.segments)
 
 
 def bytes_used(cache_root: str) -> int:
@@ -118,12 +136,16 @@ async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
         batch = bytearray()
         batch_at = 0  # virtual offset of batch[0]
         last: tuple[bytes, bytes] | None = None  # (digest, raw): consecutive segments share chunks
+        bc = getattr(device, "block_cache", None)
         for seg in device.index.segments:
-            if last is None or last[0] != seg.loc.digest:
-                last = (seg.loc.digest, await store.get(seg.loc, Priority.BACKGROUND))
-            raw = last[1]
             at = seg.start * bs
-            data = memoryview(raw)[seg.chunk_block * bs : (seg.chunk_block + seg.end - seg.start) * bs]
+            if bc is not None and bc.holds(seg):  # in the flat layer file (maybe not as a chunk): verified read
+                data = await device.read(at, (seg.end - seg.start) * bs)
+            else:
+                if last is None or last[0] != seg.loc.digest:
+                    last = (seg.loc.digest, await store.get(seg.loc, Priority.BACKGROUND))
+                raw = last[1]
+                data = memoryview(raw)[seg.chunk_block * bs : (seg.chunk_block + seg.end - seg.start) * bs]
             if batch and (at != batch_at + len(batch) or len(batch) >= _WRITE_BATCH):
                 await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
                 batch.clear()

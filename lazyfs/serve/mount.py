@@ -68,6 +68,10 @@ def _spawn_daemon(config: Config, config_path: str | None, log_path: str) -> sub
     # Big reads allocate fresh megabyte buffers; keeping them on the heap instead of
     # mmap/munmap per request roughly triples FUSE read throughput (measured).
     env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
+    # ... and keep freed heap up to 64 MiB instead of trimming it back to the kernel after every
+    # request (glibc's 128 KiB default): a fresh 4 MiB buffer otherwise page-faults its way in again
+    # (alloc + fill + bytes() of 4 MiB: 1.9x faster, measured; the cost is up to 64 MiB of RSS kept).
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
     # the daemon imports the same lazyfs as this process, installed or not
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)

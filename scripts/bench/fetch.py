@@ -72,6 +72,7 @@ READ_SIZE = 4 << 20
 READ_WINDOW = 8
 STARTUP_EVERY_NTH_FILE = 25
 STEP_TIMEOUT = 300  # seconds any one measured step may take
+PROFILE_DIR = ""  # --profile DIR: py-spy records each sequential child there
 
 
 def run(cmd: list[str], timeout: float = STEP_TIMEOUT, **kw) -> subprocess.CompletedProcess:
@@ -175,7 +176,10 @@ async def settle(host: Host, timeout: float = 60) -> None:
 
 def fetch_counts(host: Host) -> dict:
     st = host.scheduler.statistics()
-    return {"bytes_fetched": st["bytes_fetched"], "ranged_gets": st["ranged_gets"], "fetches": st["fetches"]}
+    flat = host.flat.statistics() if host.flat is not None else {}
+    return {"bytes_fetched": st["bytes_fetched"], "ranged_gets": st["ranged_gets"], "fetches": st["fetches"],
+            "decode_hops": st.get("decode_hops"),  # the disk writes of the cold read, per tier:
+            "chunk_file_bytes": st["cache"]["bytes_written"], "flat_bytes": flat.get("bytes_written", 0)}
 
 
 async def sequential_read(config: Config, ref: str) -> dict:
@@ -312,10 +316,16 @@ def child_sequential(prefix: list[str], registry: str, ref: str, work: str, tree
     """``sequential_read`` in a child process (in the client namespace when *prefix* says so), with the
     lazyfs of source tree *tree* (another checkout gives a before/after in the same run)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # as the daemon runs (lazyfs.serve.mount)
+    if tree is None:  # this tree's daemon also sets MALLOC_TRIM_THRESHOLD_ (a baseline tree runs as it did)
+        env["MALLOC_TRIM_THRESHOLD_"] = str(64 << 20)
     script = os.path.abspath(__file__) if tree is None else os.path.join(tree, "scripts", "bench", "fetch.py")
-    out = run([*prefix, sys.executable, script, "--child-sequential", registry, ref, work],
+    profile = []
+    if PROFILE_DIR:  # --profile: py-spy samples the child (collapsed stacks, threads apart, idle excluded)
+        name = f"{'base' if tree else 'this'}-{len(os.listdir(PROFILE_DIR))}.txt"
+        profile = [shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "-r", "250", "-f", "raw", "--threads", "-o", os.path.join(PROFILE_DIR, name), "--"]
+    out = run([*prefix, *profile, sys.executable, script, "--child-sequential", registry, ref, work],
               capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
 def human(n: float) -> str:
@@ -340,8 +350,15 @@ def main() -> None:
     ap.add_argument("--no-chunk-sizes", action="store_true", help="skip (b) and its startup trace; only (a)")
     ap.add_argument("--baseline-tree", default=None,
                     help="another lazyfs checkout (e.g. main) whose sequential read runs too, in the same run")
+    ap.add_argument("--repeat", type=int, default=1, help="sequential reads per tree and link (alternating; best kept)")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="record a py-spy profile (collapsed stacks) of each sequential read child into DIR")
     ap.add_argument("--child-sequential", nargs=3, metavar=("REGISTRY", "REF", "WORKDIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PROFILE_DIR
+    PROFILE_DIR = os.path.abspath(args.profile) if args.profile else ""
+    if PROFILE_DIR:
+        os.makedirs(PROFILE_DIR, exist_ok=True)
     if args.child_sequential:
         registry, ref, work = args.child_sequential
         print(json.dumps(with_fresh_cache(sequential_read, host_config(work, registry), ref)))
@@ -401,9 +418,24 @@ def main() -> None:
                             registry = stack.enter_context(relay(link, reg.port))
                             prefix = link.nsenter("client")
                         curl_s = [curl_blob(f"http://{registry}{blob_path}", prefix)]
-                        seq = child_sequential(prefix, registry, ref.replace(reg.registry, registry), work)
-                        base = (child_sequential(prefix, registry, ref.replace(reg.registry, registry), work,
-                                                 args.baseline_tree) if args.baseline_tree else None)
+                        # --repeat: this tree and the baseline alternate (ABBA...), each keeps its fastest
+                        # run, so a load change on a shared machine hits both alike
+                        runs, base_runs = [], []
+                        for r in range(args.repeat):
+                            order = [None, args.baseline_tree] if r % 2 == 0 else [args.baseline_tree, None]
+                            for tree in order:
+                                if tree is None:
+                                    runs.append(child_sequential(prefix, registry, ref.replace(reg.registry, registry), work))
+                                elif args.baseline_tree:
+                                    base_runs.append(child_sequential(prefix, registry, ref.replace(reg.registry, registry),
+                                                                      work, tree))
+                        seq = min(runs, key=lambda x: x["seconds"])
+                        seq["all_seconds"] = [x["seconds"] for x in runs]
+                        base = min(base_runs, key=lambda x: x["seconds"]) if base_runs else None
+                        if base is not None:
+                            base["all_seconds"] = [x["seconds"] for x in base_runs]
+                            print(f"  {'':>9} runs (s): this {[round(x, 2) for x in seq['all_seconds']]}, "
+                                  f"baseline {[round(x, 2) for x in base['all_seconds']]}", flush=True)
                         curl_s.append(curl_blob(f"http://{registry}{blob_path}", prefix))
                     row = {"link_mbit": mbit or None, "curl_seconds": curl_s, "lazyfs": seq,
                            "curl_MBps": blob_size / min(curl_s) / 1e6,

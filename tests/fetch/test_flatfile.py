@@ -67,6 +67,30 @@ def test_covered_by_whole_bytes_and_bits():
     assert m.covered(5, 5)
 
 
+def test_map_set_and_clear_agree_with_a_model():
+    """Random runs of set/clear (unaligned, across hash groups) keep bits, count and hashes as a plain
+    set and dict do (``set`` copies whole group slices and whole bitmap bytes: this pins it down)."""
+    rng = random.Random(1)
+    for _ in range(100):
+        m, held, hashes = BlockMap(700, BLOCK_SIZE), set(), {}
+        for _ in range(20):
+            start = rng.randrange(700)
+            if rng.random() < 0.7:
+                n = rng.randint(0, min(200, 700 - start))
+                h = rng.randbytes(n * HASH_LEN)
+                m.set(start, h)
+                for k in range(n):
+                    held.add(start + k)
+                    hashes[start + k] = h[k * HASH_LEN : (k + 1) * HASH_LEN]
+            else:
+                n = rng.randint(0, min(50, 700 - start))
+                m.clear(start, n)
+                held.difference_update(range(start, start + n))
+            assert m.count == len(held)
+            assert [b for b in range(700) if m.has(b)] == sorted(held)
+            assert all(m.hashes(b, b + 1) == hashes[b] for b in held)
+
+
 # ---------------------------------------------------------------- conformance
 
 

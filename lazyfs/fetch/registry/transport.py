@@ -24,10 +24,19 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+import httpcore
 import httpx
 
 from lazyfs.errors import ConfigError
 from lazyfs.fetch.registry.hosts import TlsProfile
+
+# Blob ranges are megabytes: read the socket up to 1 MiB at a time (httpcore's default is 64 KiB), so
+# a body costs fewer passes through httpcore/h11/httpx on the trio thread when the thread is busy
+# and data has piled up in the socket (a recv never waits for more than is there). The cold fetch
+# benchmark's profile had that per-piece overhead as the trio thread's largest cost (BENCHMARKS.md).
+READ_NUM_BYTES = 1 << 20
+if getattr(httpcore.AsyncHTTP11Connection, "READ_NUM_BYTES", READ_NUM_BYTES) < READ_NUM_BYTES:
+    httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = READ_NUM_BYTES
 
 BODY_LIMIT = "lazyfs.body_limit"
 CHALLENGE_BODY_LIMIT = 64 << 10
