@@ -129,6 +129,8 @@ class _Export:
             "bytes_written": self.bytes_written,
             "flushes": self.flushes,
             "errors": self.errors,
+            "passthrough": False,  # pyfuse3 cannot register backing files: every read reaches the daemon
+            "passthrough_opens": 0,
         }
 
 
@@ -253,6 +255,8 @@ class ExportFS(pyfuse3.Operations):
             "fsyncs": c.fsyncs,
             "opens": c.opens,
             "open_handles": len(self._handles),
+            "passthrough_opens": 0,
+            "passthrough": False,
             "largest_read": c.largest_read,
             "largest_write": c.largest_write,
             "exports": {name: exp.stats() for name, exp in sorted(self._by_name.items())},
