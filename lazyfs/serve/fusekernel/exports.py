@@ -522,11 +522,13 @@ class ExportFS:
             # the kernel reads (and would write: read-only here) the backing file itself
             exp.passthrough_opens += 1
             self._c.passthrough_opens += 1
-            return p.open_out(fh, backing_id=exp.backing_id)
+            return p.open_out(fh, no_flush=True, backing_id=exp.backing_id)
         # Not direct_io: the page cache stays in play for buffered users (qemu cache=writeback,
         # cp, mkfs) and mmap works; the loop device's O_DIRECT I/O bypasses it anyway.
         # keep_cache only for read-only exports: their bytes never change between opens.
-        return p.open_out(fh, keep_cache=exp.source.read_only)
+        # no_flush for read-only exports: nothing to flush, and close(2) then never waits for the
+        # daemon (say, while a restarted one is taking the connection over)
+        return p.open_out(fh, keep_cache=exp.source.read_only, no_flush=exp.source.read_only)
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

@@ -64,6 +64,7 @@ WANTED_FLAGS = ASYNC_READ | BIG_WRITES | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES
 # FOPEN_* (open_out.open_flags)
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5  # close(2) sends no FLUSH (kernel >= 5.13; older ones ignore the bit)
 FOPEN_PASSTHROUGH = 1 << 7  # open_out.backing_id names the backing file the kernel reads and writes itself
 
 # Passthrough (kernel >= 6.9, CONFIG_FUSE_PASSTHROUGH): ioctls on the connection's /dev/fuse fd.
@@ -362,9 +363,12 @@ def attr_out(attr: Attr, attr_timeout: float) -> bytes:
     return ATTR_OUT_HEAD.pack(a, an, 0) + attr.pack()
 
 
-def open_out(fh: int, *, keep_cache: bool = False, direct_io: bool = False, backing_id: int = 0) -> bytes:
-    """*backing_id* (> 0): the kernel serves this open's reads from that backing file (passthrough)."""
+def open_out(fh: int, *, keep_cache: bool = False, direct_io: bool = False, no_flush: bool = False,
+             backing_id: int = 0) -> bytes:
+    """*backing_id* (> 0): the kernel serves this open's reads from that backing file (passthrough).
+    *no_flush*: close(2) does not wait for the daemon (nothing to flush)."""
     flags = (FOPEN_KEEP_CACHE if keep_cache else 0) | (FOPEN_DIRECT_IO if direct_io else 0)
+    flags |= FOPEN_NOFLUSH if no_flush else 0
     if backing_id:
         flags |= FOPEN_PASSTHROUGH
     return OPEN_OUT.pack(fh, flags, backing_id)

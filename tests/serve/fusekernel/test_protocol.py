@@ -53,8 +53,8 @@ def test_init_without_passthrough_in_the_kernel_asks_for_none():
 def test_passthrough_open_and_ioctl_numbers():
     """linux/fuse.h: FOPEN_PASSTHROUGH is bit 7 with backing_id in open_out; the ioctls are
     _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)."""
-    fh, flags, backing_id = p.OPEN_OUT.unpack(p.open_out(9, backing_id=3))
-    assert (fh, flags, backing_id) == (9, 1 << 7, 3)
+    fh, flags, backing_id = p.OPEN_OUT.unpack(p.open_out(9, no_flush=True, backing_id=3))
+    assert (fh, flags, backing_id) == (9, 1 << 7 | 1 << 5, 3)
     assert p.OPEN_OUT.unpack(p.open_out(9, keep_cache=True)) == (9, p.FOPEN_KEEP_CACHE, 0)
     assert (p.IOC_BACKING_OPEN, p.IOC_BACKING_CLOSE) == (0x4010E501, 0x4004E502)
     assert p.backing_map(7) == (7).to_bytes(4, "little") + bytes(12)
