@@ -41,6 +41,7 @@ import trio
 
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
+from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.passthrough import BackingFiles, reason
 
@@ -100,30 +101,13 @@ class Export:
     passthrough_opens: int = 0
 
     def stats(self) -> dict:
-        return {"size": self.source.size, "read_only": self.source.read_only, "open_handles": self.open_handles,
-                "reads": self.reads, "writes": self.writes, "bytes_read": self.bytes_read,
-                "bytes_written": self.bytes_written, "flushes": self.flushes, "errors": self.errors,
-                "passthrough": bool(self.backing_id), "passthrough_opens": self.passthrough_opens}
+        return export_statistics(self)
 
 
 @dataclass(eq=False)
 class Handle:
     export: Export
     writable: bool
-
-
-@dataclass(eq=False)
-class Counters:
-    reads: int = 0
-    writes: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    flushes: int = 0
-    fsyncs: int = 0
-    opens: int = 0
-    largest_read: int = 0
-    largest_write: int = 0
-    passthrough_opens: int = 0
 
 
 def check_name(name: str) -> None:
@@ -160,9 +144,6 @@ class ExportFS:
         self._root_times = time.time_ns()
         self.adopt_handles = False  # set after a takeover: handles of the previous daemon come back
         self.notify: Callable[[list], None] | None = None  # sends a notification (set while mounted)
-        self._requests = 0
-        self._errors = 0
-        self._failures = 0
         self._adopted = 0
         self._resent = 0
         self._c = Counters()
@@ -323,27 +304,10 @@ class ExportFS:
 
     def statistics(self) -> dict:
         """Request, byte and error counters, in total and per export."""
-        c = self._c
-        return {
-            "requests": self._requests,
-            "errors": self._errors,
-            "failures": self._failures,  # errors that were not a LazyfsError/OSError: bugs
-            "reads": c.reads,
-            "writes": c.writes,
-            "bytes_read": c.bytes_read,
-            "bytes_written": c.bytes_written,
-            "flushes": c.flushes,
-            "fsyncs": c.fsyncs,
-            "opens": c.opens,
-            "passthrough_opens": c.passthrough_opens,
-            "passthrough": self.backing is not None and self.passthrough_unavailable is None,
-            "open_handles": len(self._handles),
-            "adopted_handles": self._adopted,  # handles a previous daemon opened, seen again after a takeover
-            "resent_requests": self._resent,  # requests in flight at a daemon's death, answered by this one
-            "largest_read": c.largest_read,
-            "largest_write": c.largest_write,
-            "exports": {name: exp.stats() for name, exp in sorted(self._by_name.items())},
-        }
+        return statistics(self._c, open_handles=len(self._handles), exports=self._by_name,
+                          passthrough=self.backing is not None and self.passthrough_unavailable is None,
+                          adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
+                          resent_requests=self._resent)  # requests in flight at a daemon's death, answered by this one
 
     # -- the kernel's requests ------------------------------------------------------
 
@@ -353,23 +317,23 @@ class ExportFS:
         op = h.opcode
         if op in p.NO_REPLY:
             return None  # forget: inodes live as long as their export; interrupt: requests finish quickly
-        self._requests += 1
+        self._c.requests += 1
         if h.resent:
             self._resent += 1
         try:
             return await self._dispatch(req)
         except FuseErrno as exc:
             if not (op == p.LOOKUP and exc.errno == errno.ENOENT or exc.errno == errno.ENOSYS):
-                self._errors += 1  # lookup misses are routine; ENOSYS (xattrs...) makes the kernel stop asking
+                self._c.errors += 1  # lookup misses are routine; ENOSYS (xattrs...) makes the kernel stop asking
             return p.error_reply(h.unique, exc.errno)
         except Exception as exc:  # noqa: BLE001 - a source's failure must not take the session down
-            self._errors += 1
+            self._c.errors += 1
             code = to_errno(exc)
             name = p.OPCODE_NAMES.get(op, str(op))
             if isinstance(exc, (LazyfsError, OSError)):
                 log.warning("fuse %s(node %d) failed: %s (-> %s)", name, h.nodeid, exc, errno.errorcode.get(code, code))
             else:
-                self._failures += 1
+                self._c.failures += 1
                 log.exception("fuse %s(node %d): unexpected error (-> EIO)", name, h.nodeid)
             return p.error_reply(h.unique, code)
 
