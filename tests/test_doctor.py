@@ -143,9 +143,9 @@ def test_kernel_features_from_config_or_version():
         assert check.status is Status.MISSING and "6.8 <" in check.text, check
     new = dataclasses.replace(old, release="6.14.1", version=(6, 14))
     report = _report(dataclasses.replace(GOOD, kernel=new))
-    for topic in ("FUSE passthrough", "FUSE over io_uring"):
-        assert _check(report, topic).status is Status.UNUSED
+    assert _check(report, "FUSE over io_uring").status is Status.UNUSED
     assert _check(report, "FUSE_NOTIFY_RESEND").status is Status.OK  # the daemon uses it on takeover
+    assert _check(report, "FUSE passthrough").status is Status.OK  # hydrated exports are passed through
     # a config saying "not set" wins over the version
     off = dataclasses.replace(GOOD_KERNEL, config={**GOOD_KERNEL.config, "CONFIG_FUSE_PASSTHROUGH": "n"})
     check = _check(_report(dataclasses.replace(GOOD, kernel=off)), "FUSE passthrough")
@@ -283,10 +283,11 @@ def test_doctor_reports_this_host(tmp_path):
     if _kernel_config_line("CONFIG_FS_VERITY") == "# CONFIG_FS_VERITY is not set":
         assert status["fs-verity"] == "missing" and "CONFIG_FS_VERITY is not set" in _text(report, "fs-verity")
 
-    for option, topic in (("CONFIG_FUSE_PASSTHROUGH", "FUSE passthrough"), ("CONFIG_FUSE_IO_URING", "FUSE over io_uring")):
+    for option, topic, used in (("CONFIG_FUSE_PASSTHROUGH", "FUSE passthrough", "ok"),
+                                ("CONFIG_FUSE_IO_URING", "FUSE over io_uring", "unused")):
         line = _kernel_config_line(option)
         if line is not None:
-            assert status[topic] == ("unused" if line.endswith("=y") or line.endswith("=m") else "missing"), topic
+            assert status[topic] == (used if line.endswith("=y") or line.endswith("=m") else "missing"), topic
     if hostprobe.parse_release(os.uname().release) >= (6, 9):
         assert status["FUSE_NOTIFY_RESEND"] == "ok"
 

@@ -56,7 +56,8 @@ class Daemon:
                                  hydrate=False if a.hydrate is None else a.hydrate.to_json() or True,
                                  # a daemon taking over the FUSE connection must give each export
                                  # the inode numbers the kernel already knows it by
-                                 inode=self.fs.inode_of(a.name) if a.name in self.fs.names() else None)
+                                 inode=self.fs.inode_of(a.name) if a.name in self.fs.names() else None,
+                                 backing_id=self.fs.backing_id_of(a.name))
                 for a in self.host.attachments.values()]
 
     async def save_state(self) -> None:
@@ -95,7 +96,8 @@ class Daemon:
             await self.attach(rec.image, rec.name, writable=rec.writable_dir is not None,
                               writable_dir=rec.writable_dir, kind=rec.kind or "sparse",
                               front_end=rec.front_end, plain_http=rec.plain_http, save=False,
-                              manifest=rec.manifest, hydrate=rec.hydrate, inode=rec.inode)
+                              manifest=rec.manifest, hydrate=rec.hydrate, inode=rec.inode,
+                              backing_id=rec.backing_id)
             log.info("restored attachment %s (%s)", rec.name, rec.image)
         except LazyfsError as exc:
             log.error("could not restore attachment %s: %s", rec.name, exc)
@@ -159,10 +161,11 @@ class Daemon:
                      kind: str = "sparse", front_end: FrontEnd | dict | None = None, save: bool = True,
                      record_trace: bool | None = None,
                      plain_http: list[str] | tuple[str, ...] = (), manifest: str | None = None,
-                     hydrate: object = None, inode: int | None = None) -> dict:
+                     hydrate: object = None, inode: int | None = None, backing_id: int = 0) -> dict:
         """Attach and export *image*. *hydrate*: None (the config's default), false, true, or
         ``{"rate": BYTES_PER_S}`` / ``{"deadline": SECONDS}`` / ``{"deadline_at": UNIX_TIME}``.
-        *manifest* pins the manifest digest and *inode* the export's inode numbers (restores)."""
+        *manifest* pins the manifest digest and *inode* the export's inode numbers (restores),
+        *backing_id* its passthrough backing file on a taken-over connection."""
         if not isinstance(front_end, FrontEnd):
             front_end = FrontEnd.from_json(front_end or {})
         if manifest is not None and not isinstance(manifest, str):
@@ -172,14 +175,40 @@ class Daemon:
                                      record_trace=record_trace, plain_http=_hosts(plain_http), manifest=manifest,
                                      hydrate=policy, front_end=front_end)
         try:
-            self.fs.add(att.name, att.device, inode=inode)
+            # a backing id is only meaningful on the very connection it was registered with
+            self.fs.add(att.name, att.device, inode=inode, backing_id=backing_id if self.fs.adopt_handles else 0)
         except LazyfsError:
             with trio.CancelScope(shield=True):
                 await self.host.detach(att.name, save=False)
             raise
         if save:
             await self.save_state()
+        await self.pass_through(att.name)
         return {**att.describe(), "path": self.path_of(att.name)}
+
+    async def pass_through(self, name: str) -> bool:
+        """Have the kernel serve opens of read-only export *name* from its image's hydrated file,
+        if there is one (FUSE passthrough, docs/warm.md §3). False when not (yet) possible."""
+        att = self.host.attachments.get(name)
+        if att is None or not att.device.read_only or name not in self.fs.names():
+            return False
+        if self.fs.backing_id_of(name):
+            return True
+        found = await trio.to_thread.run_sync(hydrated.existing, self.config.cache_root,
+                                              att.opened.image.manifest.digest, att.device.size)
+        if found is None:
+            return False
+        try:
+            return await self.fs.pass_through(name, found.path, self.save_state)
+        except LazyfsError as exc:
+            log.warning("export %s not passed through: %s", name, exc)
+            return False
+
+    async def pass_through_all(self) -> None:
+        """``pass_through`` every read-only export not passed through yet (those open at the last
+        try are tried again: the kernel only lets an inode switch while nothing holds it open)."""
+        for name in list(self.host.attachments):
+            await self.pass_through(name)
 
     async def detach(self, name: str) -> dict:
         if name not in self.host.attachments:
@@ -289,7 +318,10 @@ class Daemon:
             await self.host.finish_trace(att)
             return att.trace
         if op == "hydrate-file":
-            return await hydrated.control(self.host, args.get("name"))
+            answer = await hydrated.control(self.host, args.get("name"))
+            if answer.get("path"):
+                answer["passthrough"] = await self.pass_through(args["name"])
+            return answer
         if op == "tcmu-attach":
             return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size", "writable_dir",
                                                   "plain_http"))
@@ -403,7 +435,7 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                     await nursery.start(serve_metrics, config.metrics_address, host, fs)
                 await nursery.start(reload_on_sighup, daemon)
                 if config.hydrated_max_bytes > 0:
-                    await nursery.start(hydrated.watch, host, config.hydrated_check_interval)
+                    await nursery.start(hydrated.watch, host, config.hydrated_check_interval, daemon.pass_through_all)
                 if config.registry_probe_interval > 0:
                     await nursery.start(host.probe_registries, config.registry_probe_interval)
                 log.info("lazyfs daemon %d ready: export %s, control %s%s", os.getpid(), config.export_dir,

@@ -34,6 +34,7 @@ import trio
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
 from lazyfs.serve import hostns, system
+from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +75,20 @@ def _handler(op: str):
     def wrap(fn):
         @functools.wraps(fn)
         async def wrapper(self: ExportFS, *args):
-            self._requests += 1
+            self._c.requests += 1
             try:
                 return await fn(self, *args)
             except pyfuse3.FUSEError as exc:
                 if not (op == "lookup" and exc.errno == errno.ENOENT):  # misses are routine
-                    self._errors += 1
+                    self._c.errors += 1
                 raise
             except Exception as exc:  # noqa: BLE001 - the whole point is to catch everything
-                self._errors += 1
+                self._c.errors += 1
                 code = to_errno(exc)
                 if isinstance(exc, (LazyfsError, OSError)):
                     log.warning("fuse %s%r failed: %s (-> %s)", op, args[:2], exc, errno.errorcode.get(code, code))
                 else:
-                    self._failures += 1
+                    self._c.failures += 1
                     log.exception("fuse %s%r: unexpected error (-> EIO)", op, args[:2])
                 raise pyfuse3.FUSEError(code) from None
 
@@ -119,36 +120,13 @@ class _Export:
     errors: int = 0
 
     def stats(self) -> dict:
-        return {
-            "size": self.source.size,
-            "read_only": self.source.read_only,
-            "open_handles": self.open_handles,
-            "reads": self.reads,
-            "writes": self.writes,
-            "bytes_read": self.bytes_read,
-            "bytes_written": self.bytes_written,
-            "flushes": self.flushes,
-            "errors": self.errors,
-        }
+        return export_statistics(self)  # never passed through: pyfuse3 cannot register backing files
 
 
 @dataclass(eq=False)
 class _Handle:
     export: _Export
     writable: bool
-
-
-@dataclass(eq=False)
-class _Counters:
-    reads: int = 0
-    writes: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    flushes: int = 0
-    fsyncs: int = 0
-    opens: int = 0
-    largest_read: int = 0
-    largest_write: int = 0
 
 
 class ExportFS(pyfuse3.Operations):
@@ -174,10 +152,7 @@ class ExportFS(pyfuse3.Operations):
         self._next_fh = 1
         self._root_times = time.time_ns()
         self._mounted = False
-        self._requests = 0
-        self._errors = 0
-        self._failures = 0
-        self._c = _Counters()
+        self._c = Counters()
 
     # -- management (called by the daemon, not by the kernel) --------------------
 
@@ -240,23 +215,7 @@ class ExportFS(pyfuse3.Operations):
 
     def statistics(self) -> dict:
         """Request, byte and error counters, in total and per export."""
-        c = self._c
-        return {
-            "requests": self._requests,
-            "errors": self._errors,
-            "failures": self._failures,  # errors that were not a LazyfsError/OSError: bugs
-            "reads": c.reads,
-            "writes": c.writes,
-            "bytes_read": c.bytes_read,
-            "bytes_written": c.bytes_written,
-            "flushes": c.flushes,
-            "fsyncs": c.fsyncs,
-            "opens": c.opens,
-            "open_handles": len(self._handles),
-            "largest_read": c.largest_read,
-            "largest_write": c.largest_write,
-            "exports": {name: exp.stats() for name, exp in sorted(self._by_name.items())},
-        }
+        return statistics(self._c, open_handles=len(self._handles), exports=self._by_name, passthrough=False)
 
     # -- attributes ---------------------------------------------------------------
 

@@ -276,15 +276,18 @@ async def check_once(host, done: set[str]) -> list[Hydrated]:
     return found
 
 
-async def watch(host, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def watch(host, interval: float, after_check=None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Every *interval* seconds, ``check_once``: hydrate each read-only attachment whose image
     became fully local (by background download, trace replay, ``lazyfs mount --hydrate``, or
-    plain use). Runs until cancelled."""
+    plain use), then await *after_check()* if given (the daemon passes exports through to
+    their hydrated files there). Runs until cancelled."""
     task_status.started()
     done: set[str] = set()
     while True:
         await trio.sleep(interval)
         await check_once(host, done)
+        if after_check is not None:
+            await after_check()
 
 
 __all__ = ["Hydrated", "build", "bytes_used", "check_once", "control", "existing", "hydrate_if_local", "is_fully_local", "missing_chunks",

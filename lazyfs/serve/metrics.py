@@ -215,6 +215,10 @@ FUSE: tuple[Stat, ...] = (
     Stat("opens", "lazyfs_fuse_opens_total", COUNTER, "Exported files opened"),
     Stat("fsyncs", "lazyfs_fuse_fsyncs_total", COUNTER, "fsync requests on exported files"),
     Stat("open_handles", "lazyfs_fuse_open_handles", GAUGE, "Open handles on exported files"),
+    Stat("passthrough_opens", "lazyfs_fuse_passthrough_opens_total", COUNTER,
+         "Opens of exported files passed through to a hydrated local file (the kernel serves their reads)"),
+    Stat("passthrough", "lazyfs_fuse_passthrough_available", GAUGE,
+         "1 when the FUSE connection can pass opens through to local files (docs/warm.md)", flag=True),
     Stat("largest_read", "lazyfs_fuse_largest_read_bytes", GAUGE, "Largest single FUSE read so far"),
     Stat("largest_write", "lazyfs_fuse_largest_write_bytes", GAUGE, "Largest single FUSE write so far"),
 )
@@ -233,6 +237,10 @@ EXPORT: tuple[Stat, ...] = (
     Stat("flushes", "lazyfs_export_flushes_total", COUNTER, "Flushes of the exported file"),
     Stat("errors", "lazyfs_export_errors_total", COUNTER, "FUSE requests on the exported file answered with an error"),
     Stat("open_handles", "lazyfs_export_open_handles", GAUGE, "Open handles on the exported file"),
+    Stat("passthrough", "lazyfs_export_passthrough", GAUGE,
+         "1 when opens of the exported file are passed through to its hydrated local file", flag=True),
+    Stat("passthrough_opens", "lazyfs_export_passthrough_opens_total", COUNTER,
+         "Opens of the exported file passed through to its hydrated local file"),
 )
 EXPORT_SKIPPED: Mapping[str, str] = {"size": "the same number as lazyfs_image_size_bytes"}
 

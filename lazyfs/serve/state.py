@@ -94,6 +94,9 @@ class AttachmentRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     # the export's directory inode on the FUSE connection (its disk.img is the next one): a daemon
     # taking the connection over gives it the same numbers (docs/daemon.md "Live restart")
     inode: Annotated[int, msgspec.Meta(ge=2, lt=1 << 39)] | None = None
+    # the backing file id the export's opens are passed through to on that connection (0: none);
+    # a daemon taking the connection over answers opens with it too (docs/warm.md §3)
+    backing_id: Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)] = 0
 
     def __post_init__(self) -> None:
         if self.manifest is not None and not is_sha256(self.manifest):

@@ -16,6 +16,7 @@ stdin, ``ok JSON`` or ``error MESSAGE``:
     attach NAME [ro]    losetup_attach the export's disk.img from inside the daemon
     detach DEV          losetup_detach
     loops NAME          find_loop_devices for the export's disk.img
+    passthrough NAME PATH  pass every later open of NAME through to local file PATH (own front end)
 
 Serves until SIGTERM/SIGINT or stdin closes, then unmounts and exits 0.
 
@@ -157,6 +158,9 @@ async def handle(cmd: str, fs: ExportFS, mountpoint: str) -> object:
     if word == "detach":
         await system.losetup_detach(arg)
         return arg
+    if word == "passthrough":
+        name, _, path = arg.partition(" ")
+        return {"passthrough": await fs.pass_through(name, path), "why_not": fs.passthrough_unavailable}
     if word == "loops":
         return await system.find_loop_devices(os.path.join(mountpoint, arg, IMAGE_NAME))
     raise ValueError(f"unknown command {cmd!r}")

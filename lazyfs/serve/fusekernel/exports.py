@@ -16,6 +16,15 @@ Restart-safe by construction, so a new daemon can take over a live connection:
   attachment) or allocated from ``next_inode`` (persisted too), never reused;
 - a file handle says what it is: ``serial << 40 | inode << 1 | writable``. After a takeover
   (``adopt_handles``), a handle the kernel opened with the previous daemon is adopted at first use.
+
+Passthrough (``pass_through``): a read-only export whose disk is also a complete, verified local
+file (a hydrated image) can have that file registered as its backing file; from then on *every*
+open of its ``disk.img`` is answered with ``FOPEN_PASSTHROUGH`` and the kernel reads the local file
+itself: no READ reaches the daemon. The kernel fixes an inode's I/O mode while it is open (a
+passthrough open fails while a cached open exists, and the reverse), so a backing file is
+registered only while the export has no open handle, opens wait for the registration, and the
+export keeps its backing id until it is removed. The id is persisted with the attachment, so a
+daemon taking the connection over answers opens exactly as its predecessor did (docs/warm.md §3).
 """
 
 from __future__ import annotations
@@ -25,14 +34,16 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
 
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
+from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 from lazyfs.serve.fusekernel import protocol as p
+from lazyfs.serve.fusekernel.passthrough import BackingFiles, reason
 
 log = logging.getLogger(__name__)
 
@@ -83,30 +94,20 @@ class Export:
     bytes_written: int = 0
     flushes: int = 0
     errors: int = 0
+    backing_id: int = 0  # > 0: every open is passed through to this backing file of the connection
+    backing_path: str | None = None
+    registering: trio.Event | None = None  # set when a registration of a backing file ends; opens wait
+    unknown_handles: bool = False  # restored on a taken-over connection: its open modes are not known
+    passthrough_opens: int = 0
 
     def stats(self) -> dict:
-        return {"size": self.source.size, "read_only": self.source.read_only, "open_handles": self.open_handles,
-                "reads": self.reads, "writes": self.writes, "bytes_read": self.bytes_read,
-                "bytes_written": self.bytes_written, "flushes": self.flushes, "errors": self.errors}
+        return export_statistics(self)
 
 
 @dataclass(eq=False)
 class Handle:
     export: Export
     writable: bool
-
-
-@dataclass(eq=False)
-class Counters:
-    reads: int = 0
-    writes: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    flushes: int = 0
-    fsyncs: int = 0
-    opens: int = 0
-    largest_read: int = 0
-    largest_write: int = 0
 
 
 def check_name(name: str) -> None:
@@ -143,12 +144,11 @@ class ExportFS:
         self._root_times = time.time_ns()
         self.adopt_handles = False  # set after a takeover: handles of the previous daemon come back
         self.notify: Callable[[list], None] | None = None  # sends a notification (set while mounted)
-        self._requests = 0
-        self._errors = 0
-        self._failures = 0
         self._adopted = 0
         self._resent = 0
         self._c = Counters()
+        self.backing: BackingFiles | None = None  # set by the session when INIT settled passthrough
+        self.passthrough_unavailable: str | None = None  # why backing files cannot be registered (logged once)
 
     # -- management (called by the daemon, not by the kernel) --------------------
 
@@ -169,26 +169,96 @@ class ExportFS:
         except KeyError:
             raise NotFoundError(f"no export named {name!r}") from None
 
-    def add(self, name: str, source: BlockSource, *, inode: int | None = None) -> None:
+    def add(self, name: str, source: BlockSource, *, inode: int | None = None, backing_id: int = 0) -> None:
         """Export *source* as ``NAME/disk.img``; BusyError if *name* (or *inode*) is taken.
 
         *inode*: the directory's inode number (the file's is the next one), as a previous daemon
-        chose it; by default a fresh one.
+        chose it; by default a fresh one. *backing_id*: the backing file the previous daemon
+        registered for it on this (taken-over) connection; its opens keep being passed through.
         """
         check_name(name)
         if name in self._by_name:
             raise BusyError(f"export {name!r} already exists")
+        restored = inode is not None
         if inode is None:
             inode = self._next_inode
         if not (p.ROOT_ID < inode < _MAX_INODE) or inode in self._by_inode or inode + 1 in self._by_inode:
             raise BusyError(f"export {name!r}: inode {inode} is not free")
         now = time.time_ns()
         exp = Export(name, source, inode, inode + 1, now, now, now)
+        # an inode chosen by a previous daemon on this connection may have handles open in either mode
+        exp.unknown_handles = self.adopt_handles and restored
+        if backing_id and source.read_only:
+            exp.backing_id = backing_id
         self._next_inode = max(self._next_inode, inode + 2)  # never reused: stale kernel inodes stay dead
         self._by_name[name] = exp
         self._by_inode[exp.dir_inode] = (exp, False)
         self._by_inode[exp.file_inode] = (exp, True)
         self._root_times = now
+
+    async def pass_through(self, name: str, path: str, persist: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Serve every later open of read-only export *name* from local file *path*, by FUSE
+        passthrough: *path* must hold exactly the export's bytes, complete and verified (a hydrated
+        image). True if the export is (now) passed through; False, and no change, when this
+        connection cannot (logged once), the export is open (the kernel cannot switch an open
+        inode; try again once it is closed), or its open handles are unknown (after a takeover).
+
+        *persist* runs after the registration and before any open is passed through: the daemon
+        records the backing id there, so a daemon taking over answers opens the same way.
+        """
+        exp = self._by_name.get(name)
+        if exp is None:
+            raise NotFoundError(f"no export named {name!r}")
+        if not exp.source.read_only:
+            raise ConfigError(f"export {name!r} is writable: only read-only exports are passed through")
+        if exp.backing_id:
+            return True
+        if self.backing is None:
+            self._unavailable("the FUSE connection did not negotiate passthrough (kernel < 6.9, "
+                              "CONFIG_FUSE_PASSTHROUGH off, or a connection taken over from an older daemon)")
+            return False
+        if exp.open_handles or exp.unknown_handles or exp.registering is not None or exp.removing:
+            return False
+        backing = self.backing
+        exp.registering = trio.Event()
+        try:
+            try:
+                backing_id = await trio.to_thread.run_sync(backing.open, path)
+            except OSError as exc:
+                self._unavailable(f"{reason(exc)} ({exc.strerror or exc})")
+                return False
+            exp.backing_id, exp.backing_path = backing_id, path
+            if persist is not None:
+                try:
+                    await persist()
+                except BaseException:
+                    exp.backing_id, exp.backing_path = 0, None
+                    self._close_backing(backing, backing_id)
+                    raise
+            log.info("export %s: opens are passed through to %s (backing id %d): the kernel reads it", name,
+                     path, backing_id)
+            return True
+        finally:
+            exp.registering.set()
+            exp.registering = None
+
+    def backing_id_of(self, name: str) -> int:
+        """The backing id export *name* is passed through to (0: none)."""
+        exp = self._by_name.get(name)
+        return exp.backing_id if exp is not None else 0
+
+    def _unavailable(self, why: str) -> None:
+        if self.passthrough_unavailable is None:
+            log.warning("FUSE passthrough unavailable: %s; hydrated images are served through the daemon", why)
+        self.passthrough_unavailable = why
+
+    def _close_backing(self, backing: BackingFiles | None, backing_id: int) -> None:
+        if backing is None or not backing_id:
+            return
+        try:
+            backing.close(backing_id)
+        except OSError as exc:
+            log.warning("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, exc)
 
     async def remove(self, name: str, *, wait: float = 5.0) -> BlockSource:
         """Stop exporting *name* and return its source (the caller closes it).
@@ -213,6 +283,8 @@ class ExportFS:
         del self._by_name[name]
         del self._by_inode[exp.dir_inode]
         del self._by_inode[exp.file_inode]
+        self._close_backing(self.backing, exp.backing_id)  # no handle left: nothing can be opened through it
+        exp.backing_id = 0
         self._root_times = time.time_ns()
         if self.notify is not None:
             # the kernel may hold a positive dentry for up to ENTRY_TIMEOUT: drop it now
@@ -232,25 +304,10 @@ class ExportFS:
 
     def statistics(self) -> dict:
         """Request, byte and error counters, in total and per export."""
-        c = self._c
-        return {
-            "requests": self._requests,
-            "errors": self._errors,
-            "failures": self._failures,  # errors that were not a LazyfsError/OSError: bugs
-            "reads": c.reads,
-            "writes": c.writes,
-            "bytes_read": c.bytes_read,
-            "bytes_written": c.bytes_written,
-            "flushes": c.flushes,
-            "fsyncs": c.fsyncs,
-            "opens": c.opens,
-            "open_handles": len(self._handles),
-            "adopted_handles": self._adopted,  # handles a previous daemon opened, seen again after a takeover
-            "resent_requests": self._resent,  # requests in flight at a daemon's death, answered by this one
-            "largest_read": c.largest_read,
-            "largest_write": c.largest_write,
-            "exports": {name: exp.stats() for name, exp in sorted(self._by_name.items())},
-        }
+        return statistics(self._c, open_handles=len(self._handles), exports=self._by_name,
+                          passthrough=self.backing is not None and self.passthrough_unavailable is None,
+                          adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
+                          resent_requests=self._resent)  # requests in flight at a daemon's death, answered by this one
 
     # -- the kernel's requests ------------------------------------------------------
 
@@ -260,23 +317,23 @@ class ExportFS:
         op = h.opcode
         if op in p.NO_REPLY:
             return None  # forget: inodes live as long as their export; interrupt: requests finish quickly
-        self._requests += 1
+        self._c.requests += 1
         if h.resent:
             self._resent += 1
         try:
             return await self._dispatch(req)
         except FuseErrno as exc:
             if not (op == p.LOOKUP and exc.errno == errno.ENOENT or exc.errno == errno.ENOSYS):
-                self._errors += 1  # lookup misses are routine; ENOSYS (xattrs...) makes the kernel stop asking
+                self._c.errors += 1  # lookup misses are routine; ENOSYS (xattrs...) makes the kernel stop asking
             return p.error_reply(h.unique, exc.errno)
         except Exception as exc:  # noqa: BLE001 - a source's failure must not take the session down
-            self._errors += 1
+            self._c.errors += 1
             code = to_errno(exc)
             name = p.OPCODE_NAMES.get(op, str(op))
             if isinstance(exc, (LazyfsError, OSError)):
                 log.warning("fuse %s(node %d) failed: %s (-> %s)", name, h.nodeid, exc, errno.errorcode.get(code, code))
             else:
-                self._failures += 1
+                self._c.failures += 1
                 log.exception("fuse %s(node %d): unexpected error (-> EIO)", name, h.nodeid)
             return p.error_reply(h.unique, code)
 
@@ -294,7 +351,7 @@ class ExportFS:
         if op == p.SETATTR:
             return p.reply(u, p.attr_out(self._setattr(h.nodeid, a), ATTR_TIMEOUT))
         if op == p.OPEN:
-            return p.reply(u, self._open(h.nodeid, a.flags))
+            return p.reply(u, await self._open(h.nodeid, a.flags))
         if op == p.FLUSH:
             handle = self._handle(a.fh)
             if handle.writable and handle.export.dirty:
@@ -406,14 +463,16 @@ class ExportFS:
 
     # -- the exported file --------------------------------------------------------
 
-    def _open(self, inode: int, flags: int) -> bytes:
+    async def _open(self, inode: int, flags: int) -> bytes:
         entry = self._by_inode.get(inode)
         if entry is None:
             raise FuseErrno(errno.ENOENT)
         exp, is_file = entry
         if not is_file:
             raise FuseErrno(errno.EISDIR)
-        if exp.removing:
+        while exp.registering is not None:  # decided by the registration: passed through or not
+            await exp.registering.wait()
+        if exp.removing or self._by_inode.get(inode) is not entry:
             raise FuseErrno(errno.ENOENT)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and exp.source.read_only:
@@ -423,10 +482,17 @@ class ExportFS:
         self._handles[fh] = Handle(exp, writable)
         exp.open_handles += 1
         self._c.opens += 1
+        if exp.backing_id:
+            # the kernel reads (and would write: read-only here) the backing file itself
+            exp.passthrough_opens += 1
+            self._c.passthrough_opens += 1
+            return p.open_out(fh, no_flush=True, backing_id=exp.backing_id)
         # Not direct_io: the page cache stays in play for buffered users (qemu cache=writeback,
         # cp, mkfs) and mmap works; the loop device's O_DIRECT I/O bypasses it anyway.
         # keep_cache only for read-only exports: their bytes never change between opens.
-        return p.open_out(fh, keep_cache=exp.source.read_only)
+        # no_flush for read-only exports: nothing to flush, and close(2) then never waits for the
+        # daemon (say, while a restarted one is taking the connection over)
+        return p.open_out(fh, keep_cache=exp.source.read_only, no_flush=exp.source.read_only)
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)

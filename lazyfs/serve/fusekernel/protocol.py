@@ -59,11 +59,23 @@ MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 HAS_RESEND = 1 << 39  # the kernel can resend requests (informational, from the kernel)
-WANTED_FLAGS = ASYNC_READ | BIG_WRITES | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES
+WANTED_FLAGS = ASYNC_READ | BIG_WRITES | ASYNC_DIO | PARALLEL_DIROPS | MAX_PAGES | PASSTHROUGH
 
 # FOPEN_* (open_out.open_flags)
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_NOFLUSH = 1 << 5  # close(2) sends no FLUSH (kernel >= 5.13; older ones ignore the bit)
+FOPEN_PASSTHROUGH = 1 << 7  # open_out.backing_id names the backing file the kernel reads and writes itself
+
+# Passthrough (kernel >= 6.9, CONFIG_FUSE_PASSTHROUGH): ioctls on the connection's /dev/fuse fd.
+# FUSE_DEV_IOC_BACKING_OPEN = _IOW(229, 1, struct fuse_backing_map) -> backing id (> 0);
+# FUSE_DEV_IOC_BACKING_CLOSE = _IOW(229, 2, uint32_t backing id).
+BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
+IOC_BACKING_OPEN = 1 << 30 | BACKING_MAP.size << 16 | 229 << 8 | 1
+IOC_BACKING_CLOSE = 1 << 30 | 4 << 16 | 229 << 8 | 2
+# INIT's max_stack_depth when passthrough is wanted: backing files may live on a file system of
+# stack depth 0 (ext4, xfs, tmpfs; not overlayfs), and the export itself counts as one level.
+PASSTHROUGH_STACK_DEPTH = 1
 
 # setattr_in.valid
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -351,8 +363,20 @@ def attr_out(attr: Attr, attr_timeout: float) -> bytes:
     return ATTR_OUT_HEAD.pack(a, an, 0) + attr.pack()
 
 
-def open_out(fh: int, *, keep_cache: bool = False, direct_io: bool = False) -> bytes:
-    return OPEN_OUT.pack(fh, (FOPEN_KEEP_CACHE if keep_cache else 0) | (FOPEN_DIRECT_IO if direct_io else 0), 0)
+def open_out(fh: int, *, keep_cache: bool = False, direct_io: bool = False, no_flush: bool = False,
+             backing_id: int = 0) -> bytes:
+    """*backing_id* (> 0): the kernel serves this open's reads from that backing file (passthrough).
+    *no_flush*: close(2) does not wait for the daemon (nothing to flush)."""
+    flags = (FOPEN_KEEP_CACHE if keep_cache else 0) | (FOPEN_DIRECT_IO if direct_io else 0)
+    flags |= FOPEN_NOFLUSH if no_flush else 0
+    if backing_id:
+        flags |= FOPEN_PASSTHROUGH
+    return OPEN_OUT.pack(fh, flags, backing_id)
+
+
+def backing_map(fd: int) -> bytes:
+    """The argument of FUSE_DEV_IOC_BACKING_OPEN for file descriptor *fd*."""
+    return BACKING_MAP.pack(fd, 0, 0)
 
 
 def write_out(size: int) -> bytes:
@@ -388,6 +412,11 @@ class SessionParams:
     def has_resend(self) -> bool:
         return self.kernel_minor >= RESEND_MINOR
 
+    @property
+    def passthrough(self) -> bool:
+        """INIT settled FUSE_PASSTHROUGH: backing files may be registered and opens passed through."""
+        return bool(self.flags & PASSTHROUGH)
+
     def to_json(self) -> str:
         return json.dumps({"minor": self.minor, "kernel_minor": self.kernel_minor, "flags": self.flags,
                            "kernel_flags": self.kernel_flags, "max_readahead": self.max_readahead,
@@ -417,11 +446,14 @@ def negotiate(init: Init) -> tuple[SessionParams, bytes]:
         raise FormatError(f"the kernel speaks FUSE 7.{init.minor}; this front end needs 7.{OLDEST_MINOR} or newer")
     minor = min(init.minor, OUR_MINOR)
     flags = init.flags & WANTED_FLAGS
+    if not init.flags & INIT_EXT:
+        flags &= 0xFFFFFFFF  # flags2 (passthrough among them) travel only with FUSE_INIT_EXT
     params = SessionParams(minor, init.minor, flags, init.flags, init.max_readahead, MAX_WRITE)
     out_flags = flags | (INIT_EXT if init.flags & INIT_EXT else 0)
     payload = INIT_OUT.pack(KERNEL_VERSION, minor, init.max_readahead, out_flags & 0xFFFFFFFF,
                             64, 48,  # max_background, congestion_threshold: libfuse's picks for 64 workers
-                            MAX_WRITE, 1, MAX_PAGES_VALUE, 0, (out_flags >> 32) & 0xFFFFFFFF, 0)
+                            MAX_WRITE, 1, MAX_PAGES_VALUE, 0, (out_flags >> 32) & 0xFFFFFFFF,
+                            PASSTHROUGH_STACK_DEPTH if flags & PASSTHROUGH else 0)
     return params, payload
 
 

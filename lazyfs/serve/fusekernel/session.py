@@ -27,6 +27,7 @@ from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.serve import hostns
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.exports import ExportFS
+from lazyfs.serve.fusekernel.passthrough import BackingFiles
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,11 @@ class Session:
         self.closed = False
         self.resend_sent = False
         self.unanswerable = 0  # answers the kernel refused (request interrupted or connection gone)
+        self._bind_backing()
+
+    def _bind_backing(self) -> None:
+        """Let the export tree register backing files when INIT settled passthrough."""
+        self.fs.backing = BackingFiles(self.fd) if self.params.passthrough else None
 
     # -- writing ----------------------------------------------------------------------------------
 
@@ -173,9 +179,11 @@ class Session:
             self.send(p.error_reply(req.header.unique, errno.EPROTO))
             raise FuseMountError(str(exc)) from None
         self.send(p.reply(req.header.unique, payload))
-        log.info("FUSE session at %s: protocol 7.%d (kernel 7.%d), max_write %d, resend %s", self.mountpoint,
-                 self.params.minor, self.params.kernel_minor, self.params.max_write,
-                 "available" if self.params.has_resend else "missing")
+        self._bind_backing()
+        log.info("FUSE session at %s: protocol 7.%d (kernel 7.%d), max_write %d, resend %s, passthrough %s",
+                 self.mountpoint, self.params.minor, self.params.kernel_minor, self.params.max_write,
+                 "available" if self.params.has_resend else "missing",
+                 "available" if self.params.passthrough else "not offered by the kernel")
 
     async def serve(self, *, max_tasks: int = 64, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Answer requests until the connection goes (unmount, abort) or the caller cancels.
@@ -221,6 +229,8 @@ class Session:
         """Close this process's fd of the connection (a keeper's dup keeps it alive)."""
         if not self.closed:
             self.closed = True
+            if self.fs.backing is not None and self.fs.backing.fd == self.fd:
+                self.fs.backing = None
             os.close(self.fd)
 
 

@@ -34,11 +34,30 @@ def test_init_negotiates_our_minor_and_flags():
     assert req.args.flags & p.HAS_RESEND and req.args.minor == 44
     params, payload = p.negotiate(req.args)
     assert len(payload) == 64
-    major, minor, readahead, flags, _bg, _ct, max_write, _tg, max_pages, _al, flags2, _sd = p.INIT_OUT.unpack(payload)
+    major, minor, readahead, flags, _bg, _ct, max_write, _tg, max_pages, _al, flags2, depth = p.INIT_OUT.unpack(payload)
     assert (major, minor, readahead, max_write, max_pages) == (7, p.OUR_MINOR, 131072, p.MAX_WRITE, 256)
-    assert flags & p.INIT_EXT and flags & p.MAX_PAGES and not flags2  # nothing of flags2 asked for
-    assert params.has_resend and params.kernel_minor == 44
+    assert flags & p.INIT_EXT and flags & p.MAX_PAGES
+    assert flags2 == p.PASSTHROUGH >> 32 and depth == p.PASSTHROUGH_STACK_DEPTH  # passthrough, nothing else of flags2
+    assert params.has_resend and params.kernel_minor == 44 and params.passthrough
     assert p.SessionParams.from_json(params.to_json()) == params
+
+
+def test_init_without_passthrough_in_the_kernel_asks_for_none():
+    params, payload = p.negotiate(p.parse_request(init_request(flags2=p.HAS_RESEND >> 32)).args)
+    *_, flags2, depth = p.INIT_OUT.unpack(payload)
+    assert not params.passthrough and flags2 == 0 and depth == 0  # max_stack_depth only with passthrough
+    no_ext = p.negotiate(p.Init(7, 44, 0, (p.WANTED_FLAGS | p.PASSTHROUGH) & ~p.INIT_EXT))[0]
+    assert not no_ext.passthrough  # flags2 travel only with FUSE_INIT_EXT
+
+
+def test_passthrough_open_and_ioctl_numbers():
+    """linux/fuse.h: FOPEN_PASSTHROUGH is bit 7 with backing_id in open_out; the ioctls are
+    _IOW(229, 1, struct fuse_backing_map) and _IOW(229, 2, uint32_t)."""
+    fh, flags, backing_id = p.OPEN_OUT.unpack(p.open_out(9, no_flush=True, backing_id=3))
+    assert (fh, flags, backing_id) == (9, 1 << 7 | 1 << 5, 3)
+    assert p.OPEN_OUT.unpack(p.open_out(9, keep_cache=True)) == (9, p.FOPEN_KEEP_CACHE, 0)
+    assert (p.IOC_BACKING_OPEN, p.IOC_BACKING_CLOSE) == (0x4010E501, 0x4004E502)
+    assert p.backing_map(7) == (7).to_bytes(4, "little") + bytes(12)
 
 
 @pytest.mark.parametrize("major,minor", [(8, 0), (7, 27)])
