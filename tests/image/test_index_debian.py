@@ -19,15 +19,13 @@ import pytest
 from tests.image.test_convert import Env, assert_same, check_fsck
 from tests.image.test_index import push_layout
 from tests.support.cleanup import release_under
-from tests.support.ociimages import debian_minbase_tar, run, tar_tree, umoci_add_layer, umoci_new, umoci_unpack
+from tests.support.ociimages import debian_three_layers, umoci_add_layer, umoci_new, umoci_unpack
 from tests.support.proxy import FaultProxy
 from tests.support.registry import registry_fixture
 from tests.support.trees import describe_tree
 
 pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.slow]
 registry = registry_fixture()
-TAR_OPTIONS = ["--format=posix", "--pax-option=delete=atime,delete=ctime", "--xattrs", "--xattrs-include=*",
-               "--acls", "--sparse", "--numeric-owner", "--sort=name"]
 
 
 @pytest.fixture(scope="session")
@@ -38,37 +36,17 @@ def debian_image(tmp_path_factory):
     if shutil.which("debootstrap") is None or shutil.which("umoci") is None:
         pytest.skip("needs debootstrap and umoci")
     tmp = tmp_path_factory.mktemp("debian3")
-    tar = debian_minbase_tar()
-    root = tmp / "root"
-    root.mkdir()
-    run(["tar", "--extract", "--file", tar, "--directory", str(root), "--xattrs", "--xattrs-include=*", "--acls",
-         "--numeric-owner", "--same-permissions"])
-    l1, l2 = str(tmp / "l1.tar"), str(tmp / "l2.tar")
-    run(["tar", "--create", "--file", l1, "--directory", str(root), *TAR_OPTIONS, "--exclude=./usr/share", "."])
-    run(["tar", "--create", "--file", l2, "--directory", str(root), *TAR_OPTIONS, "./usr/share"])
-    top = tmp / "top"
-    (top / "var" / "lib" / "dpkg").mkdir(parents=True)
-    shutil.copy2(root / "var" / "lib" / "dpkg" / "status", top / "var" / "lib" / "dpkg" / "status")
-    (top / "etc").mkdir()
-    (top / "etc" / "lazyfs-layer").write_text("the third layer\n")
-    docs = sorted(os.listdir(root / "usr" / "share" / "doc"))
-    (top / "usr" / "share" / "doc").mkdir(parents=True)
-    (top / "usr" / "share" / "doc" / f".wh.{docs[0]}").write_bytes(b"")  # whiteout
-    (top / "usr" / "share" / "man").mkdir()
-    (top / "usr" / "share" / "man" / ".wh..wh..opq").write_bytes(b"")  # opaque: man pages replaced
-    (top / "usr" / "share" / "man" / "README").write_text("no manual pages here\n")
-    l3 = tar_tree(str(top), str(tmp / "l3.tar"))
-    shutil.rmtree(root)
+    tars, whited_out = debian_three_layers(str(tmp))
     layout = str(tmp / "layout")
     umoci_new(layout, "v")
-    for t in (l1, l2, l3):
+    for t in tars:
         umoci_add_layer(layout, "v", t)
         os.unlink(t)
     bundle = umoci_unpack(layout, "v", str(tmp / "bundle"))
     oracle = describe_tree(bundle)
     shutil.rmtree(tmp / "bundle")
-    assert f"usr/share/doc/{docs[0]}" not in oracle and "usr/share/man/README" in oracle
-    return {"layout": layout, "oracle": oracle, "whited_out": docs[0]}
+    assert f"usr/share/doc/{whited_out}" not in oracle and "usr/share/man/README" in oracle
+    return {"layout": layout, "oracle": oracle, "whited_out": whited_out}
 
 
 @pytest.fixture(scope="module")
