@@ -101,10 +101,10 @@ def test_dpkg_list_through_the_index_fetches_a_small_part_of_the_layers(env, deb
         shutil.copytree(str(env.tmp / "cache-main" / "convert" / "converted"), ledger)  # trusts what it indexed
         config = str(tmp_path / "config.json")
         with open(config, "w") as f:
-            json.dump({"run_dir": str(base / "run"), "state_dir": str(base / "state"), "cache_root": str(base / "cache"),
-                       "writable_root": str(base / "writable"), "trace_record_seconds": 0, "trace_replay": False,
-                       "background_rate": 0, "registries": [{"host": f"127.0.0.1:{proxy.port}", "plain_http": True}]},
-                      f)
+            json.dump({"run_dir": str(base / "run"), "state_dir": str(base / "state"),
+                       "cache_root": str(base / "cache"), "writable_root": str(base / "writable"),
+                       "trace_record_seconds": 0, "trace_replay": False, "background_rate": 0,
+                       "registries": [{"host": f"127.0.0.1:{proxy.port}", "plain_http": True}]}, f)
         target = tmp_path / "mnt"
         target.mkdir()
         try:

@@ -3,12 +3,14 @@
 A lazyfs layer becomes a committed snapshot without downloading it: the snapshotter pulls the
 image's metadata (manifest, config, one metadata tail per layer) into an OCI layout under
 ``ROOT/images/<manifest hex>`` whose index remembers the registry; chunks are fetched on demand
-by the host daemon once a snapshot on top of the layer is attached. A layer of an ordinary image
-with a trusted lazyfs index (docs/index.md) is registered the same way: the layout then holds the
-ordinary manifest only, and the daemon opens it through the index (``open_registered``); an
-ordinary image without one unpacks the ordinary way (a plain pull). The log says which. A snapshot whose parent
+by the host daemon once a snapshot on top of the layer is attached. A snapshot whose parent
 chain ends in lazyfs layers gets the merged device of that prefix of the image through the
 daemon's FUSE file, a loop device and ext4.
+
+A layer of an ordinary image with a trusted lazyfs index (docs/index.md §7) is registered the
+same way: the layout then holds the ordinary manifest only, and the daemon opens it through the
+index (``open_registered``); an ordinary image without one unpacks the ordinary way (a plain
+pull). The log says which.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class LazyImages:
         self.config, self.directory, self.portal = config, directory, portal
         self._manifests: cachetools.TTLCache[tuple[str, str | None], tuple[float, bytes, str, str]] = \
             cachetools.TTLCache(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_SECONDS)
-        # ordinary images found without a trusted index: not asked again for a minute (one look per image, not per layer)
+        # ordinary images found without a trusted index: not asked again for a minute (one look per
+        # image, not one per layer)
         self._unindexed: cachetools.TTLCache[str, str] = cachetools.TTLCache(MANIFEST_CACHE_ENTRIES,
                                                                              MANIFEST_CACHE_SECONDS)
         self._lock = threading.Lock()

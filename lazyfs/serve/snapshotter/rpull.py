@@ -154,8 +154,8 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
     try:
         manifest_bytes, digest, media_type, config_bytes, fetched, layers, via = trio.run(_fetch, config, ref)
     except (FormatError, _NoIndex) as exc:
-        raise ConfigError(f"{text} is not a lazyfs image ({exc}); pull it the plain way "
-                          f"(`ctr image pull --snapshotter {snapshotter}`) or index it first (`lazyfs index`)") from None
+        raise ConfigError(f"{text} is not a lazyfs image ({exc}); pull it the plain way (`ctr image pull "
+                          f"--snapshotter {snapshotter}`) or index it first (`lazyfs index`)") from None
     chains = chain_ids(_diff_ids(config_bytes, len(layers), f"config of {text}"))
     ctrd = _Containerd(address, namespace)
     pb = ctrd.pb
