@@ -389,9 +389,16 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
                           f"budget of {limits.metadata_budget} bytes (the config's metadata_budget)")
     manifest = ImageManifest(index.digest, index.config, tuple(layer.meta for layer in index.layers),
                              index.virtual_size, {}, None)
-    image = await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})", limits=limits)
     maps: list[SpanMap | None] = [None] * len(index.layers)
     errors: dict[int, LazyfsError] = {}
+    loaded: list[Image] = []
+
+    async def tails() -> None:
+        try:
+            loaded.append(await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})",
+                                           limits=limits))
+        except LazyfsError as exc:
+            errors[-1] = exc
 
     async def one(i: int, layer: IndexLayer) -> None:
         what = f"span map of layer {i} ({layer.source_digest[:19]}) of {name}"
@@ -408,12 +415,13 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
         except LazyfsError as exc:  # reported once, below, as itself (not inside an exception group)
             errors[i] = exc
 
-    async with open_nursery() as nursery:  # one round trip for all of them, not one per layer
+    async with open_nursery() as nursery:  # one round trip for all of them and the metadata tails
+        nursery.start_soon(tails)
         for i, layer in enumerate(index.layers):
             nursery.start_soon(one, i, layer)
     if errors:
         raise errors[min(errors)]
-    return Image(manifest, image.layers, tuple(maps))
+    return Image(manifest, loaded[0].layers, tuple(maps))
 
 
 async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str, *,
@@ -479,12 +487,17 @@ async def _through_index(opener: ImageOpener, text: str, data: bytes, media_type
                             f"(`lazyfs index {text}`) or convert it first (`lazyfs convert`)")
     refused = []
     for entry in reversed(entries[-MAX_INDEXES_CHECKED:]):
-        decision = await policy.check(artifacts, entry["digest"], digest)
+        try:  # fetched once: the trust check verifies it against its digest, then it is parsed
+            index_bytes: bytes | None = await manifest_of(entry["digest"])
+        except LazyfsError:
+            index_bytes = None  # the check fetches it again and says why it cannot
+        decision = await policy.check(artifacts, entry["digest"], digest, index_bytes)
         if not decision.trusted:
             refused.append(decision)
             continue
-        index = parse_index_manifest(await manifest_of(entry["digest"]), digest,
-                                     [layer.digest for layer in source.layers])
+        if index_bytes is None:
+            index_bytes = await manifest_of(entry["digest"])
+        index = parse_index_manifest(index_bytes, digest, [layer.digest for layer in source.layers])
         index = dataclasses.replace(index, layers=index.layers[:count])  # checked whole, used up to the prefix
         via = f"index {index.digest} ({decision.reason})"
         if not load:

@@ -31,6 +31,7 @@ from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.snapshotter import api
 from tests.support.containerd import SnapshotterProcess, oci_image_from_trees, push_oci_image, running_containerd
+from tests.support.cleanup import loop_backing_files
 from tests.support.proxy import FaultProxy
 from tests.support.registry import registry_fixture
 from tests.conftest import require_fuse, require_loop
@@ -121,8 +122,7 @@ class Env:
         """Whatever the snapshotter made that still exists: mounts, loop devices, directories."""
         found = [f"mount {m.mountpoint} ({m.source})" for m in system.mounts()
                  if m.mountpoint.startswith((self.cache_root, self.writable_root))]
-        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-        found += [f"loop {line}" for line in loops.splitlines() if "ctrd-" in line and str(self.tmp) in line]
+        found += [f"loop {dev}: {back}" for dev, back in loop_backing_files() if "ctrd-" in back and str(self.tmp) in back]
         for base in (os.path.join(self.cache_root, d) for d in ("snapshots", "mnt", "images")):
             found += [os.path.join(base, e) for e in os.listdir(base)]
         base = os.path.join(self.writable_root, "snapshots")
@@ -184,9 +184,9 @@ def env(registry, tmp_path_factory):
             for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
                 if m.mountpoint.startswith(str(tmp) + "/") and m.mountpoint != e.writable_disk:
                     subprocess.run(["umount", "-l", m.mountpoint], check=False)
-            for line in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
-                if str(tmp) in line:
-                    subprocess.run(["losetup", "-d", line.split(":")[0]], check=False)
+            for dev, back in loop_backing_files():
+                if str(tmp) in back:
+                    subprocess.run(["losetup", "-d", dev], check=False)
             subprocess.run(["umount", "-l", e.writable_disk], check=False)
 
 
