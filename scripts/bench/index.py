@@ -146,11 +146,14 @@ def cold_lazy(work: str, name: str, ref: str, proxy: FaultProxy, files: int, led
     try:
         read = workload(target, files)
         total = time.perf_counter() - t
-        fetched = sum(r.body_bytes for r in proxy.requests("GET"))
+        gets = proxy.requests("GET")
+        fetched = sum(r.body_bytes for r in gets)
+        ranged = [r.body_bytes for r in gets if r.range is not None]
     finally:
         run([sys.executable, "-m", "lazyfs.cli", "umount", target, "--config", config], cwd=ROOT)
         stop_daemon(os.path.join(work, name, "run"))
     return {"seconds": round(total, 3), "mount_seconds": round(mounted, 3), "bytes_fetched": fetched,
+            "requests": len(gets), "mean_range_bytes": round(sum(ranged) / max(1, len(ranged))),
             "bytes_read": read, "via": out.get("via", "")}
 
 
