@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from tests.image.test_convert import Env, assert_same, check_fsck
+from tests.image.test_convert import assert_same, check_fsck, module_env
 from tests.image.test_index import push_layout
 from tests.support.cleanup import release_under
 from tests.support.ociimages import debian_three_layers, umoci_add_layer, umoci_new, umoci_unpack
@@ -51,10 +51,8 @@ def debian_image(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(registry, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("index-debian")
-    e = Env(tmp, registry)
-    yield e
-    e.cleanup()
+    yield from module_env(registry, tmp_path_factory, "index-debian",
+                          "indexing applies layers with a loop-mounted ext4: needs root")
 
 
 @pytest.fixture(scope="module")
