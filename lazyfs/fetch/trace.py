@@ -10,6 +10,15 @@ digest, bounded in length). Its wire form is msgpack (sans-IO:
 
 Blob names are listed once and referenced by index, which keeps a trace of a
 few thousand chunks to a few tens of KiB.
+
+Version 2 (written only when the trace has one) adds **span entries**, the spans an
+image mounted through a lazyfs index read (docs/index.md): the same six fields, with
+compression ``SPAN_ENTRY`` (255), offset and compressed length the span's range of its
+source blob, raw length its decoded length. A span entry says which span, not how to
+decode it: ``decode_trace`` returns it as a placeholder ``ChunkLocation`` whose
+compression is SPAN_ENTRY, and the reader replaces it with the image's own
+``SpanLocation`` of that digest and range (``lazyfs.image.traces.resolve_trace``), or
+counts it foreign. A placeholder is never fetched.
 """
 
 from __future__ import annotations
@@ -25,12 +34,13 @@ from lazyfs.errors import ConfigError, FormatError, LazyfsError
 from lazyfs.format.chunk import COMPRESSION_NONE, COMPRESSION_ZSTD, MAX_CHUNK_SIZE
 from lazyfs.format.counted import Table, decode_counted_map
 from lazyfs.format.digest import check_chunk_digest, split_digest
-from lazyfs.format.spanindex import SpanLocation
+from lazyfs.format.spanindex import MAX_SPAN, SpanLocation
 from lazyfs.nursery import open_nursery
 
 __all__ = [
     "TRACE_FORMAT",
     "TRACE_VERSION",
+    "SPAN_ENTRY",
     "MAX_TRACE_ENTRIES",
     "TraceRecorder",
     "RecordingChunkSource",
@@ -42,7 +52,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TRACE_FORMAT = "lazyfs-trace"
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # the newest this lazyfs reads; a trace without spans is written as version 1
+SPAN_ENTRY = 255  # the compression field of a span entry (version 2)
+MAX_SPAN_RANGE = 1 << 40  # a span's compressed range (a single-frame zstd layer's spans read from byte 0)
 MAX_TRACE_ENTRIES = 1 << 17  # what decode_trace accepts at most (recording keeps 65536 by default)
 MAX_TRACE_BLOBS = 1024
 MAX_TRACE_BYTES = 8 << 20
@@ -69,8 +81,6 @@ class TraceRecorder:
 
     def record(self, loc: ChunkLocation) -> None:
         if self.stopped or loc.digest in self._seen or len(self._locations) >= self.max_entries:
-            return
-        if isinstance(loc, SpanLocation):  # spans of an indexed image: not in the trace format (docs/index.md §7)
             return
         self._seen.add(loc.digest)
         self._locations.append(loc)
@@ -116,10 +126,14 @@ def encode_trace(locations: Iterable[ChunkLocation]) -> bytes:
     """The msgpack form of a trace (order kept)."""
     blobs: dict[str, int] = {}
     chunks = []
+    spans = False
     for loc in locations:
         index = blobs.setdefault(loc.blob, len(blobs))
-        chunks.append([loc.digest, index, loc.offset, loc.compressed_length, loc.raw_length, loc.compression])
-    doc = {"format": TRACE_FORMAT, "version": TRACE_VERSION, "blobs": list(blobs), "chunks": chunks}
+        span = isinstance(loc, SpanLocation) or loc.compression == SPAN_ENTRY
+        spans |= span
+        chunks.append([loc.digest, index, loc.offset, loc.compressed_length, loc.raw_length,
+                       SPAN_ENTRY if span else loc.compression])
+    doc = {"format": TRACE_FORMAT, "version": 2 if spans else 1, "blobs": list(blobs), "chunks": chunks}
     return msgpack.packb(doc, use_bin_type=True)
 
 
@@ -139,17 +153,18 @@ def decode_trace(data: bytes, max_entries: int = MAX_TRACE_ENTRIES) -> tuple[Chu
                              max_str_len=1024, max_bin_len=64)
     if doc.get("format") != TRACE_FORMAT:
         raise FormatError(f"trace: format is {doc.get('format')!r}, expected {TRACE_FORMAT!r}")
-    if doc.get("version") != TRACE_VERSION:
-        raise FormatError(f"trace: unsupported version {doc.get('version')!r} (this lazyfs reads {TRACE_VERSION})")
+    version = doc.get("version")
+    if version not in (1, TRACE_VERSION):
+        raise FormatError(f"trace: unsupported version {version!r} (this lazyfs reads 1 to {TRACE_VERSION})")
     blobs, chunks = doc.get("blobs"), doc.get("chunks")
     if not isinstance(blobs, list) or not all(split_digest(b) for b in blobs):
         raise FormatError("trace: 'blobs' must be a list of blob digests")
     if not isinstance(chunks, list):
         raise FormatError("trace: 'chunks' must be a list")
-    return tuple(_decode_entry(i, entry, blobs) for i, entry in enumerate(chunks))
+    return tuple(_decode_entry(i, entry, blobs, spans=version >= 2) for i, entry in enumerate(chunks))
 
 
-def _decode_entry(i: int, entry, blobs: Sequence[str]) -> ChunkLocation:
+def _decode_entry(i: int, entry, blobs: Sequence[str], *, spans: bool = False) -> ChunkLocation:
     if not isinstance(entry, tuple) or len(entry) != 6:  # decode_counted_map checked the width already
         raise FormatError(f"trace: chunk {i} is not a 6-element list")
     digest, blob, offset, clen, rlen, compression = entry
@@ -161,6 +176,12 @@ def _decode_entry(i: int, entry, blobs: Sequence[str]) -> ChunkLocation:
         raise FormatError(f"trace: chunk {i}: blob index {blob} out of range (0..{len(blobs) - 1})")
     if offset < 0 or offset > 1 << 50:
         raise FormatError(f"trace: chunk {i}: offset {offset} out of range")
+    if spans and compression == SPAN_ENTRY:  # a placeholder, resolved against the image's span maps
+        if not 0 < clen <= MAX_SPAN_RANGE:
+            raise FormatError(f"trace: span {i}: compressed length {clen} out of range")
+        if not 0 < rlen <= MAX_SPAN:
+            raise FormatError(f"trace: span {i}: raw length {rlen} out of range")
+        return ChunkLocation(digest, blobs[blob], offset, clen, rlen, SPAN_ENTRY)
     if not 0 < clen <= _MAX_FRAME:
         raise FormatError(f"trace: chunk {i}: compressed length {clen} out of range")
     if not 0 < rlen <= MAX_CHUNK_SIZE:

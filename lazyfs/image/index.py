@@ -18,6 +18,7 @@ like a twin it converted (``lazyfs.image.trust``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -388,9 +389,16 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
                           f"budget of {limits.metadata_budget} bytes (the config's metadata_budget)")
     manifest = ImageManifest(index.digest, index.config, tuple(layer.meta for layer in index.layers),
                              index.virtual_size, {}, None)
-    image = await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})", limits=limits)
     maps: list[SpanMap | None] = [None] * len(index.layers)
     errors: dict[int, LazyfsError] = {}
+    loaded: list[Image] = []
+
+    async def tails() -> None:
+        try:
+            loaded.append(await load_image(manifest, [backend], name=f"{name} (index {index.digest[:19]})",
+                                           limits=limits))
+        except LazyfsError as exc:
+            errors[-1] = exc
 
     async def one(i: int, layer: IndexLayer) -> None:
         what = f"span map of layer {i} ({layer.source_digest[:19]}) of {name}"
@@ -407,19 +415,35 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
         except LazyfsError as exc:  # reported once, below, as itself (not inside an exception group)
             errors[i] = exc
 
-    async with open_nursery() as nursery:  # one round trip for all of them, not one per layer
+    async with open_nursery() as nursery:  # one round trip for all of them and the metadata tails
+        nursery.start_soon(tails)
         for i, layer in enumerate(index.layers):
             nursery.start_soon(one, i, layer)
     if errors:
         raise errors[min(errors)]
-    return Image(manifest, image.layers, tuple(maps))
+    return Image(manifest, loaded[0].layers, tuple(maps))
 
 
-async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str) -> OpenedImage:
+async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str, *,
+                       prefix: list[str] | None = None, name: str | None = None) -> OpenedImage:
     """Open the ordinary image *text* (its manifest *data*) through a trusted lazyfs index.
 
-    NotFoundError when it has none (saying how to make one), TrustError when none is trusted.
+    With *prefix* (the digests of its lowest layers), only those layers: the device of that
+    prefix of the image, as a snapshot below the top one needs. *name* names the result
+    (default *text*). NotFoundError when it has none (saying how to make one), TrustError
+    when none is trusted.
     """
+    return await _through_index(opener, text, data, media_type, digest, prefix=prefix, name=name, load=True)
+
+
+async def trusted_index(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str) -> str:
+    """Which index `open_indexed` would read *text* through (``index sha256:... (why it is trusted)``),
+    without loading its layers (the referrers and the index manifest only); the same errors."""
+    return await _through_index(opener, text, data, media_type, digest, prefix=None, name=None, load=False)
+
+
+async def _through_index(opener: ImageOpener, text: str, data: bytes, media_type: str, digest: str, *,
+                         prefix: list[str] | None, name: str | None, load: bool):
     platform = host_platform()
     local = parse_local_ref(text)
     policy = TrustPolicy.from_config(opener.config)
@@ -453,20 +477,48 @@ async def open_indexed(opener: ImageOpener, text: str, data: bytes, media_type: 
             return (await client.get_manifest(ref.with_digest(d), accept=(MEDIA_TYPE_MANIFEST,)))[0]
         remote = ref.with_digest(digest)
     source = parse_source_manifest(data, digest, media_type)
+    count = len(source.layers)
+    if prefix is not None:
+        if not prefix or [layer.digest for layer in source.layers[:len(prefix)]] != prefix:
+            raise FormatError(f"{name or text}: its layers are not the lowest layers of {text} ({digest})")
+        count = len(prefix)
     if not entries:
         raise NotFoundError(f"{text} is an ordinary image ({digest}) with no lazyfs index: index it "
                             f"(`lazyfs index {text}`) or convert it first (`lazyfs convert`)")
     refused = []
     for entry in reversed(entries[-MAX_INDEXES_CHECKED:]):
-        decision = await policy.check(artifacts, entry["digest"], digest)
+        try:  # fetched once: the trust check verifies it against its digest, then it is parsed
+            index_bytes: bytes | None = await manifest_of(entry["digest"])
+        except LazyfsError:
+            index_bytes = None  # the check fetches it again and says why it cannot
+        decision = await policy.check(artifacts, entry["digest"], digest, index_bytes)
         if not decision.trusted:
             refused.append(decision)
             continue
-        index = parse_index_manifest(await manifest_of(entry["digest"]), digest,
-                                     [layer.digest for layer in source.layers])
-        image = await load_indexed(index, backend, name=text, limits=opener.limits,
-                                   source_sizes=[layer.size for layer in source.layers])
+        if index_bytes is None:
+            index_bytes = await manifest_of(entry["digest"])
+        index = parse_index_manifest(index_bytes, digest, [layer.digest for layer in source.layers])
+        index = dataclasses.replace(index, layers=index.layers[:count])  # checked whole, used up to the prefix
         via = f"index {index.digest} ({decision.reason})"
-        return OpenedImage(text, image, backend, local=local, remote=remote, via=via)
+        if not load:
+            return via
+        image = await load_indexed(index, backend, name=name or text, limits=opener.limits,
+                                   source_sizes=[layer.size for layer in source.layers[:count]])
+        return OpenedImage(name or text, image, backend, local=local, remote=remote, via=via)
     raise TrustError(f"no trusted lazyfs index of {text} ({digest}): {describe(refused)}. Index it on this host "
                      f"(lazyfs index), or sign the index and list the signer's root in trust.trust_store (docs/index.md)")
+
+
+async def open_registered(opener: ImageOpener, text: str, data: bytes, media_type: str, source: str) -> OpenedImage:
+    """The ordinary registry image *source* (``REF@DIGEST``), or the prefix of its layers that the
+    manifest *data* of the layout *text* lists, through its trusted index.
+
+    This is how the snapshotter keeps an ordinary image it registered (``ROOT/images/<hex>``): the
+    source manifest (or a prefix of it) in a layout whose entry names the source; no layer data.
+    """
+    ref = parse_reference(source)
+    client = await opener.ensure_client()
+    local = parse_source_manifest(data, sha256_digest(data), media_type)
+    source_data, media_type, digest = await client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+    return await open_indexed(opener, source, source_data, media_type, digest,
+                              prefix=[layer.digest for layer in local.layers], name=text)

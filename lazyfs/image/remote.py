@@ -184,8 +184,10 @@ class ImageOpener:
         layout = OciLayout(local.path)
         data, desc = await trio.to_thread.run_sync(layout.read_manifest, local.tag)  # files: not on the loop
         if ordinary_manifest(data):
-            from lazyfs.image.index import open_indexed
+            from lazyfs.image.index import open_indexed, open_registered
 
+            if desc.annotations.get(ANN_SOURCE) is not None:  # registered by the snapshotter: lives in the registry
+                return await open_registered(self, text, data, desc.media_type, desc.annotations[ANN_SOURCE])
             return await open_indexed(self, text, data, desc.media_type, desc.digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
         source = desc.annotations.get(ANN_SOURCE)

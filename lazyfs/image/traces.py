@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.errors import FormatError, LazyfsError
-from lazyfs.fetch.trace import MAX_TRACE_BYTES, decode_trace, encode_trace
+from lazyfs.fetch.trace import MAX_TRACE_BYTES, SPAN_ENTRY, decode_trace, encode_trace
 from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import ChunkLocation
+from lazyfs.format.spanindex import SpanLocation
 from lazyfs.format.oci import (
     MAX_MANIFEST_SIZE,
     MEDIA_TYPE_MANIFEST,
@@ -61,10 +62,14 @@ class LoadedTrace:
         return len(self.locations)
 
 
-def foreign_entries(trace: Sequence[ChunkLocation], image: Image) -> int:
-    """How many entries of *trace* are no chunk location of *image* (digest, blob, offset, lengths, compression).
+def resolve_trace(trace: Sequence[ChunkLocation], image: Image) -> tuple[tuple[ChunkLocation, ...], int]:
+    """*trace* as locations of *image*, and how many of its entries are none of them.
 
-    Memory is bounded by the trace: only chunks whose digest the trace names are collected.
+    A chunk entry must be a chunk location of the image (digest, blob, offset, lengths,
+    compression); a span entry (``SPAN_ENTRY``) must be a span of one of the image's span
+    maps (digest, source blob, range, length), and becomes that ``SpanLocation`` (how to
+    decode it comes from the trusted index, never from the trace). Memory is bounded by the
+    trace: only locations whose digest the trace names are collected.
     """
     wanted = {loc.digest for loc in trace}
     known: set[ChunkLocation] = set()
@@ -73,7 +78,32 @@ def foreign_entries(trace: Sequence[ChunkLocation], image: Image) -> int:
             if ref.digest in wanted:
                 known.add(ChunkLocation(ref.digest, meta.blob_of(ref, blob), ref.offset, ref.compressed_length,
                                         ref.raw_length, ref.compression))
-    return sum(loc not in known for loc in trace)
+    spans: dict[tuple, SpanLocation] = {}
+    if any(loc.compression == SPAN_ENTRY for loc in trace):
+        for span_map in image.mapped:
+            for span in span_map.spans if span_map is not None else ():
+                if span.digest in wanted:
+                    spans.setdefault((span.digest, span.blob, span.offset, span.compressed_length, span.raw_length),
+                                     span)
+    out: list[ChunkLocation] = []
+    foreign = 0
+    for loc in trace:
+        if loc.compression == SPAN_ENTRY:
+            span = spans.get((loc.digest, loc.blob, loc.offset, loc.compressed_length, loc.raw_length))
+            if span is None:
+                foreign += 1
+            else:
+                out.append(span)
+        elif loc in known:
+            out.append(loc)
+        else:
+            foreign += 1
+    return tuple(out), foreign
+
+
+def foreign_entries(trace: Sequence[ChunkLocation], image: Image) -> int:
+    """How many entries of *trace* are no chunk or span location of *image* (``resolve_trace``)."""
+    return resolve_trace(trace, image)[1]
 
 
 async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[ChunkLocation]) -> str:
@@ -142,18 +172,18 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | 
     for entry in found[::-1][:MAX_TRACES_TRIED]:
         manifest_digest = str(entry.get("digest"))
         try:
-            locations = await read(manifest_digest)
+            stored = await read(manifest_digest)
         except LazyfsError as exc:
             log.warning("ignoring the startup trace %s of %s: %s", manifest_digest, opened.name, exc)
             continue
-        bad = await trio.to_thread.run_sync(foreign_entries, locations, opened.image)
+        locations, bad = await trio.to_thread.run_sync(resolve_trace, stored, opened.image)
         if bad:
             foreign += bad
-            log.warning("ignoring the startup trace %s of %s: %d of its %d entries name chunks the image does "
-                        "not have", manifest_digest, opened.name, bad, len(locations))
-            rejected = rejected or LoadedTrace(manifest_digest, (), len(locations), bad)
+            log.warning("ignoring the startup trace %s of %s: %d of its %d entries name chunks or spans the image "
+                        "does not have", manifest_digest, opened.name, bad, len(stored))
+            rejected = rejected or LoadedTrace(manifest_digest, (), len(stored), bad)
             continue
-        return LoadedTrace(manifest_digest, locations, len(locations), foreign)
+        return LoadedTrace(manifest_digest, locations, len(stored), foreign)
     if rejected is not None:
         return LoadedTrace(rejected.manifest, (), rejected.entries, foreign)
     return None

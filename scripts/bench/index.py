@@ -2,7 +2,9 @@
 """Benchmark `lazyfs index` (issue 17): index size and build time, and cold start through it (one run).
 
 Image: an ordinary 3-layer gzip OCI image of host trees (--trees; default the Python
-stdlib, Perl, and /etc + zoneinfo), pushed byte for byte to a local docker-registry.
+stdlib, Perl, and /etc + zoneinfo), or with --debian the Debian bookworm minbase root in
+three layers (``debian_three_layers``: the root without /usr/share, /usr/share, a change
+layer), pushed byte for byte to a local docker-registry.
 
 * build: `lazyfs index` vs `lazyfs convert --no-cache` vs `umoci unpack` of the same
   image (page cache dropped before each); index bytes vs image bytes;
@@ -13,8 +15,8 @@ stdlib, Perl, and /etc + zoneinfo), pushed byte for byte to a local docker-regis
   full pull: every layer blob fetched through the same proxy, then `umoci unpack`.
   Bytes fetched are counted at the proxy.
 
-Usage: scripts/bench/index.py [--workdir DIR] [--mbit 100] [--rtt 0 0.02] [--files 300] [--span-size 1M]
-                              [--json FILE]
+Usage: scripts/bench/index.py [--workdir DIR] [--debian] [--mbit 100] [--rtt 0 0.02] [--files 300]
+                              [--span-size 1M] [--json FILE]
 Needs root, umoci, docker-registry.
 """
 
@@ -33,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from tests.support.ociimages import run, tar_tree, umoci_unpack, write_image  # noqa: E402
+from tests.support.ociimages import debian_three_layers, run, tar_tree, umoci_unpack, write_image  # noqa: E402
 from tests.support.proxy import FaultProxy  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
@@ -144,11 +146,14 @@ def cold_lazy(work: str, name: str, ref: str, proxy: FaultProxy, files: int, led
     try:
         read = workload(target, files)
         total = time.perf_counter() - t
-        fetched = sum(r.body_bytes for r in proxy.requests("GET"))
+        gets = proxy.requests("GET")
+        fetched = sum(r.body_bytes for r in gets)
+        ranged = [r.body_bytes for r in gets if r.range is not None]
     finally:
         run([sys.executable, "-m", "lazyfs.cli", "umount", target, "--config", config], cwd=ROOT)
         stop_daemon(os.path.join(work, name, "run"))
     return {"seconds": round(total, 3), "mount_seconds": round(mounted, 3), "bytes_fetched": fetched,
+            "requests": len(gets), "mean_range_bytes": round(sum(ranged) / max(1, len(ranged))),
             "bytes_read": read, "via": out.get("via", "")}
 
 
@@ -188,6 +193,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir")
     parser.add_argument("--trees", nargs="+", default=DEFAULT_TREES, help="one layer per entry (paths joined by :)")
+    parser.add_argument("--debian", action="store_true", help="the 3-layer Debian minbase image instead of --trees")
     parser.add_argument("--mbit", type=float, default=100)
     parser.add_argument("--rtt", type=float, nargs="+", default=[0.0, 0.02])
     parser.add_argument("--files", type=int, default=300)
@@ -198,9 +204,10 @@ def main() -> int:
         print("needs root", file=sys.stderr)
         return 1
     work = args.workdir or tempfile.mkdtemp(prefix="lazyfs-bench-index-", dir="/var/tmp")
-    results: dict = {"trees": args.trees, "files": args.files, "span_size": args.span_size}
+    results: dict = {"trees": ["debian-minbase (3 layers)"] if args.debian else args.trees, "files": args.files,
+                     "span_size": args.span_size}
     try:
-        tars = make_tars(work, args.trees)
+        tars = debian_three_layers(work)[0] if args.debian else make_tars(work, args.trees)
         layout = os.path.join(work, "image")
         write_image(layout, "v", tars, compression="gzip")
         results["tar_bytes"] = sum(os.path.getsize(t) for t in tars)

@@ -17,7 +17,8 @@ from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
-from lazyfs.fetch.trace import RecordingChunkSource, TraceRecorder, decode_trace, encode_trace, replay
+from lazyfs.fetch.trace import SPAN_ENTRY, RecordingChunkSource, TraceRecorder, decode_trace, encode_trace, replay
+from lazyfs.format.spanindex import SpanLocation
 from lazyfs.format.chunk import MAX_CHUNK_SIZE
 from tests.support.layers import write_frames_blob
 
@@ -79,7 +80,10 @@ def _doc(**override):
         b"\x93\x01\x02",  # a list, not a map
         msgpack.packb({"format": "lazyfs-trace", "version": 1}, use_bin_type=True)[:-3],  # truncated
         _doc(format="something-else"),
-        _doc(version=2),
+        _doc(version=3),
+        _doc(chunks=[[b"\1" * 32, 0, 0, 100, 200, 255]]),  # a span entry in a version-1 trace
+        _doc(version=2, chunks=[[b"\1" * 32, 0, 0, 100, (16 << 20) + 1, 255]]),  # span longer than MAX_SPAN
+        _doc(version=2, chunks=[[b"\1" * 32, 0, 0, 0, 200, 255]]),  # span with an empty range
         _doc(blobs=["../../etc/passwd"]),
         _doc(blobs="sha256:" + "a" * 64),
         _doc(chunks={}),
@@ -194,3 +198,22 @@ def test_replay_counts_failures_without_raising(tmp_path):
                     await replay(sched, [], concurrency=0)
 
     trio.run(main)
+
+
+def test_spans_are_recorded_and_written_as_span_entries_of_a_version_2_trace():
+    """A span (an indexed image's read) is recorded like a chunk and written as a span entry: which
+    span (digest, blob, range, length), never how to decode it; a trace without spans stays version 1."""
+    span = SpanLocation(b"\7" * 32, "sha256:" + "b" * 64, 1000, 5000, 1 << 20, 0, 4096, 12, 3, b"window")
+    recorder = TraceRecorder()
+    recorder.record(sample(1))
+    recorder.record(span)
+    recorder.record(span)
+    assert recorder.locations == (sample(1), span)
+    data = recorder.encode()
+    assert msgpack.unpackb(data)["version"] == 2
+    assert b"window" not in data
+    decoded = decode_trace(data)
+    assert decoded[0] == sample(1)
+    assert decoded[1] == ChunkLocation(span.digest, span.blob, 1000, 5000, 1 << 20, SPAN_ENTRY)
+    assert encode_trace(decoded) == data  # placeholders write back as span entries
+    assert msgpack.unpackb(encode_trace([sample(1)]))["version"] == 1

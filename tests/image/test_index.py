@@ -25,7 +25,10 @@ from lazyfs.config import Config, RegistrySettings
 from lazyfs.errors import IntegrityError, TrustError
 from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, sha256_digest
 from lazyfs.format.reference import parse_reference
+from lazyfs.device.chunks import ChunkLocation
+from lazyfs.fetch.trace import SPAN_ENTRY
 from lazyfs.format.spanindex import SpanLocation, decode_span_map, encode_span_map
+from lazyfs.image.traces import save_trace
 from lazyfs.image.index import INDEX_ARTIFACT_TYPE, ANN_SOURCE_MANIFEST
 from lazyfs.image.referrers import add_referrer_remote, find_referrers_remote
 from lazyfs.image.layout import OciLayout
@@ -365,3 +368,82 @@ def test_forged_indexes_are_refused(env, edge, tmp_path):
                           check=False)
         assert proc.returncode == 1 and "digest mismatch for span map" in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# ---------------------------------------------------------------- startup traces of indexed images
+
+
+def test_startup_trace_records_spans_and_its_replay_prefetches_them(env, edge, tmp_path):
+    """A host that reads some mapped blocks of an indexed image records their spans in its startup
+    trace (stored as a referrer); a fresh host replays it: it fetches exactly those spans' ranges of the
+    original blob before any read, then the same reads miss nothing and fetch nothing more.
+
+    A newer trace naming a span the index does not have (a real span's digest at another range) is
+    refused whole and counted; the older good one is replayed.
+
+    Break tests (done by hand): with ``TraceRecorder.record`` skipping ``SpanLocation`` again (as before
+    spans were in traces), nothing was recorded and the first host had no trace to save: red on
+    ``recorded.get("saved")``; with ``resolve_trace`` matching span entries by digest only, the forged
+    trace was replayed: red on ``foreign_entries``.
+    """
+    import dataclasses
+
+    ref = edge["refs"]["gzip"]
+    index(env, ref)
+    digest, _ = _gzip_layer(env, ref)
+
+    async def mapped_reads(att) -> list[tuple[int, int]]:  # the first block of every third mapped segment
+        segs = [seg for seg in att.device.index.segments if seg.mapped is not None]
+        return [(seg.start * 4096, 4096) for seg in segs[::3]]
+
+    with FaultProxy.running_in_thread(env.registry.port) as proxy:
+        async def first():
+            config = dataclasses.replace(host_config(tmp_path / "one", env, proxy), trace_record_seconds=3600,
+                                         trace_publish=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                assert att.opened.via.startswith("index ") and att.trace.get("recording")
+                reads = await mapped_reads(att)
+                data = [await att.device.read(off, n) for off, n in reads]
+                await host.detach(att.name)  # stores the trace next to the image
+                return att.trace, reads, data
+
+        recorded, reads, data = trio.run(first)
+        assert recorded.get("saved") and recorded.get("chunks", 0) >= 3, recorded
+        spans_fetched = {r.range for r in proxy.requests("GET", digest)}
+        proxy.reset_counters()
+
+        async def second():
+            config = dataclasses.replace(host_config(tmp_path / "two", env, proxy), trace_replay=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                with trio.fail_after(60):
+                    while "chunks" not in att.trace:  # replay finished
+                        await trio.sleep(0.05)
+                assert att.trace["replay"] == recorded["chunks"] and att.trace["failed"] == 0, att.trace
+                replayed = {r.range for r in proxy.requests("GET", digest)}
+                before = proxy.count("GET", digest)
+                again = [await att.device.read(off, n) for off, n in reads]
+                return replayed, before, proxy.count("GET", digest), again, att.store.statistics()
+
+        replayed, before, after, again, stats = trio.run(second)
+        assert spans_fetched and replayed == spans_fetched  # the replay fetched the recorded spans, no others
+        assert after == before  # the reads found them all cached
+        assert again == data and stats["chunk_reads"] > 0 and stats["demand_misses"] == 0, stats
+
+        async def forged():
+            """A newer trace naming a real span at another range of its blob: not a span of the index."""
+            config = host_config(tmp_path / "three", env, proxy)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                span = next(s for m in att.opened.image.mapped if m is not None for s in m.spans)
+                fake = ChunkLocation(span.digest, span.blob, span.offset + 1, span.compressed_length,
+                                     span.raw_length, SPAN_ENTRY)
+                await save_trace(att.opener, att.opened, [span, fake])
+            config = dataclasses.replace(host_config(tmp_path / "four", env, proxy), trace_replay=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                return dict(att.trace)
+
+        trace = trio.run(forged)
+        assert trace.get("foreign_entries") == 1 and trace.get("replay") == recorded["chunks"], trace

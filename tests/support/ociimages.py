@@ -8,7 +8,8 @@
 * ``write_image``: an image written directly (any compression per layer,
   Docker or OCI media types) and ``write_index`` for multi-arch indexes;
 * ``debian_minbase_tar``: a debootstrap ``--variant=minbase`` root as a tar,
-  cached (it takes a minute and needs deb.debian.org).
+  cached (it takes a minute and needs deb.debian.org); ``debian_three_layers``: that root
+  cut into three layer tars, the way images are usually stacked.
 """
 
 from __future__ import annotations
@@ -202,3 +203,38 @@ def debian_minbase_tar(cache_dir: str = DEFAULT_CACHE, suite: str = "bookworm") 
             tar_tree(root, out + ".partial")
         os.replace(out + ".partial", out)
     return out
+
+
+TAR_OPTIONS = ["--format=posix", "--pax-option=delete=atime,delete=ctime", "--xattrs", "--xattrs-include=*",
+               "--acls", "--sparse", "--numeric-owner", "--sort=name"]
+
+
+def debian_three_layers(work: str) -> tuple[list[str], str]:
+    """The Debian minbase root as three layer tars under *work*: the root without /usr/share, then
+    /usr/share, then a change layer (a rewritten dpkg status, a new /etc/lazyfs-layer, a whiteout of
+    the first /usr/share/doc entry and an opaque /usr/share/man). Returns the tars and the name whited out."""
+    tar = debian_minbase_tar()
+    root = os.path.join(work, "debian-root")
+    os.makedirs(root)
+    run(["tar", "--extract", "--file", tar, "--directory", root, "--xattrs", "--xattrs-include=*", "--acls",
+         "--numeric-owner", "--same-permissions"])
+    l1, l2 = os.path.join(work, "debian-l1.tar"), os.path.join(work, "debian-l2.tar")
+    run(["tar", "--create", "--file", l1, "--directory", root, *TAR_OPTIONS, "--exclude=./usr/share", "."])
+    run(["tar", "--create", "--file", l2, "--directory", root, *TAR_OPTIONS, "./usr/share"])
+    top = os.path.join(work, "debian-top")
+    os.makedirs(os.path.join(top, "var", "lib", "dpkg"))
+    shutil.copy2(os.path.join(root, "var", "lib", "dpkg", "status"), os.path.join(top, "var", "lib", "dpkg", "status"))
+    os.makedirs(os.path.join(top, "etc"))
+    with open(os.path.join(top, "etc", "lazyfs-layer"), "w") as f:
+        f.write("the third layer\n")
+    first_doc = sorted(os.listdir(os.path.join(root, "usr", "share", "doc")))[0]
+    os.makedirs(os.path.join(top, "usr", "share", "doc"))
+    open(os.path.join(top, "usr", "share", "doc", f".wh.{first_doc}"), "wb").close()  # whiteout
+    os.makedirs(os.path.join(top, "usr", "share", "man"))
+    open(os.path.join(top, "usr", "share", "man", ".wh..wh..opq"), "wb").close()  # opaque: man pages replaced
+    with open(os.path.join(top, "usr", "share", "man", "README"), "w") as f:
+        f.write("no manual pages here\n")
+    l3 = tar_tree(top, os.path.join(work, "debian-l3.tar"))
+    shutil.rmtree(root)
+    shutil.rmtree(top)
+    return [l1, l2, l3], first_doc

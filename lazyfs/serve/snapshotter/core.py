@@ -271,8 +271,9 @@ class Snapshotter:
         extra = {**snap.extra, "attach": name, "image": image, "loop": loop, "manifest": attached.get("manifest")}
         if extra != snap.extra:
             snap = self.store.set_extra(snap.id, extra)
-            log.info("snapshot %s (#%d): %s on %s%s", snap.key, snap.id, image, loop,
-                     "" if block else f", mounted at {self.mount_dir(snap)}")
+            log.info("snapshot %s (#%d): %s%s on %s%s", snap.key, snap.id, image,
+                     f" (ordinary image {base.extra['source']} via {attached['via']})" if attached.get("via") else "",
+                     loop, "" if block else f", mounted at {self.mount_dir(snap)}")
         return snap
 
     def _release_device(self, snap: Snapshot) -> list[str]:

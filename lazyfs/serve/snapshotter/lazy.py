@@ -6,6 +6,11 @@ image's metadata (manifest, config, one metadata tail per layer) into an OCI lay
 by the host daemon once a snapshot on top of the layer is attached. A snapshot whose parent
 chain ends in lazyfs layers gets the merged device of that prefix of the image through the
 daemon's FUSE file, a loop device and ext4.
+
+A layer of an ordinary image with a trusted lazyfs index (docs/index.md §7) is registered the
+same way: the layout then holds the ordinary manifest only, and the daemon opens it through the
+index (``open_registered``); an ordinary image without one unpacks the ordinary way (a plain
+pull). The log says which.
 """
 
 from __future__ import annotations
@@ -20,12 +25,21 @@ from dataclasses import dataclass
 import cachetools
 
 from lazyfs.config import Config
-from lazyfs.errors import FormatError, LazyfsError, NotFoundError
-from lazyfs.format.oci import ANN_VIRTUAL_SIZE, MEDIA_TYPE_MANIFEST, build_manifest, parse_manifest
+from lazyfs.errors import FormatError, LazyfsError, NotFoundError, TrustError
+from lazyfs.format.oci import (
+    ANN_VIRTUAL_SIZE,
+    DOCKER_MANIFEST,
+    MEDIA_TYPE_MANIFEST,
+    build_manifest,
+    canonical_json,
+    parse_json,
+    parse_manifest,
+)
+from lazyfs.format.ociimage import parse_source_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
-from lazyfs.image.remote import ANN_SOURCE, META_DIR, pull_image
+from lazyfs.image.remote import ANN_SOURCE, META_DIR, ordinary_manifest, pull_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.mount import daemon_alive, ensure_daemon
@@ -44,6 +58,7 @@ LABEL_MODE = "containerd.io/snapshot/lazyfs.mode"
 LAYOUT_TAG = "image"
 MANIFEST_CACHE_SECONDS = 60.0
 MANIFEST_CACHE_ENTRIES = 256  # images looked up within a minute; older or more are fetched again
+ANN_VIA = "dev.lazyfs.snapshotter.via"  # on a registered ordinary image's layout entry: the index it goes through
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +90,12 @@ class RemoteLayer:
     count: int
     digests: tuple[str, ...]  # every layer digest of the manifest, bottom first
     meta_bytes: int  # bytes the layer's metadata tail takes locally
+    via: str = ""  # an ordinary image: the lazyfs index it is read through ("index sha256:... (why trusted)")
 
     def extra(self) -> dict:
         return {"layout": self.layout, "source": self.source, "manifest": self.manifest, "index": self.index,
-                "count": self.count, "layer": self.digests[self.index], "digests": list(self.digests)}
+                "count": self.count, "layer": self.digests[self.index], "digests": list(self.digests),
+                **({"via": self.via} if self.via else {})}
 
 
 class LazyImages:
@@ -89,34 +106,42 @@ class LazyImages:
 
     def __init__(self, config: Config, directory: str, portal: TrioPortal | None = None) -> None:
         self.config, self.directory, self.portal = config, directory, portal
-        self._manifests: cachetools.TTLCache[tuple[str, str | None], tuple[float, bytes, str]] = cachetools.TTLCache(
-            MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_SECONDS)
+        self._manifests: cachetools.TTLCache[tuple[str, str | None], tuple[float, bytes, str, str]] = \
+            cachetools.TTLCache(MANIFEST_CACHE_ENTRIES, MANIFEST_CACHE_SECONDS)
+        # ordinary images found without a trusted index: not asked again for a minute (one look per
+        # image, not one per layer)
+        self._unindexed: cachetools.TTLCache[str, str] = cachetools.TTLCache(MANIFEST_CACHE_ENTRIES,
+                                                                             MANIFEST_CACHE_SECONDS)
         self._lock = threading.Lock()
 
-    def _fetch_manifest(self, image: str, digest: str | None) -> tuple[bytes, str]:
+    def _fetch_manifest(self, image: str, digest: str | None) -> tuple[bytes, str, str]:
+        """The manifest's bytes, digest and media type."""
         key = (image, digest)
         with self._lock:
             hit = self._manifests.get(key)
             if hit and time.monotonic() - hit[0] < MANIFEST_CACHE_SECONDS:
-                return hit[1], hit[2]
+                return hit[1], hit[2], hit[3]
         ref = parse_reference(image)
         if digest:
             ref = ref.with_digest(digest)
 
         async def get():
             client = await self.portal.opener.ensure_client()
-            data, _, got = await client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
-            return data, got
+            data, media_type, got = await client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST, DOCKER_MANIFEST))
+            return data, got, media_type
 
-        data, got = self.portal.run(get)
+        data, got, media_type = self.portal.run(get)
         with self._lock:
-            self._manifests[key] = (time.monotonic(), data, got)
-        return data, got
+            self._manifests[key] = (time.monotonic(), data, got, media_type)
+        return data, got, media_type
 
     def find(self, req: LayerRequest) -> RemoteLayer | None:
-        """The lazyfs layer *req* names, its image metadata stored; None if the image is not lazyfs."""
+        """The lazyfs layer *req* names, its image metadata stored; None if the image is not lazyfs
+        (nor an ordinary image with a trusted lazyfs index)."""
         try:
-            data, digest = self._fetch_manifest(req.image, req.manifest)
+            data, digest, media_type = self._fetch_manifest(req.image, req.manifest)
+            if ordinary_manifest(data):
+                return self._find_indexed(req, data, media_type, digest)
             manifest = parse_manifest(data)
         except FormatError as exc:
             log.info("%s is not a lazyfs image (%s): layer %s unpacks the ordinary way", req.image, exc, req.layer)
@@ -132,6 +157,58 @@ class LazyImages:
             self._pull(source, layout)
         meta = os.path.join(layout, META_DIR, req.layer.split(":", 1)[1])
         return RemoteLayer(layout, source, digest, index, len(digests), digests, _disk_usage(meta))
+
+    def _find_indexed(self, req: LayerRequest, data: bytes, media_type: str, digest: str) -> RemoteLayer | None:
+        """A layer of an ordinary image: registered when the image has a trusted lazyfs index (None otherwise)."""
+        source = str(parse_reference(req.image).with_digest(digest))
+        manifest = parse_source_manifest(data, digest, media_type)
+        digests = tuple(layer.digest for layer in manifest.layers)
+        if req.layer not in digests:
+            log.info("layer %s is not in image %s", req.layer, req.image)
+            return None
+        layout = os.path.join(self.directory, digest.split(":", 1)[1])
+        if not _pulled(layout):
+            if not self._register_indexed(source, data, media_type, digest, layout):
+                return None
+        _, desc = OciLayout(layout).read_manifest(LAYOUT_TAG)
+        return RemoteLayer(layout, source, digest, digests.index(req.layer), len(digests), digests, 0,
+                           via=desc.annotations.get(ANN_VIA, "index"))
+
+    def _register_indexed(self, source: str, data: bytes, media_type: str, digest: str, layout: str) -> bool:
+        """Check that ordinary image *source* has a trusted index, then keep
+        its manifest in *layout*; False (and the log says so) when it has none: a plain pull, as before."""
+        with self._lock:
+            why = self._unindexed.get(digest)
+        if why is None:
+            from lazyfs.image.index import trusted_index
+
+            async def check():  # the referrers and the index manifest; the daemon loads the rest when it attaches
+                opener = self.portal.opener
+                await opener.ensure_client()
+                return await trusted_index(opener, source, data, media_type, digest)
+
+            try:
+                via = self.portal.run(check)
+            except (NotFoundError, TrustError) as exc:
+                why = str(exc)
+                with self._lock:
+                    self._unindexed[digest] = why
+        if why is not None:
+            log.info("ordinary image %s, no lazyfs index used (%s): plain pull, its layers unpack the ordinary way",
+                     source, why)
+            return False
+        tmp = f"{layout}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            OciLayout(tmp).put_manifest(data, LAYOUT_TAG, media_type, annotations={ANN_SOURCE: source, ANN_VIA: via})
+            try:
+                os.rename(tmp, layout)
+            except OSError:
+                if not _pulled(layout):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("registered ordinary image %s lazily via %s: no layer data downloaded", source, via)
+        return True
 
     def _pull(self, source: str, layout: str) -> None:
         """Manifest, config and metadata tails into *layout* (made under a temporary name, then renamed)."""
@@ -177,6 +254,11 @@ def image_for(extra: dict) -> str:
     store = OciLayout(layout)
     if tag not in store.tags():
         data, desc = store.read_manifest(LAYOUT_TAG)
+        if ordinary_manifest(data):  # registered through its index: a prefix of the ordinary manifest
+            doc = parse_json(data, f"manifest of {layout}")
+            prefix = canonical_json({**doc, "layers": doc["layers"][:index + 1]})
+            store.put_manifest(prefix, tag, desc.media_type, annotations={ANN_SOURCE: desc.annotations[ANN_SOURCE]})
+            return str(LocalRef(layout, tag))
         manifest = parse_manifest(data)
         annotations = {k: v for k, v in manifest.annotations.items() if k != ANN_VIRTUAL_SIZE}
         prefix = build_manifest(manifest.config, list(manifest.layers[:index + 1]), manifest.virtual_size, annotations)

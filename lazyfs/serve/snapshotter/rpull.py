@@ -12,6 +12,11 @@ never sees half an image:
    the layer from its metadata and answers "already exists", which containerd turns into a
    committed snapshot named by the chain id;
 3. the image record, so that ``ctr run --snapshotter lazyfs REF`` finds it unpacked.
+
+An ordinary image goes the same way when it has a trusted lazyfs index (docs/index.md): the
+snapshotter registers its layers through the index. Without one, rpull refuses with one line
+naming the plain pull (``ctr image pull``), which is today's way for it. The result's ``via``
+says which path was taken.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import secrets
 import trio
 
 from lazyfs.config import Config
-from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
+from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError, TrustError
 from lazyfs.format.digest import chain_ids, sha256_digest
-from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, parse_json, parse_manifest
+from lazyfs.format.oci import DOCKER_MANIFEST, MEDIA_TYPE_MANIFEST, parse_json, parse_manifest
+from lazyfs.format.ociimage import parse_source_manifest
 from lazyfs.format.reference import parse_reference
-from lazyfs.image.remote import ImageOpener
+from lazyfs.image.remote import ImageOpener, ordinary_manifest
 from lazyfs.serve.snapshotter import api
 from lazyfs.serve.snapshotter.lazy import (
     LABEL_IMAGE_REF,
@@ -50,14 +56,34 @@ def _diff_ids(config: bytes, layers: int, what: str) -> list[str]:
     return diff_ids
 
 
-async def _fetch(config: Config, ref) -> tuple[bytes, str, bytes, int]:
+class _NoIndex(LazyfsError):
+    """An ordinary image with no trusted lazyfs index."""
+
+
+async def _fetch(config: Config, ref) -> tuple[bytes, str, str, bytes, int, list[str], str]:
+    """Manifest (bytes, digest, media type), config, bytes fetched, layer digests, and the lazy path
+    (``lazyfs image`` or the index an ordinary image is read through)."""
     async with ImageOpener(config) as opener:
-        data, _, digest = await opener.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST,))
-        manifest = parse_manifest(data)
-        blob = await opener.client.get_blob(ref.repo(), manifest.config.digest)
-        if sha256_digest(blob) != manifest.config.digest:
-            raise FormatError(f"config of {ref} does not match its digest {manifest.config.digest}")
-        return data, digest, blob, len(data) + len(blob)
+        data, media_type, digest = await opener.client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST, DOCKER_MANIFEST))
+        if ordinary_manifest(data):
+            from lazyfs.image.index import trusted_index
+
+            source = parse_source_manifest(data, digest, media_type)
+            try:  # the snapshotter checks again, and loads the index, when it registers the layers
+                via = await trusted_index(opener, str(ref), data, media_type, digest)
+            except NotFoundError:
+                raise _NoIndex("an ordinary image with no lazyfs index") from None
+            except TrustError as exc:
+                raise _NoIndex(f"an ordinary image with no trusted lazyfs index: {exc}") from None
+            config_digest, layers = source.config.digest, [layer.digest for layer in source.layers]
+        else:
+            manifest = parse_manifest(data)
+            config_digest, layers, via = manifest.config.digest, [layer.digest for layer in manifest.layers], \
+                "lazyfs image"
+        blob = await opener.client.get_blob(ref.repo(), config_digest)
+        if sha256_digest(blob) != config_digest:
+            raise FormatError(f"config of {ref} does not match its digest {config_digest}")
+        return data, digest, media_type, blob, len(data) + len(blob), layers, via
 
 
 class _Containerd:
@@ -126,12 +152,11 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
     if ref.digest is None and ref.tag is None:
         ref = ref.with_tag("latest")
     try:
-        manifest_bytes, digest, config_bytes, fetched = trio.run(_fetch, config, ref)
-    except FormatError as exc:
-        raise ConfigError(f"{text} is not a lazyfs image ({exc}); pull ordinary images with "
-                          f"`ctr image pull --snapshotter {snapshotter}`") from None
-    manifest = parse_manifest(manifest_bytes)
-    chains = chain_ids(_diff_ids(config_bytes, len(manifest.layers), f"config of {text}"))
+        manifest_bytes, digest, media_type, config_bytes, fetched, layers, via = trio.run(_fetch, config, ref)
+    except (FormatError, _NoIndex) as exc:
+        raise ConfigError(f"{text} is not a lazyfs image ({exc}); pull it the plain way (`ctr image pull "
+                          f"--snapshotter {snapshotter}`) or index it first (`lazyfs index`)") from None
+    chains = chain_ids(_diff_ids(config_bytes, len(layers), f"config of {text}"))
     ctrd = _Containerd(address, namespace)
     pb = ctrd.pb
     lease = f"lazyfs-rpull-{secrets.token_hex(8)}"
@@ -142,10 +167,11 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
         ctrd.metadata.append(("containerd-lease", lease))
         try:
             ctrd.put_content(config_bytes, {f"containerd.io/gc.ref.snapshot.{snapshotter}": chains[-1]})
-            ctrd.put_content(manifest_bytes, {"containerd.io/gc.ref.content.config": manifest.config.digest,
+            config_digest = sha256_digest(config_bytes)
+            ctrd.put_content(manifest_bytes, {"containerd.io/gc.ref.content.config": config_digest,
                                               f"containerd.io/distribution.source.{ref.registry}": ref.repository})
-            registered = _prepare_layers(ctrd, snapshotter, str(ref), digest, manifest, chains)
-            target = pb.descriptor.Descriptor(media_type=MEDIA_TYPE_MANIFEST, digest=digest, size=len(manifest_bytes))
+            registered = _prepare_layers(ctrd, snapshotter, str(ref), digest, layers, chains)
+            target = pb.descriptor.Descriptor(media_type=media_type, digest=digest, size=len(manifest_bytes))
             image = pb.images.Image(name=str(ref), target=target)
             try:
                 ctrd.call(ctrd.images.Create, pb.images.CreateImageRequest(image=image))
@@ -163,15 +189,16 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
         raise LazyfsError(f"containerd refused rpull of {text}: {exc.code().name}: {exc.details()}") from None
     finally:
         ctrd.close()
-    return {"image": str(ref), "manifest": digest, "layers": len(manifest.layers), "snapshot": chains[-1],
-            "registered": registered, "bytes_from_registry": fetched}
+    return {"image": str(ref), "manifest": digest, "layers": len(layers), "snapshot": chains[-1],
+            "registered": registered, "bytes_from_registry": fetched, "via": via}
 
 
-def _prepare_layers(ctrd: _Containerd, snapshotter: str, image: str, digest: str, manifest, chains: list[str]) -> int:
+def _prepare_layers(ctrd: _Containerd, snapshotter: str, image: str, digest: str, layers: list[str],
+                    chains: list[str]) -> int:
     """Make every layer a committed snapshot, bottom up; how many were new."""
     pb = ctrd.pb.snapshots
     registered = 0
-    for i, (layer, chain) in enumerate(zip(manifest.layers, chains)):
+    for i, (layer, chain) in enumerate(zip(layers, chains)):
         try:
             ctrd.call(ctrd.snapshots.Stat, pb.StatSnapshotRequest(snapshotter=snapshotter, key=chain))
             continue
@@ -179,7 +206,7 @@ def _prepare_layers(ctrd: _Containerd, snapshotter: str, image: str, digest: str
             if exc.code() != ctrd.grpc.StatusCode.NOT_FOUND:
                 raise
         key = f"lazyfs-rpull-{secrets.token_hex(6)} {chain}"
-        labels = {LABEL_SNAPSHOT_REF: chain, LABEL_IMAGE_REF: image, LABEL_LAYER_DIGEST: layer.digest,
+        labels = {LABEL_SNAPSHOT_REF: chain, LABEL_IMAGE_REF: image, LABEL_LAYER_DIGEST: layer,
                   LABEL_MANIFEST_DIGEST: digest}
         request = pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=chains[i - 1] if i else "",
                                             labels=labels)
@@ -192,6 +219,6 @@ def _prepare_layers(ctrd: _Containerd, snapshotter: str, image: str, digest: str
             raise
         # the snapshotter made an ordinary active snapshot: it did not take the layer as remote
         ctrd.call(ctrd.snapshots.Remove, pb.RemoveSnapshotRequest(snapshotter=snapshotter, key=key))
-        raise LazyfsError(f"snapshotter {snapshotter!r} did not register layer {layer.digest} of {image} as a "
+        raise LazyfsError(f"snapshotter {snapshotter!r} did not register layer {layer} of {image} as a "
                           "lazyfs layer (is it `lazyfs snapshotter`, and can it reach the registry? see its log)")
     return registered
