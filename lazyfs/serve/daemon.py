@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import trio
 
+from lazyfs import __version__
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
@@ -261,7 +262,7 @@ class Daemon:
             args = {**args, "front_end": args["extra"]}
             del args["extra"]
         if op == "ping":
-            return {"pid": os.getpid(), "export_dir": self.config.export_dir}
+            return {"pid": os.getpid(), "version": __version__, "export_dir": self.config.export_dir}
         if op == "attach":
             return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "front_end", "record_trace",
                                              "plain_http", "hydrate"))
@@ -370,7 +371,7 @@ async def run_daemon(config: Config, load_config: Callable[[], Config] | None = 
 
 
 async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] | None) -> None:
-    log.info("lazyfs daemon %d starting for %s", os.getpid(), config.run_dir)
+    log.info("lazyfs daemon %d (version %s) starting for %s", os.getpid(), __version__, config.run_dir)
     # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
     # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
