@@ -208,9 +208,9 @@ class Daemon:
             raise NotFoundError(f"no image attached as {name!r}")
         if att.device.writable is None:
             raise ConfigError(f"{name} is attached read-only: nothing to commit")
-        opener = self.host.opener_for(att.plain_http + _hosts(plain_http))
-        # writes wait only while the layer is read out, not while the registry is talked to
-        result = await commit_writable(opener, att.opened, att.device.writable, out, hold=att.device.writes_held)
+        async with self.host.registry_opener(att.plain_http + _hosts(plain_http)) as opener:
+            # writes wait only while the layer is read out, not while the registry is talked to
+            result = await commit_writable(opener, att.opened, att.device.writable, out, hold=att.device.writes_held)
         log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
         return result
 
