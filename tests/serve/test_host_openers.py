@@ -38,6 +38,15 @@ def test_an_extra_registry_client_is_closed_with_the_last_attachment_using_it(en
     config = Config(cache_root=str(tmp_path / "cache"), writable_root=str(tmp_path / "writable"),
                     trace_record_seconds=0)  # no registry in the config: plain HTTP comes with each request
 
+    async def metadata_kept(host):
+        # each attach keeps its image's config in the background, through the same client (a use
+        # of its own): wait for that to end, so the detach below is what must close the client
+        for _ in range(3000):
+            if not host._opener_leases:
+                return
+            await trio.sleep(0.01)
+        raise AssertionError(f"background uses of registry clients never ended: {host._opener_leases}")
+
     async def main():
         async with Host.open(config) as host:
             assert host.open_registry_clients() == 0
@@ -45,6 +54,7 @@ def test_an_extra_registry_client_is_closed_with_the_last_attachment_using_it(en
             await host.attach(env.ref, "b", plain_http=[host_port])
             assert host.open_registry_clients() == 1  # one client for both: the same set of hosts
             assert host.statistics()["registry_clients"] == 1
+            await metadata_kept(host)
             await host.detach("a")
             assert host.open_registry_clients() == 1  # b still reads through it
             await host.detach("b")
@@ -57,6 +67,7 @@ def test_an_extra_registry_client_is_closed_with_the_last_attachment_using_it(en
             # attached again: a new client, closed again at shutdown
             await host.attach(env.ref, "d", plain_http=[host_port])
             assert host.open_registry_clients() == 1
+            await metadata_kept(host)
             opener = host._openers[(host_port,)]
         assert opener.existing_client is None
 
