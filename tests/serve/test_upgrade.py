@@ -78,9 +78,9 @@ def test_reader_survives_an_upgrade_into_a_second_venv(env, tmp_path):
             wait_for(stack.answers, "the new version's daemon")
             ping = call(stack.socket, "ping", timeout=10)
             assert ping["pid"] == new.pid and ping["version"] == NEW_VERSION
-            assert json.loads(lazyfs_new("version", "--json")) == {
-                "version": NEW_VERSION, "daemon": {"pid": new.pid, "version": NEW_VERSION,
-                                                   "export_dir": ping["export_dir"]}}
+            shown = json.loads(lazyfs_new("version", "--json"))
+            assert shown["version"] == NEW_VERSION
+            assert (shown["daemon"]["pid"], shown["daemon"]["version"]) == (new.pid, NEW_VERSION)
             stop.touch()
             try:
                 reader.wait(timeout=90)
