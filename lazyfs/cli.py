@@ -246,6 +246,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_version(args: argparse.Namespace) -> int:
+    from lazyfs import __version__
+    from lazyfs.serve.control import call
+
+    config = _config(args)
+    try:
+        daemon = call(config.socket_path, "ping", timeout=10)
+    except LazyfsError:
+        daemon = None
+    if args.json:
+        _print({"version": __version__, "daemon": daemon}, True)
+    elif daemon is None:
+        print(f"lazyfs {__version__} (no daemon answers on {config.socket_path})")
+    else:
+        print(f"lazyfs {__version__} (daemon {daemon.get('version', 'before 0.1.0')}, pid {daemon['pid']})")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from lazyfs.serve.mount import stats
 
@@ -545,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--writable", action="store_true")
     p.add_argument("--writable-root", metavar="DIR", help="where writable layers live (default from the config)")
     p.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
+
+    p = add("version", cmd_version, "show this lazyfs's version and that of the daemon answering on the run dir")
+    p.add_argument("--json", action="store_true")
 
     p = add("doctor", cmd_doctor, "check the kernel and host for what lazyfs can use; exit 1 if lazyfs mount cannot work")
     p.add_argument("--json", action="store_true")

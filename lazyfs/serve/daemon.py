@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import trio
 
+from lazyfs import __version__
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
@@ -44,6 +45,8 @@ class Daemon:
         self.luns: dict[str, str] = {}  # TCMU device name -> attachment name
         self.stopping = trio.Event()
         self.handover = False  # stop serving but leave the FUSE connection to the next daemon
+        # set while the daemon restores the state file's attachments: requests other than ping wait for it
+        self.restoring: trio.Event | None = None
         self._state_lock = trio.Lock()  # orders state-file saves (local disk only; nothing else waits on it)
 
     # ------------------------------------------------------------ state
@@ -236,9 +239,9 @@ class Daemon:
             raise NotFoundError(f"no image attached as {name!r}")
         if att.device.writable is None:
             raise ConfigError(f"{name} is attached read-only: nothing to commit")
-        opener = self.host.opener_for(att.plain_http + _hosts(plain_http))
-        # writes wait only while the layer is read out, not while the registry is talked to
-        result = await commit_writable(opener, att.opened, att.device.writable, out, hold=att.device.writes_held)
+        async with self.host.registry_opener(att.plain_http + _hosts(plain_http)) as opener:
+            # writes wait only while the layer is read out, not while the registry is talked to
+            result = await commit_writable(opener, att.opened, att.device.writable, out, hold=att.device.writes_held)
         log.info("audit: commit %s image=%s -> %s (%s)", name, att.ref, out, result["manifest"])
         return result
 
@@ -290,7 +293,11 @@ class Daemon:
             args = {**args, "front_end": args["extra"]}
             del args["extra"]
         if op == "ping":
-            return {"pid": os.getpid(), "export_dir": self.config.export_dir}
+            return {"pid": os.getpid(), "version": __version__, "export_dir": self.config.export_dir,
+                    "restoring": self.restoring is not None and not self.restoring.is_set()}
+        if self.restoring is not None:
+            # an attach, list, umount or stats during the restore sees every restored image
+            await self.restoring.wait()
         if op == "attach":
             return await self.attach(**_only(args, "image", "name", "writable", "writable_dir", "kind", "front_end", "record_trace",
                                              "plain_http", "hydrate"))
@@ -402,7 +409,7 @@ async def run_daemon(config: Config, load_config: Callable[[], Config] | None = 
 
 
 async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] | None) -> None:
-    log.info("lazyfs daemon %d starting for %s", os.getpid(), config.run_dir)
+    log.info("lazyfs daemon %d (version %s) starting for %s", os.getpid(), __version__, config.run_dir)
     # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
     # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
@@ -414,23 +421,29 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
         try:
             async with open_nursery() as nursery:
                 daemon = Daemon(config, host, fs, nursery, load_config)
-                if taken_over:
-                    # The kernel knows the exports by the inode numbers and handles the previous
-                    # daemon gave: restore them before answering anything, then have the requests
-                    # it left unanswered sent again. Until then readers wait; they get no error.
-                    if state.next_inode is None:  # numbers not recorded (an older state file): never alias
-                        fs.skip_inodes_to(FRESH_INODES)
-                    await daemon.restore(state)
-                    for rec in state.records:
-                        if rec.inode is None and rec.name in fs.names():
-                            # restored under a new number: drop the kernel's dentry so the next lookup finds it
-                            session.notify(notify_inval_entry(ROOT_ID, rec.name.encode()))
-                    session.resend()
-                    await nursery.start(_serve_session, session)
-                else:
-                    await nursery.start(_serve_session, session)
-                    await daemon.restore(state)
+                # The control socket answers from now on, however long the restore takes (a
+                # registry may be away): ping says "restoring", other requests wait for the restore.
+                daemon.restoring = trio.Event()
                 await nursery.start(serve_control, config.socket_path, daemon.handle)
+                try:
+                    if taken_over:
+                        # The kernel knows the exports by the inode numbers and handles the previous
+                        # daemon gave: restore them before answering anything, then have the requests
+                        # it left unanswered sent again. Until then readers wait; they get no error.
+                        if state.next_inode is None:  # numbers not recorded (an older state file): never alias
+                            fs.skip_inodes_to(FRESH_INODES)
+                        await daemon.restore(state)
+                        for rec in state.records:
+                            if rec.inode is None and rec.name in fs.names():
+                                # restored under a new number: drop the kernel's dentry so the next lookup finds it
+                                session.notify(notify_inval_entry(ROOT_ID, rec.name.encode()))
+                        session.resend()
+                        await nursery.start(_serve_session, session)
+                    else:
+                        await nursery.start(_serve_session, session)
+                        await daemon.restore(state)
+                finally:
+                    daemon.restoring.set()
                 if config.metrics_address:
                     await nursery.start(serve_metrics, config.metrics_address, host, fs)
                 await nursery.start(reload_on_sighup, daemon)

@@ -101,6 +101,7 @@ class Attachment:
     writable_dir: str | None
     opener: ImageOpener  # the registry client this image was opened with (and its traces go through)
     plain_http: tuple[str, ...] = ()  # registries the attach request asked to speak plain HTTP to
+    opened_from_cache: bool = False  # its metadata came from the metadata cache (a restore)
     attached_at: float = field(default_factory=time.time)
     trace: dict = field(default_factory=dict)
     front_end: FrontEnd = FrontEnd()  # what front ends made of it (mount target, loop device, TCMU name)
@@ -134,6 +135,7 @@ class Host:
         self.flat = flat  # the flat per-layer disk cache under every device (None: off)
         self.opener = ImageOpener(config)
         self._openers: dict[tuple[str, ...], ImageOpener] = {(): self.opener}
+        self._opener_leases: dict[tuple[str, ...], int] = {}  # uses of an extra opener besides attachments
         self.scheduler = FetchScheduler(
             [_Unrouted()], cache, max_range=config.max_range, max_jobs_per_backend=config.fetch_concurrency,
             deadline=config.fetch_deadline, verify_threads=config.decode_threads)
@@ -181,11 +183,45 @@ class Host:
         """The opener that also speaks plain HTTP to *plain_http* (registries the config does not
         list as plain HTTP). Each such set gets a client of its own, so one request's plain-HTTP
         registry never downgrades the TLS of the others' attachments."""
-        known = set(self.config.plain_http_hosts())
-        extra = tuple(sorted({host for host in plain_http if host not in known}))
+        extra = self._opener_key(plain_http)
         if extra not in self._openers:
             self._openers[extra] = ImageOpener(self.config.with_plain_http(extra))
         return self._openers[extra]
+
+    def _opener_key(self, plain_http: Iterable[str]) -> tuple[str, ...]:
+        known = set(self.config.plain_http_hosts())
+        return tuple(sorted({host for host in plain_http if host not in known}))
+
+    @asynccontextmanager
+    async def registry_opener(self, plain_http: Iterable[str] = ()) -> AsyncIterator[ImageOpener]:
+        """``opener_for(plain_http)``, kept open while the block runs. An extra opener (not the
+        config's own) is closed, its HTTP client with it, once no attachment and no block uses it."""
+        key = self._opener_key(plain_http)
+        opener = self.opener_for(plain_http)
+        self._opener_leases[key] = self._opener_leases.get(key, 0) + 1
+        try:
+            yield opener
+        finally:
+            await self._return_opener(key)
+
+    async def _return_opener(self, key: tuple[str, ...]) -> None:
+        self._opener_leases[key] -= 1
+        if not self._opener_leases[key]:
+            del self._opener_leases[key]
+        await self._close_if_unused(key)
+
+    async def _close_if_unused(self, key: tuple[str, ...]) -> None:
+        opener = self._openers.get(key)
+        if (opener is None or opener is self.opener or key in self._opener_leases
+                or any(a.opener is opener for a in self.attachments.values())):
+            return
+        del self._openers[key]
+        with trio.CancelScope(shield=True):
+            await opener.aclose()
+
+    def open_registry_clients(self) -> int:
+        """How many registry clients (HTTP connection pools) are open now."""
+        return sum(o.existing_client is not None for o in self._openers.values())
 
     async def attach(self, ref: str, name: str | None = None, *, writable: bool = False,
                      writable_dir: str | None = None, kind: str = "sparse", record_trace: bool | None = None,
@@ -209,13 +245,28 @@ class Host:
             raise ConfigError(f"writable_dir must be an absolute path, not {writable_dir!r}")
         if writable_dir is not None and not writable:
             raise ConfigError("a writable directory is for a writable attachment only")
-        opener = self.opener_for(plain_http)
         # No lock is held across the registry or the disk: the name is reserved instead, so
         # attaches of other images (and every read) go on while this one waits.
         if name in self.attachments:
             raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
         if name in self._attaching:
             raise BusyError(f"an image is being attached as {name!r}")
+        async with self.registry_opener(plain_http) as opener:  # the attachment keeps it once made
+            att = await self._attach_reserved(name, ref, opener, plain_http, writable, writable_dir, kind,
+                                              front_end, manifest, hydrate)
+        self._nursery.start_soon(self._keep_metadata, att)
+        if att.opened_from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
+            if self.config.background_download:
+                self._nursery.start_soon(self._background, att)
+        else:
+            await self._start_trace(att, record_trace)
+        log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, att.opened.image.manifest.digest,
+                 att.writable_dir)
+        return att
+
+    async def _attach_reserved(self, name: str, ref: str, opener: ImageOpener, plain_http: tuple[str, ...],
+                               writable: bool, writable_dir: str | None, kind: str, front_end: FrontEnd,
+                               manifest: str | None, hydrate: HydratePolicy | bool | None) -> Attachment:
         self._attaching.add(name)
         try:
             opened, from_cache = await self.metadata.open(opener, ref, manifest)
@@ -251,18 +302,11 @@ class Host:
                 with trio.CancelScope(shield=True):
                     await device.aclose()
                 raise
+            att.opened_from_cache = from_cache
             self.attachments[name] = att
             self.budget.changed()
         finally:
             self._attaching.discard(name)
-        self._nursery.start_soon(self._keep_metadata, att)
-        if from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
-            if self.config.background_download:
-                self._nursery.start_soon(self._background, att)
-        else:
-            await self._start_trace(att, record_trace)
-        log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, opened.image.manifest.digest,
-                 att.writable_dir)
         return att
 
     def _hydration(self, att: Attachment, hydrate: HydratePolicy | bool | None) -> None:
@@ -285,7 +329,8 @@ class Host:
 
     async def _keep_metadata(self, att: Attachment) -> None:
         """Keep the image config with its cached metadata; prune images no longer attached."""
-        await self.metadata.keep_config(att.opener, att.opened)
+        async with self.registry_opener(att.plain_http) as opener:  # even if att is detached meanwhile
+            await self.metadata.keep_config(opener, att.opened)
         keep = [a.opened.image.manifest.digest for a in self.attachments.values()]
         await trio.to_thread.run_sync(self.metadata.prune, keep)
 
@@ -386,6 +431,7 @@ class Host:
         self._unroute(att.opened)
         self.budget.changed()
         await att.device.aclose()
+        await self._close_if_unused(self._opener_key(att.plain_http))  # its registry client, if it was the last
         log.info("audit: detach %s image=%s", name, att.ref)
 
     def writable_layers(self) -> dict:
@@ -438,6 +484,6 @@ class Host:
     def statistics(self) -> dict:
         return {"attachments": {n: a.statistics() for n, a in self.attachments.items()},
                 "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(),
-                "registry": self.registry_statistics(),
+                "registry": self.registry_statistics(), "registry_clients": self.open_registry_clients(),
                 "flat_cache": self.flat.statistics() if self.flat is not None else {},
                 "traces": dict(self.traces)}
