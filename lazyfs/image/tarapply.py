@@ -65,6 +65,11 @@ MAX_TAR_ID = (1 << 32) - 1  # uid, gid, device major and minor
 MAX_FILE_SIZE = 1 << 44  # what ext4 holds in one file (16 TiB)
 IGNORED_XATTRS = ("security.selinux", "system.nfs4_acl")  # host-specific: never part of an image
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# What a layer removes is moved here (a directory at the root, made on the first removal) and deleted only
+# after the last entry: ext4 without a journal skips inodes freed "recently" by wall-clock seconds
+# (ialloc.c, recently_deleted()), so freeing inodes while the layer still creates files would make
+# inode numbers depend on when a second ticks over (docs/convert.md §4).
+GRAVEYARD = ".lazyfs-removed"
 _ZERO_BLOCK = bytes(4096)
 
 Progress = Callable[[int], None]
@@ -415,8 +420,14 @@ class LayerApplier:
         # maps the file's blocks to its bytes in the tar); member is the tarfile member being applied.
         self.on_file: Callable[[int, tarfile.TarInfo], None] | None = None
         self._member: tarfile.TarInfo | None = None
+        self.grave_name: str | None = None  # the graveyard at the root, once something was removed
+        self._grave_fd = -1
+        self._buried = 0
 
     def close(self) -> None:
+        if self._grave_fd >= 0:
+            os.close(self._grave_fd)
+            self._grave_fd = -1
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -470,7 +481,14 @@ class LayerApplier:
                               f"{exc.strerror or exc}") from None
 
     def finish(self) -> None:
-        """Set the times of every directory the layer created or changed (deepest first)."""
+        """Delete what the layer removed, then set the times of every directory it created or changed
+        (deepest first)."""
+        if self._grave_fd >= 0:
+            for child in sorted(os.listdir(self._grave_fd)):
+                self._delete(self._grave_fd, child, os.stat(child, dir_fd=self._grave_fd, follow_symlinks=False))
+            os.close(self._grave_fd)
+            self._grave_fd = -1
+            os.rmdir(self.grave_name, dir_fd=self.root_fd)
         for path in sorted(self.dir_times, key=len, reverse=True):
             fd = self._open_exact(path)
             if fd is None:
@@ -496,6 +514,7 @@ class LayerApplier:
                     continue
                 assert isinstance(step, Lookup)
                 name = step.name
+                self._not_grave(walk.resolved, name, entry)
                 try:
                     fd = os.open(name, _DIR_FLAGS, dir_fd=fds[-1])
                 except FileNotFoundError:
@@ -564,6 +583,7 @@ class LayerApplier:
         parent_fd, parent = opened
         try:
             leaf = put.path[-1]
+            self._not_grave(parent, leaf, entry)
             path = parent + (leaf,)
             try:
                 existing = os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False)
@@ -682,6 +702,7 @@ class LayerApplier:
             return
         parent_fd, parent = opened
         try:
+            self._not_grave(parent, path[-1], entry)
             try:
                 st = os.stat(path[-1], dir_fd=parent_fd, follow_symlinks=False)
             except FileNotFoundError:
@@ -697,6 +718,8 @@ class LayerApplier:
         fd, path = opened
         try:
             for name in sorted(os.listdir(fd)):
+                if path == () and name == self.grave_name:
+                    continue
                 self._prune(fd, path, name, os.stat(name, dir_fd=fd, follow_symlinks=False), keep=False)
         finally:
             os.close(fd)
@@ -718,12 +741,35 @@ class LayerApplier:
             os.close(fd)
 
     def _remove(self, parent_fd: int, name: str, st: os.stat_result) -> None:
-        """Remove *name* and, if it is a directory, everything in it (never following a symlink)."""
+        """Remove *name* (a whole tree if it is a directory): moved to the graveyard, deleted by ``finish``."""
+        if self._grave_fd < 0:
+            self._changing(self.root_fd, ())
+            for n in range(1000):
+                candidate = GRAVEYARD if n == 0 else f"{GRAVEYARD}.{n}"  # the image may hold the name itself
+                try:
+                    os.mkdir(candidate, 0o700, dir_fd=self.root_fd)
+                except FileExistsError:
+                    continue
+                self.grave_name = candidate
+                self._grave_fd = os.open(candidate, _DIR_FLAGS, dir_fd=self.root_fd)
+                break
+            else:
+                raise FormatError(f"the root holds {GRAVEYARD} and 999 more names like it")
+        os.rename(name, str(self._buried), src_dir_fd=parent_fd, dst_dir_fd=self._grave_fd)
+        self._buried += 1
+
+    def _not_grave(self, parent: Path, name: str, entry: TarEntry) -> None:
+        if parent == () and name == self.grave_name:
+            raise FormatError(f"tar entry {entry.name!r} reaches /{name}, where lazyfs keeps what this layer "
+                              f"removed until its end")
+
+    def _delete(self, parent_fd: int, name: str, st: os.stat_result) -> None:
+        """Delete *name* and, if it is a directory, everything in it (never following a symlink)."""
         if _is_dir(st):
             fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
             try:
                 for child in sorted(os.listdir(fd)):
-                    self._remove(fd, child, os.stat(child, dir_fd=fd, follow_symlinks=False))
+                    self._delete(fd, child, os.stat(child, dir_fd=fd, follow_symlinks=False))
             finally:
                 os.close(fd)
             os.rmdir(name, dir_fd=parent_fd)

@@ -10,7 +10,9 @@ Reproducibility: mkfs gets fixed features, UUID, hash seed and time; the
 journal is switched off while the kernel writes (so no timing-dependent
 transactions land in it) and on again afterwards; the applier thread is pinned
 to one CPU with delayed allocation off (ext4's small-file allocator keeps
-per-CPU state); then only the fields ``normalize_*`` rewrites still vary.
+per-CPU state); the applier frees no inode before the layer's last entry (without
+a journal ext4 skips inodes freed in an earlier wall-clock second: see
+``tarapply.GRAVEYARD``); then only the fields ``normalize_*`` rewrites still vary.
 """
 
 from __future__ import annotations
