@@ -107,6 +107,7 @@ class Attachment:
     front_end: FrontEnd = FrontEnd()  # what front ends made of it (mount target, loop device, TCMU name)
     hydration: Hydrator | None = None  # progress of every image; it runs only with a hydrate policy
     hydrate: HydratePolicy | None = None
+    tasks: set = field(default_factory=set)  # cancel scopes of its background tasks: a detach cancels them
 
     def describe(self) -> dict:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
@@ -146,6 +147,7 @@ class Host:
         self._hydrated_chunks: set[bytes] = set()  # never evicted: a hydrated image must stay local
         cache.protected = self._hydrated_chunks.__contains__
         self.traces = {"replayed": 0, "rejected": 0, "foreign_entries": 0, "published": 0}
+        self.background_failures = 0  # background tasks of one image that failed unexpectedly (logged)
         self._nursery: trio.Nursery | None = None
         self._attaching: set[str] = set()  # names reserved by attaches in progress
 
@@ -254,10 +256,10 @@ class Host:
         async with self.registry_opener(plain_http) as opener:  # the attachment keeps it once made
             att = await self._attach_reserved(name, ref, opener, plain_http, writable, writable_dir, kind,
                                               front_end, manifest, hydrate)
-        self._nursery.start_soon(self._keep_metadata, att)
+        self._spawn(att, self._keep_metadata, att, survives_detach=True)
         if att.opened_from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
             if self.config.background_download:
-                self._nursery.start_soon(self._background, att)
+                self._spawn(att, self._background, att)
         else:
             await self._start_trace(att, record_trace)
         log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, att.opened.image.manifest.digest,
@@ -325,7 +327,7 @@ class Host:
                               f"cache_size is {self.cache.max_bytes}")
         att.hydrate = policy
         self._hydrated_chunks.update(loc.digest for loc in att.hydration.locations)
-        self._nursery.start_soon(att.hydration.run)
+        self._spawn(att, att.hydration.run)
 
     async def _keep_metadata(self, att: Attachment) -> None:
         """Keep the image config with its cached metadata; prune images no longer attached."""
@@ -377,13 +379,35 @@ class Host:
         if trace:
             self.traces["replayed"] += 1
             att.trace = {**att.trace, "replay": len(trace)}
-            self._nursery.start_soon(self._replay, att, trace.locations)
+            self._spawn(att, self._replay, att, trace.locations)
         elif record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
             att.store.recorder = TraceRecorder()
             att.trace = {"recording": True}
-            self._nursery.start_soon(self._record, att)
+            self._spawn(att, self._record, att)
         if self.config.background_download:
-            self._nursery.start_soon(self._background, att)
+            self._spawn(att, self._background, att)
+
+    def _spawn(self, att: Attachment, fn, *args, survives_detach: bool = False) -> None:
+        """Run *fn(*args)*, a background task of *att*, in the host's nursery. A detach cancels it
+        (unless it *survives_detach*), and an unexpected failure is logged with its traceback and
+        counted: one image's background work never takes the daemon, and every other image, down."""
+        self._nursery.start_soon(self._contained, att, fn, args, survives_detach)
+
+    async def _contained(self, att: Attachment, fn, args: tuple, survives_detach: bool) -> None:
+        scope = trio.CancelScope()
+        if not survives_detach:
+            if att.name not in self.attachments and att.name not in self._attaching:
+                return  # detached before it started
+            att.tasks.add(scope)
+        try:
+            with scope:
+                await fn(*args)
+        except Exception:
+            self.background_failures += 1
+            log.exception("background task %s of %s failed (the image is still served)",
+                          getattr(fn, "__name__", fn), att.name)
+        finally:
+            att.tasks.discard(scope)
 
     async def _replay(self, att: Attachment, trace) -> None:
         att.trace.update(await replay(self.scheduler, trace, self.config.trace_concurrency))
@@ -421,6 +445,8 @@ class Host:
         if save:
             await self.finish_trace(att)
         del self.attachments[name]
+        for scope in list(att.tasks):  # its background download, trace replay and recording, hydration
+            scope.cancel()
         if att.hydration is not None:
             att.hydration.cancel()
         if att.hydrate is not None:  # its chunks may be evicted again, unless another hydrated image has them
@@ -486,4 +512,4 @@ class Host:
                 "scheduler": self.scheduler.statistics(), "disk": self.budget.statistics(),
                 "registry": self.registry_statistics(), "registry_clients": self.open_registry_clients(),
                 "flat_cache": self.flat.statistics() if self.flat is not None else {},
-                "traces": dict(self.traces)}
+                "traces": dict(self.traces), "background_failures": self.background_failures}
