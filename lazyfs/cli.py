@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -613,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         if args.debug or not isinstance(exc, Exception):
             raise exc
+        if args.command == "daemon" and not isinstance(exc, LazyfsError):
+            # a daemon's stderr is its log, read after the fact: keep a bug's traceback there
+            logging.getLogger("lazyfs.daemon").error("internal error", exc_info=exc)
         print(error_line(args, exc), file=sys.stderr)
         return 1
 
