@@ -413,6 +413,10 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
     # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
     # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
+    # a sandboxed daemon's fresh mount namespace holds copies of the images' mounts: they would
+    # keep the exports open after `lazyfs umount` in the host's namespace
+    for mountpoint in await trio.to_thread.run_sync(system.drop_copied_loop_mounts, config.export_dir):
+        log.info("detached the copy of %s in the daemon's own mount namespace", mountpoint)
     state = await trio.to_thread.run_sync(read_state, config)
     async with Host.open(config) as host:
         fs = ExportFS(next_inode=state.next_inode or 2)

@@ -1,0 +1,87 @@
+"""A restart that takes the FUSE connection over from systemd's fd store, simulated on the host
+without systemd: the test takes the kept fd from the keeper, kills the keeper (systemd kills the
+whole control group on ``systemctl restart``), stops the daemon with SIGTERM (a handover) and
+starts the next one with the fd as fd 3 and ``LISTEN_PID``/``LISTEN_FDS``/``LISTEN_FDNAMES`` set,
+as systemd passes its fd store, in a mount namespace of its own made at that moment, as systemd's
+sandbox (``ProtectSystem=``, ``PrivateTmp=``) makes one at each start. A reader runs across the restart on a writable mount; afterwards
+``lazyfs umount`` must succeed at once (issue 13: it failed with "still open 1 time(s)").
+
+The new namespace holds a copy of the ext4 mount (the host's ``/`` is private here; under systemd
+the copy is a slave): that copy kept the loop device, and so the export's file, open. Broken on
+purpose once (2026-12-06): with the call of ``system.drop_copied_loop_mounts`` removed from
+``lazyfs.serve.daemon``, ``lazyfs umount`` failed with "export ... is still open 1 time(s)".
+Without the namespace (the fd store alone) the umount succeeded even before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from lazyfs.serve.control import call
+from lazyfs.serve.fusekernel import keeper
+from lazyfs.serve.singleton import owner_pid
+from tests.serve.conftest import ROOT
+from tests.serve.test_live_restart import READER, Stack, checksums, wait_for
+from tests.support.cleanup import release_under
+from tests.support.proxy import FaultProxy
+
+pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.mark.slow, pytest.mark.timeout(300)]
+
+# exec the daemon with the kept fd as fd 3, as systemd hands its fd store to a restarted service
+WRAPPER = """
+import os, sys
+fd = int(sys.argv[1])
+os.dup2(fd, 3)
+os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES=sys.argv[2])
+os.execv(sys.executable, [sys.executable, "-m", "lazyfs.cli", "daemon", "--config", sys.argv[3]])
+"""
+
+
+def test_umount_after_takeover_from_the_fd_store(env, tmp_path):
+    with FaultProxy.running_in_thread(env.registry.port) as proxy:
+        stack = Stack(env, tmp_path, proxy)
+        run_dir = stack.doc["run_dir"]
+        target = tmp_path / "mnt"
+        target.mkdir()
+        reader = None
+        try:
+            stack.lazyfs("mount", stack.ref, str(target), "--writable")
+            (tmp_path / "expected.json").write_text(json.dumps(checksums(str(env.src))))
+            stop, progress = tmp_path / "stop", tmp_path / "progress.json"
+            reader = subprocess.Popen([sys.executable, READER, str(target), str(tmp_path / "expected.json"),
+                                       str(progress), str(stop)], stderr=subprocess.PIPE, text=True)
+            wait_for(lambda: progress.exists() and json.loads(progress.read_text() or "{}").get("passes", 0) >= 1,
+                     "a first pass of the reader")
+            sock = keeper.socket_path(run_dir)
+            fd, _params = keeper.take(sock)
+            os.kill(int(keeper._ask(sock, b"ping")), signal.SIGKILL)  # systemd kills the whole cgroup
+            os.kill(stack.pid(), signal.SIGTERM)
+            wait_for(lambda: owner_pid(run_dir) is None, "the old daemon's exit")
+            assert not keeper.alive(sock)
+            log = open(tmp_path / "daemon2.log", "ab")
+            with log:
+                # a mount namespace of its own, made now, as systemd's sandbox makes one at each start
+                subprocess.Popen(["unshare", "-m", "--propagation", "private", sys.executable, "-c", WRAPPER, str(fd),
+                                  keeper.FDSTORE_NAME, stack.config], cwd=ROOT, pass_fds=(fd,), stdout=log,
+                                 stderr=log, start_new_session=True,
+                                 env=dict(os.environ, LAZYFS_MOUNT_NAMESPACE=f"/proc/{os.getpid()}/ns/mnt"))
+            os.close(fd)
+            wait_for(stack.answers, "the new daemon")
+            stop.touch()
+            reader.wait(timeout=90)
+            assert reader.returncode == 0, reader.stderr.read()
+            assert "from the systemd fd store" in (tmp_path / "daemon2.log").read_text()
+            fuse = call(stack.socket, "fuse-stats", timeout=10)
+            assert fuse["adopted_handles"] >= 1 and fuse["errors"] == 0  # the loop device's handle
+            stack.lazyfs("umount", str(target))
+        finally:
+            if reader is not None and reader.poll() is None:
+                reader.kill()
+            release_under(tmp_path, stack.socket)
