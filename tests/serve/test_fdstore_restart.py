@@ -11,6 +11,9 @@ the copy is a slave): that copy kept the loop device, and so the export's file, 
 purpose once (2026-12-06): with the call of ``system.drop_copied_loop_mounts`` removed from
 ``lazyfs.serve.daemon``, ``lazyfs umount`` failed with "export ... is still open 1 time(s)".
 Without the namespace (the fd store alone) the umount succeeded even before the fix.
+
+A second cause of the same message, found reading the code: handle ids of a new daemon aliasing
+the previous daemon's (``test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones``).
 """
 
 from __future__ import annotations
@@ -84,4 +87,49 @@ def test_umount_after_takeover_from_the_fd_store(env, tmp_path):
         finally:
             if reader is not None and reader.poll() is None:
                 reader.kill()
+            release_under(tmp_path, stack.socket)
+
+
+def _read_through_the_loop(root) -> None:
+    """Read every file under *root* past the page cache: the loop device reads its ``disk.img``."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.read(fd, 1 << 20)
+                finally:
+                    os.close(fd)
+
+
+def test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones(env, tmp_path):
+    """After a handover, ``disk.img`` is opened through the new daemon and held open while the
+    loop device (opened through the previous daemon) reads it: two handles, the loop's adopted,
+    and ``lazyfs umount`` succeeds once both are closed. Broken on purpose once (2026-12-06): with
+    the handle generation not passed to ``ExportFS`` in ``lazyfs.serve.daemon`` (every daemon
+    numbered its handles from 1 again), the new open got the loop's id, the loop's reads were taken
+    for the new handle and the export counted 1 open handle instead of 2 (the count this test
+    checks); closed in the other order, the same aliasing left the export "still open 1 time(s)"
+    for good (seen with a probe before this fix)."""
+    with FaultProxy.running_in_thread(env.registry.port) as proxy:
+        stack = Stack(env, tmp_path, proxy)
+        target = tmp_path / "mnt"
+        target.mkdir()
+        try:
+            stack.lazyfs("mount", stack.ref, str(target))
+            os.kill(stack.pid(), signal.SIGTERM)
+            wait_for(lambda: owner_pid(stack.doc["run_dir"]) is None, "the old daemon's exit")
+            stack.start_daemon()
+            listed = call(stack.socket, "list", timeout=10)
+            (att,) = listed if isinstance(listed, list) else listed["attachments"]
+            with open(att["path"], "rb") as f:
+                assert len(f.read(4096)) == 4096
+                _read_through_the_loop(target)
+                fuse = call(stack.socket, "fuse-stats", timeout=10)
+                assert fuse["adopted_handles"] == 1
+                assert fuse["exports"][att["name"]]["open_handles"] == 2
+            stack.lazyfs("umount", str(target))
+        finally:
             release_under(tmp_path, stack.socket)
