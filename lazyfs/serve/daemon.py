@@ -70,7 +70,8 @@ class Daemon:
         always ends with the latest state, whatever order the saves were asked in.
         """
         async with self._state_lock:
-            doc = encode_state(self._records(), next_inode=self.fs.next_inode)
+            doc = encode_state(self._records(), next_inode=self.fs.next_inode,
+                               handle_generation=self.fs.handle_generation)
             with trio.CancelScope(shield=True):  # a cancelled save must not leave a half-done write racing the next
                 await trio.to_thread.run_sync(self._write_state, doc)
 
@@ -413,9 +414,14 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
     # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
     # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
+    # a sandboxed daemon's fresh mount namespace holds copies of the images' mounts: they would
+    # keep the exports open after `lazyfs umount` in the host's namespace
+    for mountpoint in await trio.to_thread.run_sync(system.drop_copied_loop_mounts, config.export_dir):
+        log.info("detached the copy of %s in the daemon's own mount namespace", mountpoint)
     state = await trio.to_thread.run_sync(read_state, config)
     async with Host.open(config) as host:
-        fs = ExportFS(next_inode=state.next_inode or 2)
+        # a generation of file handle ids of its own: the kernel may still hold the previous daemon's
+        fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1)
         session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, clear_stale_export)
         full_stop = False  # only a deliberate stop ends the connection; a crash or a handover leaves it kept
         try:

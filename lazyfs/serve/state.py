@@ -114,11 +114,15 @@ class AttachmentRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
         return msgspec.to_builtins(self)
 
 
-def encode_state(records: list[AttachmentRecord] | tuple[AttachmentRecord, ...], next_inode: int | None = None) -> bytes:
-    """The state file's bytes for *records* (and the FUSE export's next free inode number)."""
+def encode_state(records: list[AttachmentRecord] | tuple[AttachmentRecord, ...], next_inode: int | None = None,
+                 handle_generation: int | None = None) -> bytes:
+    """The state file's bytes for *records* (and the FUSE export's next free inode number and
+    the generation of the file handles it gives out)."""
     doc = {"version": STATE_VERSION, "attachments": [r.to_json() for r in records]}
     if next_inode is not None:
         doc["next_inode"] = next_inode
+    if handle_generation is not None:
+        doc["handle_generation"] = handle_generation
     return json.dumps(doc, indent=1).encode()
 
 
@@ -129,6 +133,7 @@ class LoadedState:
     records: tuple[AttachmentRecord, ...]
     skipped: tuple[str, ...]
     next_inode: int | None = None  # never reuse an inode number a kept FUSE connection may know
+    handle_generation: int = 0  # never reuse a file handle id a kept FUSE connection may hold
 
 
 def decode_state(data: bytes, what: str = "state file") -> LoadedState:
@@ -165,7 +170,10 @@ def decode_state(data: bytes, what: str = "state file") -> LoadedState:
     next_inode = doc.get("next_inode")
     if not (isinstance(next_inode, int) and not isinstance(next_inode, bool) and 2 <= next_inode < 1 << 39):
         next_inode = None
-    return LoadedState(tuple(records), tuple(skipped), next_inode)
+    generation = doc.get("handle_generation")
+    if not (isinstance(generation, int) and not isinstance(generation, bool) and generation >= 0):
+        generation = 0
+    return LoadedState(tuple(records), tuple(skipped), next_inode, generation)
 
 
 def _convert(doc: object, cls: type, what: str):

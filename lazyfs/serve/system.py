@@ -351,3 +351,48 @@ __all__ = [
     "loop_direct_io", "losetup_attach", "losetup_detach", "mkfs_ext4", "mount", "mounts", "parse_mountinfo",
     "private_dir", "run", "run_blocking", "umount", "umount_blocking",
 ]
+
+
+def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
+    """Detach, in this process's own mount namespace only, the copies of mounts of lazyfs's
+    exports (a file system on a loop device whose backing file is under *export_dir*); the
+    mount points detached.
+
+    A daemon sandboxed by systemd (``ProtectSystem=``, ``PrivateTmp=``) runs in a mount namespace
+    of its own, made afresh at each start. Started while images are mounted (``systemctl
+    restart``), it gets a copy of each of those mounts, nothing in the host's namespace unmounts
+    it, and so the ext4 stays alive, its loop device keeps ``disk.img`` open, and ``lazyfs
+    umount`` finds the export still open (issue 13). The daemon never uses these copies: it
+    mounts and reads through the host's namespace (``lazyfs.serve.hostns``). Nothing is done
+    unless such a namespace is configured and differs from this process's.
+    """
+    ns = hostns.configured()
+    if ns is None:
+        return []
+    try:
+        host, own = os.stat(ns.path), os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return []
+    if (host.st_dev, host.st_ino) == (own.st_dev, own.st_ino):
+        return []
+    prefix = os.path.abspath(export_dir) + os.sep
+    with open("/proc/self/mountinfo") as f:
+        entries = parse_mountinfo(f.read())
+    dropped = []
+    for entry in sorted(entries, key=lambda e: -e.mount_id):  # the newest (topmost) first
+        if not entry.source.startswith("/dev/loop"):
+            continue
+        try:
+            with open(f"/sys/block/{os.path.basename(entry.source)}/loop/backing_file") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:
+            continue
+        if not backing.startswith(prefix):
+            continue
+        try:
+            run_blocking(["umount", "-l", entry.mountpoint])  # here, not through nsenter: our copy only
+        except LazyfsError as exc:
+            log.warning("cannot detach the copy of %s in the daemon's mount namespace: %s", entry.mountpoint, exc)
+            continue
+        dropped.append(entry.mountpoint)
+    return dropped

@@ -16,6 +16,8 @@ Restart-safe by construction, so a new daemon can take over a live connection:
   attachment) or allocated from ``next_inode`` (persisted too), never reused;
 - a file handle says what it is: ``serial << 40 | inode << 1 | writable``. After a takeover
   (``adopt_handles``), a handle the kernel opened with the previous daemon is adopted at first use.
+  The serial is ``generation << 12 | counter``: each daemon gets a generation of its own (one more
+  than the state file's), so its ids never alias the ones the kernel holds from its predecessor.
 
 Passthrough (``pass_through``): a read-only export whose disk is also a complete, verified local
 file (a hydrated image) can have that file registered as its backing file; from then on *every*
@@ -62,6 +64,10 @@ DIR_MODE = 0o700
 DT_DIR, DT_REG = 4, 8
 
 _FH_SERIAL_SHIFT = 40
+# the 24 bits of serial: a daemon's generation (persisted, one more at each start) and a counter
+_GENERATION_SHIFT = 12
+_GENERATIONS = 1 << (64 - _FH_SERIAL_SHIFT - _GENERATION_SHIFT)
+_COUNTER_MAX = (1 << _GENERATION_SHIFT) - 1
 _MAX_INODE = (1 << (_FH_SERIAL_SHIFT - 1)) - 1
 
 
@@ -135,12 +141,17 @@ class ExportFS:
     None for requests the kernel wants no answer to); requests are handled concurrently.
     """
 
-    def __init__(self, *, next_inode: int = p.ROOT_ID + 1) -> None:
+    def __init__(self, *, next_inode: int = p.ROOT_ID + 1, handle_generation: int = 0) -> None:
         self._by_name: dict[str, Export] = {}
         self._by_inode: dict[int, tuple[Export, bool]] = {}  # inode -> (export, is_file)
         self._handles: dict[int, Handle] = {}
         self._next_inode = max(next_inode, p.ROOT_ID + 1)
-        self._next_serial = 1
+        # Handle ids of a daemon taking the connection over must differ from those the kernel
+        # holds from its predecessors (adopted only at first use): the same id twice counted one
+        # open twice and the export was "still open" forever (issue 13). The daemon persists the
+        # generation; the counter wraps within it, skipping ids still open.
+        self.handle_generation = handle_generation % _GENERATIONS
+        self._counter = 0
         self._root_times = time.time_ns()
         self.adopt_handles = False  # set after a takeover: handles of the previous daemon come back
         self.notify: Callable[[list], None] | None = None  # sends a notification (set while mounted)
@@ -477,8 +488,7 @@ class ExportFS:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable and exp.source.read_only:
             raise FuseErrno(errno.EROFS)
-        fh = handle_id(self._next_serial, exp.file_inode, writable)
-        self._next_serial += 1
+        fh = self._new_handle_id(exp.file_inode, writable)
         self._handles[fh] = Handle(exp, writable)
         exp.open_handles += 1
         self._c.opens += 1
@@ -493,6 +503,14 @@ class ExportFS:
         # no_flush for read-only exports: nothing to flush, and close(2) then never waits for the
         # daemon (say, while a restarted one is taking the connection over)
         return p.open_out(fh, keep_cache=exp.source.read_only, no_flush=exp.source.read_only)
+
+    def _new_handle_id(self, inode: int, writable: bool) -> int:
+        for _ in range(_COUNTER_MAX):
+            self._counter = self._counter % _COUNTER_MAX + 1
+            fh = handle_id(self.handle_generation << _GENERATION_SHIFT | self._counter, inode, writable)
+            if fh not in self._handles:
+                return fh
+        raise FuseErrno(errno.ENFILE)  # every id of this generation for this file is open
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)
