@@ -234,10 +234,11 @@ def test_trace_replay_leaves_no_demand_misses(registry, image, tmp_path):
                 assert att.trace["replay"] == recorded["chunks"] and att.trace["failed"] == 0
                 for off, n in startup:
                     assert await att.device.read(off, n) == flat[off : off + n]
-                return att.store.statistics()
+                return att.store.statistics(), host.flat.statistics() if host.flat is not None else {}
 
-        stats = trio.run(second)
-        assert stats["chunk_reads"] > 0 and stats["demand_misses"] == 0
+        stats, flat_stats = trio.run(second)
+        # the replay fills the layers' flat files, so the reads are hits there or in the chunk tier
+        assert stats["chunk_reads"] + flat_stats.get("hits", 0) > 0 and stats["demand_misses"] == 0
 
 
 def test_pull_is_metadata_only_and_mounts_lazily(registry, image, tmp_path):

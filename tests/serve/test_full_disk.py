@@ -161,7 +161,11 @@ def test_cache_root_full(registry, env, tmp_path):
                 subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
             stats = call(full.socket, "stats")
             cache = stats["scheduler"]["cache"]
-            assert cache["write_errors"] > 0 and cache["bytes"] <= 1 << 20, cache
+            # a fetched chunk goes into the flat layer files (the chunk tier only when none wants it):
+            # the full root fails writes there, and neither tier grows past the tmpfs
+            flat_cache = stats["flat_cache"]
+            assert cache["write_errors"] + flat_cache.get("write_errors", 0) > 0, (cache, flat_cache)
+            assert cache["bytes"] <= 1 << 20, cache
             disk = stats["disk"]  # the budget, sampled at the attach
             assert disk["chunk_cache"]["root"] == croot and disk["writable_reserve"] == 0
             assert any(croot in f["roots"] for f in disk["filesystems"])
