@@ -181,12 +181,16 @@ def env(registry, tmp_path_factory):
                 while os.path.exists(e.daemon_socket) and time.monotonic() < deadline:
                     time.sleep(0.1)
         finally:
+            # the loops first: once their export is unmounted (lazily, here or by a daemon that found
+            # it dead) their backing path is /ctrd-TAG-N/disk.img, no longer under tmp; TAG is this
+            # snapshotter root's own (detaching a mounted loop clears it when its file system goes)
+            ours = "/ctrd-" + hashlib.sha256(e.cache_root.encode()).hexdigest()[:8] + "-"
+            loops = [dev for dev, back in loop_backing_files() if str(tmp) in back or back.startswith(ours)]
+            for dev in loops:
+                subprocess.run(["losetup", "-d", dev], check=False)
             for m in sorted(system.mounts(), key=lambda m: -len(m.mountpoint)):
                 if m.mountpoint.startswith(str(tmp) + "/") and m.mountpoint != e.writable_disk:
                     subprocess.run(["umount", "-l", m.mountpoint], check=False)
-            for dev, back in loop_backing_files():
-                if str(tmp) in back:
-                    subprocess.run(["losetup", "-d", dev], check=False)
             subprocess.run(["umount", "-l", e.writable_disk], check=False)
 
 
