@@ -113,15 +113,21 @@ def spawn(fd: int, params: bytes, path: str, *, log_path: str | None = None) -> 
         listener.close()
 
 
+def _notify_socket() -> str | None:
+    """systemd's notification socket (``NOTIFY_SOCKET``, an abstract one with its leading NUL), or None."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return None
+    return "\0" + target[1:] if target.startswith("@") else target
+
+
 def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
     """Put *fd* in systemd's fd store (``FDSTORE=1``) when running under systemd with
     ``FileDescriptorStoreMax=`` set; False when not under systemd. The next start finds it in
     ``LISTEN_FDS``/``LISTEN_FDNAMES`` (``sd_stored_fd``)."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
+    target = _notify_socket()
+    if target is None:
         return False
-    if target.startswith("@"):
-        target = "\0" + target[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         # sendmsg, not socket.send_fds: the latter ignores its address argument
         s.sendmsg([f"FDSTORE=1\nFDNAME={name}\n".encode()],
@@ -132,11 +138,9 @@ def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
 def sd_remove_fd(name: str) -> bool:
     """Drop the fds stored under *name* from systemd's fd store (``FDSTOREREMOVE=1``); False
     when not under systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
+    target = _notify_socket()
+    if target is None:
         return False
-    if target.startswith("@"):
-        target = "\0" + target[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         s.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}\n".encode(), target)
     return True
