@@ -338,10 +338,10 @@ def _chain(header: dict) -> list:
         try:
             cert = x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
             # cryptography parses lazily: touch every part the checks read, so damage shows here
-            cert.public_key(), cert.extensions, cert.subject, cert.issuer, cert.signature_hash_algorithm
+            cert.version, cert.public_key(), cert.extensions, cert.subject, cert.issuer, cert.signature_hash_algorithm
             for attr in (*cert.subject, *cert.issuer):
                 attr.rfc4514_attribute_name
-        except (ValueError, UnsupportedAlgorithm) as exc:
+        except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
             raise FormatError(f"signature: x5c[{i}] is not a base64 DER certificate ({exc})") from None
         chain.append(cert)
     return chain
