@@ -7,6 +7,7 @@ offset. Contract shared by all implementations (checked by
 * ``size`` is fixed for the life of the source, in bytes.
 * ``read(offset, length)`` returns ``min(length, size - offset)`` bytes; a read
   at or past the end returns ``b""``. Negative offsets/lengths raise RangeError.
+  ``read_into(offset, buf)`` fills ``buf`` with the same bytes and returns their count.
 * ``write``/``discard`` must lie wholly inside ``[0, size)``, else RangeError;
   on a read-only source they raise ReadOnlyError. Any alignment is accepted.
 * ``discard`` makes the range read back as zeros.
@@ -32,6 +33,16 @@ class BlockSource(abc.ABC):
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         """Return up to *length* bytes at *offset* (short only at the end): bytes, or a bytearray
         fresh to this call (the caller's to keep; front ends take any buffer)."""
+
+    async def read_into(self, offset: int, buf: memoryview) -> int:
+        """Fill *buf* with up to ``len(buf)`` bytes at *offset*; return how many (short only at the end).
+
+        For front ends whose buffer is not theirs to hand back (the TCMU data area): a source that
+        can read in place (MergedDevice) overrides this; the default reads and copies once.
+        """
+        data = await self.read(offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
     async def write(self, offset: int, data: bytes) -> None:
         """Store *data* at *offset*."""

@@ -3,7 +3,7 @@
 ``await check_source(make)`` drives a fresh source from ``make()`` (an async
 factory returning ``(source, model_bytes)``) with aligned, unaligned,
 boundary-crossing and past-the-end I/O, comparing every read against a
-``bytearray`` model. Raises AssertionError on the first divergence.
+``bytearray`` model (``read`` and ``read_into``). Raises AssertionError on the first divergence.
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ async def _expect_read(src: BlockSource, model: bytearray, offset: int, length: 
     got = await src.read(offset, length)
     want = bytes(model[offset : offset + length]) if offset < len(model) else b""
     assert got == want, f"read({offset}, {length}) differs from the model (got {len(got)} bytes, want {len(want)})"
+    # read_into fills a caller's buffer that is not zero (the TCMU data area holds earlier data):
+    # every byte, holes included, is written, and nothing past what it returns is touched
+    buf = bytearray(b"\xa5" * length)
+    n = await src.read_into(offset, memoryview(buf))
+    assert n == len(want) and buf[:n] == want, f"read_into({offset}, {length}) differs from the model"
+    assert buf[n:] == b"\xa5" * (length - n), f"read_into({offset}, {length}) wrote past the {n} bytes it returned"
 
 
 async def check_reads(src: BlockSource, model: bytearray, seed: int = 0) -> None:

@@ -127,7 +127,7 @@ class TcmuHandler:
         self._slots = trio.Semaphore(max_inflight)
         self._kick = trio.Event()
         self._stats = {"commands": 0, "completed": 0, "check_conditions": 0, "bytes_read": 0,
-                       "bytes_written": 0, "tmr": 0, "ops": {}}
+                       "bytes_written": 0, "tmr": 0, "inplace_reads": 0, "ops": {}}
 
     def statistics(self) -> dict:
         """Commands, errors, bytes moved, in flight, notifications."""
@@ -179,10 +179,17 @@ class TcmuHandler:
         try:
             direction = scsi.data_direction(cmd.cdb)
             data_out = self.ring.read_data(cmd) if direction is scsi.Direction.OUT else None
-            result = await scsi.execute(self.source, cmd.cdb, data_out, self.info)
+            # reads go straight into the data area when the buffer is one piece (issue 14, item 5)
+            data_in = self.ring.data_view(cmd) if direction is scsi.Direction.IN else None
+            result = await scsi.execute(self.source, cmd.cdb, data_out, self.info, data_in)
+            del data_in  # no view of the region outlives the command (Uio.close unmaps it)
             read_len = None
             if direction is scsi.Direction.IN and result.ok:
-                read_len = self.ring.write_data(cmd, result.data_in)
+                if result.placed:
+                    read_len = result.placed
+                    self._stats["inplace_reads"] += 1
+                else:
+                    read_len = self.ring.write_data(cmd, result.data_in)
                 if read_len < cmd.data_length:
                     self.ring.clear_data(cmd, read_len)  # never hand back stale data-area bytes
                 self._stats["bytes_read"] += read_len

@@ -477,6 +477,19 @@ class Ring:
         """Copy data-in bytes into the command's buffer; returns how many fitted."""
         return scatter(self._mem, cmd.iovecs, data, offset)
 
+    def data_view(self, cmd: Command) -> memoryview | None:
+        """The command's data buffer as one writable view when its iovecs are contiguous in the
+        data area (the usual case: the kernel merges adjacent data blocks into one iovec); else None."""
+        if not cmd.iovecs:
+            return None
+        first = cmd.iovecs[0]
+        end = first.offset
+        for iov in cmd.iovecs:
+            if iov.offset != end:
+                return None
+            end += iov.length
+        return self._mem[first.offset : end]
+
     def clear_data(self, cmd: Command, offset: int = 0) -> None:
         """Zero the command's buffer from *offset* on (so stale bytes never reach the initiator)."""
         fill(self._mem, cmd.iovecs, offset)

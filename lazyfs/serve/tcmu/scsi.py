@@ -192,11 +192,15 @@ class DeviceInfo:
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """The outcome of a command: SAM status, data-in bytes, sense data (CHECK CONDITION only)."""
+    """The outcome of a command: SAM status, data-in bytes, sense data (CHECK CONDITION only).
+
+    *placed*: data-in bytes already read in place into the caller's buffer (``data_in`` is then empty).
+    """
 
     status: int
     data_in: bytes = b""
     sense: bytes = b""
+    placed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -772,10 +776,20 @@ def error_result(exc: BaseException, op: Op) -> Result:
     return check(SenseKey.HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
 
 
-async def run_op(source: BlockSource, op: Op) -> Result:
-    """Run one I/O request against *source*; errors come back as sense data."""
+async def run_op(source: BlockSource, op: Op, data_in: memoryview | None = None) -> Result:
+    """Run one I/O request against *source*; errors come back as sense data.
+
+    *data_in*: the command's data-in buffer, when it is one contiguous piece of memory: a read
+    then goes straight into it (``Result.placed``) instead of through a bytes object.
+    """
     try:
         if isinstance(op, ReadOp):
+            if data_in is not None and len(data_in) >= op.length:
+                n = await source.read_into(op.offset, data_in[: op.length])
+                if n != op.length:
+                    log.error("short read from block source: %d of %d bytes at %d", n, op.length, op.offset)
+                    return check(SenseKey.MEDIUM_ERROR, UNRECOVERED_READ_ERROR)
+                return Result(GOOD, placed=n)
             data = await source.read(op.offset, op.length)
             if len(data) != op.length:
                 log.error("short read from block source: %d of %d bytes at %d", len(data), op.length, op.offset)
@@ -808,9 +822,10 @@ async def run_op(source: BlockSource, op: Op) -> Result:
         return error_result(exc, op)
 
 
-async def execute(source: BlockSource, cdb: bytes, data_out: bytes | None, info: DeviceInfo) -> Result:
-    """Serve one command completely: decode it, run its I/O against *source*."""
+async def execute(source: BlockSource, cdb: bytes, data_out: bytes | None, info: DeviceInfo,
+                  data_in: memoryview | None = None) -> Result:
+    """Serve one command completely: decode it, run its I/O against *source* (*data_in*: see run_op)."""
     outcome = handle(cdb, data_out, info)
     if isinstance(outcome, Result):
         return outcome
-    return await run_op(source, outcome)
+    return await run_op(source, outcome, data_in)
