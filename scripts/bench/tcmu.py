@@ -9,6 +9,7 @@ Both sides run in this one Python process, so the figures are a floor for the
 handler's cost per command, not what a real kernel would see.
 
     python3 scripts/bench/tcmu.py [--seconds 8] [--size-mib 256] [--depth 32]
+    python3 scripts/bench/tcmu.py --in-place [--rounds 3]   # reads into the data area vs read + copy
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import os
 import random
 import struct
+import subprocess
 import sys
 import time
 
@@ -24,6 +26,7 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from lazyfs.device.source import BlockSource  # noqa: E402
 from tests.support.memory import MemorySource  # noqa: E402
 from tests.support.tcmu_kernel import serve_emulated  # noqa: E402
 
@@ -157,9 +160,71 @@ async def compare_with_fuse(args: argparse.Namespace) -> None:
               f"({ring * io / 1e6:.0f} vs {fuse * io / 1e6:.0f} MB/s)")
 
 
+class CopyingSource(BlockSource):
+    """The device behind the ring without its in-place ``read_into``: read, then copy (the old path)."""
+
+    def __init__(self, inner: BlockSource) -> None:
+        self.inner, self.size, self.read_only = inner, inner.size, inner.read_only
+
+    async def read(self, offset: int, length: int):
+        return await self.inner.read(offset, length)
+
+
+async def compare_in_place(args: argparse.Namespace) -> None:
+    """One lazyfs image (flat files warm) through the ring: reads into the data area vs read + copy."""
+    import statistics
+    import tempfile
+
+    from lazyfs.config import Config
+    from lazyfs.image.local import create_image
+    from lazyfs.image.ref import LocalRef
+    from lazyfs.serve.host import Host
+
+    size = args.size_mib << 20
+    work = tempfile.mkdtemp(prefix="lazyfs-bench-tcmu-", dir="/var/tmp")
+    try:
+        raw = os.path.join(work, "disk.raw")
+        with open(raw, "wb") as f:
+            for i in range(size // (2 << 20)):
+                text = (b"lazyfs block %08d " % i) * ((1 << 20) // 22)
+                f.write(os.urandom(1 << 20) + text + bytes((1 << 20) - len(text)))
+            f.truncate(size)
+        ref = LocalRef(os.path.join(work, "layout"), "bench")
+        await create_image(ref, from_file=raw)
+        config = Config(cache_root=os.path.join(work, "cache"), writable_root=os.path.join(work, "w"),
+                        run_dir=os.path.join(work, "run"), state_dir=os.path.join(work, "state"),
+                        trace_record_seconds=0, readahead_chunks=0)
+        loads = (("4 KiB random read", 4096, False), ("1 MiB sequential read", 1 << 20, True))
+        rows: dict[tuple[str, str], list[float]] = {}
+        async with Host.open(config) as host:
+            att = await host.attach(str(ref))
+            for off in range(0, size, 4 << 20):  # every block into the flat files
+                await att.device.read(off, 4 << 20)
+            for _ in range(args.rounds):  # interleaved, so load on the machine hits both alike
+                for mode, src in (("read + copy", CopyingSource(att.device)), ("in place", att.device)):
+                    before = att.device.inplace_reads
+                    async with serve_emulated(src, data_size=128 << 20, max_inflight=args.depth,
+                                              scatter=False) as (emu, _):
+                        for label, io_bytes, sequential in loads:
+                            n, elapsed = await run_load(emu, size, io_bytes, sequential, args.seconds, args.depth)
+                            rows.setdefault((label, mode), []).append(n / elapsed)
+                    assert (att.device.inplace_reads > before) == (mode == "in place")
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    print(f"same lazyfs image ({args.size_mib} MiB, flat files warm) through the emulated ring, queue depth "
+          f"{args.depth}, {args.rounds} interleaved rounds of {args.seconds:.0f} s, median IOPS; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for label, _, _ in loads:
+        copy, inplace = statistics.median(rows[(label, "read + copy")]), statistics.median(rows[(label, "in place")])
+        print(f"  {label:24s} read + copy {copy:9.0f}   in place {inplace:9.0f}   in place / copy {inplace / copy:5.2f}")
+
+
 async def main(args: argparse.Namespace) -> None:
     if args.compare_fuse:
         await compare_with_fuse(args)
+        return
+    if args.in_place:
+        await compare_in_place(args)
         return
     size = args.size_mib << 20
     src = MemorySource(os.urandom(size))
@@ -186,4 +251,7 @@ if __name__ == "__main__":
     parser.add_argument("--depth", type=int, default=32, help="commands in flight")
     parser.add_argument("--compare-fuse", action="store_true",
                         help="a lazyfs image through the ring vs the same image's FUSE-exported file")
+    parser.add_argument("--in-place", action="store_true",
+                        help="a lazyfs image through the ring: reads into the data area vs read + copy")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (--in-place)")
     trio.run(main, parser.parse_args())
