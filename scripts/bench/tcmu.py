@@ -97,22 +97,15 @@ def fuse_load(path: str, size: int, io_bytes: int, sequential: bool, seconds: fl
     return sum(counts), time.perf_counter() - start
 
 
-async def compare_with_fuse(args: argparse.Namespace) -> None:
-    """Ring vs FUSE file on the same lazyfs image, cache warm for both."""
-    import json
-    import subprocess
-    import tempfile
-
+async def bench_image(work: str, size: int):
+    """A lazyfs image in *work* (half incompressible, half text: chunks that really decompress) and a
+    Config whose directories are all under *work*; returns ``(ref, config)``."""
     from lazyfs.config import Config
     from lazyfs.image.local import create_image
     from lazyfs.image.ref import LocalRef
-    from lazyfs.serve.control import call
-    from lazyfs.serve.host import Host
 
-    size = args.size_mib << 20
-    work = tempfile.mkdtemp(prefix="lazyfs-bench-tcmu-", dir="/var/tmp")
     raw = os.path.join(work, "disk.raw")
-    with open(raw, "wb") as f:  # half incompressible, half text: chunks that really decompress
+    with open(raw, "wb") as f:
         for i in range(size // (2 << 20)):
             text = (b"lazyfs block %08d " % i) * ((1 << 20) // 22)
             f.write(os.urandom(1 << 20) + text + bytes((1 << 20) - len(text)))
@@ -122,6 +115,20 @@ async def compare_with_fuse(args: argparse.Namespace) -> None:
     config = Config(cache_root=os.path.join(work, "cache"), writable_root=os.path.join(work, "w"),
                     run_dir=os.path.join(work, "run"), state_dir=os.path.join(work, "state"), trace_record_seconds=0,
                     readahead_chunks=0)
+    return ref, config
+
+
+async def compare_with_fuse(args: argparse.Namespace) -> None:
+    """Ring vs FUSE file on the same lazyfs image, cache warm for both."""
+    import json
+    import tempfile
+
+    from lazyfs.serve.control import call
+    from lazyfs.serve.host import Host
+
+    size = args.size_mib << 20
+    work = tempfile.mkdtemp(prefix="lazyfs-bench-tcmu-", dir="/var/tmp")
+    ref, config = await bench_image(work, size)
     loads = (("4 KiB random read", 4096, False), ("1 MiB sequential read", 1 << 20, True))
     rows = {}
     async with Host.open(config) as host:
@@ -175,25 +182,12 @@ async def compare_in_place(args: argparse.Namespace) -> None:
     import statistics
     import tempfile
 
-    from lazyfs.config import Config
-    from lazyfs.image.local import create_image
-    from lazyfs.image.ref import LocalRef
     from lazyfs.serve.host import Host
 
     size = args.size_mib << 20
     work = tempfile.mkdtemp(prefix="lazyfs-bench-tcmu-", dir="/var/tmp")
     try:
-        raw = os.path.join(work, "disk.raw")
-        with open(raw, "wb") as f:
-            for i in range(size // (2 << 20)):
-                text = (b"lazyfs block %08d " % i) * ((1 << 20) // 22)
-                f.write(os.urandom(1 << 20) + text + bytes((1 << 20) - len(text)))
-            f.truncate(size)
-        ref = LocalRef(os.path.join(work, "layout"), "bench")
-        await create_image(ref, from_file=raw)
-        config = Config(cache_root=os.path.join(work, "cache"), writable_root=os.path.join(work, "w"),
-                        run_dir=os.path.join(work, "run"), state_dir=os.path.join(work, "state"),
-                        trace_record_seconds=0, readahead_chunks=0)
+        ref, config = await bench_image(work, size)
         loads = (("4 KiB random read", 4096, False), ("1 MiB sequential read", 1 << 20, True))
         rows: dict[tuple[str, str], list[float]] = {}
         async with Host.open(config) as host:
