@@ -270,6 +270,17 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
     return result
 
 
+def _spool_root(config: Config) -> str | None:
+    """Where a plain pull keeps a layer blob between download and upload: the cache root's disk (a
+    layer can be GiBs; /tmp may be memory), else the system's temporary directory."""
+    root = os.path.join(config.cache_root, "rpull")
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError:
+        return None
+    return root if os.access(root, os.W_OK) else None
+
+
 def _unpack_layers(ctrd: _Containerd, config: Config, snapshotter: str, ref, layers: list[SourceLayer],
                    diff_ids: list[str], chains: list[str]) -> tuple[int, int]:
     """The plain pull: each layer, bottom up, downloaded (verified) into containerd's content store,
@@ -277,7 +288,7 @@ def _unpack_layers(ctrd: _Containerd, config: Config, snapshotter: str, ref, lay
     ``ctr image pull`` does; how many were new, and their bytes."""
     pb = ctrd.pb
     unpacked = downloaded = 0
-    with tempfile.TemporaryDirectory(prefix="lazyfs-rpull-") as work:
+    with tempfile.TemporaryDirectory(prefix="lazyfs-rpull-", dir=_spool_root(config)) as work:
         for i, (layer, chain) in enumerate(zip(layers, chains)):
             try:
                 ctrd.call(ctrd.snapshots.Stat, pb.snapshots.StatSnapshotRequest(snapshotter=snapshotter, key=chain))
