@@ -472,6 +472,30 @@ def test_rpull_of_a_multi_arch_ordinary_image_picks_this_hosts_manifest_and_its_
     assert env.leftovers() == []
 
 
+def test_rpull_platform_option_picks_another_platform_or_says_there_is_none(env, multiarch):
+    """`rpull --platform linux/arm64` registers the arm64 manifest through the arm64 index; a platform
+    the index does not list is one line naming the platforms it has, and nothing is pulled.
+
+    Break test (done by hand, went red): with the CLI not passing ``--platform`` on, rpull took the
+    host's manifest and ``via`` named the amd64 index."""
+    arm = multiarch["images"]["arm64"]
+    try:
+        proc = env.lazyfs("rpull", multiarch["ref"], "--platform", "linux/arm64", "--address",
+                          env.containerd.address, "--json")
+        pulled = json.loads(proc.stdout)
+        assert pulled["via"].startswith(f"index {multiarch['indexes']['linux/arm64']}"), pulled
+        assert (pulled["manifest"], pulled["platform"]) == (arm.manifest_digest, "linux/arm64")
+    finally:
+        env.ctr("images", "rm", "--sync", multiarch["ref"], check=False)
+    proc = env.lazyfs("rpull", multiarch["ref"], "--platform", "linux/s390x", "--address", env.containerd.address,
+                      check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "linux/s390x" in proc.stderr and "linux/arm64" in proc.stderr, proc.stderr
+    assert multiarch["ref"] not in env.ctr("images", "ls", "-q").stdout
+    env.cleanup()
+    assert env.leftovers() == []
+
+
 def test_the_snapshotter_follows_a_multi_arch_tag_to_this_hosts_manifest(env, multiarch):
     """Labels that name a layer of a multi-arch image by tag only (no manifest digest label, as a
     client other than rpull or the CRI plugin may send): the snapshotter follows the index to this
