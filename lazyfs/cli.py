@@ -359,7 +359,9 @@ def cmd_rpull(args: argparse.Namespace) -> int:
                           f"list {{\"host\": \"{args.plain_http[0]}\", \"plain_http\": true}} in the registries of "
                           "its config file (or start `lazyfs snapshotter --plain-http HOST:PORT`)")
     result = rpull(_config(args), args.ref, address=args.address, namespace=args.namespace,
-                   snapshotter=args.snapshotter)
+                   snapshotter=args.snapshotter, platform=args.platform)
+    if result["via"].startswith("plain pull"):  # not lazy: never silently
+        print(f"lazyfs: {args.ref}: {result['via']}: every layer was downloaded and unpacked", file=sys.stderr)
     _print(result, args.json)
     return 0
 
@@ -387,10 +389,13 @@ def cmd_index(args: argparse.Namespace) -> int:
             return await index_image(opener, args.source, platform=args.platform, chunk_size=args.chunk_size,
                                      span_size=args.span_size, progress=progress)
 
-    return _run_with_progress(args, run, lambda result: (
-        f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
-        f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
-        f"built in {result['build_seconds']:.1f} s)"))
+    def line(result: dict) -> str:
+        return (f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
+                f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
+                f"built in {result['build_seconds']:.1f} s)")
+
+    return _run_with_progress(args, run, lambda result: "\n".join(
+        f"{one['platform']}: {line(one)}" for one in result["platforms"]) if "platforms" in result else line(result))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -502,7 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("index", cmd_index, "index an ordinary OCI image for lazy start without converting it (docs/index.md)")
     p.add_argument("source", help="registry reference or oci:DIR[:TAG]; the index is stored as its referrer")
-    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-arch index (default: this host's)")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]|all",
+                   help="from a multi-arch index (default: this host's; all: every platform, an index each)")
     p.add_argument("--chunk-size", **chunk)
     p.add_argument("--span-size", type=parse_size, default=1 << 20,
                    help="uncompressed bytes per verified span (default 1M)")
@@ -550,8 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writable state of containers on lazyfs images: overlay upper dir (default) or a lazyfs "
                         "writable layer under a block device")
 
-    p = add("rpull", cmd_rpull, "pull a lazyfs image into containerd lazily (metadata only), ready for ctr run")
+    p = add("rpull", cmd_rpull, "pull an image into containerd lazily (metadata only), ready for ctr run: a lazyfs "
+                                "image, or an ordinary one through its lazyfs index (else a plain pull)")
     p.add_argument("ref", help="registry reference, e.g. 127.0.0.1:5000/app:1")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-arch index (default: this host's)")
     p.add_argument("--address", default="/run/containerd/containerd.sock", help="containerd's socket")
     p.add_argument("--namespace", default="default", help="containerd namespace (k8s.io for CRI)")
     p.add_argument("--snapshotter", default="lazyfs", help="the proxy plugin's name in containerd's config")

@@ -49,7 +49,7 @@ from lazyfs.format.oci import (
     sha256_digest,
 )
 from lazyfs.format.numbers import decimal
-from lazyfs.format.ociimage import host_platform, parse_source_manifest
+from lazyfs.format.ociimage import host_platform, is_index, media_type_of, parse_platforms, parse_source_manifest
 from lazyfs.format.reference import parse_reference
 from lazyfs.format.spanindex import (
     MEDIA_TYPE_SPANS,
@@ -324,10 +324,44 @@ def default_index_dir(config) -> str:
     return os.path.join(config.cache_root, "index")
 
 
+ALL_PLATFORMS = "all"
+
+
+async def source_platforms(opener: ImageOpener, text: str) -> list[str]:
+    """The platforms of the multi-arch index *text* names (``os/arch[/variant]``, in its order); ``[]``
+    when it names a single image manifest."""
+    local = parse_local_ref(text)
+    if local is not None:
+        data, desc = OciLayout(local.path).read_manifest(local.tag)
+        media_type = desc.media_type
+    else:
+        data, media_type, _ = await opener.client.get_manifest(parse_reference(text), accept=MANIFEST_MEDIA_TYPES)
+    if not is_index(media_type_of(data, media_type)):
+        return []
+    platforms = [str(entry) for entry in parse_platforms(data, f"index of {text}")]
+    if not platforms:
+        raise NotFoundError(f"{text} is an index that lists no image for any platform")
+    return list(dict.fromkeys(platforms))
+
+
 async def index_image(opener: ImageOpener, source_text: str, *, platform: str | None = None,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, span_size: int = SPAN_SIZE,
                       progress: ConvertProgress | None = None) -> dict:
-    """Index *source_text* (a registry image or ``oci:DIR[:TAG]``) and publish the index as its referrer."""
+    """Index *source_text* (a registry image or ``oci:DIR[:TAG]``) and publish the index as its referrer.
+
+    From a multi-arch index, the manifest of *platform* (default: this host's); with *platform*
+    ``all``, every platform's manifest, each with an index of its own (the result lists them under
+    ``platforms``, in the index's order)."""
+    if platform == ALL_PLATFORMS:
+        platforms = await source_platforms(opener, source_text)
+        if not platforms:  # one image: it is every platform it has
+            return await index_image(opener, source_text, chunk_size=chunk_size, span_size=span_size,
+                                     progress=progress)
+        results = []
+        for one in platforms:
+            results.append(await index_image(opener, source_text, platform=one, chunk_size=chunk_size,
+                                             span_size=span_size, progress=progress))
+        return {"source": source_text, "platforms": results}
     started = time.monotonic()
     if os.geteuid() != 0:
         raise ConfigError("lazyfs index needs root: layers are applied by the kernel's ext4 on a loop device")

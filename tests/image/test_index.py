@@ -197,6 +197,61 @@ def test_multi_arch_index_and_export(env, edge, tmp_path):
         env.lazyfs("umount", str(out))
 
 
+def test_every_platform_of_a_multi_arch_index(env, edge, tmp_path):
+    """`lazyfs index --platform all` of a multi-arch index (amd64: the four gzip layers; arm64: the
+    first layer, zstd) makes one index per platform, each a referrer of its own platform manifest;
+    the source index is untouched; `lazyfs mount` of the index's reference reads this host's
+    (amd64) manifest through its index, and a mount of the arm64 manifest reads the arm64 tree
+    through the arm64 index.
+
+    Break test (done by hand, went red): with ``source_platforms`` returning only the first
+    platform, only linux/amd64 was indexed and the platforms assert failed."""
+    from tests.support.ociimages import write_index
+
+    src = str(tmp_path / "every")
+    amd = write_image(src, None, edge["tars"], compression="gzip")
+    arm = write_image(src, None, edge["tars"][:1], compression="zstd", architecture="arm64")
+    write_index(src, "v", [(*amd, "linux/amd64"), (*arm, "linux/arm64")])
+    ref = env.ref("edge/every:v")
+    for manifest in (amd, arm):
+        push_layout(env, src, manifest[0], ref.replace(":v", "@" + manifest[0]))
+    data, desc = OciLayout(src).read_manifest("v")
+
+    async def put_index():
+        config = Config(registries=(RegistrySettings(env.registry.registry, plain_http=True),))
+        async with ImageOpener(config) as opener:
+            await opener.client.put_manifest(parse_reference(ref), data, desc.media_type)
+
+    trio.run(put_index)
+    base = f"http://{env.registry.registry}/v2/edge/every"
+    summary = index(env, ref, "--platform", "all")
+    assert _get(f"{base}/manifests/v", desc.media_type) == data  # the source index: not re-pushed
+    assert [(one["platform"], one["source_manifest"]) for one in summary["platforms"]] == \
+        [("linux/amd64", amd[0]), ("linux/arm64", arm[0])]
+    indexes = {one["platform"]: one["index"] for one in summary["platforms"]}
+    assert summary["platforms"][1]["layers"][0]["access"] in ("zstd-whole", "zstd-frames")
+
+    async def referrers():
+        config = Config(registries=(RegistrySettings(env.registry.registry, plain_http=True),))
+        async with ImageOpener(config) as opener:
+            repo = parse_reference(ref).repo()
+            return [[e["digest"] for e in await find_referrers_remote(opener.client, repo, m[0], INDEX_ARTIFACT_TYPE)]
+                    for m in (amd, arm)]
+
+    assert trio.run(referrers) == [[indexes["linux/amd64"]], [indexes["linux/arm64"]]]
+    infos = []
+    tree = env.mounted_tree(ref, check=lambda target, info: infos.append(info))
+    assert_same(edge["oracle"], tree)
+    assert infos[0]["via"].startswith(f"index {indexes['linux/amd64']}"), infos
+    oracle_layout = str(tmp_path / "umoci-arm")
+    umoci_new(oracle_layout, "v")
+    umoci_add_layer(oracle_layout, "v", edge["tars"][0])
+    arm_oracle = describe_tree(umoci_unpack(oracle_layout, "v", str(tmp_path / "bundle-arm")))
+    tree = env.mounted_tree(ref.replace(":v", "@" + arm[0]), check=lambda target, info: infos.append(info))
+    assert_same(arm_oracle, tree)
+    assert infos[1]["via"].startswith(f"index {indexes['linux/arm64']}"), infos
+
+
 def test_ordinary_image_without_index_says_so(env, edge, tmp_path):
     src = str(tmp_path / "plain")
     write_image(src, "v", edge["tars"][:1])

@@ -91,6 +91,16 @@ def oci_image_from_trees(layers: list[tuple[str, tuple[str, ...]]], *, cmd: tupl
     return OciImage(manifest, config, tuple(blobs))
 
 
+def with_config(image: OciImage, change) -> OciImage:
+    """*image* with its config document changed by ``change(doc)`` (in place), and its manifest to match."""
+    doc = json.loads(image.config)
+    change(doc)
+    config = json.dumps(doc, sort_keys=True).encode()
+    manifest = json.loads(image.manifest)
+    manifest["config"].update({"digest": _sha256(config), "size": len(config)})
+    return OciImage(json.dumps(manifest, sort_keys=True).encode(), config, image.layers)
+
+
 async def push_oci_image(client, ref, image: OciImage) -> str:
     """Upload *image* with a lazyfs `RegistryClient` to *ref*; return the manifest digest."""
     repo = ref.repo()

@@ -43,6 +43,7 @@ PROTOS = (
     "services/content/v1/content.proto",
     "services/images/v1/images.proto",
     "services/leases/v1/leases.proto",
+    "services/diff/v1/diff.proto",
 )
 _IMPORT = re.compile(r'^(\s*import\s+(?:weak\s+|public\s+)?")([^"]+)(";)', re.M)
 _lock = threading.Lock()

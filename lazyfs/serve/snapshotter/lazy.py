@@ -29,13 +29,21 @@ from lazyfs.errors import FormatError, LazyfsError, NotFoundError, TrustError
 from lazyfs.format.oci import (
     ANN_VIRTUAL_SIZE,
     DOCKER_MANIFEST,
+    MANIFEST_MEDIA_TYPES,
     MEDIA_TYPE_MANIFEST,
     build_manifest,
     canonical_json,
     parse_json,
     parse_manifest,
 )
-from lazyfs.format.ociimage import parse_source_manifest
+from lazyfs.format.ociimage import (
+    host_platform,
+    is_index,
+    media_type_of,
+    parse_platforms,
+    parse_source_manifest,
+    select_platform,
+)
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
@@ -127,7 +135,14 @@ class LazyImages:
 
         async def get():
             client = await self.portal.opener.ensure_client()
-            data, media_type, got = await client.get_manifest(ref, accept=(MEDIA_TYPE_MANIFEST, DOCKER_MANIFEST))
+            data, media_type, got = await client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
+            if is_index(media_type_of(data, media_type)):  # a multi-arch image by tag: this host's manifest
+                try:
+                    entry = select_platform(parse_platforms(data, f"index of {ref}"), host_platform())
+                except NotFoundError as exc:  # containerd unpacks nothing of it either: not ours to say more
+                    raise FormatError(str(exc)) from None
+                data, media_type, got = await client.get_manifest(ref.with_digest(entry.descriptor.digest),
+                                                                  accept=(MEDIA_TYPE_MANIFEST, DOCKER_MANIFEST))
             return data, got, media_type
 
         data, got, media_type = self.portal.run(get)

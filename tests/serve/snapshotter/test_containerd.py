@@ -21,7 +21,8 @@ import trio
 from lazyfs.config import Config, RegistrySettings
 from lazyfs.fetch.credentials import Credentials
 from lazyfs.fetch.registry import RegistryClient
-from lazyfs.format.oci import parse_manifest
+from lazyfs.format.oci import MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, parse_manifest
+from lazyfs.format.ociimage import host_platform
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.local import create_image
@@ -30,7 +31,13 @@ from lazyfs.image.remote import ImageOpener, push_image
 from lazyfs.serve import system
 from lazyfs.serve.control import call
 from lazyfs.serve.snapshotter import api
-from tests.support.containerd import SnapshotterProcess, oci_image_from_trees, push_oci_image, running_containerd
+from tests.support.containerd import (
+    SnapshotterProcess,
+    oci_image_from_trees,
+    push_oci_image,
+    running_containerd,
+    with_config,
+)
 from tests.support.cleanup import loop_backing_files
 from tests.support.proxy import FaultProxy
 from tests.support.registry import registry_fixture
@@ -347,12 +354,180 @@ def test_killed_snapshotter_restarts_under_running_containers(env):
     assert env.leftovers() == []
 
 
-def test_rpull_of_an_ordinary_image_says_what_to_do_instead(env):
-    proc = env.lazyfs("rpull", env.oci_ref, "--address", env.containerd.address, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+def test_rpull_of_an_ordinary_image_without_an_index_falls_back_to_a_plain_pull(env):
+    """An ordinary image with no lazyfs index: rpull pulls it the plain way (every layer downloaded
+    into containerd's content store and unpacked by containerd's diff service onto ordinary
+    snapshots, as `ctr image pull` does), says so in one line on stderr and in ``via``, and the image runs.
+
+    Break test (done by hand, went red): with the CLI's stderr line removed, the one-line assert
+    failed; with ``_unpack_layers`` skipped (layers left unregistered), ``ctr run`` failed."""
+    proc = env.lazyfs("rpull", env.oci_ref, "--address", env.containerd.address, "--json", check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plain pull" in lines[0] and "no lazyfs index" in lines[0], proc.stderr
+    pulled = json.loads(proc.stdout)
+    assert pulled["via"].startswith("plain pull"), pulled
+    assert (pulled["layers"], pulled["registered"]) == (2, 2)
+    assert pulled["bytes_from_registry"] >= sum(len(b) for b in env.oci.layers)
+    assert len(os.listdir(os.path.join(env.cache_root, "snapshots"))) == 2  # unpacked layers, as ctr pull's
+    try:
+        run = env.ctr("run", "--snapshotter", "lazyfs", env.oci_ref, "plain1", "/bin/sh", "-c", SCRIPT + "; ls /data")
+        assert run.stdout.startswith(OS_RELEASE + "hi\n"), run.stdout
+        assert "dangling" not in run.stdout.split() and "unread.bin" in run.stdout.split()
+        again = env.rpull(env.oci_ref)  # the snapshots are there: nothing downloaded again
+        assert (again["registered"], again["via"][:10]) == (0, "plain pull"), again
+    finally:
+        env.ctr("containers", "rm", "plain1", check=False)
+        env.ctr("images", "rm", "--sync", env.oci_ref, check=False)
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_plain_rpull_refuses_a_layer_that_is_not_its_diff_id(env):
+    """An ordinary image whose config names another diff ID for its first layer: the plain pull
+    refuses it in one line (containerd's diff service reports what it applied) and leaves no
+    image and no snapshot named by the forged chain.
+
+    Break test (done by hand, went red): without the ``applied.digest`` check in
+    ``_unpack_layers``, rpull succeeded and committed the layer under the forged chain id."""
+    forged = with_config(env.oci, lambda doc: doc["rootfs"]["diff_ids"].__setitem__(0, "sha256:" + "ab" * 32))
+    ref = f"{env.registry.registry}/plain/forged:1"
+
+    async def push():
+        client = RegistryClient(env.registry.configs(), Credentials(None))
+        try:
+            await push_oci_image(client, parse_reference(ref), forged)
+        finally:
+            await client.aclose()
+
+    trio.run(push)
+    proc = env.lazyfs("rpull", ref, "--address", env.containerd.address, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "not a lazyfs image" in proc.stderr and "ctr image pull" in proc.stderr
-    assert env.ctr("images", "ls", "-q").stdout.strip() == ""
+    assert "digest mismatch" in proc.stderr and "ab" * 32 in proc.stderr, proc.stderr
+    assert ref not in env.ctr("images", "ls", "-q").stdout
+    assert "ab" * 32 not in env.ctr("snapshots", "--snapshotter", "lazyfs", "ls").stdout
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+@pytest.fixture(scope="module")
+def multiarch(env):
+    """A multi-arch index (linux/amd64, linux/arm64) of two ordinary two-layer images that differ in
+    their top layer's /etc/os-release, each platform indexed by `lazyfs index --platform all`."""
+    tree = env.tmp / "tree"
+    images = {}
+    for arch in ("amd64", "arm64"):
+        top = env.tmp / f"multi-top-{arch}"
+        os.makedirs(top / "etc")
+        (top / "etc" / "os-release").write_text(f'NAME="{arch}"\n')
+        image = oci_image_from_trees([(str(tree), ()), (str(top), ())])
+        images[arch] = with_config(image, lambda doc, arch=arch: doc.update(architecture=arch))
+    entries = [{"mediaType": MEDIA_TYPE_MANIFEST, "digest": image.manifest_digest, "size": len(image.manifest),
+                "platform": {"os": "linux", "architecture": arch}} for arch, image in images.items()]
+    index = json.dumps({"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX, "manifests": entries}).encode()
+    direct = f"{env.registry.registry}/plain/multi:1"
+
+    async def push():
+        client = RegistryClient(env.registry.configs(), Credentials(None))
+        try:
+            for image in images.values():
+                await push_oci_image(client, parse_reference(direct.replace(":1", "@" + image.manifest_digest)), image)
+            await client.put_manifest(parse_reference(direct), index, MEDIA_TYPE_INDEX)
+        finally:
+            await client.aclose()
+
+    trio.run(push)
+    summary = json.loads(env.lazyfs("index", direct, "--platform", "all", "--json", timeout=600).stdout)
+    return {"ref": f"{env.proxied}/plain/multi:1", "images": images, "index_digest": hashlib.sha256(index).hexdigest(),
+            "indexes": {one["platform"]: one["index"] for one in summary["platforms"]}}
+
+
+def test_rpull_of_a_multi_arch_ordinary_image_picks_this_hosts_manifest_and_its_index(env, multiarch):
+    """rpull of a multi-arch index (both platforms indexed) picks this host's manifest (linux/amd64
+    here), registers it lazily through that manifest's own index, records the multi-arch index as
+    the image in containerd (as containerd's pull does), and `ctr run` sees the amd64 tree.
+
+    Break test (done by hand, went red): with rpull asking ``select_platform`` for linux/arm64
+    whatever the host, ``via`` named the arm64 index."""
+    if host_platform() != "linux/amd64":
+        pytest.skip("the test's images are amd64 (busybox) and arm64")
+    amd = multiarch["images"]["amd64"]
+    pulled = env.rpull(multiarch["ref"])
+    assert pulled["via"].startswith(f"index {multiarch['indexes']['linux/amd64']}"), pulled
+    assert (pulled["manifest"], pulled["platform"]) == (amd.manifest_digest, "linux/amd64")
+    assert pulled["index"] == "sha256:" + multiarch["index_digest"]
+    assert (pulled["layers"], pulled["registered"]) == (2, 2)
+    try:
+        images = env.ctr("images", "ls").stdout
+        assert multiarch["index_digest"] in images, images
+        run = env.ctr("run", "--rm", "--snapshotter", "lazyfs", multiarch["ref"], "multi1", "cat", "/etc/os-release")
+        assert run.stdout == 'NAME="amd64"\n', run.stdout + run.stderr
+        for blob in amd.layers:  # the amd64 blobs: ranged reads of spans only, never whole
+            for record in env.proxy.requests("GET", "sha256:" + hashlib.sha256(blob).hexdigest()):
+                assert record.range is not None, record
+    finally:
+        env.ctr("images", "rm", "--sync", multiarch["ref"], check=False)
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_rpull_platform_option_picks_another_platform_or_says_there_is_none(env, multiarch):
+    """`rpull --platform linux/arm64` registers the arm64 manifest through the arm64 index; a platform
+    the index does not list is one line naming the platforms it has, and nothing is pulled.
+
+    Break test (done by hand, went red): with the CLI not passing ``--platform`` on, rpull took the
+    host's manifest and ``via`` named the amd64 index."""
+    arm = multiarch["images"]["arm64"]
+    try:
+        proc = env.lazyfs("rpull", multiarch["ref"], "--platform", "linux/arm64", "--address",
+                          env.containerd.address, "--json")
+        pulled = json.loads(proc.stdout)
+        assert pulled["via"].startswith(f"index {multiarch['indexes']['linux/arm64']}"), pulled
+        assert (pulled["manifest"], pulled["platform"]) == (arm.manifest_digest, "linux/arm64")
+    finally:
+        env.ctr("images", "rm", "--sync", multiarch["ref"], check=False)
+    proc = env.lazyfs("rpull", multiarch["ref"], "--platform", "linux/s390x", "--address", env.containerd.address,
+                      check=False)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "linux/s390x" in proc.stderr and "linux/arm64" in proc.stderr, proc.stderr
+    assert multiarch["ref"] not in env.ctr("images", "ls", "-q").stdout
+    env.cleanup()
+    assert env.leftovers() == []
+
+
+def test_the_snapshotter_follows_a_multi_arch_tag_to_this_hosts_manifest(env, multiarch):
+    """Labels that name a layer of a multi-arch image by tag only (no manifest digest label, as a
+    client other than rpull or the CRI plugin may send): the snapshotter follows the index to this
+    host's manifest and registers the layer lazily through that manifest's index.
+
+    Break test (done by hand, went red): without the index step in ``LazyImages._fetch_manifest``,
+    Prepare made an ordinary active snapshot (a plain pull) instead of answering ALREADY_EXISTS."""
+    import grpc
+
+    from lazyfs.serve.snapshotter.lazy import LABEL_IMAGE_REF, LABEL_LAYER_DIGEST, LABEL_SNAPSHOT_REF
+
+    if host_platform() != "linux/amd64":
+        pytest.skip("the test's images are amd64 (busybox) and arm64")
+    amd = multiarch["images"]["amd64"]
+    chain = json.loads(amd.config)["rootfs"]["diff_ids"][0]  # the bottom layer's chain id is its diff id
+    labels = {LABEL_SNAPSHOT_REF: chain, LABEL_IMAGE_REF: multiarch["ref"],
+              LABEL_LAYER_DIGEST: "sha256:" + hashlib.sha256(amd.layers[0]).hexdigest()}
+    pb, stub, md, channel = env.snapshots_api()
+    leases = pb.leases_grpc.LeasesStub(channel)
+    leases.Create(pb.leases.CreateRequest(id="multi-tag"), metadata=md, timeout=60)
+    try:  # under a lease, whose deletion (sync) has containerd's garbage collector remove the snapshot
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Prepare(pb.snapshots.PrepareSnapshotRequest(snapshotter="lazyfs", key="multi-tag " + chain,
+                                                             labels=labels),
+                         metadata=md + [("containerd-lease", "multi-tag")], timeout=120)
+        assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS, caught.value
+        assert f"lazily via index {multiarch['indexes']['linux/amd64']}" in env.log_tail(200)
+    finally:
+        leases.Delete(pb.leases.DeleteRequest(id="multi-tag", sync=True), metadata=md, timeout=120)
+        channel.close()
+    env.cleanup()
+    assert env.leftovers() == []
 
 
 def test_a_two_layer_lazyfs_image_shares_its_lower_layer_with_the_image_below(env):
