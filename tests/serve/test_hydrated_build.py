@@ -85,7 +85,7 @@ def test_the_daemon_check_hydrates_an_image_once_it_became_fully_local(tmp_path)
     layers, backend, model = make_stack(3)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
     path = hydrated.path_for(str(tmp_path), MANIFEST)
     locations = dev.index.locations()
@@ -120,7 +120,7 @@ def test_the_control_operation_reports_missing_chunks_then_builds(tmp_path):
     layers, backend, model = make_stack(4)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
     locations = dev.index.locations()
 
@@ -150,7 +150,7 @@ def test_no_file_past_the_budget(tmp_path):
     layers, backend, _ = make_stack(5)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
 
     async def scenario():
         for loc in dev.index.locations():
