@@ -270,7 +270,7 @@ async def control(host, name: object) -> dict:
 async def check_once(host, done: set[str]) -> list[Hydrated]:
     """One pass of the daemon's check: hydrate every read-only attachment that became fully
     local, skipping manifests in *done* (added to it once hydrated). What it built or found;
-    errors are logged, never raised."""
+    errors (bugs included) are logged, never raised."""
     found = []
     for att in list(host.attachments.values()):
         if host.attachments.get(att.name) is not att:
@@ -285,6 +285,9 @@ async def check_once(host, done: set[str]) -> list[Hydrated]:
                 hyd = await hydrate_if_local(host, att)
         except LazyfsError as exc:
             log.warning("could not hydrate %s: %s", att.ref, exc)
+            continue
+        except Exception:  # a bug: logged, and the daemon (whose nursery runs this) lives on
+            log.exception("unexpected error checking %s for a hydrated file", att.ref)
             continue
         finally:
             att.tasks.discard(scope)
