@@ -8,7 +8,7 @@ The implementation (``lazyfs.fetch.flatfile``) keeps one flat file per layer.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from lazyfs.device.index import Segment
 
@@ -30,6 +30,11 @@ class BlockCache(abc.ABC):
     def holds(self, segment: Segment) -> bool:
         """Whether every block of *segment* is held here (so it is local without its chunk)."""
         return False
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        """Call *callback(digest)* whenever what :meth:`holds` says of the segments of chunk *digest*
+        may have changed; returns the function that stops it. (This one holds nothing, ever.)"""
+        return lambda: None
 
     async def aclose(self) -> None:
         """Persist what is written and release the layers' files."""

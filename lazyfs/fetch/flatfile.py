@@ -42,7 +42,7 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import trio
@@ -193,6 +193,7 @@ class FlatCache:
         # the layer files devices have open, with their chunk extents (digest -> (blocks, extents)):
         # where the fetch scheduler writes a fetched chunk instead of a chunk file (see targets())
         self._layers: list[tuple[FlatFile, dict]] = []
+        self._watchers: list[Callable[[bytes], None]] = []
         self._stats = dict.fromkeys(
             ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
              "bytes_written", "write_errors", "persists", "evictions", "copied_blocks", "reflinked_blocks",
@@ -250,6 +251,24 @@ class FlatCache:
         f.users -= 1
         await self.persist(f)
         await self.enforce_budget()
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        """Call *callback(digest)* (trio thread) after blocks of chunk *digest* were written into or
+        dropped from a layer file; returns the function that stops it. Files are evicted only when no
+        device uses them, so a device's own files change only through these calls while it is open."""
+        self._watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return unwatch
+
+    def changed(self, digests) -> None:
+        """Tell the watchers that what the layer files hold of each of *digests* changed."""
+        for digest in digests:
+            for callback in tuple(self._watchers):
+                callback(digest)
 
     def index_chunk(self, digest: bytes, f: FlatFile, first: int, count: int) -> None:
         self._where.setdefault(digest, (f, first, count))
@@ -325,6 +344,7 @@ class FlatCache:
             self._stats["writes"] += 1
             self._stats["bytes_written"] += count * f.block_size
             self.held += count * f.block_size
+        self.changed((digest,))
 
     def touch(self, key: str) -> None:
         self._lru[key] = None
@@ -491,8 +511,13 @@ class LayerFlats(BlockCache):
                                 bad, f.key, seg.loc.digest.hex()[:16])
                     for first, count, _ in self._extents[seg.layer].get(seg.loc.digest, (0, ()))[1]:
                         f.drop(first, count)
+                    self.cache.changed((seg.loc.digest,))
                     missing.extend(part)
         return missing
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        """:meth:`FlatCache.watch` of the host's layer files (this device's among them)."""
+        return self.cache.watch(callback)
 
     def holds(self, segment: Segment) -> bool:
         if segment.loc is None or not 0 <= segment.layer < len(self.files):
@@ -521,6 +546,7 @@ class LayerFlats(BlockCache):
         file system can, copy otherwise; each copy is checked against the source's hashes before use."""
         jobs = []
         seen = set()
+        copied = set()
         for seg in run:
             digest = seg.loc.digest
             if digest in seen:
@@ -534,6 +560,7 @@ class LayerFlats(BlockCache):
                 if not f.map.covered(first, first + count):
                     a = src_first + chunk_block
                     jobs.append((src_file, a, first, count, src_file.map.hashes(a, a + count)))
+                    copied.add(digest)
         if not jobs:
             return
         sources = {job[0] for job in jobs}
@@ -557,6 +584,7 @@ class LayerFlats(BlockCache):
             self.cache._stats["copied_blocks"] += n
             self.cache._stats["reflinked_blocks"] += n if reflinked else 0
             self.cache.held += n * self.block_size
+        self.cache.changed(copied)
 
     async def _read_run(self, f: FlatFile, buf: bytearray, offset: int, start: int, end: int) -> int | None:
         """Read blocks [start, end) into their place in *buf* and verify them; the first bad block or None."""
@@ -597,6 +625,7 @@ class LayerFlats(BlockCache):
     async def admit(self, segments: Sequence[Segment], chunks: Mapping[bytes, bytes]) -> None:
         bs = self.block_size
         work: dict[int, list[tuple[int, memoryview]]] = {}
+        digests: dict[int, set[bytes]] = {}  # per layer: the chunks written into it
         seen = set()
         for seg in segments:
             if seg.loc is None or not 0 <= seg.layer < len(self.files):
@@ -612,6 +641,7 @@ class LayerFlats(BlockCache):
             for first, count, chunk_block in self._extents[seg.layer].get(seg.loc.digest, (0, ()))[1]:
                 if not f.map.covered(first, first + count) and (chunk_block + count) * bs <= len(raw):
                     work.setdefault(seg.layer, []).append((first, view[chunk_block * bs : (chunk_block + count) * bs]))
+                    digests.setdefault(seg.layer, set()).add(seg.loc.digest)
         for layer, items in work.items():
             f = self.files[layer]
             try:
@@ -626,6 +656,7 @@ class LayerFlats(BlockCache):
                 self.cache._stats["writes"] += 1
                 self.cache._stats["bytes_written"] += len(hashes) // HASH_LEN * bs
                 self.cache.held += len(hashes) // HASH_LEN * bs
+            self.cache.changed(digests[layer])
 
     async def aclose(self) -> None:
         if self._closed:

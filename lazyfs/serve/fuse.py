@@ -33,7 +33,7 @@ import trio
 
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
-from lazyfs.serve import hostns, system
+from lazyfs.serve import exportio, hostns, system
 from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 
 log = logging.getLogger(__name__)
@@ -404,59 +404,15 @@ class ExportFS(pyfuse3.Operations):
 
     @_handler("read")
     async def read(self, fh, off, size):
-        exp = self._handle(fh).export
-        try:
-            data = await exp.source.read(off, size)
-        except Exception:
-            exp.errors += 1
-            raise
-        n = len(data)
-        c = self._c
-        c.reads += 1
-        c.bytes_read += n
-        c.largest_read = max(c.largest_read, size)
-        exp.reads += 1
-        exp.bytes_read += n
-        return data
+        return await exportio.read(self._c, self._handle(fh).export, off, size)
 
     @_handler("write")
     async def write(self, fh, off, buf):
         h = self._handle(fh)
-        exp = h.export
-        if exp.source.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if not h.writable:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        size = exp.source.size
-        if off >= size and len(buf):
-            raise pyfuse3.FUSEError(errno.ENOSPC)  # like a block device: no room past the end
-        if off + len(buf) > size:
-            buf = buf[: size - off]  # a short write, then ENOSPC on the retry
-        exp.dirty = True
-        try:
-            await exp.source.write(off, buf)
-        except Exception:
-            exp.errors += 1
-            raise
-        n = len(buf)
-        c = self._c
-        c.writes += 1
-        c.bytes_written += n
-        c.largest_write = max(c.largest_write, n)
-        exp.writes += 1
-        exp.bytes_written += n
-        return n
+        return await exportio.write(self._c, h.export, h.writable, off, buf, pyfuse3.FUSEError)
 
     async def _flush_source(self, exp: _Export) -> None:
-        exp.dirty = False  # cleared before: a write racing with the flush marks it dirty again
-        try:
-            await exp.source.flush()
-        except Exception:
-            exp.dirty = True
-            exp.errors += 1
-            raise
-        exp.flushes += 1
-        self._c.flushes += 1
+        await exportio.flush(self._c, exp)
 
     @_handler("flush")
     async def flush(self, fh):

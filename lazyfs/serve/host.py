@@ -32,7 +32,7 @@ from lazyfs.image.metacache import MetadataCache
 from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload_registries
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
-from lazyfs.serve.hydrate import HydratePolicy, Hydrator
+from lazyfs.serve.hydrate import HeldByBlockCache, HydratePolicy, Hydrator
 from lazyfs.serve.state import ATTACHMENT_NAME, FrontEnd
 from lazyfs.nursery import open_nursery
 
@@ -317,7 +317,8 @@ class Host:
             hydrate = self.config.hydrate
         policy = HydratePolicy() if hydrate is True else hydrate or None
         att.hydration = Hydrator(att.device.index.locations(), policy or HydratePolicy(),
-                                 cache=self.cache, download=self.scheduler.background_download,
+                                 cache=self.cache, held=HeldByBlockCache(att.device),
+                                 download=self.scheduler.background_download,
                                  default_rate=self.config.hydrate_rate, max_range=self.config.max_range)
         if policy is None:
             return

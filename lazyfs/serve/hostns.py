@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from lazyfs.errors import ConfigError
+from lazyfs.serve.fusekernel import keeper
 
 ENV = "LAZYFS_MOUNT_NAMESPACE"
 FUSE_DEVICE = "/dev/fuse"
@@ -79,18 +80,7 @@ def parse_namespace(text: str | None) -> MountNamespace | None:
 
 def listen_fd(name: str, environ: dict[str, str] | None = None, pid: int | None = None) -> int | None:
     """The fd systemd passed to this process under *name* ($LISTEN_PID/$LISTEN_FDS/$LISTEN_FDNAMES), or None."""
-    env = os.environ if environ is None else environ
-    if env.get("LISTEN_PID") != str(os.getpid() if pid is None else pid):
-        return None  # meant for another process (our parent, say)
-    try:
-        count = int(env.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return None
-    names = env.get("LISTEN_FDNAMES", "").split(":")
-    for i in range(min(count, len(names), 1024)):
-        if names[i] == name:
-            return 3 + i  # SD_LISTEN_FDS_START
-    return None
+    return keeper.sd_stored_fd(name, environ, pid)
 
 
 def configured() -> MountNamespace | None:
@@ -111,13 +101,8 @@ def store_namespace_fd(path: str = "/proc/1/ns/mnt") -> None:
     ``NotifyAccess=all``: systemd hands the fd to the service's main process.
     ConfigError if there is no $NOTIFY_SOCKET or *path* is not a mount namespace.
     """
-    import socket
-
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
+    if keeper.notify_socket() is None:
         raise ConfigError("no $NOTIFY_SOCKET: store-mount-namespace runs from a systemd unit (ExecStartPre=+...)")
-    if target.startswith("@"):
-        target = "\0" + target[1:]  # an abstract socket
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
@@ -125,9 +110,7 @@ def store_namespace_fd(path: str = "/proc/1/ns/mnt") -> None:
     try:
         if not os.readlink(f"/proc/self/fd/{fd}").startswith("mnt:["):
             raise ConfigError(f"{path} is not a mount namespace")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            message = f"FDSTORE=1\nFDNAME={FDNAME}\n".encode()
-            sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(4, "little"))], 0, target)
+        keeper.sd_store_fd(fd, FDNAME)
     finally:
         os.close(fd)
 

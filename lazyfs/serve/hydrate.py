@@ -1,9 +1,12 @@
 """Hydration: make an attached image fully local in the background, within a rate or by a deadline.
 
-A hydrated image has every chunk its merged view can read in the host's chunk cache, so it runs
-with the registry gone (docs/daemon.md, "Offline life"). The work is the fetch scheduler's
-background download (BACKGROUND priority: demand reads go first); this module only decides how
-much to ask for, at what rate, and reports progress.
+A hydrated image has every chunk its merged view can read on this host, so it runs with the
+registry gone (docs/daemon.md, "Offline life"): in the chunk cache, or held in the device's flat
+layer files (every segment of the chunk; the cold path writes a fetched chunk there and no chunk
+file, and those files are never evicted while the image is attached), so what the image already
+read is never fetched again. The work is the fetch scheduler's background download (BACKGROUND
+priority: demand reads go first); this module only decides how much to ask for, at what rate,
+and reports progress.
 
 * ``HydratePolicy`` (a value, kept in the daemon's state file): a fixed rate, or a wall-clock
   deadline from which the rate is derived, again before every batch, as remaining stored bytes
@@ -12,8 +15,9 @@ much to ask for, at what rate, and reports progress.
 * ``plan_batch`` (pure): the next chunks to fetch, about ``BATCH_SECONDS`` worth at the rate.
 * ``Hydrator`` (the trio shell): runs until cancelled. Once everything is local it checks again
   every ``RECHECK_SECONDS`` and fetches what the cache evicted meanwhile; failed batches back off.
-  Its progress (chunks and bytes local) is a counter the chunk cache's ``watch`` keeps current,
-  counted once at attach or restore: ``statistics()`` (``lazyfs stats``, /metrics) is O(1).
+  Its progress (chunks and bytes local) is a counter the ``watch`` of the chunk cache and of the
+  device's block cache keep current, counted once at attach or restore: ``statistics()``
+  (``lazyfs stats``, /metrics) is O(1).
 """
 
 from __future__ import annotations
@@ -114,20 +118,51 @@ class WatchedCache(Protocol):
     def watch(self, callback: Callable[[bytes, bool], None]) -> Callable[[], None]: ...
 
 
+class WatchedHolder(Protocol):
+    """What a Hydrator needs of the chunks a device's block cache holds (``HeldByBlockCache``)."""
+
+    def __contains__(self, digest: bytes) -> bool: ...
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]: ...
+
+
+class HeldByBlockCache:
+    """The chunks of *device* its block cache (the flat layer files) holds at every segment of the
+    chunk in the merged view, so a read of any of them is served without the chunk. The flat files
+    list only blocks written from verified chunks, and every read of them is verified again."""
+
+    def __init__(self, device) -> None:
+        self._bc = getattr(device, "block_cache", None)
+        self._segments: dict[bytes, list] = {}
+        if self._bc is not None:
+            for seg in device.index.segments:
+                if seg.loc is not None:
+                    self._segments.setdefault(seg.loc.digest, []).append(seg)
+
+    def __contains__(self, digest: bytes) -> bool:
+        segments = self._segments.get(digest)
+        return bool(segments) and all(self._bc.holds(seg) for seg in segments)
+
+    def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
+        return self._bc.watch(callback) if self._bc is not None else (lambda: None)
+
+
 class Hydrator:
     """Keeps one attachment's chunks local (see the module docstring); ``run`` until ``cancel``.
 
     *locations* are the image's distinct chunks; *cache* is the chunk cache the scheduler fills
-    (its ``watch`` keeps the progress counter current until ``cancel``); *download* is the
-    scheduler's ``background_download``; *clock* is wall-clock time, for the deadline.
+    (its ``watch`` keeps the progress counter current until ``cancel``); *held*: the chunks the
+    device's block cache holds (local as well: neither counted missing nor fetched; its ``watch``
+    keeps the counter current too); *download* is the scheduler's ``background_download``;
+    *clock* is wall-clock time, for the deadline.
     """
 
     def __init__(self, locations: Sequence[ChunkLocation], policy: HydratePolicy, *,
                  cache: WatchedCache, download, default_rate: int, max_range: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 held: WatchedHolder | None = None, clock: Callable[[], float] = time.time) -> None:
         self.locations = tuple(locations)
         self.policy = policy
-        self._cache, self._download = cache, download
+        self._cache, self._download, self._held = cache, download, held
         self.default_rate, self.max_range, self.clock = default_rate, max_range, clock
         self.bytes_total = sum(loc.compressed_length for loc in self.locations)
         self.raw_total = sum(loc.raw_length for loc in self.locations)
@@ -138,12 +173,25 @@ class Hydrator:
         self._by_digest = {loc.digest: loc for loc in self.locations}
         self._local: set[bytes] = set()
         self.chunks_local = self.bytes_local = 0
-        self._unwatch = cache.watch(self._cache_changed)  # before the count: nothing slips between
+        # watching before the count: nothing slips between
+        self._unwatch = cache.watch(self._cache_changed)
+        self._unwatch_held = held.watch(self._held_changed) if held is not None else (lambda: None)
         for loc in self.locations:  # the only full count: at attach (or restore, after a restart)
-            if loc.digest in cache:
-                self._cache_changed(loc.digest, True)
+            if self._is_local(loc.digest):
+                self._count(loc.digest, True)
+
+    def _is_local(self, digest: bytes) -> bool:
+        return digest in self._cache or (self._held is not None and digest in self._held)
 
     def _cache_changed(self, digest: bytes, present: bool) -> None:
+        if digest in self._by_digest:  # a chunk gone from the chunk cache may still be in the flat files
+            self._count(digest, present or (self._held is not None and digest in self._held))
+
+    def _held_changed(self, digest: bytes) -> None:
+        if digest in self._by_digest:
+            self._count(digest, self._is_local(digest))
+
+    def _count(self, digest: bytes, present: bool) -> None:
         loc = self._by_digest.get(digest)
         if loc is None or (digest in self._local) == present:
             return
@@ -159,6 +207,7 @@ class Hydrator:
         """Stop running and stop counting (idempotent)."""
         self._scope.cancel()
         self._unwatch()
+        self._unwatch_held()
 
     @property
     def hydrated(self) -> bool:
@@ -168,7 +217,7 @@ class Hydrator:
         """The chunks not local now, in virtual order (none without a scan when all are local)."""
         if self.hydrated:
             return []
-        return [loc for loc in self.locations if loc.digest not in self._cache]
+        return [loc for loc in self.locations if not self._is_local(loc.digest)]
 
     async def run(self) -> None:
         backoff = 0.0

@@ -99,7 +99,13 @@ def is_fully_local(device, cache) -> bool:
     if not device.read_only:
         return False
     bc = getattr(device, "block_cache", None)
-    return all(seg.loc.digest in cache or (bc is not None and bc.holds(seg)) for seg in device.index.segments)
+    return all(_segment_local(seg, cache, bc) for seg in device.index.segments)
+
+
+def _segment_local(seg, cache, bc) -> bool:
+    if seg.loc is None:  # mapped tar bytes (an indexed ordinary image): its spans, cached like chunks
+        return all(loc.digest in cache for loc in seg.locations())
+    return seg.loc.digest in cache or (bc is not None and bc.holds(seg))
 
 
 def bytes_used(cache_root: str) -> int:
@@ -138,20 +144,25 @@ async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
         last: tuple[bytes, bytes] | None = None  # (digest, raw): consecutive segments share chunks
         bc = getattr(device, "block_cache", None)
         for seg in device.index.segments:
-            at = seg.start * bs
-            if bc is not None and bc.holds(seg):  # in the flat layer file (maybe not as a chunk): verified read
-                data = await device.read(at, (seg.end - seg.start) * bs)
-            else:
-                if last is None or last[0] != seg.loc.digest:
-                    last = (seg.loc.digest, await store.get(seg.loc, Priority.BACKGROUND))
-                raw = last[1]
-                data = memoryview(raw)[seg.chunk_block * bs : (seg.chunk_block + seg.end - seg.start) * bs]
-            if batch and (at != batch_at + len(batch) or len(batch) >= _WRITE_BATCH):
-                await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
-                batch.clear()
-            if not batch:
-                batch_at = at
-            batch += data
+            start, end = seg.start * bs, seg.end * bs
+            # Through the device, in pieces: a segment the flat layer file holds (maybe not as a
+            # chunk; a verified read), and a mapped one (tar bytes of an indexed ordinary image: no
+            # chunk of its own, the device joins its spans). Otherwise the segment's chunk.
+            through_device = seg.loc is None or (bc is not None and bc.holds(seg))
+            for at in range(start, end, _WRITE_BATCH) if through_device else (start,):
+                if through_device:
+                    data = await device.read(at, min(_WRITE_BATCH, end - at))
+                else:
+                    if last is None or last[0] != seg.loc.digest:
+                        last = (seg.loc.digest, await store.get(seg.loc, Priority.BACKGROUND))
+                    raw = last[1]
+                    data = memoryview(raw)[seg.chunk_block * bs : (seg.chunk_block + seg.end - seg.start) * bs]
+                if batch and (at != batch_at + len(batch) or len(batch) >= _WRITE_BATCH):
+                    await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
+                    batch.clear()
+                if not batch:
+                    batch_at = at
+                batch += data
         if batch:
             await trio.to_thread.run_sync(pwrite_all, fd, bytes(batch), batch_at)
         await trio.to_thread.run_sync(os.fsync, fd)
@@ -259,16 +270,28 @@ async def control(host, name: object) -> dict:
 async def check_once(host, done: set[str]) -> list[Hydrated]:
     """One pass of the daemon's check: hydrate every read-only attachment that became fully
     local, skipping manifests in *done* (added to it once hydrated). What it built or found;
-    errors are logged, never raised."""
+    errors (bugs included) are logged, never raised."""
     found = []
     for att in list(host.attachments.values()):
+        if host.attachments.get(att.name) is not att:
+            continue  # detached while an earlier one was checked
         manifest = att.opened.image.manifest.digest
         if manifest in done or not att.device.read_only:
             continue
+        scope = trio.CancelScope()
+        att.tasks.add(scope)  # a detach cancels the check and build of its image (the device closes)
         try:
-            hyd = await hydrate_if_local(host, att)
+            with scope:
+                hyd = await hydrate_if_local(host, att)
         except LazyfsError as exc:
             log.warning("could not hydrate %s: %s", att.ref, exc)
+            continue
+        except Exception:  # a bug: logged, and the daemon (whose nursery runs this) lives on
+            log.exception("unexpected error checking %s for a hydrated file", att.ref)
+            continue
+        finally:
+            att.tasks.discard(scope)
+        if scope.cancelled_caught:
             continue
         if hyd is not None:
             done.add(manifest)

@@ -153,11 +153,11 @@ IMAGE_SKIPPED: Mapping[str, str] = {
 # -- Hydrator.statistics(): Attachment.statistics()["hydration"], per image --------------------
 
 HYDRATION: tuple[Stat, ...] = (
-    Stat("hydrated", "lazyfs_image_hydrated", GAUGE, "1 when every chunk the image can read is in the chunk cache",
+    Stat("hydrated", "lazyfs_image_hydrated", GAUGE, "1 when every chunk the image can read is local (chunk cache or its flat layer files)",
          flag=True),
-    Stat("bytes_local", "lazyfs_image_local_bytes", GAUGE, "Stored bytes of the image's chunks in the chunk cache"),
+    Stat("bytes_local", "lazyfs_image_local_bytes", GAUGE, "Stored bytes of the image's local chunks (chunk cache or its flat layer files)"),
     Stat("bytes_total", "lazyfs_image_chunk_bytes", GAUGE, "Stored bytes of every distinct chunk the image can read"),
-    Stat("chunks_local", "lazyfs_image_local_chunks", GAUGE, "Distinct chunks of the image in the chunk cache"),
+    Stat("chunks_local", "lazyfs_image_local_chunks", GAUGE, "Distinct chunks of the image that are local (chunk cache or its flat layer files)"),
     Stat("chunks_total", "lazyfs_image_chunks", GAUGE, "Distinct chunks the image can read"),
     Stat("deadline_at", "lazyfs_image_hydrate_deadline_timestamp_seconds", GAUGE,
          "When the image must be fully local (Unix time; only with a hydrate deadline)"),

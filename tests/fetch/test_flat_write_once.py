@@ -138,7 +138,7 @@ def test_an_image_read_into_its_flat_files_counts_as_local_and_hydrates_from_the
         assert got == model and _chunk_files(tmp_path / "chunks") == []
         reads = len(backend.reads)
         assert hydrated.missing_chunks(dev, chunks) == 0
-        att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+        att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
         host = _Host(config=Config(cache_root=str(tmp_path)), cache=chunks, attachments={"a": att})
         (built,) = await hydrated.check_once(host, set())
         with open(built.path, "rb") as f:

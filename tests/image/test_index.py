@@ -502,3 +502,62 @@ def test_startup_trace_records_spans_and_its_replay_prefetches_them(env, edge, t
 
         trace = trio.run(forged)
         assert trace.get("foreign_entries") == 1 and trace.get("replay") == recorded["chunks"], trace
+
+
+def test_an_indexed_image_read_whole_is_hydrated_into_a_file_and_a_detach_stops_that(env, edge, tmp_path, monkeypatch):
+    """Mapped segments (tar bytes of an ordinary image) have no chunk: ``loc`` is None. The daemon's
+    periodic hydrated-file check read ``seg.loc.digest`` of every segment once the image was all
+    local, and the daemon died with ``AttributeError: 'NoneType' object has no attribute 'digest'``
+    (seen once in CI, on the check after this module's mount of edge/mixed and its detach). Now an
+    indexed image read whole counts as local through its spans and its hydrated file has its bytes;
+    and a detach while its file is being built cancels the build (no file for an image that is gone).
+
+    Broken on purpose twice: ``is_fully_local`` as before (``seg.loc.digest`` for every segment):
+    the AttributeError, red; ``check_once`` without the cancel scope in ``att.tasks``: the file of
+    the detached image was built, red.
+    """
+    from lazyfs.serve import hydrated
+
+    ref = edge["refs"]["mixed"]
+    index(env, ref)
+    MiB = 1 << 20
+
+    async def main():
+        with trio.fail_after(120):
+            async with Host.open(host_config(tmp_path, env)) as host:
+                att = await host.attach(ref, name="a")
+                assert att.opened.via.startswith("index ")
+                assert any(seg.loc is None for seg in att.device.index.segments)
+                assert not hydrated.is_fully_local(att.device, host.cache)
+                digest = hashlib.sha256()
+                for offset in range(0, att.device.size, 4 * MiB):
+                    digest.update(await att.device.read(offset, min(4 * MiB, att.device.size - offset)))
+                assert hydrated.is_fully_local(att.device, host.cache)
+                assert hydrated.missing_chunks(att.device, host.cache) == 0
+                (built,) = await hydrated.check_once(host, set())
+                with open(built.path, "rb") as f:
+                    assert hashlib.file_digest(f, "sha256").digest() == digest.digest()
+                os.unlink(built.path)
+
+                started = trio.Event()
+                real_build = hydrated.build
+
+                async def build(*args):
+                    started.set()
+                    await trio.sleep(0)  # the detach comes in here, mid-build
+                    return await real_build(*args)
+
+                monkeypatch.setattr(hydrated, "build", build)
+                results = []
+
+                async def check():
+                    results.append(await hydrated.check_once(host, set()))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(check)
+                    await started.wait()
+                    await host.detach("a")
+                assert results == [[]] and not att.tasks
+                assert os.listdir(hydrated.directory(host.config.cache_root)) == []  # no file, no .tmp
+
+    trio.run(main)

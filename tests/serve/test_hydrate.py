@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -237,5 +238,123 @@ def test_progress_is_a_counter_that_matches_a_recount_through_churn_and_restart(
                 check(host, a), check(host, b)
                 await host.detach("b")
                 assert host.cache._watchers == [a.hydration._cache_changed]  # b's counter stopped with it
+
+    trio.run(main)
+
+
+@pytest.mark.registry
+def test_hydration_fetches_nothing_the_flat_files_already_hold(env, tmp_path, monkeypatch):
+    """The cold path writes a fetched chunk into the flat layer files and no chunk file; hydration
+    counts such a chunk as local, so hydrating an image half read through the flat tier fetches
+    from the real registry only the other half: no chunk is fetched twice. The progress counter
+    follows flat writes as they happen (``FlatCache.watch``), and counts held chunks at attach.
+
+    Broken on purpose twice: ``Hydrator.missing`` looking at the chunk cache only, as before:
+    the 7 chunks of the first half were fetched a second time (counts of 2), red; ``_is_local``
+    ignoring the flat files: the counter of image a stayed at 0, red.
+    """
+    from collections import Counter
+
+    from lazyfs.config import Config, RegistrySettings
+    from lazyfs.fetch import scheduler as scheduler_module
+    from lazyfs.serve.host import Host
+    from lazyfs.serve.hydrate import HeldByBlockCache
+
+    fetched: Counter[bytes] = Counter()  # chunk digest -> times it came over the network
+    real_decode = scheduler_module._decode_job
+
+    def counting_decode(frames, source, write, flat):
+        fetched.update(loc.digest for loc, _ in frames)
+        return real_decode(frames, source, write, flat)
+
+    monkeypatch.setattr(scheduler_module, "_decode_job", counting_decode)
+    config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
+                    writable_root=str(tmp_path / "writable"), trace_record_seconds=0, trace_replay=False,
+                    readahead_chunks=0, flat_cache_size=256 * MiB, memory_cache_size=0,  # as after a restart
+                    registries=(RegistrySettings(env.registry.registry, plain_http=True),))
+
+    def recount(host, att) -> int:
+        held = HeldByBlockCache(att.device)
+        return sum(1 for loc in att.hydration.locations if loc.digest in host.cache or loc.digest in held)
+
+    async def main():
+        with trio.fail_after(120):
+            async with Host.open(config) as host:
+                a = await host.attach(env.ref, name="a", hydrate=False)
+                locations = a.hydration.locations  # in virtual order: read every use of the first half
+                first_half = {loc.digest for loc in locations[: len(locations) // 2]}
+                bs = a.device.block_size
+                for seg in a.device.index.segments:
+                    if seg.loc is not None and seg.loc.digest in first_half:
+                        await a.device.read(seg.start * bs, (seg.end - seg.start) * bs)
+                held = HeldByBlockCache(a.device)
+                in_flat = {loc.digest for loc in a.hydration.locations if loc.digest in held}
+                assert in_flat >= first_half and set(fetched) >= in_flat and max(fetched.values()) == 1
+                assert not any(digest in host.cache for digest in in_flat)  # the flat tier alone holds them
+                chunks_total = a.hydration.statistics()["chunks_total"]
+                assert 0 < a.hydration.statistics()["chunks_local"] == recount(host, a) < chunks_total
+                await host.detach("a")  # its layer files stay (well under flat_cache_size)
+
+                b = await host.attach(env.ref, name="b", hydrate=HydratePolicy())
+                assert b.hydration.statistics()["chunks_local"] >= len(in_flat)  # counted at attach
+                for _ in range(2400):  # bounded: 2 min of polls at most
+                    if b.hydration.statistics()["hydrated"]:
+                        break
+                    await trio.sleep(0.05)
+                stats = b.hydration.statistics()
+                assert stats["hydrated"] and stats["chunks_local"] == recount(host, b) == chunks_total
+                assert max(fetched.values()) == 1, [d.hex()[:16] for d, n in fetched.items() if n > 1]
+                assert set(fetched) == {loc.digest for loc in b.hydration.locations}
+                assert stats["chunks_fetched"] == chunks_total - len(in_flat)
+                for offset in range(0, b.device.size, MiB):  # all local now: the registry is not asked
+                    await b.device.read(offset, min(MiB, b.device.size - offset))
+                assert max(fetched.values()) == 1 and sum(fetched.values()) == chunks_total
+
+    trio.run(main)
+
+
+def test_a_flat_block_found_damaged_makes_its_chunk_missing_again(tmp_path):
+    """Only verified flat data counts: a block that fails its hash when read is dropped, the
+    hydration counter loses its chunk at once (``FlatCache.watch``) and ``missing()`` names it;
+    the chunk fetched again and written back by the device (``LayerFlats.admit``) counts again.
+
+    Broken on purpose once (no ``changed`` call after the drop in ``LayerFlats.read_into``): the
+    counter still said every chunk was local and this test went red.
+    """
+    from lazyfs.device.merged import MergedDevice
+    from lazyfs.errors import FetchError
+    from lazyfs.format.layer import BLOCK_SIZE
+    from lazyfs.serve.hydrate import HeldByBlockCache
+    from tests.fetch.test_flatfile import NoSource, _device, _hydrate
+    from tests.support.layers import make_stack
+    from tests.support.sources import CountingSource
+
+    layers, backend, model = make_stack(5, nlayers=1)
+    trio.run(_hydrate, tmp_path / "flat", layers, backend)  # every block in the flat file, no chunk file
+    seg = next(s for s in MergedDevice(layers, NoSource()).index.segments
+               if any(model[s.start * BLOCK_SIZE : s.end * BLOCK_SIZE]))
+    (data,) = [p for p in (tmp_path / "flat").iterdir() if p.suffix == ".data"]
+    pos = seg.start * BLOCK_SIZE + 100
+    with open(data, "r+b") as f:
+        old = os.pread(f.fileno(), 1, pos)
+        os.pwrite(f.fileno(), bytes([old[0] ^ 0xFF]), pos)
+
+    async def main():
+        dev, flat = await _device(tmp_path / "flat", layers, NoSource())
+        hydration = Hydrator(dev.index.locations(), HydratePolicy(), cache=ChunkCache(tmp_path / "chunks", 1 << 30),
+                             download=None, default_rate=0, max_range=1 << 20, held=HeldByBlockCache(dev))
+        total = len(hydration.locations)
+        assert hydration.statistics()["chunks_local"] == total and hydration.missing() == []
+        with pytest.raises(FetchError):  # the damaged block is dropped; the store may not be asked
+            await dev.read(pos - 100, BLOCK_SIZE)
+        assert hydration.statistics()["chunks_local"] == total - 1
+        assert [loc.digest for loc in hydration.missing()] == [seg.loc.digest]
+        dev.store = CountingSource(backend)
+        assert await dev.read(pos - 100, BLOCK_SIZE) == model[pos - 100 : pos - 100 + BLOCK_SIZE]
+        assert hydration.statistics()["chunks_local"] == total and hydration.missing() == []
+        hydration.cancel()
+        assert flat._watchers == []
+        await dev.aclose()
+        await flat.aclose()
 
     trio.run(main)

@@ -85,7 +85,7 @@ def test_the_daemon_check_hydrates_an_image_once_it_became_fully_local(tmp_path)
     layers, backend, model = make_stack(3)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
     path = hydrated.path_for(str(tmp_path), MANIFEST)
     locations = dev.index.locations()
@@ -120,7 +120,7 @@ def test_the_control_operation_reports_missing_chunks_then_builds(tmp_path):
     layers, backend, model = make_stack(4)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
     host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments={"a": att})
     locations = dev.index.locations()
 
@@ -150,7 +150,7 @@ def test_no_file_past_the_budget(tmp_path):
     layers, backend, _ = make_stack(5)
     dev = MergedDevice(layers, CountingSource(backend))
     cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
-    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image")
+    att = _Host(device=dev, store=dev.store, opened=_Image(MANIFEST), ref="test/image", name="a", tasks=set())
 
     async def scenario():
         for loc in dev.index.locations():
@@ -188,3 +188,38 @@ def test_build_locks_are_dropped_once_unused(tmp_path):
         assert hydrated._locks[host] == {}
 
     trio.run(scenario)
+
+
+def test_a_bug_checking_one_image_is_logged_and_the_check_goes_on_to_the_next(tmp_path, monkeypatch, caplog):
+    """The daemon's periodic check runs in the daemon's own nursery: an unexpected error checking
+    one image (the AttributeError once seen there) is logged with its traceback, and the other
+    images are still checked and hydrated; the daemon does not die of it.
+
+    Broken on purpose once (no ``except Exception`` in ``check_once``): the AttributeError left
+    check_once and this test went red.
+    """
+    from lazyfs.config import Config
+    from lazyfs.fetch.cache import ChunkCache
+
+    layers, backend, model = make_stack(3)
+    cache = ChunkCache(str(tmp_path / "chunks"), 1 << 30)
+    good = MergedDevice(layers, CountingSource(backend))
+    other = "sha256:" + "cd" * 32
+    atts = {name: _Host(device=good, store=good.store, opened=_Image(manifest), ref=f"test/{name}", name=name,
+                        tasks=set()) for name, manifest in (("a", other), ("b", MANIFEST))}
+    host = _Host(config=Config(cache_root=str(tmp_path)), cache=cache, attachments=atts)
+    real = hydrated.hydrate_if_local
+
+    async def hydrate_if_local(host, att):
+        if att.name == "a":
+            raise AttributeError("'NoneType' object has no attribute 'digest'")
+        return await real(host, att)
+
+    monkeypatch.setattr(hydrated, "hydrate_if_local", hydrate_if_local)
+    monkeypatch.setattr(hydrated, "is_fully_local", lambda device, cache: True)  # b's chunks come from the store
+
+    (built,) = trio.run(hydrated.check_once, host, set())
+    assert built.manifest == MANIFEST
+    with open(built.path, "rb") as f:
+        assert f.read() == bytes(model)
+    assert "unexpected error checking test/a" in caplog.text and "AttributeError" in caplog.text

@@ -43,6 +43,7 @@ import trio
 
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
+from lazyfs.serve import exportio
 from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.passthrough import BackingFiles, reason
@@ -528,58 +529,14 @@ class ExportFS:
         raise FuseErrno(errno.EBADF)
 
     async def _read(self, a: p.Read) -> bytes:
-        exp = self._handle(a.fh).export
-        try:
-            data = await exp.source.read(a.offset, a.size)
-        except Exception:
-            exp.errors += 1
-            raise
-        n = len(data)
-        c = self._c
-        c.reads += 1
-        c.bytes_read += n
-        c.largest_read = max(c.largest_read, a.size)
-        exp.reads += 1
-        exp.bytes_read += n
-        return data
+        return await exportio.read(self._c, self._handle(a.fh).export, a.offset, a.size)
 
     async def _write(self, a: p.Write) -> int:
         h = self._handle(a.fh)
-        exp = h.export
-        if exp.source.read_only:
-            raise FuseErrno(errno.EROFS)
-        if not h.writable:
-            raise FuseErrno(errno.EBADF)
-        size, off, buf = exp.source.size, a.offset, a.data
-        if off >= size and len(buf):
-            raise FuseErrno(errno.ENOSPC)  # like a block device: no room past the end
-        if off + len(buf) > size:
-            buf = buf[: size - off]  # a short write, then ENOSPC on the retry
-        exp.dirty = True
-        try:
-            await exp.source.write(off, bytes(buf))
-        except Exception:
-            exp.errors += 1
-            raise
-        n = len(buf)
-        c = self._c
-        c.writes += 1
-        c.bytes_written += n
-        c.largest_write = max(c.largest_write, n)
-        exp.writes += 1
-        exp.bytes_written += n
-        return n
+        return await exportio.write(self._c, h.export, h.writable, a.offset, a.data, FuseErrno)
 
     async def _flush_source(self, exp: Export) -> None:
-        exp.dirty = False  # cleared before: a write racing with the flush marks it dirty again
-        try:
-            await exp.source.flush()
-        except Exception:
-            exp.dirty = True
-            exp.errors += 1
-            raise
-        exp.flushes += 1
-        self._c.flushes += 1
+        await exportio.flush(self._c, exp)
 
     def _release(self, fh: int) -> None:
         # No answer can carry an error from release; it must only drop the handle.

@@ -113,8 +113,10 @@ def spawn(fd: int, params: bytes, path: str, *, log_path: str | None = None) -> 
         listener.close()
 
 
-def _notify_socket() -> str | None:
-    """systemd's notification socket (``NOTIFY_SOCKET``, an abstract one with its leading NUL), or None."""
+def notify_socket() -> str | None:
+    """systemd's notification socket (``NOTIFY_SOCKET``, an abstract one with its leading NUL), or None.
+
+    The one reading of ``$NOTIFY_SOCKET`` in lazyfs (``hostns.store_namespace_fd`` uses it too)."""
     target = os.environ.get("NOTIFY_SOCKET")
     if not target:
         return None
@@ -125,7 +127,7 @@ def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
     """Put *fd* in systemd's fd store (``FDSTORE=1``) when running under systemd with
     ``FileDescriptorStoreMax=`` set; False when not under systemd. The next start finds it in
     ``LISTEN_FDS``/``LISTEN_FDNAMES`` (``sd_stored_fd``)."""
-    target = _notify_socket()
+    target = notify_socket()
     if target is None:
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
@@ -138,7 +140,7 @@ def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
 def sd_remove_fd(name: str) -> bool:
     """Drop the fds stored under *name* from systemd's fd store (``FDSTOREREMOVE=1``); False
     when not under systemd."""
-    target = _notify_socket()
+    target = notify_socket()
     if target is None:
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
@@ -146,17 +148,20 @@ def sd_remove_fd(name: str) -> bool:
     return True
 
 
-def sd_stored_fd(name: str = FDSTORE_NAME) -> int | None:
-    """The fd systemd hands back from the fd store under *name*, if this process got one."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
+def sd_stored_fd(name: str = FDSTORE_NAME, environ: dict[str, str] | None = None, pid: int | None = None) -> int | None:
+    """The fd systemd passed to this process under *name* (``$LISTEN_PID``/``$LISTEN_FDS``/
+    ``$LISTEN_FDNAMES``: the fd store handed back, or a socket), or None. *environ* and *pid*
+    default to this process's own."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid() if pid is None else pid):
+        return None  # meant for another process (our parent, say)
     try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
+        count = int(env.get("LISTEN_FDS", "0"))
     except ValueError:
         return None
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    for i in range(min(count, 64)):
-        if i < len(names) and names[i] == name:
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    for i in range(min(count, len(names), 1024)):
+        if names[i] == name:
             return 3 + i  # SD_LISTEN_FDS_START
     return None
 
