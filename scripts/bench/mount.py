@@ -12,6 +12,9 @@
       the first run stored (trace prefetch);
     * full: ``skopeo copy`` of an ordinary OCI image (umoci, gzip layer) of the
       same rootfs + ``umoci unpack`` + the same program;
+    * lazy, daemon up (with and without trace): the same, but the daemon is
+      started (empty cache, nothing attached) before the page cache is dropped,
+      as a resident service or snapshotter would be;
     * C peer: the same ext4 (the very file the lazyfs image was made from),
       pushed uncompressed as a blob, read by nbdkit's curl plugin (ranged GETs,
       no cache or readahead filter) through nbdfuse, on a loop device attached
