@@ -25,7 +25,6 @@ from lazyfs.serve.fusekernel.protocol import ROOT_ID, notify_inval_entry
 from lazyfs.serve.fusekernel.session import Session
 from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
-from lazyfs.serve.metrics import serve_metrics
 from lazyfs.serve.singleton import daemon_lock
 from lazyfs.serve.state import AttachmentRecord, FrontEnd, LoadedState, decode_state, encode_state
 
@@ -451,6 +450,10 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                 finally:
                     daemon.restoring.set()
                 if config.metrics_address:
+                    # imported only here: prometheus_client is a noticeable part of the daemon's
+                    # start, which every cold `lazyfs mount` waits for (BENCHMARKS.md, issue 14)
+                    from lazyfs.serve.metrics import serve_metrics
+
                     await nursery.start(serve_metrics, config.metrics_address, host, fs)
                 await nursery.start(reload_on_sighup, daemon)
                 if config.hydrated_max_bytes > 0:

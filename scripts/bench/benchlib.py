@@ -83,13 +83,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 @contextlib.contextmanager
 def nbdfuse_file(raw: str, directory: str, filters: tuple[str, ...] = (),
-                 plugin_args: tuple[str, ...] = ()) -> Iterator[str]:
+                 plugin_args: tuple[str, ...] = (), *, plugin: tuple[str, ...] | None = None,
+                 prefix: tuple[str, ...] = ()) -> Iterator[str]:
     """*raw* served read-only by nbdkit's file plugin through nbdfuse (a C FUSE peer of lazyfs):
     yields the path of the FUSE file ``directory/nbd``; unmounts and stops nbdfuse on exit.
-    *filters* go before the plugin (``--filter=log``), *plugin_args* after it (``logfile=...``)."""
+    *filters* go before the plugin (``--filter=log``), *plugin_args* after it (``logfile=...``).
+    *plugin* replaces ``("file", raw)`` (e.g. ``("curl", "url=...")``); *prefix* runs nbdfuse under
+    a command prefix (e.g. ``nsenter --net=...``)."""
     os.makedirs(directory)
-    proc = subprocess.Popen(["nbdfuse", "-r", directory, "--command", "nbdkit", "-s", "-r", *filters,
-                             "file", raw, *plugin_args], stdin=subprocess.DEVNULL)
+    plugin = ("file", raw) if plugin is None else plugin
+    proc = subprocess.Popen([*prefix, "nbdfuse", "-r", directory, "--command", "nbdkit", "-s", "-r", *filters,
+                             *plugin, *plugin_args], stdin=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(os.path.join(directory, "nbd")):

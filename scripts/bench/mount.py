@@ -11,7 +11,17 @@
       the mount; then the same again with a fresh cache and the startup trace
       the first run stored (trace prefetch);
     * full: ``skopeo copy`` of an ordinary OCI image (umoci, gzip layer) of the
-      same rootfs + ``umoci unpack`` + the same program.
+      same rootfs + ``umoci unpack`` + the same program;
+    * lazy, daemon up (with and without trace): the same, but the daemon is
+      started (empty cache, nothing attached) before the page cache is dropped,
+      as a resident service or snapshotter would be;
+    * C peer: the same ext4 (the very file the lazyfs image was made from),
+      pushed uncompressed as a blob, read by nbdkit's curl plugin (ranged GETs,
+      no cache or readahead filter) through nbdfuse, on a loop device attached
+      as `lazyfs mount` attaches its file, then the same program.
+    Bytes fetched are counted for every run by the proxy (response bodies), so
+    lazyfs and the C peer are measured the same way. Each --rtt value is one
+    round of all kinds; ratios are per RTT.
 (b) Warm reads of a 1 GiB file (half random, half hex text) in an ext4, all
     data on tmpfs: fio sequential 1 MiB and random 4 KiB reads (--direct=1,
     libaio, iodepth 16, --seconds each) on the lazyfs mount (cache filled by
@@ -21,8 +31,8 @@
 (c) Daemon VmRSS with 1 and with 10 images mounted (distinct images: the
     Debian image and 9 images stacked on it, each with one more file).
 
-Usage: scripts/bench/mount.py [--workdir DIR] [--mbit 100] [--rtt 0.02] [--repeat 3] [--seconds 20]
-                              [--skip-trace]
+Usage: scripts/bench/mount.py [--workdir DIR] [--mbit 100] [--rtt 0 0.02] [--repeat 3] [--seconds 20]
+                              [--skip-trace] [--cold-only] [--chunk-size BYTES] [--set KEY=JSON ...]
 Needs root. Everything it starts (namespaces, veth, relay, proxy, registry,
 daemons, FUSE, loop devices, mounts, tmpfs) is stopped or removed on exit.
 """
@@ -49,6 +59,8 @@ sys.path.insert(0, ROOT)
 
 from benchlib import detach_loops_under, drop_caches, nbdfuse_file, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
+import httpx  # noqa: E402
+from lazyfs.config import Config  # noqa: E402
 from lazyfs.errors import LazyfsError  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
@@ -60,6 +72,9 @@ CACHE_DIR = "/var/cache/lazyfs-bench"
 ROOTFS_TAR = os.path.join(CACHE_DIR, "bookworm-minbase.tar")
 STARTUP = "dpkg -l >/dev/null; perl -e 1; ls -lR /usr >/dev/null; cat /etc/os-release"
 STEP_TIMEOUT = 600
+ALL_KINDS = ("lazy", "lazy + trace", "lazy, daemon up", "lazy + trace, daemon up", "C peer", "full pull")
+# as `lazyfs mount` attaches a read-only image with the default config (read_only_loop)
+LAZYFS_LOOP_DIRECT_IO = Config().read_only_loop == "direct"
 
 
 def run(cmd: list[str], timeout: float = STEP_TIMEOUT, **kw) -> subprocess.CompletedProcess:
@@ -148,6 +163,13 @@ class Lazyfs:
         cmd = [*(self.prefix if prefix else []), sys.executable, "-m", "lazyfs.cli", *args, "--config", self.config]
         return run(cmd, env=env, cwd=ROOT).stdout
 
+    def start_daemon(self) -> None:
+        """Start the daemon (in the namespace of the prefix) without attaching anything."""
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        code = ("import sys; from lazyfs.config import load_config; from lazyfs.serve.mount import ensure_daemon; "
+                "ensure_daemon(load_config(sys.argv[1]), sys.argv[1])")
+        run([*self.prefix, sys.executable, "-c", code, self.config], env=env, cwd=ROOT)
+
     def mount(self, ref: str, target: str) -> dict:
         os.makedirs(target, exist_ok=True)
         self.targets.append(target)
@@ -204,7 +226,14 @@ def chroot_startup(root: str) -> tuple[str, float]:
     return proc.stdout, seconds
 
 
-def lazy_cold_start(host: Lazyfs, ref: str, target: str, finish_trace: bool) -> dict:
+def proxy_counts(proxy: FaultProxy) -> tuple[int, int]:
+    st = proxy.statistics()
+    return st.body_bytes_to_client, st.requests
+
+
+def lazy_cold_start(host: Lazyfs, ref: str, target: str, finish_trace: bool, daemon_up: bool = False) -> dict:
+    if daemon_up:  # a resident daemon (as under a snapshotter): started, then the page cache dropped
+        host.start_daemon()
     drop_caches()
     started = time.perf_counter()
     mounted = host.mount(ref, target)
@@ -219,7 +248,42 @@ def lazy_cold_start(host: Lazyfs, ref: str, target: str, finish_trace: bool) -> 
     return {"seconds": total, "mount_seconds": mount_s, "daemon_reported_attach_s": mounted.get("seconds"),
             "program_seconds": program_s, "bytes_read": stats["device"]["bytes_read"],
             "bytes_fetched": sched["bytes_fetched"], "ranged_gets": sched["ranged_gets"],
-            "demand_misses": stats["demand_misses"], "trace": trace}
+            "demand_misses": stats["demand_misses"], "wasted_bytes": sched["wasted_bytes"],
+            "readahead_chunks": sched["prefetched"], "trace": trace}
+
+
+def push_raw_blob(registry: str, repo: str, path: str) -> str:
+    """Upload *path* as one blob of *repo* (monolithic upload); return its digest."""
+    digest = "sha256:" + run(["sha256sum", path]).stdout.split()[0]
+    base = f"http://{registry}"
+    with httpx.Client(timeout=600) as client:
+        started = client.post(f"{base}/v2/{repo}/blobs/uploads/")
+        started.raise_for_status()
+        location = started.headers["location"]
+        location = location if location.startswith("http") else base + location
+        with open(path, "rb") as f:
+            sep = "&" if "?" in location else "?"  # the location carries the upload's state
+            done = client.put(f"{location}{sep}digest={digest}", content=f,
+                              headers={"content-type": "application/octet-stream"})
+        done.raise_for_status()
+    return digest
+
+
+def c_peer_start(prefix: list[str], url: str, work: str) -> dict:
+    """nbdkit curl (ranged GETs of the raw ext4) + nbdfuse + loop + mount + the program (C peer)."""
+    os.makedirs(work)
+    drop_caches()
+    started = time.perf_counter()
+    try:
+        with nbdfuse_file("", os.path.join(work, "nbdfuse"), plugin=("curl", f"url={url}"),
+                          prefix=tuple(prefix)) as nbd_file, \
+                loop_mount(nbd_file, os.path.join(work, "mnt"), direct_io=LAZYFS_LOOP_DIRECT_IO):
+            mount_s = time.perf_counter() - started
+            _, program_s = chroot_startup(os.path.join(work, "mnt"))
+            total = time.perf_counter() - started
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"seconds": total, "mount_seconds": mount_s, "program_seconds": program_s}
 
 
 def full_pull_start(prefix: list[str], registry: str, work: str) -> dict:
@@ -301,11 +365,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--mbit", type=float, default=100, help="shaped link rate, Mbit/s")
-    ap.add_argument("--rtt", type=float, default=0.02, help="latency FaultProxy adds per request (s)")
+    ap.add_argument("--rtt", type=float, nargs="+", default=[0.0, 0.02],
+                    help="latency FaultProxy adds per request (s); one round of every kind per value")
     ap.add_argument("--seconds", type=int, default=20, help="runtime of each fio job")
     ap.add_argument("--repeat", type=int, default=3, help="cold-start runs of each kind (medians reported)")
     ap.add_argument("--skip-trace", action="store_true", help="skip the second lazy run with trace prefetch")
+    ap.add_argument("--kinds", nargs="+", default=list(ALL_KINDS), choices=ALL_KINDS,
+                    help="cold-start kinds to run (ratios need 'full pull' and 'C peer')")
+    ap.add_argument("--cold-only", action="store_true", help="only (a): skip warm fio and daemon RSS")
+    ap.add_argument("--chunk-size", default="256K", help="chunk size of the lazyfs image (lazyfs create)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a lazyfs config setting for the cold-start hosts, e.g. readahead_chunks=0")
     args = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if os.geteuid() != 0:
         raise SystemExit("mount.py needs root (namespaces, FUSE, loop devices, chroot)")
     began = time.monotonic()
@@ -322,11 +394,15 @@ def main() -> None:
         plain = ["--plain-http", reg.registry]
 
         # the two images of the same rootfs, pushed on loopback (not through the shaped link)
+        # (the ext4 `lazyfs create --from-dir` would make, kept: the C peer reads the same bytes)
         layout = os.path.join(work, "lazy-layout")
-        created = json.loads(run([*lazyfs_cli, "create", f"oci:{layout}:debian", "--from-dir", rootfs, "--json"],
-                                 env=env, cwd=ROOT).stdout)
+        raw_ext4 = os.path.join(work, "debian.ext4")
+        mkfs_from_dir(rootfs, raw_ext4)
+        created = json.loads(run([*lazyfs_cli, "create", f"oci:{layout}:debian", "--from-file", raw_ext4,
+                                  "--chunk-size", args.chunk_size, "--json"], env=env, cwd=ROOT).stdout)
         run([*lazyfs_cli, "push", f"oci:{layout}:debian", f"{reg.registry}/bench/debian:lazy", *plain],
             env=env, cwd=ROOT)
+        raw_digest = push_raw_blob(reg.registry, "bench/raw", raw_ext4)
         oci = os.path.join(work, "oci-layout")
         run(["umoci", "init", "--layout", oci])
         run(["umoci", "new", "--image", f"{oci}:debian"])
@@ -341,51 +417,79 @@ def main() -> None:
               flush=True)
 
         # (a) cold start across the shaped link
-        print(f"\n(a) cold start over {args.mbit:g} Mbit/s + {args.rtt * 1000:.0f} ms per request; "
-              f"program: {STARTUP}", flush=True)
+        print(f"\n(a) cold start over {args.mbit:g} Mbit/s; program: {STARTUP}; lazy config {overrides}",
+              flush=True)
         with contextlib.ExitStack() as net:
             link = net.enter_context(ShapedLink(args.mbit))
             proxy = net.enter_context(FaultProxy.running_in_thread(reg.port))
-            proxy.faults.latency = args.rtt
             far = net.enter_context(relay(link, proxy.port))
             client = link.nsenter("client")
             ref = f"{far}/bench/debian:lazy"
-            kinds = ["lazy", "lazy + trace", "full pull"]
+            raw_url = f"http://{far}/v2/bench/raw/blobs/{raw_digest}"
+            kinds = [k for k in ALL_KINDS if k in args.kinds]
             if args.skip_trace:
                 kinds.remove("lazy + trace")
-            cold: dict[str, list[dict]] = {k: [] for k in kinds}
-            for r in range(args.repeat):  # interleaved, so load from other work spreads over all three
+            results["cold"] = {}
+            for rtt_i, rtt in enumerate(args.rtt):
+                proxy.faults.latency = rtt
+                print(f"  RTT {rtt * 1000:.0f} ms per request", flush=True)
+                cold: dict[str, list[dict]] = {k: [] for k in kinds}
+                for r in range(args.repeat):  # interleaved, so load from other work spreads over all kinds
+                    for kind in kinds:
+                        before = proxy_counts(proxy)
+                        if kind == "full pull":
+                            c = full_pull_start(client, far, os.path.join(work, f"full{r}"))
+                            detail = (f"skopeo copy {c['copy_seconds']:.2f} s, umoci unpack {c['unpack_seconds']:.2f} s, "
+                                      f"program {c['program_seconds']:.2f} s")
+                        elif kind == "C peer":
+                            c = c_peer_start(client, raw_url, os.path.join(work, f"cpeer{r}"))
+                            detail = f"mount {c['mount_seconds']:.2f} s, program {c['program_seconds']:.2f} s"
+                        else:
+                            # The very first plain run records the startup trace (stored as a referrer when
+                            # it ends); plain runs never replay one, trace runs always do.
+                            replay = "trace" in kind
+                            daemon_up = "daemon up" in kind
+                            first = kind == "lazy" and r == 0 and rtt_i == 0
+                            base = os.path.join(work, f"cold-{rtt_i}-{r}-{'trace' if replay else 'plain'}"
+                                                f"{'-up' if daemon_up else ''}")
+                            host = Lazyfs(base, far, client, trace_replay=replay,
+                                          trace_record_seconds=300 if first else 0, trace_publish=first, **overrides)
+                            net.callback(host.close)
+                            c = lazy_cold_start(host, ref, os.path.join(base, "mnt"), finish_trace=first,
+                                                daemon_up=daemon_up)
+                            host.close()
+                            detail = (f"mount {c['mount_seconds']:.2f} s, program {c['program_seconds']:.2f} s; "
+                                      f"{c['ranged_gets']} ranged GETs, {c['demand_misses']} misses, "
+                                      f"{c['readahead_chunks']} prefetched; device read {c['bytes_read'] / 1e6:.1f} MB")
+                        after = proxy_counts(proxy)
+                        c["proxy_bytes"], c["proxy_requests"] = after[0] - before[0], after[1] - before[1]
+                        print(f"  {kind:13s} {c['seconds']:6.2f} s; fetched {c['proxy_bytes'] / 1e6:.1f} MB in "
+                              f"{c['proxy_requests']} requests ({detail})", flush=True)
+                        cold[kind].append(c)
+                summary = {k: {key: statistics.median(c[key] for c in runs) for key in runs[0]
+                               if isinstance(runs[0][key], (int, float))} for k, runs in cold.items()}
+                print(f"  medians of {args.repeat} at RTT {rtt * 1000:.0f} ms: "
+                      + "; ".join(f"{k} {v['seconds']:.2f} s, {v['proxy_bytes'] / 1e6:.1f} MB" for k, v in summary.items()))
                 for kind in kinds:
-                    if kind == "full pull":
-                        c = full_pull_start(client, far, os.path.join(work, f"full{r}"))
-                        print(f"  {kind:13s} {c['seconds']:6.2f} s (skopeo copy {c['copy_seconds']:.2f} s, umoci "
-                              f"unpack {c['unpack_seconds']:.2f} s, program {c['program_seconds']:.2f} s); fetched "
-                              f"{sizes['oci_layer_bytes'] / 1e6:.1f} MB", flush=True)
-                    else:
-                        # The first plain run records the startup trace (stored as a referrer when it ends);
-                        # plain runs never replay one, trace runs always do.
-                        replay = kind != "lazy"
-                        base = os.path.join(work, f"cold-{r}-{'trace' if replay else 'plain'}")
-                        host = Lazyfs(base, far, client, trace_replay=replay,
-                                      trace_record_seconds=300 if (not replay and r == 0) else 0,
-                                      trace_publish=not replay and r == 0)
-                        net.callback(host.close)
-                        c = lazy_cold_start(host, ref, os.path.join(base, "mnt"), finish_trace=not replay and r == 0)
-                        host.close()
-                        print(f"  {kind:13s} {c['seconds']:6.2f} s (mount {c['mount_seconds']:.2f} s, program "
-                              f"{c['program_seconds']:.2f} s); fetched {c['bytes_fetched'] / 1e6:.1f} MB in "
-                              f"{c['ranged_gets']} GETs; device bytes read {c['bytes_read'] / 1e6:.1f} MB; "
-                              f"trace {c['trace']}", flush=True)
-                    cold[kind].append(c)
-            summary = {k: {key: statistics.median(c[key] for c in runs) for key in runs[0]
-                           if isinstance(runs[0][key], (int, float))} for k, runs in cold.items()}
-            full_s = summary["full pull"]["seconds"]
-            print(f"  medians of {args.repeat}: " + "; ".join(f"{k} {v['seconds']:.2f} s" for k, v in summary.items()))
-            for kind in kinds[:-1]:
-                summary[kind]["speedup_vs_full"] = full_s / summary[kind]["seconds"]
-                print(f"  full pull / {kind}: {summary[kind]['speedup_vs_full']:.2f}x")
-            results["cold"] = {"runs": cold, "median": summary}
+                    if kind in ("full pull", "C peer"):
+                        continue
+                    if "full pull" in summary:
+                        ratio = summary[kind]["seconds"] / summary["full pull"]["seconds"]
+                        summary[kind]["time_vs_full"] = ratio
+                        print(f"  {kind} / full pull, time: {ratio:.2f}x")
+                    if "C peer" in summary:
+                        summary[kind]["bytes_vs_c_peer"] = summary[kind]["proxy_bytes"] / summary["C peer"]["proxy_bytes"]
+                        print(f"  {kind} / C peer, bytes fetched: {summary[kind]['bytes_vs_c_peer']:.2f}x")
+                results["cold"][f"rtt_{rtt * 1000:.0f}ms"] = {"runs": cold, "median": summary}
 
+
+        if args.cold_only:
+            results["seconds"] = time.monotonic() - began
+            results["loadavg_end"] = os.getloadavg()
+            print(f"\ntotal {results['seconds']:.0f} s; load average at start {results['loadavg_start'][0]:.1f}, "
+                  f"at end {results['loadavg_end'][0]:.1f}")
+            print(json.dumps(results))
+            return
         # (b) warm fio, everything on tmpfs
         print(f"\n(b) warm reads of a 1 GiB file, fio {args.seconds} s each, iodepth 16, --direct=1", flush=True)
         tmpfs = os.path.join(work, "tmpfs")

@@ -480,3 +480,15 @@ def test_docs_list_every_metric(snapshots):
         documented = set(re.findall(r"^\| `(lazyfs_[a-z0-9_]+)` \|", f.read(), re.M))
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in metrics.metric_families(snapshots[1])}
     assert exported == documented, (sorted(exported - documented), sorted(documented - exported))
+
+
+def test_daemon_without_metrics_address_never_imports_prometheus_client():
+    """Every cold ``lazyfs mount`` waits for the daemon's imports (BENCHMARKS.md, issue 14): the
+    metrics exporter and prometheus_client load only when ``metrics_address`` is set, which the
+    running-daemon test above covers. Counts modules, not seconds. Broken on purpose once by
+    importing ``serve_metrics`` at the top of lazyfs/serve/daemon.py again: this went red."""
+    code = ("import sys, lazyfs.serve.daemon, lazyfs.serve.mount, lazyfs.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client' or m == 'lazyfs.serve.metrics'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
+    assert out.strip() == "[]", out
