@@ -115,8 +115,6 @@ class ThreadedPool:
             if exchange.aborted:
                 self.counters["aborted"] += 1
             raise httpx.ReadTimeout(f"timed out: {e}") from None
-        except ssl.SSLError as e:
-            raise (httpx.ReadError if exchange.aborted else httpx.ConnectError)(str(e)) from None
         except (OSError, http.client.HTTPException) as e:
             if exchange.aborted:
                 self.counters["aborted"] += 1
@@ -147,7 +145,12 @@ class ThreadedPool:
             keep = False
             try:
                 if conn.sock is None:
-                    conn.connect()
+                    try:
+                        conn.connect()
+                    except OSError as e:  # refused, unreachable, a TLS handshake (certificates): as httpx says it
+                        if exchange.aborted:
+                            raise _Aborted() from None
+                        raise httpx.ConnectError(f"{type(e).__name__}: {e}") from e
                     exchange.attach(conn)  # the socket exists now: an abort from here on shuts it down
                 conn.sock.settimeout(read_timeout)
                 try:
