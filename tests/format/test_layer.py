@@ -134,3 +134,21 @@ def test_every_truncation_is_caught():
 def test_garbage_never_crashes(data):
     with pytest.raises((FormatError, IntegrityError)):
         parse_blob(data + _small_blob()[-FOOTER_SIZE:] if len(data) % 2 else data)
+
+
+def test_decode_chunk_refuses_a_frame_with_anything_around_it():
+    """A chunk's stored bytes must be exactly one zstd frame of its declared size: trailing bytes,
+    a second frame, a truncated frame or a wrong declared size are IntegrityError, never bytes.
+    Broken on purpose: `allow_extra_data=True` in `_decompress_exact` returned the chunk for the
+    trailing-bytes and second-frame cases (red)."""
+    import zstandard
+
+    raw = bytes(range(256)) * 1024  # 256 KiB, compressible
+    digest, stored, compression = encode_chunk(raw)
+    assert decode_chunk(digest, stored, compression, len(raw)) == raw
+    other = zstandard.ZstdCompressor(write_content_size=True).compress(raw[: len(raw) // 2])
+    for bad in (stored + b"\0", stored + stored, stored[:-1], stored[: len(stored) // 2], other):
+        with pytest.raises(IntegrityError):
+            decode_chunk(digest, bad, compression, len(raw))
+    with pytest.raises(IntegrityError):
+        decode_chunk(digest, stored, compression, len(raw) - 1)

@@ -27,6 +27,7 @@ from lazyfs.fetch.registry.answers import check_content_range, fail, read_body
 from lazyfs.fetch.registry.auth import pull_scope
 from lazyfs.fetch.registry.hosts import PULL, Endpoint
 from lazyfs.fetch.registry.retry import Transient
+from lazyfs.fetch.registry.threaded import THREADED
 from lazyfs.format.digest import check_digest, digest_of, hasher_for
 from lazyfs.format.reference import Reference
 
@@ -100,8 +101,9 @@ async def read_range_from(client: RegistryClient, repo: Reference | str, digest:
     async def attempt(ep: Endpoint) -> SourcedBytes:
         url = ep.url(f"{ref.repository}/blobs/{digest}")
         headers = {"Range": f"bytes={offset}-{last}", "Accept-Encoding": "identity"}
+        # The body is read in a worker thread (registry/threaded.py), at most this much of it.
         response = await client.request("GET", ep, url, scopes=(pull_scope(ref.repository),), headers=headers,
-                                        follow_redirects=True)
+                                        follow_redirects=True, extensions={THREADED: max(length, SMALL_WHOLE_BLOB)})
         where = f"{what} at {ep.host}"
         try:
             status = response.status_code

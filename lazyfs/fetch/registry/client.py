@@ -138,6 +138,11 @@ class RegistryClient:
         table = self._table
         return {ep.host for name in list(table.configs) + list(table.hosts) for ep in table.endpoints(name) if ep.host}
 
+    @property
+    def threaded(self):
+        """The worker-thread HTTP/1.1 pool that reads blob range bodies (``threaded.ThreadedPool``)."""
+        return self._transport.threaded
+
     def statistics(self) -> RegistryStatistics:
         s, a = self._stats, self._auth
         return RegistryStatistics(
@@ -302,6 +307,7 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         body: Body = None,
         follow_redirects: bool = False,
+        extensions: dict | None = None,
     ) -> httpx.Response:
         """One authenticated exchange; the caller owns (and must ``aclose``) the streamed response.
 
@@ -313,7 +319,7 @@ class RegistryClient:
         self._stats.requests += 1
         auth = RegistryAuth(self._auth, ep.host, scopes)
         try:
-            request = self._http.build_request(method, url, headers=headers, content=content)
+            request = self._http.build_request(method, url, headers=headers, content=content, extensions=extensions)
             response = await self._http.send(request, auth=auth, stream=True, follow_redirects=follow_redirects)
         except httpx.TimeoutException as e:
             raise Transient(f"{method} {url}: timed out ({type(e).__name__})") from None

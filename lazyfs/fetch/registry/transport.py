@@ -8,6 +8,8 @@
 * Proxies: ``ProxySettings`` from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``ALL_PROXY`` and
   ``NO_PROXY`` (upper or lower case), as Go's net/http reads them (so as docker and
   containerd do): loopback addresses and ``localhost`` are never proxied.
+* Threads: a request with ``extensions[THREADED]`` that goes direct (no proxy) is sent by a
+  ``ThreadedPool`` in a worker thread, its body read there (``threaded``: blob ranges).
 * Bodies: a 401's body, which httpx reads whole before the auth flow resends, is cut at
   64 KiB; a request may set ``extensions[BODY_LIMIT]`` to bound its response body
   (``BodyTooLarge`` past it).
@@ -29,6 +31,7 @@ import httpx
 
 from lazyfs.errors import ConfigError
 from lazyfs.fetch.registry.hosts import TlsProfile
+from lazyfs.fetch.registry.threaded import THREADED, ThreadedPool
 
 # Blob ranges are megabytes: read the socket up to 1 MiB at a time (httpcore's default is 64 KiB), so
 # a body costs fewer passes through httpcore/h11/httpx on the trio thread when the thread is busy
@@ -176,6 +179,8 @@ class HostTransport(httpx.AsyncBaseTransport):
         self._contexts: dict[TlsProfile, ssl.SSLContext] = {p: ssl_context(p) for p in profiles}
         self._pools: dict[tuple[TlsProfile | None, str | None], _Pool] = {}
         self._retired: list[_Pool] = []
+        self.threaded = ThreadedPool(max_threads=limits.max_connections or 16,
+                                     max_idle=limits.max_keepalive_connections or 8)
 
     def retarget(self, tls_for: Callable[[str], TlsProfile], proxies: ProxySettings,
                  profiles: set[TlsProfile] = frozenset()) -> None:
@@ -186,6 +191,7 @@ class HostTransport(httpx.AsyncBaseTransport):
             pool.retired = True
             self._retired.append(pool)
         self._pools = {}
+        self.threaded.close(final=False)  # idle connections of the old TLS settings
 
     def _pool(self, profile: TlsProfile | None, proxy: str | None) -> _Pool:
         key = (profile, proxy)
@@ -208,7 +214,15 @@ class HostTransport(httpx.AsyncBaseTransport):
             self._retired.remove(idle)
             await idle.transport.aclose()
         profile = self._tls_for(request.url.netloc.decode("ascii")) if request.url.scheme == "https" else None
-        pool = self._pool(profile, self._proxies.proxy_for(request.url))
+        proxy = self._proxies.proxy_for(request.url)
+        if request.extensions.get(THREADED) and proxy is None:
+            context = None
+            if profile is not None:
+                context = self._contexts.get(profile)
+                if context is None:
+                    context = self._contexts[profile] = ssl_context(profile)
+            return await self.threaded.send(request, context, request.extensions[THREADED])
+        pool = self._pool(profile, proxy)
         pool.active += 1
         try:
             response = await pool.transport.handle_async_request(request)
@@ -232,6 +246,7 @@ class HostTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         pools = list(self._pools.values()) + self._retired
         self._pools, self._retired = {}, []
+        self.threaded.close()
         for pool in pools:
             await pool.transport.aclose()
 
