@@ -230,8 +230,10 @@ def test_metrics_and_control_socket(env, tmp_path):
     with socketlib.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # its own cache: with the module's shared cache an earlier test may have left the image fully
+    # local, and a hydrated image's export is passed through (its reads never reach the daemon)
     doc = dict(env.doc, run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"),
-               metrics_address=f"127.0.0.1:{port}")
+               cache_root=str(tmp_path / "cache"), metrics_address=f"127.0.0.1:{port}")
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(doc))
     export = tmp_path / "exp"
