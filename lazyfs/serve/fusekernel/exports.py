@@ -166,6 +166,7 @@ class ExportFS:
         self._c = Counters()
         self._local_lock = threading.Lock()  # the worker threads' counters and in-flight reads
         self._local_reads = self._local_bytes = 0
+        self._local_inflight = self._local_peak = 0  # reads in worker threads now, and the most at once
         self.backing: BackingFiles | None = None  # set by the session when INIT settled passthrough
         self.passthrough_unavailable: str | None = None  # why backing files cannot be registered (logged once)
 
@@ -337,7 +338,7 @@ class ExportFS:
                             passthrough=self.backing is not None and self.passthrough_unavailable is None,
                             adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
                             resent_requests=self._resent,  # requests in flight at a daemon's death, answered by this one
-                            local_reads=self._local_reads)
+                            local_reads=self._local_reads, local_reads_peak=self._local_peak)
             st["reads"] += self._local_reads
             st["requests"] += self._local_reads
             st["bytes_read"] += self._local_bytes
@@ -367,12 +368,15 @@ class ExportFS:
             if exp.removing:
                 return None
             exp.local_inflight += 1
+            self._local_inflight += 1
+            self._local_peak = max(self._local_peak, self._local_inflight)
         try:
             data = read_local(offset, size)
         except Exception:  # noqa: BLE001 - the trio path reads it again and reports what it finds
             data = None
         with self._local_lock:
             exp.local_inflight -= 1
+            self._local_inflight -= 1
             if data is not None:
                 n = len(data)
                 self._local_reads += 1
