@@ -116,7 +116,7 @@ class Config:
     memory_cache_size: Bytes = 256 << 20
     fuse_threads: Annotated[int, _doc(
         "worker threads reading the FUSE connection, answering reads of blocks in the flat files themselves "
-        "(0: the event loop reads it)", ge=0, le=64)] = 0
+        "(0: the event loop reads it)", ge=0, le=64)] = 4
     credentials: Annotated[str, _doc(
         "docker-style config.json (auths, credsStore, credHelpers); default ~/.docker/config.json",
         min_length=1)] | None = None

@@ -311,7 +311,10 @@ class Session:
                         fh, offset, size = _READ_HEAD.unpack_from(buf, p.IN_HEADER.size)
                         iov = read_local(unique, fh, offset, size)
                         if iov is not None:
-                            self.send(iov)
+                            try:
+                                self.send(iov)
+                            except OSError as exc:  # the kernel refused the answer: that request only
+                                log.warning("FUSE READ answer not written: %s", exc)
                             continue
                 raw = bytes(view[:n])
                 while not slots.acquire(timeout=0.5):  # bounded: the trio thread answers at most max_tasks at once
