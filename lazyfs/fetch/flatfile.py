@@ -74,10 +74,6 @@ class FlatFile:
         created = not self.data_path.exists()
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         self.fd = os.open(self.data_path, flags, 0o600)
-        # Reads come at the offsets the front end asks for, already sized by the kernel's own readahead
-        # of the exported file: readahead here too would read 128 KiB from the disk for every random 4 KiB
-        # (BENCHMARKS.md, "Warm reads from the disk cache ... worker threads").
-        os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
         try:
             self.map_fd = os.open(self.map_path, flags | os.O_APPEND, 0o600)
         except BaseException:
