@@ -7,7 +7,7 @@ fio sequential 1 MiB and random 4 KiB reads (``--direct=1``, libaio, iodepth 16,
 
 * local: the same ext4 file on a loop device, attached as `lazyfs mount` attaches
   its file (read-only, direct I/O where accepted), on the same disk (the baseline);
-* lazyfs-flat: `lazyfs mount` of the image (default config: flat layer files on),
+* lazyfs-flat: `lazyfs mount` of the image (flat layer files on, ``fuse_threads = 0``: the trio thread),
   the cache on the same disk, filled by one `dd` of the file before the jobs;
 * lazyfs-threads: the same with ``fuse_threads = --threads``: worker threads read the FUSE
   connection and answer reads of blocks in the flat files themselves;
@@ -83,7 +83,7 @@ def main() -> None:
         run([*cli, "push", f"oci:{layout}:fio", f"{reg.registry}/bench/fio:v1", "--plain-http", reg.registry],
             env=env, cwd=ROOT)
         targets = {}
-        configs = [("lazyfs-flat", {}), ("lazyfs-threads", {"fuse_threads": args.threads})]
+        configs = [("lazyfs-flat", {"fuse_threads": 0}), ("lazyfs-threads", {"fuse_threads": args.threads})]
         if args.chunks:
             configs.append(("lazyfs-chunks", {"flat_cache_size": 0}))
         for name, extra in configs:
