@@ -11,6 +11,7 @@ fio sequential 1 MiB and random 4 KiB reads (``--direct=1``, libaio, iodepth 16,
   the cache on the same disk, filled by one `dd` of the file before the jobs;
 * lazyfs-threads: the same with ``fuse_threads = --threads``: worker threads read the FUSE
   connection and answer reads of blocks in the flat files themselves;
+* lazyfs-thr-direct (``--direct-loop``): lazyfs-threads with ``read_only_loop = "direct"``;
 * lazyfs-chunks (``--chunks``): the same with ``flat_cache_size = 0``: the chunk-file disk tier
   only (what lazyfs did before the flat files).
 
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=4, help="fuse_threads of the lazyfs-threads target")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--direct-loop", action="store_true",
+                    help="also lazyfs-thr-direct: the threads with read_only_loop = direct (async O_DIRECT reads of the "
+                         "FUSE file, so READs reach the daemon in parallel; the default buffered loop reads one at a time)")
     ap.add_argument("--chunks", action="store_true", help="also measure the chunk-file tier (flat_cache_size 0)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -84,6 +88,8 @@ def main() -> None:
             env=env, cwd=ROOT)
         targets = {}
         configs = [("lazyfs-flat", {"fuse_threads": 0}), ("lazyfs-threads", {"fuse_threads": args.threads})]
+        if args.direct_loop:
+            configs.append(("lazyfs-thr-direct", {"fuse_threads": args.threads, "read_only_loop": "direct"}))
         if args.chunks:
             configs.append(("lazyfs-chunks", {"flat_cache_size": 0}))
         for name, extra in configs:
