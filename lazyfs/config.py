@@ -114,6 +114,9 @@ class Config:
     flat_cache_size: Annotated[int, _doc(
         "bytes of layer blocks kept in flat files under cache_root/flat, read at their offsets (0: off)", ge=0)] = 10 << 30
     memory_cache_size: Bytes = 256 << 20
+    fuse_threads: Annotated[int, _doc(
+        "worker threads reading the FUSE connection, answering reads of blocks in the flat files themselves "
+        "(0: the event loop reads it)", ge=0, le=64)] = 4
     credentials: Annotated[str, _doc(
         "docker-style config.json (auths, credsStore, credHelpers); default ~/.docker/config.json",
         min_length=1)] | None = None

@@ -27,6 +27,12 @@ class BlockCache(abc.ABC):
     async def admit(self, segments: Sequence[Segment], chunks: Mapping[bytes, bytes]) -> None:
         """Offer verified raw *chunks* (by digest) that *segments* were read from. Never raises for I/O errors."""
 
+    def read_local_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> bool:
+        """Fill *buf* as ``read_into`` would, synchronously, from any thread but the trio thread;
+        True only if every segment was served, verified (False: nothing is promised about *buf*,
+        and no state changed: the caller reads through ``read_into``)."""
+        return False
+
     def holds(self, segment: Segment) -> bool:
         """Whether every block of *segment* is held here (so it is local without its chunk)."""
         return False

@@ -112,6 +112,23 @@ class MergedDevice(BlockSource):
                     _zero(buf, offset, start * bs, (start + count) * bs)
         self.bytes_read += len(buf)
 
+    def read_local(self, offset: int, length: int) -> bytearray | None:
+        """A read of a device without a writable layer that the block cache serves whole (any thread
+        but the trio thread; see ``BlockSource.read_local``); None for anything else."""
+        if self.writable is not None:
+            return None  # its blocks change under writes ordered on the trio thread
+        n = clamp_read(self.size, offset, length)
+        if n == 0:
+            return None
+        bs = self.block_size
+        segments = self.index.lookup(offset // bs, (offset + n - 1) // bs + 1)
+        buf = bytearray(n)
+        if segments:
+            cache = self.block_cache
+            if cache is None or not cache.read_local_into(buf, offset, segments):
+                return None
+        return buf
+
     async def _read_lower(self, buf: bytearray | memoryview, offset: int, start: int, end: int,
                           zeroed: bool = True) -> None:
         segments = self.index.lookup(start, end)

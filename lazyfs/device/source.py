@@ -44,6 +44,14 @@ class BlockSource(abc.ABC):
         buf[: len(data)] = data
         return len(data)
 
+    def read_local(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes ``read`` would return, if they can be had synchronously from local, verified
+        storage alone; None otherwise (then ``read`` must be used). Called from any thread, never
+        on the trio thread (it may block on the disk); it must not change state the trio thread
+        owns. A read it serves is checked exactly as ``read`` checks it. Default: never served.
+        """
+        return None
+
     async def write(self, offset: int, data: bytes) -> None:
         """Store *data* at *offset*."""
         raise ReadOnlyError(f"{type(self).__name__} is read-only")

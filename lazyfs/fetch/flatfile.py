@@ -198,6 +198,10 @@ class FlatCache:
             ("hits", "misses", "blocks_served", "nowait_reads", "thread_reads", "tampered", "writes",
              "bytes_written", "write_errors", "persists", "evictions", "copied_blocks", "reflinked_blocks",
              "copy_errors", "fetch_writes", "fetch_bytes_written"), 0)
+        # reads served whole in FUSE worker threads (LayerFlats.read_local_into): counted under a lock,
+        # since the trio thread's counters above are not for other threads to touch
+        self._local_lock = threading.Lock()
+        self._local = dict.fromkeys(("local_hits", "local_blocks", "local_declined"), 0)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._load_lru()
@@ -433,8 +437,19 @@ class FlatCache:
                 f.close()
             self._files.clear()
 
+    def count_local(self, served: bool, blocks: int) -> None:
+        """Any thread: one read_local_into served (*blocks* blocks) or declined."""
+        with self._local_lock:
+            if served:
+                self._local["local_hits"] += 1
+                self._local["local_blocks"] += blocks
+            else:
+                self._local["local_declined"] += 1
+
     def statistics(self) -> dict:
-        return {**self._stats, "layers": len(self._files),
+        with self._local_lock:
+            local = dict(self._local)
+        return {**self._stats, **local, "layers": len(self._files),
                 "blocks": sum(f.map.count for f in self._files.values()), "max_bytes": self.max_bytes}
 
 
@@ -518,6 +533,57 @@ class LayerFlats(BlockCache):
     def watch(self, callback: Callable[[bytes], None]) -> Callable[[], None]:
         """:meth:`FlatCache.watch` of the host's layer files (this device's among them)."""
         return self.cache.watch(callback)
+
+    def read_local_into(self, buf: bytearray, offset: int, segments: Sequence[Segment]) -> bool:
+        """Serve *segments* whole from the flat files in the calling (non-trio) thread: a blocking
+        ``preadv`` of each run and the same per-4-KiB hash check as ``read_into``. Declines (False,
+        nothing changed) on anything else: a block not held, a closed file, a mapped segment, a
+        hash mismatch (the trio path then reads it again, drops the chunk and fetches it).
+
+        The maps are only read here; the trio thread may set or clear bits meanwhile. Either way
+        a block is served only if its bytes hash as the map says, and a layer block's verified
+        bytes never change, so a race can cost a decline, never a wrong byte.
+        """
+        if self._closed:
+            return False
+        bs = self.block_size
+        files = self.files
+        served = 0
+        try:
+            i = 0
+            while i < len(segments):  # runs of contiguous segments of one layer: one preadv each
+                seg = segments[i]
+                layer = seg.layer
+                if seg.loc is None or not 0 <= layer < len(files):
+                    return self._declined()
+                j = i + 1
+                while j < len(segments) and segments[j].layer == layer and segments[j].start == segments[j - 1].end \
+                        and segments[j].loc is not None:
+                    j += 1
+                start, end = seg.start, segments[j - 1].end
+                i = j
+                f = files[layer]
+                if f.closed or not f.map.covered(start, end):
+                    return self._declined()
+                lo, hi = start * bs, end * bs
+                direct = lo >= offset and hi <= offset + len(buf)
+                target = memoryview(buf)[lo - offset : hi - offset] if direct else memoryview(bytearray(hi - lo))
+                if _pread_full(f.fd, target, lo) != len(target):
+                    return self._declined()
+                if block_hashes(target, bs) != f.map.hashes(start, end):
+                    return self._declined()
+                if not direct:
+                    a, b = max(lo, offset), min(hi, offset + len(buf))
+                    buf[a - offset : b - offset] = target[a - lo : b - lo]
+                served += end - start
+        except (OSError, KeyError, ValueError):  # a file closed or a group dropped under the read
+            return self._declined()
+        self.cache.count_local(True, served)
+        return True
+
+    def _declined(self) -> bool:
+        self.cache.count_local(False, 0)
+        return False
 
     def holds(self, segment: Segment) -> bool:
         if segment.loc is None or not 0 <= segment.layer < len(self.files):

@@ -443,9 +443,9 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                                 # restored under a new number: drop the kernel's dentry so the next lookup finds it
                                 session.notify(notify_inval_entry(ROOT_ID, rec.name.encode()))
                         session.resend()
-                        await nursery.start(_serve_session, session)
+                        await nursery.start(_serve_session, session, config.fuse_threads)
                     else:
-                        await nursery.start(_serve_session, session)
+                        await nursery.start(_serve_session, session, config.fuse_threads)
                         await daemon.restore(state)
                 finally:
                     daemon.restoring.set()
@@ -499,8 +499,8 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                     takeover.leave(session)
 
 
-async def _serve_session(session: Session, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    await session.serve(task_status=task_status)
+async def _serve_session(session: Session, threads: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    await session.serve(threads=threads, task_status=task_status)
 
 
 def read_state(config: Config) -> LoadedState:

@@ -6,6 +6,9 @@ SPEC is comma-separated ``key=value``: ``name=NAME`` plus either
 ``size=BYTES[,seed=N]`` (a MemorySource, zeros or ``random.Random(N).randbytes``)
 or ``file=PATH`` (a file-backed source); optional ``ro=1`` (read-only) and
 ``fail=OFFSET+LENGTH``, ``bug=OFFSET+LENGTH``, ``gate=A+B`` (see FaultSource).
+``stack=SEED,flat=DIR[,layers=N]`` exports instead a read-only MergedDevice over ``make_stack(SEED, N)``
+with its flat layer files in DIR (a FlatCache) and a CountingSource as its chunk store (``stats`` shows its
+``store_gets`` and the flat cache's counters).
 
 Prints ``ready`` once mounted, then answers one line per command read from
 stdin, ``ok JSON`` or ``error MESSAGE``:
@@ -21,7 +24,8 @@ stdin, ``ok JSON`` or ``error MESSAGE``:
 Serves until SIGTERM/SIGINT or stdin closes, then unmounts and exits 0.
 
 The front end is lazyfs's own kernel-protocol one (``lazyfs.serve.fusekernel``), or the pyfuse3
-one with ``LAZYFS_FUSE_FRONTEND=pyfuse3`` in the environment.
+one with ``LAZYFS_FUSE_FRONTEND=pyfuse3`` in the environment. ``LAZYFS_FUSE_THREADS=N``: the own
+front end reads the connection with N worker threads (``Session.serve(threads=N)``).
 """
 
 from __future__ import annotations
@@ -119,6 +123,33 @@ class FaultSource(BlockSource):
         await self.inner.flush()
 
 
+async def make_stack_source(kv: dict) -> BlockSource:
+    from lazyfs.device.merged import MergedDevice
+    from lazyfs.fetch.flatfile import FlatCache, LayerFlats
+    from tests.support.layers import make_stack
+    from tests.support.sources import CountingSource
+
+    layers, backend, _ = make_stack(int(kv["stack"]), nlayers=int(kv.get("layers", 3)))
+    dev = MergedDevice(layers, CountingSource(backend))
+    cache = await FlatCache.load(kv["flat"], 1 << 30)
+    dev.block_cache = await LayerFlats.open(cache, layers)
+    inner_close = dev.aclose
+
+    async def aclose() -> None:
+        await inner_close()
+        await cache.aclose()
+
+    dev.aclose = aclose
+    return dev
+
+
+async def make_any_source(spec: str) -> tuple[str, BlockSource]:
+    kv = dict(item.split("=", 1) for item in spec.split(","))
+    if "stack" in kv:
+        return kv["name"], await make_stack_source(kv)
+    return make_source(spec)
+
+
 def make_source(spec: str) -> tuple[str, BlockSource]:
     kv = dict(item.split("=", 1) for item in spec.split(","))
     ro = kv.get("ro") == "1"
@@ -139,11 +170,15 @@ async def handle(cmd: str, fs: ExportFS, mountpoint: str) -> object:
     if word == "stats":
         st = fs.statistics()
         for name, exp in st["exports"].items():
+            src = fs.source(name)
+            if getattr(src, "block_cache", None) is not None:
+                exp["store_gets"] = len(src.store.gets)
+                exp["flat"] = src.block_cache.cache.statistics()
             exp["source_flushes"] = getattr(fs.source(name), "flushes", None)
             exp["gate_waiting"] = getattr(fs.source(name), "gate_waiting", 0)
         return st
     if word == "add":
-        name, src = make_source(arg)
+        name, src = await make_any_source(arg)
         fs.add(name, src)
         return name
     if word == "remove":
@@ -207,9 +242,11 @@ async def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
     fs = ExportFS()
     for spec in args.export:
-        fs.add(*make_source(spec))
+        fs.add(*await make_any_source(spec))
+    threads = {"threads": int(os.environ["LAZYFS_FUSE_THREADS"])} if os.environ.get("LAZYFS_FUSE_THREADS") else {}
+
     async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED):
-        await serve(args.mountpoint, fs, task_status=task_status)
+        await serve(args.mountpoint, fs, task_status=task_status, **threads)
         cancel.cancel()  # unmounted or aborted from outside: nothing left to do
 
     with trio.CancelScope() as cancel:

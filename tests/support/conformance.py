@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Awaitable, Callable
 
+import trio
+
 from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import RangeError, ReadOnlyError
 
@@ -27,6 +29,9 @@ async def _expect_read(src: BlockSource, model: bytearray, offset: int, length: 
     n = await src.read_into(offset, memoryview(buf))
     assert n == len(want) and buf[:n] == want, f"read_into({offset}, {length}) differs from the model"
     assert buf[n:] == b"\xa5" * (length - n), f"read_into({offset}, {length}) wrote past the {n} bytes it returned"
+    # read_local (FUSE worker threads: any thread but trio's) serves a read whole or declines it, never differs
+    local = await trio.to_thread.run_sync(src.read_local, offset, length)
+    assert local is None or local == want, f"read_local({offset}, {length}) differs from the model"
 
 
 async def check_reads(src: BlockSource, model: bytearray, seed: int = 0) -> None:

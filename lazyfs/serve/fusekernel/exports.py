@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ class Export:
     registering: trio.Event | None = None  # set when a registration of a backing file ends; opens wait
     unknown_handles: bool = False  # restored on a taken-over connection: its open modes are not known
     passthrough_opens: int = 0
+    # READs served by worker threads (ExportFS.read_local), written under ExportFS._local_lock only
+    local_reads: int = 0
+    local_bytes: int = 0
+    local_inflight: int = 0  # reads in worker threads now: remove() waits for none before the source goes
 
     def stats(self) -> dict:
         return export_statistics(self)
@@ -159,6 +164,9 @@ class ExportFS:
         self._adopted = 0
         self._resent = 0
         self._c = Counters()
+        self._local_lock = threading.Lock()  # the worker threads' counters and in-flight reads
+        self._local_reads = self._local_bytes = 0
+        self._local_inflight = self._local_peak = 0  # reads in worker threads now, and the most at once
         self.backing: BackingFiles | None = None  # set by the session when INIT settled passthrough
         self.passthrough_unavailable: str | None = None  # why backing files cannot be registered (logged once)
 
@@ -295,6 +303,14 @@ class ExportFS:
         del self._by_name[name]
         del self._by_inode[exp.dir_inode]
         del self._by_inode[exp.file_inode]
+        with self._local_lock:
+            exp.removing = True  # worker threads serve no new read of it
+        with trio.CancelScope(shield=True):
+            # a worker thread may still be reading through the source the caller is about to close
+            # (bounded: each such read is one local preadv)
+            while exp.local_inflight:
+                await trio.sleep(0.001)
+        exp.removing = False
         self._close_backing(self.backing, exp.backing_id)  # no handle left: nothing can be opened through it
         exp.backing_id = 0
         self._root_times = time.time_ns()
@@ -315,13 +331,59 @@ class ExportFS:
             raise NotFoundError(f"no export named {name!r}") from None
 
     def statistics(self) -> dict:
-        """Request, byte and error counters, in total and per export."""
-        return statistics(self._c, open_handles=len(self._handles), exports=self._by_name,
-                          passthrough=self.backing is not None and self.passthrough_unavailable is None,
-                          adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
-                          resent_requests=self._resent)  # requests in flight at a daemon's death, answered by this one
+        """Request, byte and error counters, in total and per export (``reads``: all READs answered,
+        ``local_reads`` of them in worker threads, see ``read_local``)."""
+        with self._local_lock:
+            st = statistics(self._c, open_handles=len(self._handles), exports=self._by_name,
+                            passthrough=self.backing is not None and self.passthrough_unavailable is None,
+                            adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
+                            resent_requests=self._resent,  # requests in flight at a daemon's death, answered by this one
+                            local_reads=self._local_reads, local_reads_peak=self._local_peak)
+            st["reads"] += self._local_reads
+            st["requests"] += self._local_reads
+            st["bytes_read"] += self._local_bytes
+            for name, exp in self._by_name.items():
+                st["exports"][name]["reads"] += exp.local_reads
+                st["exports"][name]["bytes_read"] += exp.local_bytes
+                st["exports"][name]["local_reads"] = exp.local_reads
+        return st
 
     # -- the kernel's requests ------------------------------------------------------
+
+    def read_local(self, unique: int, fh: int, offset: int, size: int) -> list | None:
+        """Answer a READ in the calling worker thread if its export's source serves it from local,
+        verified storage (``BlockSource.read_local``); None to hand the request to ``handle``.
+
+        Only reads through a handle this daemon knows (adoption changes state: the trio thread's
+        job) of an export not being removed; ``remove`` waits for the ones in flight.
+        """
+        h = self._handles.get(fh)
+        if h is None:
+            return None
+        exp = h.export
+        read_local = getattr(exp.source, "read_local", None)
+        if read_local is None:
+            return None
+        with self._local_lock:
+            if exp.removing:
+                return None
+            exp.local_inflight += 1
+            self._local_inflight += 1
+            self._local_peak = max(self._local_peak, self._local_inflight)
+        try:
+            data = read_local(offset, size)
+        except Exception:  # noqa: BLE001 - the trio path reads it again and reports what it finds
+            data = None
+        with self._local_lock:
+            exp.local_inflight -= 1
+            self._local_inflight -= 1
+            if data is not None:
+                n = len(data)
+                self._local_reads += 1
+                self._local_bytes += n
+                exp.local_reads += 1
+                exp.local_bytes += n
+        return None if data is None else p.reply(unique, data)
 
     async def handle(self, req: p.Request) -> list | None:
         """Answer *req*: an iovec to write to /dev/fuse, or None when no answer is due."""

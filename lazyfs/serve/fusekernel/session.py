@@ -17,7 +17,9 @@ import ctypes.util
 import errno
 import logging
 import os
+import select
 import stat
+import struct
 import subprocess
 import threading
 
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 DEVICE = "/dev/fuse"
 MS_NOSUID, MS_NODEV = 2, 4
+# the head of a READ as the worker threads peek at it: len opcode unique, then fh offset size
+_HEAD = struct.Struct("<IIQ")
+_READ_HEAD = struct.Struct("<QQI")
+_READ_MIN = p.IN_HEADER.size + p.READ_IN.size
 MNT_DETACH = 2
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -185,13 +191,23 @@ class Session:
                  "available" if self.params.has_resend else "missing",
                  "available" if self.params.passthrough else "not offered by the kernel")
 
-    async def serve(self, *, max_tasks: int = 64, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, max_tasks: int = 64, threads: int = 0, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Answer requests until the connection goes (unmount, abort) or the caller cancels.
 
         Cancelled, requests being handled stay unanswered: a daemon taking over the connection
         gets them again through ``resend``.
+
+        *threads* > 0: that many worker threads read the connection instead of the trio thread
+        and answer the READs the export's source serves locally (``ExportFS.read_local``: warm,
+        verified blocks) themselves; every other request is handed to the trio thread.
         """
         self.fs.notify = self.notify
+        if threads > 0:
+            try:
+                await self._serve_threaded(max_tasks, threads, task_status)
+            finally:
+                self.fs.notify = None
+            return
         limit = trio.Semaphore(max_tasks)
         try:
             async with trio.open_nursery() as nursery:
@@ -216,6 +232,135 @@ class Session:
                     nursery.start_soon(self._answer, req, limit)
         finally:
             self.fs.notify = None
+
+    # -- worker threads ---------------------------------------------------------------------------
+
+    async def _serve_threaded(self, max_tasks: int, threads: int, task_status) -> None:
+        """Worker threads read the connection (one at a time: the leader polls, the others wait
+        for the leader's lock, so a request wakes one thread) and answer local READs; the rest
+        reaches the trio thread, at most *max_tasks* at once (the threads wait for a slot).
+
+        On the way out (connection gone, or cancelled) the threads are stopped and joined before
+        this returns: none reads the connection or an export's files any more.
+        """
+        token = trio.lowlevel.current_trio_token()
+        slots = threading.Semaphore(max_tasks)
+        stop = threading.Event()
+        leader = threading.Lock()
+        gone = trio.Event()
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        accepting = True
+        workers: list[threading.Thread] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                def hand_over(raw: bytes) -> None:  # trio thread
+                    if not accepting:
+                        slots.release()  # unanswered, as a cancelled request: resent after a takeover
+                        return
+                    nursery.start_soon(self._answer_raw, raw, slots)
+
+                def connection_gone() -> None:  # trio thread
+                    gone.set()
+
+                for i in range(threads):
+                    t = threading.Thread(target=self._worker, name=f"lazyfs-fuse-{i}", daemon=True,
+                                         args=(token, hand_over, connection_gone, slots, stop, leader, wake_r))
+                    t.start()
+                    workers.append(t)
+                task_status.started()
+                try:
+                    await gone.wait()
+                    log.info("FUSE connection at %s closed by the kernel", self.mountpoint)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(self._stop_workers, workers, stop, wake_w)
+                    accepting = False
+        finally:
+            for fd in (wake_r, wake_w):
+                os.close(fd)
+
+    @staticmethod
+    def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int) -> None:
+        stop.set()
+        try:
+            os.write(wake_w, b"x")  # the leader wakes from poll; the others see stop once they lead
+        except BlockingIOError:
+            pass
+        for t in workers:
+            t.join()
+
+    def _worker(self, token, hand_over, connection_gone, slots: threading.Semaphore, stop: threading.Event,
+                leader: threading.Lock, wake_r: int) -> None:
+        buf = bytearray(p.READ_BUFFER)
+        view = memoryview(buf)
+        fd, read_local = self.fd, self.fs.read_local
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        try:
+            while True:
+                with leader:
+                    n = self._lead(fd, view, poller, stop)
+                if n is None:
+                    if not stop.is_set():  # the connection is gone: the trio thread winds up
+                        token.run_sync_soon(connection_gone)
+                    return
+                if n >= _READ_MIN:
+                    length, opcode, unique = _HEAD.unpack_from(buf)
+                    if opcode == p.READ and length == n and not unique & p.UNIQUE_RESEND:
+                        fh, offset, size = _READ_HEAD.unpack_from(buf, p.IN_HEADER.size)
+                        iov = read_local(unique, fh, offset, size)
+                        if iov is not None:
+                            try:
+                                self.send(iov)
+                            except OSError as exc:  # the kernel refused the answer: that request only
+                                log.warning("FUSE READ answer not written: %s", exc)
+                            continue
+                raw = bytes(view[:n])
+                while not slots.acquire(timeout=0.5):  # bounded: the trio thread answers at most max_tasks at once
+                    if stop.is_set():
+                        return  # unanswered, as a cancelled request
+                token.run_sync_soon(hand_over, raw)
+        except trio.RunFinishedError:
+            return
+        except Exception:  # noqa: BLE001 - a thread's bug must not leave the session silently dead
+            log.exception("FUSE worker thread failed")
+            try:
+                token.run_sync_soon(connection_gone)
+            except trio.RunFinishedError:
+                pass
+
+    @staticmethod
+    def _lead(fd: int, view: memoryview, poller, stop: threading.Event) -> int | None:
+        """Read the next message into *view* (holding the leader lock); None when stopped or gone."""
+        while not stop.is_set():
+            try:
+                return os.readv(fd, [view])
+            except BlockingIOError:
+                poller.poll()
+            except OSError as exc:
+                if exc.errno in (errno.EINTR, errno.ENOENT):  # ENOENT: the request was interrupted meanwhile
+                    continue
+                if exc.errno in (errno.ENODEV, errno.ECONNABORTED):  # unmounted or aborted
+                    return None
+                raise
+        return None
+
+    async def _answer_raw(self, raw: bytes, slots: threading.Semaphore) -> None:
+        try:
+            try:
+                req = p.parse_request(raw)
+            except FormatError as exc:
+                log.error("dropping a malformed FUSE message: %s", exc)
+                return
+            if req.header.opcode == p.INIT:  # only a fresh mount sends one: refuse a second
+                self.send(p.error_reply(req.header.unique, errno.EPROTO))
+                return
+            iov = await self.fs.handle(req)
+            if iov is not None:
+                self.send(iov)
+        finally:
+            slots.release()
 
     async def _answer(self, req: p.Request, limit: trio.Semaphore) -> None:
         try:
@@ -259,7 +404,8 @@ async def mount_session(mountpoint: str, fs: ExportFS, *, fsname: str = "lazyfs"
         raise
 
 
-async def serve(mountpoint: str, fs: ExportFS, *, max_tasks: int = 64, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(mountpoint: str, fs: ExportFS, *, max_tasks: int = 64, threads: int = 0,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount *fs* at *mountpoint* and serve until cancelled or unmounted; unmount on the way out.
 
     ``task_status.started()`` once the mount exists and INIT is answered.
@@ -267,7 +413,8 @@ async def serve(mountpoint: str, fs: ExportFS, *, max_tasks: int = 64, task_stat
     session = await mount_session(mountpoint, fs)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: session.serve(max_tasks=max_tasks, task_status=task_status))
+            await nursery.start(lambda task_status: session.serve(max_tasks=max_tasks, threads=threads,
+                                                                     task_status=task_status))
             task_status.started()
     finally:
         with trio.CancelScope(shield=True):
