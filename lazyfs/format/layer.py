@@ -104,13 +104,20 @@ class MetadataBudget:
     Shared by the concurrent parses of an image's layers (thread-safe). What a
     parse holds only while it runs (the tail, the decompressed bytes) is
     refunded when it ends; the decoded tables stay charged.
+
+    The decompressed bytes of all the image's tails are also counted as they
+    add up, never refunded (``inflate``), so how much an image may make the
+    host decompress does not depend on how many parses happened to overlap.
+    A real tail decodes to far more memory than its bytes (a chunk row is at
+    most ~60 bytes and costs ``CHUNK_COST``), so this refuses no image the
+    tables' charges would let through.
     """
 
     def __init__(self, limit: int = DEFAULT_METADATA_BUDGET, what: str = "image") -> None:
         if limit <= 0:
             raise FormatError(f"metadata budget must be positive, not {limit}")
         self.limit, self.what = limit, what
-        self.used = self.peak = 0
+        self.used = self.peak = self.inflated = 0
         self._lock = threading.Lock()
 
     def charge(self, n: int, what: str) -> None:
@@ -122,6 +129,17 @@ class MetadataBudget:
                     f"({self.used} of {self.limit} bytes in use; the config's metadata_budget sets it)")
             self.used += n
             self.peak = max(self.peak, self.used)
+
+    def inflate(self, n: int, what: str) -> None:
+        """Count *n* more decompressed bytes, or raise FormatError naming *what* if all the
+        image's tails together would pass the limit."""
+        with self._lock:
+            if n < 0 or self.inflated + n > self.limit:
+                raise FormatError(
+                    f"{what}: decompresses to {n} bytes, and with the {self.inflated} bytes of the tails "
+                    f"before it that is over the metadata budget of {self.what} ({self.limit} bytes; "
+                    "the config's metadata_budget sets it)")
+            self.inflated += n
 
     def refund(self, n: int) -> None:
         with self._lock:
@@ -258,6 +276,7 @@ def parse_metadata(data: bytes | memoryview, footer: Footer, *, budget: Metadata
     size = declared_size(data, what)
     if size > MAX_METADATA_SIZE:
         raise FormatError(f"{what}: declares {size} bytes decompressed, more than the {MAX_METADATA_SIZE}-byte limit")
+    budget.inflate(size, what)
     # The decompressed bytes, and the decoder's own copy of them, while the parse runs.
     budget.charge(2 * size, what)
     try:

@@ -166,6 +166,8 @@ def test_the_budget_bounds_what_decoding_allocates():
     assert budget.peak >= n * (CHUNK_COST + EXTENT_COST) + 101 * BLOB_NAME_COST
     assert peak <= budget.peak, (peak, budget.peak)
     assert budget.used == n * (CHUNK_COST + EXTENT_COST) + 101 * BLOB_NAME_COST  # the tables stay charged
+    # the decompressed bytes (counted against the same limit, never refunded) are far less than the tables
+    assert 0 < budget.inflated < budget.used // 5, (budget.inflated, budget.used)
     small = MetadataBudget(n * CHUNK_COST)  # room for the chunks, not for the extents too
     assert "metadata budget" in one_line(pytest.raises(
         FormatError, parse_metadata, metadata, footer_for(metadata, 1 << 42), budget=small,
@@ -228,6 +230,24 @@ def test_many_layers_whose_metadata_is_large_stop_at_the_budget():
     error, peak = peak_of(lambda: trio.run(lambda: load_image(manifest, [backend], name="bomb", limits=limits)))
     assert "metadata budget" in one_line(error)
     assert peak < (64 << 20) + (8 << 20)  # the budget, plus one decompression's output buffer granularity
+
+
+def test_tails_parsed_one_after_another_add_up_against_the_budget():
+    """The same tails parsed one at a time (as a loaded host may): each alone fits the budget and is
+    refunded when done, yet their decompressed bytes add up and the image is refused (deterministic,
+    not only when parses overlap). Broken on purpose once (2026-12-06): with ``budget.inflate``
+    removed from ``parse_metadata``, all 40 parsed and this test failed."""
+    padded = msgpack.packb({**doc(), "pad": bytes(8 << 20)}, use_bin_type=True)
+    metadata = zstandard.ZstdCompressor(write_content_size=True).compress(padded)
+    budget = MetadataBudget(64 << 20, what="bomb")
+    parsed = 0
+    with pytest.raises(FormatError) as error:
+        for _ in range(40):
+            parse_metadata(metadata, footer_for(metadata, 1 << 30), budget=budget)
+            parsed += 1
+    assert "metadata budget of bomb" in one_line(error.value)
+    assert parsed == (64 << 20) // len(zstandard.ZstdDecompressor().decompress(metadata))  # 7 fit, the 8th does not
+    assert budget.inflated <= 64 << 20
 
 
 # ---------------------------------------------------------------- JSON
