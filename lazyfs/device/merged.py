@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -73,6 +74,9 @@ class MergedDevice(BlockSource):
         self.bytes_read = self.bytes_written = 0
         self.nowait_reads = self.thread_reads = 0
         self.inplace_reads = 0  # reads served into the caller's buffer (read_into)
+        # bytes served in FUSE worker threads (read_local): counted under a lock, part of bytes_read
+        self._local_lock = threading.Lock()
+        self.local_bytes_read = 0
 
     # ------------------------------------------------------------ reads
 
@@ -127,6 +131,8 @@ class MergedDevice(BlockSource):
             cache = self.block_cache
             if cache is None or not cache.read_local_into(buf, offset, segments):
                 return None
+        with self._local_lock:
+            self.local_bytes_read += n
         return buf
 
     async def _read_lower(self, buf: bytearray | memoryview, offset: int, start: int, end: int,
@@ -290,8 +296,10 @@ class MergedDevice(BlockSource):
                 await self.block_cache.aclose()
 
     def statistics(self) -> dict:
-        stats = {"bytes_read": self.bytes_read, "bytes_written": self.bytes_written, "segments": len(self.index.segments),
-                 "writable_reads_inline": self.nowait_reads, "writable_reads_in_thread": self.thread_reads}
+        with self._local_lock:
+            local_bytes = self.local_bytes_read
+        stats = {"bytes_read": self.bytes_read + local_bytes, "bytes_written": self.bytes_written,
+                 "segments": len(self.index.segments), "writable_reads_inline": self.nowait_reads, "writable_reads_in_thread": self.thread_reads}
         if self.writable is not None:
             stats["writable"] = self.writable.statistics()
         if self.block_cache is not None:

@@ -310,6 +310,12 @@ FLAT: tuple[Stat, ...] = (
          "Of the writes, extents written by the fetch path's decode worker (the chunk then gets no chunk file)"),
     Stat("fetch_bytes_written", "lazyfs_flat_cache_fetch_written_bytes_total", COUNTER,
          "Bytes of those writes"),
+    Stat("local_hits", "lazyfs_flat_cache_worker_reads_total", COUNTER,
+         "Reads FUSE worker threads asked the flat layer files for, by outcome (served whole, or declined: "
+         "a block not held or not matching its hash, and the read went to the trio thread)", (("outcome", "served"),)),
+    Stat("local_declined", "lazyfs_flat_cache_worker_reads_total", COUNTER, "", (("outcome", "declined"),)),
+    Stat("local_blocks", "lazyfs_flat_cache_worker_served_blocks_total", COUNTER,
+         "Verified blocks FUSE worker threads served from flat layer files"),
     Stat("layers", "lazyfs_flat_cache_open_layers", GAUGE, "Layer files open right now"),
     Stat("blocks", "lazyfs_flat_cache_blocks", GAUGE, "Blocks the open layer files hold"),
     Stat("max_bytes", "lazyfs_flat_cache_limit_bytes", GAUGE, "Configured size limit of the flat cache"),

@@ -30,8 +30,16 @@ async def _expect_read(src: BlockSource, model: bytearray, offset: int, length: 
     assert n == len(want) and buf[:n] == want, f"read_into({offset}, {length}) differs from the model"
     assert buf[n:] == b"\xa5" * (length - n), f"read_into({offset}, {length}) wrote past the {n} bytes it returned"
     # read_local (FUSE worker threads: any thread but trio's) serves a read whole or declines it, never differs
+    before = _bytes_read(src)
     local = await trio.to_thread.run_sync(src.read_local, offset, length)
     assert local is None or local == want, f"read_local({offset}, {length}) differs from the model"
+    if local is not None and before is not None:  # its bytes count like any read's (the image's read metrics)
+        assert _bytes_read(src) - before == len(local), f"read_local({offset}, {length}) is not counted in bytes_read"
+
+
+def _bytes_read(src: BlockSource) -> int | None:
+    statistics = getattr(src, "statistics", None)
+    return statistics().get("bytes_read") if statistics is not None else None
 
 
 async def check_reads(src: BlockSource, model: bytearray, seed: int = 0) -> None:
