@@ -19,14 +19,14 @@ from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
 from lazyfs.serve import hydrated, system
 from lazyfs.serve.control import serve_control
-from lazyfs.serve.fusekernel import keeper, takeover
-from lazyfs.serve.fusekernel.exports import IMAGE_NAME, ExportFS
+from lazyfs.serve.fusekernel import takeover
+from lazyfs.serve.fusekernel.exports import ExportFS
 from lazyfs.serve.fusekernel.protocol import ROOT_ID, notify_inval_entry
 from lazyfs.serve.fusekernel.session import Session
 from lazyfs.serve.host import Host
 from lazyfs.serve.hydrate import HydratePolicy
 from lazyfs.serve.singleton import daemon_lock
-from lazyfs.serve.state import AttachmentRecord, FrontEnd, LoadedState, decode_state, encode_state
+from lazyfs.serve.state import IMAGE_NAME, AttachmentRecord, FrontEnd, LoadedState, decode_state, encode_state
 
 log = logging.getLogger("lazyfs.daemon")
 
@@ -356,26 +356,6 @@ def _only(args: dict, *names: str) -> dict:
     return args
 
 
-async def clear_stale_export(export_dir: str) -> None:
-    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
-
-    Call it only while holding the run directory's `daemon_lock`: then the export's owner is
-    provably dead, and a live session is never aborted. A connection the fd keeper holds
-    (``RUN_DIR/fuse-keeper.sock`` answers) is not stale: the next daemon takes it over.
-    """
-    if system.is_mountpoint(export_dir):
-        kept = keeper.socket_path(os.path.dirname(os.path.abspath(export_dir)))
-        if await trio.to_thread.run_sync(keeper.alive, kept):
-            log.info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
-            return
-        log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
-        try:
-            await system.fuse_abort(export_dir)
-        except LazyfsError as exc:
-            log.info("fuse abort: %s", exc)
-        await system.umount(export_dir, lazy=True)
-
-
 def secure_dirs(config: Config) -> None:
     """The host's directories, private to the daemon's user at every start (0700; see docs/trust.md).
 
@@ -421,7 +401,7 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
     async with Host.open(config) as host:
         # a generation of file handle ids of its own: the kernel may still hold the previous daemon's
         fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1)
-        session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, clear_stale_export)
+        session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, system.clear_stale_export)
         full_stop = False  # only a deliberate stop ends the connection; a crash or a handover leaves it kept
         try:
             async with open_nursery() as nursery:

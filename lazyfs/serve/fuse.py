@@ -35,11 +35,10 @@ from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
 from lazyfs.serve import exportio, hostns, system
 from lazyfs.serve.exportstats import Counters, export_statistics, statistics
+from lazyfs.serve.state import IMAGE_NAME
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME = "disk.img"
-"""The name of the exported file inside each export directory."""
 
 DEFAULT_OPTIONS: frozenset[str] = frozenset({
     "fsname=lazyfs",

@@ -33,7 +33,7 @@ from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
 from lazyfs.serve.hydrate import HeldByBlockCache, HydratePolicy, Hydrator
-from lazyfs.serve.state import ATTACHMENT_NAME, FrontEnd
+from lazyfs.serve.state import ATTACHMENT_NAME, FrontEnd, attachment_name
 from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,6 @@ class Attachment:
         return {**self.describe(), **self.store.statistics(), "device": self.device.statistics(),
                 "hydration": self.hydration.statistics() if self.hydration is not None else {}}
 
-
-def attachment_name(text: str) -> str:
-    """A file-name-safe attachment name derived from an image reference."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("@")[0]).strip("-.")[-100:] or "image"
-    return name if _NAME.match(name) else "image-" + name[-90:]
 
 
 class Host:

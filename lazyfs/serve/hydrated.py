@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import trio
 
-from lazyfs.device.chunks import Priority
 from lazyfs.durable import makedirs_durable, pwrite_all, replace_durably, storage_error
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
 
@@ -128,6 +127,7 @@ async def build(device, store, cache_root: str, manifest: str) -> Hydrated:
     if the cache lost one meanwhile). Blocks no chunk covers stay holes. The file is
     complete and durable before it gets its name. StorageError on a disk error.
     """
+    from lazyfs.device.chunks import Priority  # not at the top: `lazyfs mount` imports this module
     if not device.read_only:
         raise LazyfsError("only a read-only image can be hydrated into a file")
     final = path_for(cache_root, manifest)

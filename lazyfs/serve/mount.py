@@ -18,12 +18,9 @@ from lazyfs.durable import write_atomically
 from lazyfs.errors import BusyError, ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.serve import system, warmloop
 from lazyfs.serve.control import call
-from lazyfs.serve.daemon import clear_stale_export
 from lazyfs.serve.fusekernel import keeper
-from lazyfs.serve.fusekernel.exports import IMAGE_NAME
-from lazyfs.serve.host import attachment_name
 from lazyfs.serve.singleton import daemon_lock, owner_pid, start_lock
-from lazyfs.serve.state import AttachmentRecord, FrontEnd, decode_state
+from lazyfs.serve.state import IMAGE_NAME, AttachmentRecord, FrontEnd, attachment_name, decode_state
 
 DAEMON_START_TIMEOUT = 30.0
 
@@ -297,7 +294,7 @@ def umount_target(config: Config, target: str) -> dict:
             with daemon_lock(config.run_dir):
                 if not _state_records(config):  # nothing left for a next daemon: the kept connection goes too
                     keeper.release(keeper.socket_path(config.run_dir))
-                trio.run(clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount, unless kept
+                trio.run(system.clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount, unless kept
                 if not system.is_mountpoint(config.export_dir):
                     done.append(f"removed the dead daemon's export {config.export_dir}")
     if not done:

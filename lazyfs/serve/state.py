@@ -16,6 +16,7 @@ before version 2 (an untyped ``extra`` object per attachment) still load.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -26,12 +27,14 @@ from lazyfs.format.digest import is_sha256
 
 __all__ = [
     "ATTACHMENT_NAME",
+    "IMAGE_NAME",
     "MAX_STATE_BYTES",
     "STATE_VERSION",
     "TCMU_NAME",
     "AttachmentRecord",
     "FrontEnd",
     "LoadedState",
+    "attachment_name",
     "decode_state",
     "encode_state",
 ]
@@ -42,6 +45,16 @@ MAX_STATE_BYTES = 16 << 20  # thousands of attachments; a larger file is not one
 # directory names: both are checked by these patterns, here and where they are used.
 ATTACHMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 TCMU_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME = re.compile(ATTACHMENT_NAME)
+IMAGE_NAME = "disk.img"
+"""The name of the exported file inside each export directory (both FUSE front ends)."""
+
+
+def attachment_name(text: str) -> str:
+    """A file-name-safe attachment name derived from an image reference."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("@")[0]).strip("-.")[-100:] or "image"
+    return name if _NAME.match(name) else "image-" + name[-90:]
+
 
 _AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^/", max_length=4096)]
 _LoopDevice = Annotated[str, msgspec.Meta(pattern=r"^/dev/loop[0-9]{1,7}$")]

@@ -21,6 +21,7 @@ import trio
 
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
 from lazyfs.serve import hostns
+from lazyfs.serve.fusekernel import keeper
 
 log = logging.getLogger(__name__)
 
@@ -396,3 +397,23 @@ def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
             continue
         dropped.append(entry.mountpoint)
     return dropped
+
+
+async def clear_stale_export(export_dir: str) -> None:
+    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
+
+    Call it only while holding the run directory's `daemon_lock`: then the export's owner is
+    provably dead, and a live session is never aborted. A connection the fd keeper holds
+    (``RUN_DIR/fuse-keeper.sock`` answers) is not stale: the next daemon takes it over.
+    """
+    if is_mountpoint(export_dir):
+        kept = keeper.socket_path(os.path.dirname(os.path.abspath(export_dir)))
+        if await trio.to_thread.run_sync(keeper.alive, kept):
+            log.info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
+            return
+        log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
+        try:
+            await fuse_abort(export_dir)
+        except LazyfsError as exc:
+            log.info("fuse abort: %s", exc)
+        await umount(export_dir, lazy=True)

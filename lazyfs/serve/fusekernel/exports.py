@@ -48,11 +48,10 @@ from lazyfs.serve import exportio
 from lazyfs.serve.exportstats import Counters, export_statistics, statistics
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.passthrough import BackingFiles, reason
+from lazyfs.serve.state import IMAGE_NAME
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME = "disk.img"
-"""The name of the exported file inside each export directory."""
 
 # The tree changes only through add/remove, which invalidate the kernel's dentries;
 # the attributes of an export never change size, so both can be cached for long.

@@ -295,7 +295,7 @@ class Devices:
         return int(tail) if head == self.prefix and tail.isdigit() else None
 
     def export_path(self, name: str) -> str:
-        from lazyfs.serve.fuse import IMAGE_NAME
+        from lazyfs.serve.state import IMAGE_NAME
 
         return os.path.join(self.config.export_dir, name, IMAGE_NAME)
 
