@@ -17,7 +17,7 @@ from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
-from lazyfs.serve import hydrated, system
+from lazyfs.serve import hydrated, malloc, system
 from lazyfs.serve.control import serve_control
 from lazyfs.serve.fusekernel import takeover
 from lazyfs.serve.fusekernel.exports import ExportFS
@@ -503,6 +503,8 @@ def main(config: Config, load_config: Callable[[], Config] | None = None) -> int
     os.umask(0o077)  # every file the daemon makes (cache, state, writable layers) is its user's alone
     logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tuned = malloc.tune()  # before any thread: big buffers stay on a bounded heap (lazyfs/serve/malloc.py)
+    log.info("malloc settings made: %s", " ".join(f"{k}={v}" for k, v in tuned.items()) or "none")
     if config.log_level != "debug":  # httpx logs every request's URL at INFO, presigned redirects included
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -62,19 +62,6 @@ def _spawn_daemon(config: Config, config_path: str | None, log_path: str) -> sub
     env = dict(os.environ)
     if config_path:
         env["LAZYFS_CONFIG"] = os.path.abspath(config_path)
-    # Big reads allocate fresh megabyte buffers; keeping them on the heap instead of
-    # mmap/munmap per request roughly triples FUSE read throughput (measured).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(32 << 20))
-    # ... and keep freed heap up to 64 MiB instead of trimming it back to the kernel after every
-    # request (glibc's 128 KiB default): a fresh 4 MiB buffer otherwise page-faults its way in again
-    # (alloc + fill + bytes() of 4 MiB: 1.9x faster, measured; the cost is up to 64 MiB of RSS kept).
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(64 << 20))
-    # ... but in two arenas only: each thread that frees a big buffer keeps it in its own arena,
-    # where another thread's next buffer cannot reuse it (glibc makes up to 8 per core). A tail
-    # bomb decompressed in worker threads took the daemon's peak RSS to 245-279 MiB with the
-    # default and 157-162 MiB with 2 (tests/serve/test_bombs.py, measured under load); most big
-    # allocations are made under the GIL anyway, so the arenas' locks are not contended.
-    env.setdefault("MALLOC_ARENA_MAX", "2")
     # the daemon imports the same lazyfs as this process, installed or not
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)

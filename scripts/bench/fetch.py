@@ -315,7 +315,7 @@ def registry_request_ms(port: int, path: str, blob_size: int, n: int = 200) -> f
 def child_sequential(prefix: list[str], registry: str, ref: str, work: str, tree: str | None = None) -> dict:
     """``sequential_read`` in a child process (in the client namespace when *prefix* says so), with the
     lazyfs of source tree *tree* (another checkout gives a before/after in the same run)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # as the daemon runs (lazyfs.serve.mount)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}  # as the daemon runs (lazyfs/serve/malloc.py)
     if tree is None:  # this tree's daemon also sets MALLOC_TRIM_THRESHOLD_ (a baseline tree runs as it did)
         env["MALLOC_TRIM_THRESHOLD_"] = str(64 << 20)
     script = os.path.abspath(__file__) if tree is None else os.path.join(tree, "scripts", "bench", "fetch.py")

@@ -538,7 +538,7 @@ class Fleet:
 
     def start_daemon(self, host: Host) -> None:
         host.daemon = Proc([*host.node.nsenter(), *lazyfs_cmd("daemon", "--config", host.config)],
-                           os.path.join(host.dir, "daemon.log"), env={**python_env(), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)},
+                           os.path.join(host.dir, "daemon.log"), env=python_env(),  # malloc: the daemon tunes it itself
                            cwd="/")
         wait_until(f"{host.name}'s daemon", lambda: self._pings(host) or not host.daemon.alive(), 60)
         if not host.daemon.alive():

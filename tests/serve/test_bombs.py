@@ -48,7 +48,7 @@ GIB = 1 << 30
 # Every bomb here asks for GiBs (an 8 GiB frame, 2 GiB virtual sizes), so a broken bound blows far
 # past this: the issue's 300 MiB. The daemon's own peak varies with load and with glibc's arenas:
 # with one arena per thread it reached 245-279 MiB under load (342 MiB once in a full CI run); the
-# daemon now runs with MALLOC_ARENA_MAX=2 (lazyfs.serve.mount), 157-162 MiB under load.
+# daemon now runs in 2 arenas (lazyfs/serve/malloc.py), 114-162 MiB under load.
 RSS_LIMIT = 300 << 20
 
 
@@ -186,6 +186,9 @@ def test_bomb_is_refused_in_one_line_and_the_other_image_is_served(env, exported
 
 def test_daemon_peak_rss_after_every_bomb(env, exported):
     """Run last in this module (pytest keeps file order): the daemon's high-water mark after all the bombs."""
+    with open(os.path.join(env.doc["run_dir"], "daemon.log")) as f:  # the bound below relies on them
+        assert "malloc settings made: MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=67108864 " \
+               "MALLOC_ARENA_MAX=2" in f.read()
     peak = vm_hwm(env.daemon_pid())
     print(f"daemon VmHWM after {len(BOMBS)} bombs: {peak >> 20} MiB")
     assert peak < RSS_LIMIT, peak
