@@ -17,9 +17,14 @@ overlapping the ``systemctl restart``).
 
 About 2.5-4 min under TCG on a loaded 2-core host.
 
-Break-test (2026-12-06): with ``mount --make-rshared /newroot`` removed from the systemd guest's
-init, the guest's ``/`` stays private (busybox ``switch_root``), the restarted daemon's namespace
-holds a private copy of the image's ext4, and the test goes red: <filled in below the run>.
+Break-test (2026-12-06, run once): with ``mount --make-rshared /newroot`` removed from the
+systemd guest's init, the guest's ``/`` stays private (busybox ``switch_root``), each restarted
+daemon's namespace holds a private copy of the image's ext4, and the test goes red: the reader
+still passes (0 errors), but the daemon logs ``the copy of /mnt/img in the daemon's mount namespace
+is no slave of the host's mount: the host's / must be a shared mount ...`` at both restarts
+(``not_slave`` 2 instead of 0), and although it detached its copy both times, ``lazyfs umount``
+fails with ``export '...' is still open 1 time(s); detach it first``, leaving ``loop0`` in
+/proc/fs/ext4 and the loop device on ``disk.img``.
 """
 
 from __future__ import annotations
