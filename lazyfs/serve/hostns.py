@@ -98,7 +98,8 @@ def store_namespace_fd(path: str = "/proc/1/ns/mnt") -> None:
     """Open the mount namespace *path* and put it in the calling systemd service's fd store.
 
     For ``ExecStartPre=+`` of a unit with ``FileDescriptorStoreMax=`` >= 1 and
-    ``NotifyAccess=all``: systemd hands the fd to the service's main process.
+    ``NotifyAccess=all``: systemd hands the fd to the service's main process. It replaces the
+    fd an earlier start stored (``FDSTOREREMOVE=1`` first): restarts leave one, not a pile.
     ConfigError if there is no $NOTIFY_SOCKET or *path* is not a mount namespace.
     """
     if keeper.notify_socket() is None:

@@ -245,6 +245,14 @@ class MountEntry:
     mountpoint: str
     fstype: str
     source: str
+    #: the optional fields (propagation tags): ``shared:N`` (peer group N), ``master:N`` (a
+    #: slave of peer group N), ``propagate_from:N``, ``unbindable``; none for a private mount
+    tags: tuple[str, ...] = ()
+
+    @property
+    def is_slave(self) -> bool:
+        """Whether unmounts in the peer group this mount was copied from reach it (``master:N``)."""
+        return any(t.startswith("master:") for t in self.tags)
 
 
 def _unescape(field: str) -> str:
@@ -269,7 +277,7 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
             sep = parts.index("-", 6)
             major, minor = parts[2].split(":")
             entries.append(MountEntry(int(parts[0]), int(major), int(minor), _unescape(parts[4]),
-                                      parts[sep + 1], _unescape(parts[sep + 2])))
+                                      parts[sep + 1], _unescape(parts[sep + 2]), tuple(parts[6:sep])))
         except (ValueError, IndexError):
             continue  # a line we do not understand is not one we are looking for
     return entries
@@ -366,6 +374,11 @@ def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
     umount`` finds the export still open (issue 13). The daemon never uses these copies: it
     mounts and reads through the host's namespace (``lazyfs.serve.hostns``). Nothing is done
     unless such a namespace is configured and differs from this process's.
+
+    On a systemd host ``/`` is a shared mount, so these copies are slaves (``master:N``) and an
+    unmount in the host's namespace reaches them anyway. A copy that is no slave (the host's ``/``
+    is private) does not follow the host's unmounts: it is logged as a warning, since any other
+    process left in this namespace would keep the image's ext4 alive.
     """
     ns = hostns.configured()
     if ns is None:
@@ -390,6 +403,10 @@ def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
             continue
         if not backing.startswith(prefix):
             continue
+        if not entry.is_slave:
+            log.warning("the copy of %s in the daemon's mount namespace is no slave of the host's mount: the host's "
+                        "/ must be a shared mount (as systemd makes it) for unmounts to reach the copies",
+                        entry.mountpoint)
         try:
             run_blocking(["umount", "-l", entry.mountpoint])  # here, not through nsenter: our copy only
         except LazyfsError as exc:

@@ -80,7 +80,11 @@ def test_umount_after_takeover_from_the_fd_store(env, tmp_path):
             stop.touch()
             reader.wait(timeout=90)
             assert reader.returncode == 0, reader.stderr.read()
-            assert "from the systemd fd store" in (tmp_path / "daemon2.log").read_text()
+            log_text = (tmp_path / "daemon2.log").read_text()
+            assert "from the systemd fd store" in log_text
+            # the namespace's propagation is private here: the copy is no slave, and the daemon says so
+            assert f"the copy of {target} in the daemon's mount namespace is no slave" in log_text
+            assert "must be a shared mount" in log_text
             fuse = call(stack.socket, "fuse-stats", timeout=10)
             assert fuse["adopted_handles"] >= 1 and fuse["errors"] == 0  # the loop device's handle
             stack.lazyfs("umount", str(target))

@@ -521,6 +521,21 @@ def test_parse_mountinfo():
     assert (second.mount_id, second.fstype, second.source, second.minor) == (43, "fuse.lazyfs", "lazyfs", 40)
 
 
+def test_parse_mountinfo_propagation_tags():
+    text = (
+        "36 35 98:0 / / rw shared:1 - ext4 /dev/vda rw\n"
+        "512 36 7:0 / /mnt/img ro,relatime master:7 - ext4 /dev/loop0 ro\n"
+        "513 36 7:1 / /mnt/both ro shared:9 master:7 propagate_from:2 - ext4 /dev/loop1 ro\n"
+        "514 36 7:2 / /mnt/private ro,relatime - ext4 /dev/loop2 ro\n"
+    )
+    root, slave, both, private = system.parse_mountinfo(text)
+    assert root.tags == ("shared:1",) and not root.is_slave
+    assert slave.tags == ("master:7",) and slave.is_slave
+    assert both.tags == ("shared:9", "master:7", "propagate_from:2") and both.is_slave
+    assert private.tags == () and not private.is_slave
+    assert (private.mountpoint, private.source) == ("/mnt/private", "/dev/loop2")
+
+
 def test_command_errors_carry_stderr(tmp_path):
     async def main():
         with pytest.raises(system.CommandError) as info:

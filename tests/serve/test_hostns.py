@@ -198,7 +198,8 @@ def test_configured_enters_a_stored_fd_rather_than_the_proc_path(monkeypatch):
 
 
 def test_store_namespace_fd_sends_the_namespace_to_the_notify_socket(tmp_path, monkeypatch):
-    """What ExecStartPre=+lazyfs store-mount-namespace sends: FDSTORE=1, the name, and the fd itself."""
+    """What ExecStartPre=+lazyfs store-mount-namespace sends: FDSTOREREMOVE=1 for the name, then
+    FDSTORE=1, the name, and the fd itself."""
     import socket
 
     path = str(tmp_path / "notify")
@@ -206,6 +207,8 @@ def test_store_namespace_fd_sends_the_namespace_to_the_notify_socket(tmp_path, m
         server.bind(path)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         hostns.store_namespace_fd("/proc/self/ns/mnt")
+        # the fd the previous start stored goes first: restarts do not pile up copies
+        assert server.recv(4096) == b"FDSTOREREMOVE=1\nFDNAME=lazyfs-mntns\n"
         msg, ancdata, _, _ = server.recvmsg(4096, socket.CMSG_SPACE(4))
     assert msg == b"FDSTORE=1\nFDNAME=lazyfs-mntns\n"
     [(level, kind, data)] = ancdata

@@ -5,7 +5,7 @@ tmpfs overlay on top: the guest runs the host's systemd, Python and lazyfs (the 
 ``.venv`` included), and everything it writes is thrown away with the guest. The guest's /tmp and
 /var/tmp are empty tmpfs: put files for the guest elsewhere (*files* of :func:`run_systemd_guest`). The initrd's /init
 (busybox) loads the modules, builds that overlay, copies the caller's files into it (units, a
-script) and hands over to ``/lib/systemd/systemd`` with ``switch_root``.
+script), makes it a shared mount (as systemd makes ``/`` on a host) and hands over to ``/lib/systemd/systemd`` with ``switch_root``.
 
 The guest boots ``lazyfs-guest.target``, which starts ``lazyfs-guest.service``: it runs the
 caller's script outside any service sandbox (like a root shell), frames the output with the
@@ -51,6 +51,12 @@ while read -r d; do
     mkdir -p "/newroot$d" && mount -o bind "/host$d" "/newroot$d" || fail "bind $d"
 done < /lazyfs/binds
 cp -a /lazyfs/root/. /newroot/ || fail "copy files"
+# systemd makes / shared (MS_SHARED|MS_REC) when it boots a host, but not here: behind
+# switch_root it leaves the overlay private. Then the mount namespace a sandboxed service gets at
+# each start holds private copies of the host's mounts that no unmount of the host reaches (a
+# restarted lazyfs daemon's copy of an image's ext4 kept the loop device and the export open).
+# Done here, before any unit starts, as on a real host.
+mount --make-rshared /newroot || fail "make-rshared"
 find /newroot/etc/systemd/system -type f -exec chmod 0644 {{}} +
 mount --move /dev /newroot/dev
 umount /proc /sys

@@ -124,13 +124,20 @@ def notify_socket() -> str | None:
 
 
 def sd_store_fd(fd: int, name: str = FDSTORE_NAME) -> bool:
-    """Put *fd* in systemd's fd store (``FDSTORE=1``) when running under systemd with
-    ``FileDescriptorStoreMax=`` set; False when not under systemd. The next start finds it in
-    ``LISTEN_FDS``/``LISTEN_FDNAMES`` (``sd_stored_fd``)."""
+    """Put *fd* in systemd's fd store (``FDSTORE=1``) under *name*, in place of any fd stored
+    under *name* before, when running under systemd with ``FileDescriptorStoreMax=`` set; False
+    when not under systemd. The next start finds it in ``LISTEN_FDS``/``LISTEN_FDNAMES``
+    (``sd_stored_fd``).
+
+    The store outlives restarts: without the ``FDSTOREREMOVE=1`` sent first, each start that
+    stores again (``lazyfs store-mount-namespace`` runs at every start) would add a copy, until
+    ``FileDescriptorStoreMax=`` is reached and systemd refuses the newest."""
     target = notify_socket()
     if target is None:
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # two datagrams, handled in order: in one, systemd might apply the removal after the store
+        s.sendto(f"FDSTOREREMOVE=1\nFDNAME={name}\n".encode(), target)
         # sendmsg, not socket.send_fds: the latter ignores its address argument
         s.sendmsg([f"FDSTORE=1\nFDNAME={name}\n".encode()],
                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, target)

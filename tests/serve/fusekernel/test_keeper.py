@@ -90,6 +90,8 @@ def test_systemd_fd_store_messages(tmp_path, monkeypatch):
         r, w = os.pipe()
         try:
             assert keeper.sd_store_fd(r)
+            # an fd stored before under the name goes first: restarts leave no duplicates
+            assert socket.recv_fds(listener, 4096, 4)[:2] == (b"FDSTOREREMOVE=1\nFDNAME=lazyfs-fuse\n", [])
             msg, fds, _flags, _addr = socket.recv_fds(listener, 4096, 4)
             assert msg == b"FDSTORE=1\nFDNAME=lazyfs-fuse\n" and len(fds) == 1
             os.write(w, b"x")
