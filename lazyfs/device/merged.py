@@ -299,7 +299,8 @@ class MergedDevice(BlockSource):
         with self._local_lock:
             local_bytes = self.local_bytes_read
         stats = {"bytes_read": self.bytes_read + local_bytes, "bytes_written": self.bytes_written,
-                 "segments": len(self.index.segments), "writable_reads_inline": self.nowait_reads, "writable_reads_in_thread": self.thread_reads}
+                 "segments": len(self.index.segments), "writable_reads_inline": self.nowait_reads,
+                 "writable_reads_in_thread": self.thread_reads}
         if self.writable is not None:
             stats["writable"] = self.writable.statistics()
         if self.block_cache is not None:

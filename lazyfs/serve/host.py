@@ -121,7 +121,6 @@ class Attachment:
                 "hydration": self.hydration.statistics() if self.hydration is not None else {}}
 
 
-
 class Host:
     """Attach and detach images on one host; every attachment shares cache and scheduler."""
 
