@@ -390,6 +390,8 @@ async def run_daemon(config: Config, load_config: Callable[[], Config] | None = 
 
 async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] | None) -> None:
     log.info("lazyfs daemon %d (version %s) starting for %s", os.getpid(), __version__, config.run_dir)
+    # said once this daemon owns the run dir: a second daemon's whole output is its one error line
+    log.info("malloc settings made: %s", " ".join(f"{k}={v}" for k, v in malloc.applied.items()) or "none")
     # a killed daemon's FUSE mount answers ENOTCONN (or is kept alive by the fd keeper):
     # secure_dirs skips it; it is taken over, or cleared and mounted afresh
     await trio.to_thread.run_sync(secure_dirs, config)
@@ -503,8 +505,7 @@ def main(config: Config, load_config: Callable[[], Config] | None = None) -> int
     os.umask(0o077)  # every file the daemon makes (cache, state, writable layers) is its user's alone
     logging.basicConfig(level=getattr(logging, config.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    tuned = malloc.tune()  # before any thread: big buffers stay on a bounded heap (lazyfs/serve/malloc.py)
-    log.info("malloc settings made: %s", " ".join(f"{k}={v}" for k, v in tuned.items()) or "none")
+    malloc.tune()  # before any thread: big buffers stay on a bounded heap (lazyfs/serve/malloc.py)
     if config.log_level != "debug":  # httpx logs every request's URL at INFO, presigned redirects included
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -24,6 +24,9 @@ import os
 
 log = logging.getLogger(__name__)
 
+applied: dict[str, int] = {}
+"""What the last ``tune`` made, by variable name (the daemon logs it once it owns its run dir)."""
+
 # mallopt parameters (malloc.h) and the environment variable glibc reads for each
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 SETTINGS: tuple[tuple[int, str, int], ...] = (
@@ -43,7 +46,7 @@ def tune(environ: dict[str, str] | None = None) -> dict[str, int]:
     except (OSError, AttributeError):
         return {}
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    applied = {}
+    applied.clear()
     for param, name, value in SETTINGS:
         if name in environ:
             continue
@@ -51,4 +54,4 @@ def tune(environ: dict[str, str] | None = None) -> dict[str, int]:
             applied[name] = value
         else:
             log.warning("mallopt(%d, %d) failed: %s left at its default", param, value, name)
-    return applied
+    return dict(applied)
