@@ -281,8 +281,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"bytes fetched:  {sched.get('bytes_fetched', 0)} over the network (host-wide, readahead and prefetch included)")
     print(f"demand misses:  {result['bytes_missed']} stored bytes this image waited for")
     print(f"chunk reads:    {result['chunk_reads']}, misses {result['demand_misses']}")
-    print(f"chunks cached:  {sched['cache'].get('entries', '?')} (host-wide)")
-    print(f"hit rate:       {hits / max(1, sched.get('requests', 0)):.1%} (host-wide)")
+    flat_bytes = result["device"].get("block_cache", {}).get("bytes", 0)
+    print(f"cached:         {flat_bytes} bytes in this image's flat layer files, "
+          f"{sched['cache'].get('entries', '?')} chunk files (host-wide)")
+    # reads the flat layer files serve never reach the scheduler: its hit rate is of the rest
+    print(f"hit rate:       {hits / max(1, sched.get('requests', 0)):.1%} of the chunk requests that reached "
+          "the scheduler (host-wide)")
     print(f"fetch latency:  p50 {lat.get('p50', 0) * 1000:.1f} ms, p95 {lat.get('p95', 0) * 1000:.1f} ms, "
           f"p99 {lat.get('p99', 0) * 1000:.1f} ms")
     hyd = result.get("hydration") or {}

@@ -735,7 +735,8 @@ class LayerFlats(BlockCache):
                 await self.cache.release(f)
 
     def statistics(self) -> dict:
-        return {"layers": len(self.files), "blocks": sum(f.map.count for f in self.files)}
+        blocks = sum(f.map.count for f in self.files)
+        return {"layers": len(self.files), "blocks": blocks, "bytes": blocks * self.block_size}
 
 
 def write_targets(targets, raw: bytes | memoryview):
