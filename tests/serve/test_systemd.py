@@ -175,12 +175,38 @@ def _unit(name: str, venv: str) -> str:
     return text
 
 
-def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registry):
+def _guest_and_venv() -> tuple:
+    """The systemd guest's kernel and modules, and this checkout's venv bin dir (the units run
+    its lazyfs); skips without either."""
     guest = require_qemu(SYSTEMD_GUEST_MODULES)
     venv = os.path.join(ROOT, ".venv", "bin")
+    if not os.access(os.path.join(venv, "lazyfs"), os.X_OK):
+        pytest.skip(f"{os.path.join(venv, 'lazyfs')} is missing (run scripts/setup.sh)")
+    return guest, venv
+
+
+def _push_for_guest(tmp_path, registry, layout: LocalRef, ref: str, cfg: dict) -> dict[str, bytes]:
+    """Push *layout* to *ref* in the host's *registry* and return the guest's files for it: the
+    registry's storage and config under /srv (the guest's docker-registry serves them on the same
+    port), and *cfg* as /etc/lazyfs/config.json."""
+    (tmp_path / "push.json").write_text(json.dumps(cfg))
+
+    async def push():
+        async with ImageOpener(load_config(str(tmp_path / "push.json"))) as opener:
+            await push_image(opener, layout, parse_reference(ref))
+
+    trio.run(push)
+    files = _tree(str(registry.root), "/srv/registry-storage")
+    files["/srv/registry.json"] = json.dumps({
+        "version": "0.1", "storage": {"filesystem": {"rootdirectory": "/srv/registry-storage"}},
+        "http": {"addr": f"127.0.0.1:{registry.port}"}}).encode()
+    files["/etc/lazyfs/config.json"] = json.dumps(cfg).encode()
+    return files
+
+
+def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registry):
+    guest, venv = _guest_and_venv()
     venv_lazyfs = os.path.join(venv, "lazyfs")
-    if not os.access(venv_lazyfs, os.X_OK):
-        pytest.skip(f"{venv_lazyfs} is missing (run scripts/setup.sh)")
     src = tmp_path / "src"
     src.mkdir()
     (src / "hello").write_text("hello from the image\n")
@@ -190,13 +216,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
     ref = f"{registry.registry}/guest/hello:v1"
     cfg = {"registries": [{"host": registry.registry, "plain_http": True}], "trace_record_seconds": 0,
            "cache_size": 268435456, "flat_cache_size": 268435456}
-    (tmp_path / "push.json").write_text(json.dumps(cfg))
-
-    async def push():
-        async with ImageOpener(load_config(str(tmp_path / "push.json"))) as opener:
-            await push_image(opener, layout, parse_reference(ref))
-
-    trio.run(push)
+    files = _push_for_guest(tmp_path, registry, layout, ref, cfg)
     layer = parse_manifest(OciLayout(layout.path).read_manifest("v1")[0]).layers[0].digest
     # the containerd API stubs, compiled here (minutes under TCG), shipped into the unit's cache dir
     try:
@@ -204,12 +224,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
     except ConfigError as exc:
         pytest.skip(str(exc))
     key_dir = stubs[:stubs.index(f"/{api.PACKAGE}/")]  # <cache root>/<key of the inputs>
-    files = _tree(key_dir, f"{PROTO_CACHE}/{os.path.basename(key_dir)}")
-    files.update(_tree(str(registry.root), "/srv/registry-storage"))
-    files["/srv/registry.json"] = json.dumps({
-        "version": "0.1", "storage": {"filesystem": {"rootdirectory": "/srv/registry-storage"}},
-        "http": {"addr": f"127.0.0.1:{registry.port}"}}).encode()
-    files["/etc/lazyfs/config.json"] = json.dumps(cfg).encode()
+    files.update(_tree(key_dir, f"{PROTO_CACHE}/{os.path.basename(key_dir)}"))
     files["/srv/client.py"] = SNAPSHOTTER_CLIENT.encode()
     # The image goes in with the initrd, to /srv (not /tmp: the guest's boot empties /tmp, and the
     # daemon's /tmp is its own anyway).

@@ -41,17 +41,12 @@ import shlex
 import pytest
 import trio
 
-from lazyfs.config import load_config
-from lazyfs.format.reference import parse_reference
 from lazyfs.image.local import create_image
 from lazyfs.image.ref import LocalRef
-from lazyfs.image.remote import ImageOpener, push_image
-from tests.serve.conftest import ROOT
 from tests.serve.test_live_restart import READER, checksums
-from tests.serve.test_systemd import _results, _tree, _unit
-from tests.support.guest import require_qemu
+from tests.serve.test_systemd import _guest_and_venv, _push_for_guest, _results, _unit
 from tests.support.registry import registry_fixture
-from tests.support.systemd_guest import SYSTEMD_GUEST_MODULES, run_systemd_guest
+from tests.support.systemd_guest import run_systemd_guest
 
 RESTARTS = int(os.environ.get("LAZYFS_SYSTEMD_RESTARTS") or 2)
 
@@ -129,11 +124,8 @@ def _source_tree(path) -> None:
 
 
 def test_reader_keeps_reading_across_systemctl_restart(tmp_path, registry):
-    guest = require_qemu(SYSTEMD_GUEST_MODULES)
-    venv = os.path.join(ROOT, ".venv", "bin")
+    guest, venv = _guest_and_venv()
     venv_lazyfs = os.path.join(venv, "lazyfs")
-    if not os.access(venv_lazyfs, os.X_OK):
-        pytest.skip(f"{venv_lazyfs} is missing (run scripts/setup.sh)")
     src = tmp_path / "src"
     _source_tree(src)
     expected = checksums(str(src))
@@ -145,18 +137,7 @@ def test_reader_keeps_reading_across_systemctl_restart(tmp_path, registry):
     # page cache of disk.img (buffered, the default, every pass after the first would be)
     cfg = {"registries": [{"host": registry.registry, "plain_http": True}], "trace_record_seconds": 0,
            "cache_size": 268435456, "flat_cache_size": 268435456, "read_only_loop": "direct"}
-    (tmp_path / "push.json").write_text(json.dumps(cfg))
-
-    async def push():
-        async with ImageOpener(load_config(str(tmp_path / "push.json"))) as opener:
-            await push_image(opener, layout, parse_reference(ref))
-
-    trio.run(push)
-    files = _tree(str(registry.root), "/srv/registry-storage")
-    files["/srv/registry.json"] = json.dumps({
-        "version": "0.1", "storage": {"filesystem": {"rootdirectory": "/srv/registry-storage"}},
-        "http": {"addr": f"127.0.0.1:{registry.port}"}}).encode()
-    files["/etc/lazyfs/config.json"] = json.dumps(cfg).encode()
+    files = _push_for_guest(tmp_path, registry, layout, ref, cfg)
     files["/srv/expected.json"] = json.dumps(expected).encode()
     units = {"lazyfs.service": _unit("lazyfs.service", venv)}
     script = SCRIPT.format(lazyfs=shlex.quote(venv_lazyfs), python=shlex.quote(os.path.join(venv, "python")),
