@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -33,11 +32,10 @@ from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload
 from lazyfs.image.traces import load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
 from lazyfs.serve.hydrate import HeldByBlockCache, HydratePolicy, Hydrator
-from lazyfs.serve.state import ATTACHMENT_NAME, FrontEnd, attachment_name
+from lazyfs.serve.state import FrontEnd, attachment_name, is_attachment_name
 from lazyfs.nursery import open_nursery
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(ATTACHMENT_NAME)
 
 
 class _Unrouted(Backend):
@@ -232,7 +230,7 @@ class Host:
         image fully local in the background (None: the config's ``hydrate``; False: not).
         """
         name = name or attachment_name(ref)
-        if not _NAME.match(name):
+        if not is_attachment_name(name):
             raise ConfigError(f"attachment name {name!r}: use letters, digits, '.', '_' and '-'")
         plain_http = tuple(plain_http)
         if not all(isinstance(host, str) and host for host in plain_http):

@@ -35,6 +35,7 @@ __all__ = [
     "FrontEnd",
     "LoadedState",
     "attachment_name",
+    "is_attachment_name",
     "decode_state",
     "encode_state",
 ]
@@ -50,10 +51,15 @@ IMAGE_NAME = "disk.img"
 """The name of the exported file inside each export directory (both FUSE front ends)."""
 
 
+def is_attachment_name(name: str) -> bool:
+    """Whether *name* may name an attachment (a file name under the export directory)."""
+    return _NAME.match(name) is not None
+
+
 def attachment_name(text: str) -> str:
     """A file-name-safe attachment name derived from an image reference."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", text.split("@")[0]).strip("-.")[-100:] or "image"
-    return name if _NAME.match(name) else "image-" + name[-90:]
+    return name if is_attachment_name(name) else "image-" + name[-90:]
 
 
 _AbsolutePath = Annotated[str, msgspec.Meta(pattern=r"^/", max_length=4096)]
