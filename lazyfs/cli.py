@@ -514,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]|all",
                    help="from a multi-arch index (default: this host's; all: every platform, an index each)")
     p.add_argument("--chunk-size", **chunk)
-    p.add_argument("--span-size", type=parse_size, default=1 << 20,
-                   help="uncompressed bytes per verified span (default 1M)")
+    p.add_argument("--span-size", type=parse_size, default=256 << 10,
+                   help="uncompressed bytes per verified span (default 256K; gzip layers keep a 32 KiB window "
+                        "every 1M, the spans in between take theirs from the span before)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary (no progress bars)")
 

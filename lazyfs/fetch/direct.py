@@ -10,7 +10,9 @@ import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.fetch.backend import Backend
-from lazyfs.format.spanindex import decode_location
+from lazyfs.format.spanindex import SPAN_GZIP, WINDOW, SpanLocation, decode_location
+
+MAX_TAILS = 64  # the windows of chained spans: tails of the gzip spans read last
 
 
 class DirectChunkSource(ChunkSource):
@@ -18,15 +20,28 @@ class DirectChunkSource(ChunkSource):
         self.backend = backend
         self._limiter = limiter or trio.CapacityLimiter(4)
         self.reads = self.bytes_fetched = 0
+        self._tails: dict[bytes, bytes] = {}
 
     async def get(self, loc: ChunkLocation, priority: Priority = Priority.DEMAND) -> bytes:
+        window = None
+        if isinstance(loc, SpanLocation) and loc.prev is not None:
+            # the tail of the span before it; recursion is bounded by the span map's MAX_CHAIN
+            window = self._tails.get(loc.prev.digest)
+            if window is None:
+                window = (await self.get(loc.prev, priority))[-WINDOW:]
         stored = await self.backend.read_range(loc.blob, loc.offset, loc.compressed_length)
         self.reads += 1
         self.bytes_fetched += len(stored)
-        return await trio.to_thread.run_sync(
-            decode_location, loc, stored, f"{loc.blob}@{loc.offset}",
+        raw = await trio.to_thread.run_sync(
+            decode_location, loc, stored, f"{loc.blob}@{loc.offset}", window,
             limiter=self._limiter,
         )
+        if isinstance(loc, SpanLocation) and loc.compression == SPAN_GZIP and len(raw) >= WINDOW:
+            self._tails.pop(loc.digest, None)
+            self._tails[loc.digest] = raw[-WINDOW:]
+            if len(self._tails) > MAX_TAILS:
+                del self._tails[next(iter(self._tails))]
+        return raw
 
     async def aclose(self) -> None:
         await self.backend.aclose()

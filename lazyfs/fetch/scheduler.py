@@ -49,7 +49,7 @@ from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.flatfile import FlatCache, write_targets
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
-from lazyfs.format.spanindex import decode_location
+from lazyfs.format.spanindex import MAX_CHAIN, SPAN_GZIP, WINDOW, SpanLocation, decode_location
 from lazyfs.nursery import open_nursery
 
 __all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
@@ -148,7 +148,9 @@ _COUNTERS = (
     "background_bytes",
     "decode_hops",  # worker-thread hops of fetch jobs (one per coalesced read, not per chunk)
     "location_retries",  # joiners whose flight (another location of the digest) failed and who read their own
+    "chain_spans",  # spans fetched only because a chained span after them needed their tail as its window
 )
+MAX_TAILS = 512  # the last WINDOW bytes of this many recently decoded gzip spans (16 MiB): chained spans' windows
 
 
 class FetchScheduler(ChunkSource):
@@ -211,6 +213,9 @@ class FetchScheduler(ChunkSource):
         self._demand_quiet: trio.Event | None = None
         self._st = dict.fromkeys(_COUNTERS, 0)
         self._latency = LatencyHistogram()
+        # span digest -> its last WINDOW raw bytes (verified), oldest first: the windows of chained spans
+        self._tails: dict[bytes, bytes] = {}
+        self.max_tails = MAX_TAILS
 
     # ------------------------------------------------------------ lifecycle
 
@@ -488,8 +493,40 @@ class FetchScheduler(ChunkSource):
             else:
                 self._planner.request(flight.loc, flight.priority, self._lane(flight.loc.blob))
 
+    def _chain_windows(self, locs: Sequence[ChunkLocation]) -> tuple[list[SpanLocation], dict[bytes, bytes]]:
+        """For the chained spans of *locs*: the spans to fetch and decode with them (their prevs whose
+        tail is not remembered, back to one that is or to a stored window), and the remembered tails."""
+        have = {loc.digest for loc in locs}
+        extra: dict[bytes, SpanLocation] = {}
+        tails: dict[bytes, bytes] = {}
+        for loc in locs:
+            prev = loc.prev if isinstance(loc, SpanLocation) else None
+            for _ in range(MAX_CHAIN + 1):  # bounded: the span map refuses longer chains
+                if prev is None or prev.digest in have or prev.digest in extra:
+                    break
+                tail = self._tails.get(prev.digest)
+                if tail is not None:
+                    tails[prev.digest] = tail
+                    break
+                extra[prev.digest] = prev
+                prev = prev.prev
+        self._st["chain_spans"] += len(extra)
+        return list(extra.values()), tails
+
+    def _remember_tails(self, tails: dict[bytes, bytes]) -> None:
+        for digest, tail in tails.items():
+            self._tails.pop(digest, None)
+            self._tails[digest] = tail
+        for digest in list(self._tails)[: max(0, len(self._tails) - self.max_tails)]:
+            del self._tails[digest]
+
     async def _execute(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
         remaining = {loc.digest: loc for loc in job.locations}
+        # a chained span is decoded with the tail of the span before it: remembered, or fetched in this read
+        chain, tails = self._chain_windows(job.locations)
+        for loc in chain:
+            remaining.setdefault(loc.digest, loc)
+        first = min([job.offset, *(loc.offset for loc in chain)])
         bad_bytes: dict[bytes, IntegrityError] = {}
         last_error: LazyfsError | None = None
         with trio.move_on_after(self.deadline) as scope:
@@ -502,9 +539,9 @@ class FetchScheduler(ChunkSource):
                 # Each pass reads what is still unverified from a source not yet caught serving
                 # bad bytes; bounded by the backend's sources.
                 while remaining and not bad_sources.issuperset(backend.sources):
-                    locs = sorted(remaining.values(), key=lambda l: l.offset)
+                    locs = sorted(remaining.values(), key=_read_order)
                     whole = i == 0 and not bad_sources
-                    start = job.offset if whole else locs[0].offset
+                    start = first if whole else locs[0].offset
                     end = job.end if whole else max(l.end for l in locs)
                     try:
                         got = await self._read_range(backend, job.blob, start, end - start, bad_sources)
@@ -523,11 +560,13 @@ class FetchScheduler(ChunkSource):
                     # write-back of every chunk in it run in the same worker.
                     try:
                         decoded = await trio.to_thread.run_sync(
-                            _decode_job, frames, got.source, self.cache.writer(write_back), flat, limiter=self._cpu)
+                            _decode_job, frames, got.source, self.cache.writer(write_back), flat, tails,
+                            limiter=self._cpu)
                     finally:
                         for targets in flat.values():
                             self.flat.release_targets(targets)
                     self._st["decode_hops"] += 1
+                    self._remember_tails({loc.digest: tails[loc.digest] for loc in locs if loc.digest in tails})
                     served_bad = False
                     for loc, result, written, flat_written in decoded:
                         if isinstance(result, IntegrityError):
@@ -703,6 +742,7 @@ class FetchScheduler(ChunkSource):
         return {
             **self._st,
             "in_flight": len(self._flights),
+            "span_tails": len(self._tails),
             "demand_waiting": self._demand_waiting,
             "latency": self._latency.snapshot(),
             "planner": self._planner.statistics(),
@@ -715,20 +755,35 @@ def _same_place(a: ChunkLocation, b: ChunkLocation) -> bool:
     return a == b
 
 
-def _decode_job(frames, source: str, write, flat: dict) -> list:
+def _read_order(loc: ChunkLocation) -> tuple[int, int]:
+    """Frames are decoded in blob order; a chained span comes after its prev (an earlier tar offset)."""
+    return loc.offset, loc.tar_offset if isinstance(loc, SpanLocation) else 0
+
+
+def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes]) -> list:
     """Worker thread: decode and verify every frame of one read, writing verified chunks back.
 
     Returns ``(loc, raw | IntegrityError | FormatError, chunk-file write result, flat write result)``
     per frame, in order; nothing unverified is written (*write* and the flat files only ever see
     bytes that matched their digest). A chunk with *flat* targets goes there, not to a chunk file.
+    *tails*: span digest -> last WINDOW raw bytes, the windows of chained spans; the tails of the
+    gzip spans decoded here are added to it (only this job's worker touches it meanwhile).
     """
     out = []
     for loc, frame in frames:
+        span = isinstance(loc, SpanLocation)
+        window = tails.get(loc.prev.digest) if span and loc.prev is not None else None
         try:
-            raw = decode_location(loc, frame, source)
+            if span and loc.prev is not None and window is None:
+                # its prev was in this read and failed verification: these bytes cannot be checked either
+                raise IntegrityError(f"span {loc.digest.hex()[:16]} of {loc.blob}", "the span before it", "bad bytes",
+                                     source)
+            raw = decode_location(loc, frame, source, window)
         except (IntegrityError, FormatError) as exc:
             out.append((loc, exc, None, None))
             continue
+        if span and loc.compression == SPAN_GZIP and len(raw) >= WINDOW:
+            tails[loc.digest] = raw[-WINDOW:]
         targets = flat.get(loc.digest)
         if targets:
             out.append((loc, raw, None, write_targets(targets, raw)))

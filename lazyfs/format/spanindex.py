@@ -4,7 +4,10 @@ An ordinary OCI layer is left as it is. Its *uncompressed* tar stream is cut
 into spans of about ``SPAN_SIZE`` bytes, each named by the blake3-256 of its
 bytes, and each readable on its own from a ranged read of the original blob:
 
-* gzip: from a zran checkpoint (``lazyfs.format.zran``) at a deflate block boundary;
+* gzip: from a zran checkpoint (``lazyfs.format.zran``) at a deflate block boundary.
+  A checkpoint keeps its 32 KiB window only every ``WINDOW_SPACING`` bytes; a
+  span between two of them is *chained*: its window is the tail of the span
+  before it (``SpanLocation.prev``), so small spans cost no more index bytes;
 * zstd: from a frame start (several frames); a single-frame layer has one
   checkpoint, so every span reads the blob from its start (fetched whole);
 * plain tar: the span's own bytes.
@@ -35,8 +38,11 @@ from lazyfs.format.chunk import decode_chunk, decompress_declared, declared_size
 from lazyfs.format.layer import ChunkLocation
 from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from
 
-SPAN_VERSION = 1
-SPAN_SIZE = 1 << 20
+SPAN_VERSION = 2  # 2: chained gzip spans (window CHAINED); version 1 maps are still read
+SPAN_SIZE = 256 << 10
+WINDOW_SPACING = 1 << 20  # gzip: a stored window at least this often; chained spans in between
+CHAINED = -2  # a span row's window: the last WINDOW tar bytes before its checkpoint, from the span ending there
+MAX_CHAIN = 32  # chained spans in a row before a stored window (a longer chain is refused)
 MAX_SPAN = 16 << 20  # raw bytes of one span (the chunk limit: spans live in the chunk cache)
 MAX_DOC = 256 << 20  # a span map, decompressed
 MAX_ENTRIES = 1 << 22  # spans, windows or mapped extents in one span map
@@ -58,12 +64,17 @@ class SpanLocation(ChunkLocation):
     Fetch ``[offset, offset + compressed_length)`` of *blob*, resume decoding
     there (gzip: *bits* of the first byte and the zstd-compressed *window*),
     drop the first *skip* uncompressed bytes, keep ``raw_length``.
+
+    A chained gzip span has no *window*: *prev* is the span that ends where its
+    checkpoint starts, and the last ``WINDOW`` bytes of prev's (verified) raw
+    bytes are the window (the fetch layer hands them to ``decode_span``).
     """
 
     tar_offset: int = 0
     skip: int = 0
     bits: int = 0
     window: bytes = b""
+    prev: "SpanLocation | None" = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +137,11 @@ def read_tar_range(m: SpanMap, raw_of: Callable[[SpanLocation], bytes], lo: int,
 # ---------------------------------------------------------------- decoding one span
 
 
-def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "") -> bytes:
-    """The verified raw bytes of a span from its fetched compressed range (IntegrityError if they are not)."""
+def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "", window: bytes | None = None) -> bytes:
+    """The verified raw bytes of a span from its fetched compressed range (IntegrityError if they are not).
+
+    *window*: for a chained span, the last ``WINDOW`` raw bytes of ``loc.prev`` (verified).
+    """
     what = f"span {loc.digest.hex()[:16]} (tar {loc.tar_offset}+{loc.raw_length}) of {loc.blob}"
     if not 0 < loc.raw_length <= MAX_SPAN:
         raise FormatError(f"{what}: absurd raw length")
@@ -135,7 +149,11 @@ def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "")
     if loc.compression == SPAN_NONE:
         raw = stored
     elif loc.compression == SPAN_GZIP:
-        window = _window(loc.window, what) if loc.window else b""
+        if loc.prev is not None:
+            if window is None or len(window) != WINDOW:
+                raise FormatError(f"{what}: a chained span needs the {WINDOW} bytes before it")
+        else:
+            window = _window(loc.window, what) if loc.window else b""
         raw = inflate_from(stored, loc.bits, window, loc.skip, loc.raw_length, what)
     elif loc.compression == SPAN_ZSTD:
         raw = _zstd_range(stored, loc.skip, loc.raw_length, what)
@@ -147,10 +165,11 @@ def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "")
     return raw
 
 
-def decode_location(loc: ChunkLocation, stored: bytes | memoryview, source: str = "") -> bytes:
+def decode_location(loc: ChunkLocation, stored: bytes | memoryview, source: str = "",
+                    window: bytes | None = None) -> bytes:
     """A chunk's or a span's verified raw bytes: what the fetch layer calls for every location."""
     if isinstance(loc, SpanLocation):
-        return decode_span(loc, stored, source)
+        return decode_span(loc, stored, source, window)
     return decode_chunk(loc.digest, stored, loc.compression, loc.raw_length, source)
 
 
@@ -236,19 +255,26 @@ class BuiltSpans:
     tar_size: int
     spans: tuple[SpanLocation, ...]
     windows: int  # how many distinct windows the spans need
+    prevs: tuple[int, ...] = ()  # per span, the index of its prev (chained spans) or -1
 
     def span_map(self, source_digest: str, mapped: tuple[MappedExtent, ...], block_size: int = 4096) -> SpanMap:
-        spans = tuple(SpanLocation(s.digest, source_digest, s.offset, s.compressed_length, s.raw_length,
-                                   s.compression, s.tar_offset, s.skip, s.bits, s.window) for s in self.spans)
+        spans: list[SpanLocation] = []
+        prevs = self.prevs or (-1,) * len(self.spans)
+        for s, p in zip(self.spans, prevs):
+            spans.append(SpanLocation(s.digest, source_digest, s.offset, s.compressed_length, s.raw_length,
+                                      s.compression, s.tar_offset, s.skip, s.bits, s.window,
+                                      spans[p] if p >= 0 else None))
         return SpanMap(source_digest, self.source_size, self.codec, self.access, self.tar_size, block_size,
-                       spans, mapped)
+                       tuple(spans), mapped)
 
 
 def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None], *,
-                span_size: int = SPAN_SIZE, limit: int = 1 << 40) -> BuiltSpans:
+                span_size: int = SPAN_SIZE, limit: int = 1 << 40, window_spacing: int = WINDOW_SPACING) -> BuiltSpans:
     """Read the layer blob *blob* (a binary file) once: spans, and the tar stream handed to *sink*.
 
-    FormatError if the blob does not decode, or decodes to more than *limit* bytes.
+    gzip: a checkpoint every *span_size* bytes, its window stored every *window_spacing*
+    bytes; the spans in between are chained. FormatError if the blob does not decode, or
+    decodes to more than *limit* bytes.
     """
     if codec not in CODECS:
         raise FormatError(f"layer compression {codec!r} cannot be indexed (gzip, zstd or none)")
@@ -289,8 +315,11 @@ def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None
         raise FormatError("the layer is empty")
     packed: dict[bytes, bytes] = {}
     compressor = zstandard.ZstdCompressor(level=19)
-    spans = []
-    for cut in cutter.cuts:
+    spans: list[SpanLocation] = []
+    prevs: list[int] = []
+    anchor_out = 0  # tar offset of the last checkpoint that needs no window from before it
+    chain, depth = -1, 0  # the current checkpoint's prev span (-1: none), and how many chained in a row
+    for n, cut in enumerate(cutter.cuts):
         cp = checkpoints[cut.checkpoint]
         if codec == "none":
             start, end = cut.tar_offset, cut.tar_offset + cut.length
@@ -298,15 +327,25 @@ def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None
             start = cp.start
             nxt = checkpoints[cut.checkpoint + 1] if cut.checkpoint + 1 < len(checkpoints) else None
             end = (nxt.start + (1 if nxt.bits else 0)) if nxt is not None else source_size
+        if n == 0 or cutter.cuts[n - 1].checkpoint != cut.checkpoint:  # the checkpoint's first span
+            before = spans[-1] if spans else None
+            chain = -1
+            if codec == "gzip" and len(cp.window) == WINDOW and cp.out - anchor_out < window_spacing \
+                    and depth < MAX_CHAIN and before is not None and before.raw_length >= WINDOW \
+                    and before.tar_offset + before.raw_length == cp.out:
+                chain, depth = n - 1, depth + 1
+            else:
+                anchor_out, depth = cp.out, 0
         window = b""
-        if cp.window:
+        if cp.window and chain < 0:
             if cp.window not in packed:
                 packed[cp.window] = compressor.compress(cp.window)
             window = packed[cp.window]
         spans.append(SpanLocation(cut.digest, "", start, end - start, cut.length, CODECS[codec], cut.tar_offset,
                                   0 if codec == "none" else cut.tar_offset - cp.out, cp.bits, window))
+        prevs.append(chain)
     access = ACCESS[codec] if not (codec == "zstd" and len(checkpoints) == 1) else ZSTD_WHOLE
-    return BuiltSpans(codec, access, source_size, cutter.pos, tuple(spans), len(packed))
+    return BuiltSpans(codec, access, source_size, cutter.pos, tuple(spans), len(packed), tuple(prevs))
 
 
 def _sync(cutter: _SpanCutter, found: list[Checkpoint], kept: list[Checkpoint]) -> None:
@@ -366,7 +405,7 @@ def encode_span_map(m: SpanMap) -> bytes:
     windows: dict[bytes, int] = {}
     rows = []
     for s in m.spans:
-        w = windows.setdefault(s.window, len(windows)) if s.window else -1
+        w = CHAINED if s.prev is not None else windows.setdefault(s.window, len(windows)) if s.window else -1
         rows.append([s.tar_offset, s.raw_length, s.digest, s.offset, s.compressed_length, s.skip, s.bits, w])
     doc = {
         "version": SPAN_VERSION,
@@ -406,8 +445,9 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
         raise FormatError(f"{what} does not decode: {exc or type(exc).__name__}") from None
     if not isinstance(doc, dict):
         raise FormatError(f"{what} is not a map")
-    if doc.get("version") != SPAN_VERSION:
-        raise FormatError(f"{what}: version {doc.get('version')!r} (this lazyfs reads {SPAN_VERSION})")
+    version = doc.get("version")
+    if version not in (1, SPAN_VERSION):
+        raise FormatError(f"{what}: version {version!r} (this lazyfs reads 1 and {SPAN_VERSION})")
     codec, access = doc.get("codec"), doc.get("access")
     if codec not in CODECS or access not in (ACCESS[codec], ZSTD_WHOLE if codec == "zstd" else None):
         raise FormatError(f"{what}: codec {codec!r} with access {access!r}")
@@ -426,7 +466,9 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
     rows, mapped_rows = doc.get("spans"), doc.get("mapped")
     if not isinstance(rows, list) or not rows or not isinstance(mapped_rows, list):
         raise FormatError(f"{what}: spans or mapped missing")
-    spans = []
+    spans: list[SpanLocation] = []
+    ending: dict[int, int] = {}  # tar offset -> the span ending there (chained spans find their prev)
+    depth: list[int] = []
     pos = 0
     code = CODECS[codec]
     for i, row in enumerate(rows):
@@ -439,14 +481,24 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
             raise FormatError(f"{what}: spans[{i}] does not follow the previous span or has length {length}")
         if offset < 0 or clen <= 0 or offset + clen > source_size or skip < 0 or skip > tar_size:
             raise FormatError(f"{what}: spans[{i}] reads outside the source blob")
-        if not 0 <= bits <= (7 if codec == "gzip" else 0) or not -1 <= w < len(windows) or \
+        lowest = CHAINED if version >= 2 and codec == "gzip" else -1
+        if not 0 <= bits <= (7 if codec == "gzip" else 0) or not lowest <= w < len(windows) or \
                 (w >= 0 and codec != "gzip"):
             raise FormatError(f"{what}: spans[{i}] has bits {bits} or window {w} out of range")
         if codec == "none" and (offset != tar_offset or clen != length or skip):
             raise FormatError(f"{what}: spans[{i}] of a plain tar must read its own bytes")
+        prev = None
+        depth.append(0)
+        if w == CHAINED:
+            p = ending.get(tar_offset - skip, -1)
+            if p < 0 or spans[p].raw_length < WINDOW or depth[p] >= MAX_CHAIN:
+                raise FormatError(f"{what}: spans[{i}] is chained, but no span of {WINDOW} bytes or more ends at its "
+                                  f"checkpoint (or the chain is longer than {MAX_CHAIN})")
+            prev, depth[i] = spans[p], depth[p] + 1
         spans.append(SpanLocation(digest, source, offset, clen, length, code, tar_offset, skip, bits,
-                                  windows[w] if w >= 0 else b""))
+                                  windows[w] if w >= 0 else b"", prev))
         pos += length
+        ending[pos] = i
     if pos != tar_size:
         raise FormatError(f"{what}: the spans cover {pos} bytes, the tar has {tar_size}")
     mapped = []

@@ -16,7 +16,7 @@ layer), pushed byte for byte to a local docker-registry.
   Bytes fetched are counted at the proxy.
 
 Usage: scripts/bench/index.py [--workdir DIR] [--debian] [--mbit 100] [--rtt 0 0.02] [--files 300]
-                              [--span-size 1M] [--json FILE]
+                              [--span-size 256K] [--json FILE]
 Needs root, umoci, docker-registry.
 """
 
@@ -197,7 +197,7 @@ def main() -> int:
     parser.add_argument("--mbit", type=float, default=100)
     parser.add_argument("--rtt", type=float, nargs="+", default=[0.0, 0.02])
     parser.add_argument("--files", type=int, default=300)
-    parser.add_argument("--span-size", default="1M", help="passed to lazyfs index")
+    parser.add_argument("--span-size", default="256K", help="passed to lazyfs index")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     if os.geteuid() != 0:

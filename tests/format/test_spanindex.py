@@ -1,4 +1,5 @@
-"""Span maps: every span of every codec decodes on its own from its compressed range and checks its digest."""
+"""Span maps: every span of every codec decodes from its compressed range (a chained gzip span with the
+tail of the span before it) and checks its digest."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import io
 import random
 import subprocess
 
+import msgpack
 import pytest
 import zstandard
 
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.spanindex import (
+    CHAINED,
+    MAX_CHAIN,
+    WINDOW,
     ZSTD_WHOLE,
     MappedExtent,
     build_spans,
@@ -57,13 +62,21 @@ BLOBS = {
 }
 
 
-def _build(kind: str, data: bytes):
+def _build(kind: str, data: bytes, **options):
     blob = BLOBS[kind](data)
     codec = kind.split("-")[0]
     out = bytearray()
-    built = build_spans(io.BytesIO(blob), codec, len(blob), out.extend, span_size=SPAN)
+    built = build_spans(io.BytesIO(blob), codec, len(blob), out.extend, span_size=SPAN, **options)
     assert bytes(out) == data
     return blob, built.span_map("sha256:" + "ab" * 32, ())
+
+
+def _decode(span, blob: bytes, raws: dict, source: str = "") -> bytes:
+    """A span's raw bytes from its own range, a chained one with its prev's tail (from *raws*)."""
+    window = raws[span.prev.digest][-WINDOW:] if span.prev is not None else None
+    raw = decode_location(span, blob[span.offset:span.end], source, window)
+    raws[span.digest] = raw
+    return raw
 
 
 @pytest.mark.parametrize("kind", sorted(BLOBS))
@@ -77,12 +90,20 @@ def test_every_span_decodes_alone_and_round_trips(kind: str) -> None:
         assert len(m.spans) >= 700_000 // (4 * SPAN)
     if kind.startswith("gzip"):
         assert any(s.bits for s in m.spans), "some checkpoint should start mid-byte"
+    if kind in ("gzip", "gzip-cli"):  # one member: windows every 1 MiB, so all spans but the first are chained
+        assert m.spans[0].prev is None and all(s.prev is not None for s in m.spans[1:]), kind
+        assert all(s.window == b"" for s in m.spans[1:])
+    if kind == "gzip-members":  # each member's first span needs no window; the rest chain to the one before
+        assert all(s.prev is None for s in m.spans if s.tar_offset in (0, len(data) // 3))
+    raws: dict = {}
     for span in m.spans:
-        raw = decode_location(span, blob[span.offset:span.offset + span.compressed_length], "test")
+        raw = _decode(span, blob, raws, "test")
         assert raw == data[span.tar_offset:span.tar_offset + span.raw_length]
     again = decode_span_map(encode_span_map(m))
     assert again.spans == m.spans and again.access == m.access
-    cache = {s.digest: decode_location(s, blob[s.offset:s.end]) for s in again.spans}
+    cache: dict = {}
+    for s in again.spans:
+        _decode(s, blob, cache)
     assert read_tar_range(again, lambda s: cache[s.digest], 12345, 654321) == data[12345:654321]
 
 
@@ -90,17 +111,93 @@ def test_every_span_decodes_alone_and_round_trips(kind: str) -> None:
 def test_a_flipped_byte_is_an_integrity_error(kind: str) -> None:
     data = _stream(2, 400_000)
     blob, m = _build(kind, data)
+    raws: dict = {}
+    for span in m.spans[:len(m.spans) // 2]:
+        _decode(span, blob, raws)
     span = m.spans[len(m.spans) // 2]
     stored = bytearray(blob[span.offset:span.end])
     stored[len(stored) // 2] ^= 0x40
+    window = raws[span.prev.digest][-WINDOW:] if span.prev is not None else None
     with pytest.raises(IntegrityError):
-        decode_location(span, bytes(stored), "mirror")
+        decode_location(span, bytes(stored), "mirror", window)
+
+
+def test_a_chained_span_with_a_wrong_window_or_none_is_refused() -> None:
+    """The window of a chained span is the verified tail of its prev: any other 32 KiB inflate to bytes that
+    fail the span's digest, and no window at all is a FormatError (nothing is decoded unchecked)."""
+    data = _stream(12, 600_000)
+    blob, m = _build("gzip", data)
+    raws: dict = {}
+    for span in m.spans[:3]:
+        _decode(span, blob, raws)
+    span = m.spans[3]
+    assert span.prev == m.spans[2]
+    stored = blob[span.offset:span.end]
+    good = decode_location(span, stored, "", raws[m.spans[2].digest][-WINDOW:])
+    assert good == data[span.tar_offset:span.tar_offset + span.raw_length]
+    with pytest.raises(IntegrityError):
+        decode_location(span, stored, "mirror", raws[m.spans[1].digest][-WINDOW:])
+    with pytest.raises(FormatError):
+        decode_location(span, stored, "mirror")
+
+
+def test_windows_are_stored_every_window_spacing_bytes_and_chains_are_bounded() -> None:
+    data = _stream(13, 3_000_000)
+    blob = BLOBS["gzip"](data)
+    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN, window_spacing=1 << 20)
+    anchors = [s.tar_offset for s, p in zip(built.spans, built.prevs) if p < 0]
+    assert len(anchors) == 3 and all(b - a >= 1 << 20 for a, b in zip(anchors, anchors[1:])), anchors
+    assert built.windows == 2  # the first span starts the member: no window
+    # spacing 1: every checkpoint keeps its window (the version 1 layout); a huge spacing is cut at MAX_CHAIN
+    every = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN, window_spacing=1)
+    assert all(p < 0 for p in every.prevs) and every.windows == len(every.spans) - 1
+    capped = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN,
+                         window_spacing=1 << 40)
+    depth = [0] * len(capped.prevs)
+    for i, p in enumerate(capped.prevs):
+        depth[i] = depth[p] + 1 if p >= 0 else 0
+    assert max(depth) == MAX_CHAIN and capped.windows >= 1
+
+
+def _rewrite(stored: bytes, change) -> bytes:
+    doc = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(stored), raw=False)
+    change(doc)
+    return zstandard.ZstdCompressor(write_content_size=True).compress(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_chained_rows_are_checked() -> None:
+    data = _stream(14, 600_000)
+    _, m = _build("gzip", data)
+    stored = encode_span_map(m)
+    assert decode_span_map(stored).spans == m.spans
+
+    def version_1(doc):  # version 1 has no chained spans
+        doc["version"] = 1
+
+    def first_chained(doc):  # nothing ends where the first span starts
+        doc["spans"][0][7] = CHAINED
+
+    def long_chain(doc):  # MAX_CHAIN + 2 chained spans in a row (forged: a builder stops at MAX_CHAIN)
+        rows = doc["spans"]
+        base = rows[1]
+        pos = rows[-1][0] + rows[-1][1]
+        for i in range(MAX_CHAIN + 2):
+            rows.append([pos, WINDOW, bytes([i]) * 32, base[3], base[4], 0, 0, CHAINED])
+            pos += WINDOW
+        doc["tar_size"] = pos
+
+    for change in (version_1, first_chained, long_chain):
+        with pytest.raises(FormatError):
+            decode_span_map(_rewrite(stored, change))
+    # a version 1 map (every window stored) is still read
+    _, every = _build("gzip", data, window_spacing=1)
+    assert decode_span_map(_rewrite(encode_span_map(every), version_1)).spans == every.spans
 
 
 def test_forged_span_digest_is_an_integrity_error() -> None:
     data = _stream(3, 300_000)
     blob, m = _build("gzip", data)
-    span = m.spans[1]
+    span = m.spans[0]
     forged = type(span)(bytes(32), span.blob, span.offset, span.compressed_length, span.raw_length,
                         span.compression, span.tar_offset, span.skip, span.bits, span.window)
     with pytest.raises(IntegrityError):
@@ -142,8 +239,9 @@ def test_long_deflate_blocks_are_split_into_spans_that_skip_from_their_checkpoin
     blob, m = _build("gzip", data)
     assert any(s.skip > 0 for s in m.spans), "a block longer than 4 spans must be cut with skips"
     assert max(s.raw_length for s in m.spans) <= 4 * SPAN
+    raws: dict = {}
     for span in m.spans:
-        raw = decode_location(span, blob[span.offset:span.offset + span.compressed_length])
+        raw = _decode(span, blob, raws)
         assert raw == data[span.tar_offset:span.tar_offset + span.raw_length]
 
 

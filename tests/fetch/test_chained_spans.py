@@ -1,0 +1,106 @@
+"""Chained gzip spans through the fetch scheduler: a chained span is decoded with the verified tail of the
+span before it, remembered from an earlier read or fetched in the same ranged read (docs/index.md)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import random
+
+import trio
+
+from lazyfs.fetch.cache import ChunkCache
+from lazyfs.fetch.directory import DirectoryBackend
+from lazyfs.fetch.scheduler import FetchScheduler
+from lazyfs.format.digest import sha256_digest
+from lazyfs.format.spanindex import build_spans
+from tests.fetch.test_scheduler import Probe, run
+
+SPAN = 64 << 10
+
+
+def _text(seed: int, size: int) -> bytes:
+    rnd = random.Random(seed)
+    words = [rnd.randbytes(rnd.randint(2, 9)).hex() for _ in range(3000)]
+    out = bytearray()
+    while len(out) < size:
+        out += " ".join(rnd.choice(words) for _ in range(200)).encode() + b"\n"
+    return bytes(out[:size])
+
+
+def _layer(root, size: int = 1_000_000):
+    """A gzip layer in an OCI layout under *root*, and its span map (64 KiB spans, one stored window)."""
+    data = _text(1, size)
+    blob = gzip.compress(data, 6)
+    name = sha256_digest(blob)
+    path = root / "blobs" / "sha256" / name[7:]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(blob)
+    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN)
+    spans = built.span_map(name, ()).spans
+    assert spans[0].prev is None and all(s.prev is not None for s in spans[1:])  # one member, < 1 MiB apart
+    return data, name, spans
+
+
+def _raw(data: bytes, span) -> bytes:
+    return data[span.tar_offset:span.tar_offset + span.raw_length]
+
+
+def test_a_cold_chained_span_is_read_with_its_chain_in_one_read_then_each_next_span_alone(tmp_path):
+    data, blob, spans = _layer(tmp_path / "oci")
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[3]) == _raw(data, spans[3])
+            # spans 0..2 are fetched and decoded with it (their tails make its window), in one ranged read
+            assert probe.calls == [(blob, spans[0].offset, spans[3].end - spans[0].offset)]
+            st = sched.statistics()
+            assert st["chain_spans"] == 3 and st["ranged_gets"] == 1 and st["integrity_failures"] == 0
+            assert all(sched.is_cached(s.digest) for s in spans[:4])  # verified, so cached too
+            assert await sched.get(spans[2]) == _raw(data, spans[2])
+            assert len(probe.calls) == 1
+            # span 4's window is span 3's remembered tail: only its own bytes are read
+            assert await sched.get(spans[4]) == _raw(data, spans[4])
+            assert probe.calls[1] == (blob, spans[4].offset, spans[4].compressed_length)
+            assert sched.statistics()["chain_spans"] == 3
+
+    run(main)
+
+
+def test_a_chain_span_corrupted_by_a_mirror_fails_the_read_over_to_the_origin(tmp_path):
+    """A flipped byte in a span the chain needs (not in the span asked for): the asked span cannot be
+    checked either, so it is not served from that mirror; the origin serves both."""
+    data, blob, spans = _layer(tmp_path / "oci")
+    bad = Probe(DirectoryBackend(tmp_path / "oci"), "bad-mirror")
+    bad.corrupt.add(spans[1].offset + spans[1].compressed_length // 2)
+    good = Probe(DirectoryBackend(tmp_path / "oci"), "origin")
+
+    async def main():
+        async with FetchScheduler.open([bad, good], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[2]) == _raw(data, spans[2])
+            st = sched.statistics()
+            assert st["integrity_failures"] >= 1 and st["failovers"] >= 1
+            assert good.calls, "the origin must have served the chain"
+            assert await sched.get(spans[1]) == _raw(data, spans[1])
+
+    run(main)
+
+
+def test_remembered_tails_are_bounded_and_a_forgotten_one_is_fetched_again(tmp_path):
+    data, blob, spans = _layer(tmp_path / "oci")
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            sched.max_tails = 2
+            for span in spans[:8]:
+                assert await sched.get(span) == _raw(data, span)
+            assert sched.statistics()["span_tails"] == 2
+            assert sched.statistics()["chain_spans"] == 0  # read in order: every window was remembered
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache2", 1 << 30)) as sched:
+            # a new scheduler remembers nothing: the chain back to the stored window comes along
+            assert await sched.get(spans[6]) == _raw(data, spans[6])
+            assert sched.statistics()["chain_spans"] == 6
+
+    run(main)
