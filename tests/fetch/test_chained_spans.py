@@ -7,7 +7,6 @@ import gzip
 import io
 import random
 
-import trio
 
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
