@@ -7,7 +7,6 @@ import gzip
 import io
 import random
 
-
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
