@@ -520,9 +520,23 @@ class FetchScheduler(ChunkSource):
         for digest in list(self._tails)[: max(0, len(self._tails) - self.max_tails)]:
             del self._tails[digest]
 
+    async def _cached_tails(self, locs: Sequence[ChunkLocation]) -> None:
+        """Remember the tails of the cached spans that chained spans of *locs* follow (after a restart, or
+        once the tails were forgotten): a cache read (verified) instead of fetching the chain again."""
+        have = {loc.digest for loc in locs}
+        for loc in locs:
+            prev = loc.prev if isinstance(loc, SpanLocation) else None
+            if prev is None or prev.digest in have or prev.digest in self._tails or prev.digest not in self.cache:
+                continue
+            raw = await self.cache.get(prev.digest)
+            if raw is not None and len(raw) == prev.raw_length >= WINDOW:
+                self._remember_tails({prev.digest: raw[-WINDOW:]})
+
     async def _execute(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
         remaining = {loc.digest: loc for loc in job.locations}
-        # a chained span is decoded with the tail of the span before it: remembered, or fetched in this read
+        # a chained span is decoded with the tail of the span before it: remembered, read from the cache,
+        # or fetched and decoded in this read
+        await self._cached_tails(job.locations)
         chain, tails = self._chain_windows(job.locations)
         for loc in chain:
             remaining.setdefault(loc.digest, loc)

@@ -15,7 +15,7 @@ layer), pushed byte for byte to a local docker-registry.
   full pull: every layer blob fetched through the same proxy, then `umoci unpack`.
   Bytes fetched are counted at the proxy.
 
-Usage: scripts/bench/index.py [--workdir DIR] [--debian] [--mbit 100] [--rtt 0 0.02] [--files 300]
+Usage: scripts/bench/index.py [--workdir DIR] [--debian] [--mbit 100] [--rtt 0 0.02] [--files 300] [--rounds 1]
                               [--span-size 256K] [--json FILE]
 Needs root, umoci, docker-registry.
 """
@@ -198,6 +198,7 @@ def main() -> int:
     parser.add_argument("--rtt", type=float, nargs="+", default=[0.0, 0.02])
     parser.add_argument("--files", type=int, default=300)
     parser.add_argument("--span-size", default="256K", help="passed to lazyfs index")
+    parser.add_argument("--rounds", type=int, default=1, help="cold starts per RTT, the kinds interleaved")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -238,13 +239,13 @@ def main() -> int:
                 "layers": summary["layers"],
             }
             results["cold"] = []
-            for rtt in args.rtt:
+            for rtt, round_ in [(rtt, r) for r in range(args.rounds) for rtt in args.rtt]:
                 with FaultProxy.running_in_thread(reg.port) as proxy:
                     proxy.faults.bandwidth = args.mbit * 1e6 / 8
                     proxy.faults.latency = rtt
                     via = f"127.0.0.1:{proxy.port}/bench/app"
-                    tag = f"rtt{int(rtt * 1000)}"
-                    row = {"mbit": args.mbit, "rtt_s": rtt,
+                    tag = f"rtt{int(rtt * 1000)}-{round_}"
+                    row = {"mbit": args.mbit, "rtt_s": rtt, "round": round_,
                            "index": cold_lazy(work, f"index-{tag}", f"{via}:v", proxy, args.files, f"{work}/build/cache"),
                            "converted": cold_lazy(work, f"conv-{tag}", f"{via}:lazyfs", proxy, args.files, None),
                            "full_pull": cold_full(work, doc, "bench/app", proxy, args.files)}

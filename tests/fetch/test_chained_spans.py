@@ -12,7 +12,7 @@ from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.format.digest import sha256_digest
 from lazyfs.format.spanindex import build_spans
-from tests.fetch.test_scheduler import Probe, run
+from tests.fetch.test_scheduler import Probe, run, settle
 
 SPAN = 64 << 10
 
@@ -100,5 +100,23 @@ def test_remembered_tails_are_bounded_and_a_forgotten_one_is_fetched_again(tmp_p
             # a new scheduler remembers nothing: the chain back to the stored window comes along
             assert await sched.get(spans[6]) == _raw(data, spans[6])
             assert sched.statistics()["chain_spans"] == 6
+
+    run(main)
+
+
+def test_after_a_restart_the_tail_comes_from_the_cache_not_the_network(tmp_path):
+    data, blob, spans = _layer(tmp_path / "oci")
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[2]) == _raw(data, spans[2])
+            await settle(sched.cache)
+        before = len(probe.calls)
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert sched.statistics()["span_tails"] == 0
+            assert await sched.get(spans[3]) == _raw(data, spans[3])
+            assert probe.calls[before:] == [(blob, spans[3].offset, spans[3].compressed_length)]
+            assert sched.statistics()["chain_spans"] == 0
 
     run(main)
