@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from lazyfs.device.mapped import MappedRef, span_locations
 from lazyfs.errors import FormatError
 from lazyfs.format.layer import ZEROED, ChunkLocation, LayerMeta
-from lazyfs.format.spanindex import SpanLocation, SpanMap
+from lazyfs.format.spanindex import ZSTD_WHOLE, SpanMap
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,22 +126,34 @@ class MergedIndex:
         return list(seen.values())
 
     def following(self, loc: ChunkLocation, count: int) -> list[ChunkLocation]:
-        """Up to *count* distinct chunks read after *loc*'s first use, in virtual order (for readahead)."""
-        if isinstance(loc, SpanLocation):
-            return []  # a span (~1 MiB) is itself as much as the readahead of several chunks
+        """Up to *count* distinct chunks or spans read after *loc*'s first use, in virtual order (for readahead).
+
+        Spans of a single-frame zstd layer are never read ahead: its first read asks for all of them.
+        """
         if self._first_use is None:
             first: dict[bytes, int] = {}
             for i, seg in enumerate(self.segments):
-                if seg.loc is not None:
-                    first.setdefault(seg.loc.digest, i)
+                for found in _readahead_locations(seg):
+                    first.setdefault(found.digest, i)
             self._first_use = first
         i = self._first_use.get(loc.digest)
         if i is None:
             return []
         out: dict[bytes, ChunkLocation] = {}
-        for seg in self.segments[i + 1 : i + 1 + 4 * count]:
-            if seg.loc is not None and seg.loc.digest != loc.digest:  # chunks only: spans are read on demand
-                out.setdefault(seg.loc.digest, seg.loc)
+        past = False  # in loc's own segment, only what comes after loc
+        for seg in self.segments[i : i + 1 + 4 * count]:
+            for found in _readahead_locations(seg):
+                if found.digest == loc.digest:
+                    past = True
+                elif past:
+                    out.setdefault(found.digest, found)
+            past = True
             if len(out) >= count:
                 break
         return list(out.values())[:count]
+
+
+def _readahead_locations(seg: Segment) -> list[ChunkLocation]:
+    if seg.mapped is not None and seg.mapped.spans.access == ZSTD_WHOLE:
+        return []
+    return seg.locations()

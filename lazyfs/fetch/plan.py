@@ -169,6 +169,10 @@ class FetchPlanner:
         self._index(req)
         return RequestStatus.QUEUED
 
+    def is_running(self, digest: bytes) -> bool:
+        """Whether *digest* is in a job that has started (it will end without waiting for queued work)."""
+        return digest in self._in_flight
+
     def is_pending(self, digest: bytes) -> bool:
         """Whether *digest* is queued or in flight."""
         return digest in self._queued or digest in self._in_flight

@@ -521,12 +521,20 @@ class FetchScheduler(ChunkSource):
             del self._tails[digest]
 
     async def _cached_tails(self, locs: Sequence[ChunkLocation]) -> None:
-        """Remember the tails of the cached spans that chained spans of *locs* follow (after a restart, or
-        once the tails were forgotten): a cache read (verified) instead of fetching the chain again."""
+        """Remember the tails of the spans that chained spans of *locs* follow and that another job is
+        fetching now (readahead after the demand read of the span before it: wait for that job, which
+        never waits for queued work) or that are cached (after a restart, or once the tails were
+        forgotten: a verified cache read), instead of fetching the chain again."""
         have = {loc.digest for loc in locs}
         for loc in locs:
             prev = loc.prev if isinstance(loc, SpanLocation) else None
-            if prev is None or prev.digest in have or prev.digest in self._tails or prev.digest not in self.cache:
+            if prev is None or prev.digest in have or prev.digest in self._tails:
+                continue
+            flight = self._flights.get(prev.digest)
+            if flight is not None and self._planner.is_running(prev.digest):
+                with trio.move_on_after(self.deadline):
+                    await flight.done.wait()
+            if prev.digest in self._tails or prev.digest not in self.cache:
                 continue
             raw = await self.cache.get(prev.digest)
             if raw is not None and len(raw) == prev.raw_length >= WINDOW:

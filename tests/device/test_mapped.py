@@ -9,6 +9,7 @@ import random
 import pytest
 import trio
 
+from lazyfs.device.index import MergedIndex
 from lazyfs.device.merged import MergedDevice
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.fetch.backend import Backend
@@ -123,3 +124,16 @@ def test_an_upper_layer_cuts_a_mapped_extent_and_the_rest_keeps_its_tar_offsets(
     want[3 * BS:6 * BS] = b"\x09" * 3 * BS
     want[9 * BS:10 * BS] = bytes(BS)
     assert got == bytes(want)
+
+
+def test_readahead_after_a_span_is_the_spans_after_it_in_virtual_order():
+    """A span miss reads ahead like a chunk miss: the next spans of its extent, then of the next extents."""
+    mapped = (MappedExtent(2, 40, 0, 40 * BS), MappedExtent(50, 20, 200_000, 20 * BS))
+    tar, _, spans, meta, backend = _setup(mapped)
+    index = MergedIndex([(meta, LAYER)], 128, [spans])
+    first = spans.spans_for(0, 40 * BS)
+    second = spans.spans_for(200_000, 200_000 + 20 * BS)
+    assert len(first) >= 3 and len(second) >= 2
+    assert index.following(first[0], 2) == first[1:3]
+    assert index.following(first[-1], 2) == [s for s in second if s not in first][:2]
+    assert index.following(second[-1], 2) == []  # nothing after the last mapped extent

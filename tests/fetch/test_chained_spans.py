@@ -7,6 +7,9 @@ import gzip
 import io
 import random
 
+import trio
+
+from lazyfs.device.chunks import Priority
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
@@ -117,6 +120,30 @@ def test_after_a_restart_the_tail_comes_from_the_cache_not_the_network(tmp_path)
             assert sched.statistics()["span_tails"] == 0
             assert await sched.get(spans[3]) == _raw(data, spans[3])
             assert probe.calls[before:] == [(blob, spans[3].offset, spans[3].compressed_length)]
+            assert sched.statistics()["chain_spans"] == 0
+
+    run(main)
+
+
+def test_readahead_of_the_next_span_waits_for_the_running_read_of_the_one_before(tmp_path):
+    """Readahead queues the spans after a demand miss while the miss is being fetched: their window is the
+    missed span's tail, so they wait for that running read rather than fetch it again."""
+    data, blob, spans = _layer(tmp_path / "oci")
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+    probe.gate = trio.Event()
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sched.get, spans[0])
+                await probe.wait_calls(1)  # the demand read is running (held at the gate)
+                sched.prefetch(spans[1:3], Priority.READAHEAD)
+                await trio.sleep(0.05)
+                probe.gate.set()
+            for span in spans[:3]:
+                assert await sched.get(span) == _raw(data, span)
+            assert probe.calls[0] == (blob, spans[0].offset, spans[0].compressed_length)
+            assert sorted(probe.calls[1:]) == [(blob, spans[1].offset, spans[2].end - spans[1].offset)]
             assert sched.statistics()["chain_spans"] == 0
 
     run(main)
