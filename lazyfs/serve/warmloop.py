@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from lazyfs.config import Config
-from lazyfs.serve import hydratedfiles, system
+from lazyfs.serve import hydratedfiles, syscmd
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ def route_of(dev: str) -> str:
         back = f.read().rstrip("\n")
     if os.path.basename(os.path.dirname(back)) == hydratedfiles.DIRNAME:
         return "hydrated"
-    return "direct" if system.loop_direct_io(dev) else "buffered"
+    return "direct" if syscmd.loop_direct_io(dev) else "buffered"
 
 
 __all__ = ["LoopPlan", "plan", "route_of"]
