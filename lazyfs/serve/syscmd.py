@@ -31,6 +31,7 @@ log = logging.getLogger("lazyfs.serve.system")  # the name these log lines alway
 
 READAHEAD_SECTORS = 2048  # 1 MiB in 512-byte sectors: big sequential requests through FUSE
 FUSECTL_DIR = "/sys/fs/fuse/connections"
+TERM_GRACE = 2.0  # seconds between SIGTERM and SIGKILL for a command past its timeout
 
 
 class CommandError(LazyfsError):
@@ -76,17 +77,25 @@ def command_output(cmd: Sequence[str], returncode: int, stdout: bytes, stderr: b
 def run_blocking(cmd: Sequence[str], *, timeout: float = 60.0, pass_fds: Sequence[int] = ()) -> str:
     """Run *cmd* outside trio, return its stdout: the same errors as ``system.run``.
 
-    Never call it from a trio thread: it blocks until the command ends.
+    A command past its *timeout* gets SIGTERM, then SIGKILL after ``TERM_GRACE`` seconds, as under
+    trio. Never call it from a trio thread: it blocks until the command ends.
     """
     cmd = [os.fspath(c) for c in cmd]
     try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, timeout=timeout,
-                              env=command_env(), pass_fds=tuple(pass_fds))
-    except subprocess.TimeoutExpired:
-        raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=command_env(), pass_fds=tuple(pass_fds)) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.communicate(timeout=TERM_GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()  # leaving the with block waits for it (as long as the kernel holds it)
+                raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
     except OSError as exc:
         raise CommandError(cmd, None, str(exc)) from exc
-    return command_output(cmd, done.returncode, done.stdout, done.stderr)
+    return command_output(cmd, proc.returncode, stdout, stderr)
 
 
 def run_steps_blocking(steps: Steps) -> Any:

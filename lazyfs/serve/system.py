@@ -28,7 +28,7 @@ from lazyfs.serve import hostns
 from lazyfs.serve.mountinfo import MountEntry, is_mountpoint, mount_at, mounts, parse_mountinfo
 from lazyfs.serve.privatedir import private_dir
 from lazyfs.serve.syscmd import (
-    FUSECTL_DIR, READAHEAD_SECTORS, Command, CommandError, Steps, clear_stale_export_steps, command_env,
+    FUSECTL_DIR, READAHEAD_SECTORS, TERM_GRACE, Command, CommandError, Steps, clear_stale_export_steps, command_env,
     command_output, fuse_abort_steps, loop_direct_io, losetup_attach_steps, losetup_detach_steps, mount_steps,
     run_blocking, umount_blocking, umount_steps,
 )
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 async def _deliver_cancel(proc: trio.Process) -> None:
     proc.send_signal(signal.SIGTERM)
-    await trio.sleep(2)
+    await trio.sleep(TERM_GRACE)
     proc.kill()
 
 

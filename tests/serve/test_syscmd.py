@@ -5,12 +5,14 @@ No root needed: the commands are ``sh -c``.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
 from lazyfs.errors import BusyError
 from lazyfs.serve import system
-from lazyfs.serve.syscmd import Command, CommandError, run_steps_blocking
+from lazyfs.serve.syscmd import TERM_GRACE, Command, CommandError, run_steps_blocking
 
 
 def _steps(log: list[str]):
@@ -64,3 +66,16 @@ def _uncaught():
 def test_a_failure_the_steps_do_not_catch_is_the_callers(runner):
     with pytest.raises(CommandError, match="exited with 1"):
         runner(_uncaught())
+
+
+def _stubborn():
+    yield Command(("sh", "-c", "trap '' TERM; exec sleep 30"), timeout=0.2)
+
+
+@pytest.mark.parametrize("runner", [run_steps_blocking, lambda steps: trio.run(system.run_steps, steps)])
+def test_a_command_that_ignores_sigterm_is_killed_after_the_grace(runner):
+    """Both runners: SIGTERM at the timeout, SIGKILL TERM_GRACE seconds later, then the timeout error."""
+    started = time.monotonic()
+    with pytest.raises(CommandError, match="no answer after 0.2 s"):
+        runner(_stubborn())
+    assert 0.2 + TERM_GRACE - 0.1 < time.monotonic() - started < 0.2 + TERM_GRACE + 3
