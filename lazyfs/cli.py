@@ -9,8 +9,6 @@ import os
 import sys
 from collections.abc import Callable
 
-import trio
-
 from lazyfs.errors import ConfigError, LazyfsError, one_line
 from lazyfs.nursery import single_error
 
@@ -56,16 +54,24 @@ def _print(result: object, as_json: bool) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _run_async(async_fn, *args):
+    """``trio.run(async_fn, *args)``. trio is imported here, by the commands that need it: `lazyfs
+    mount`, `umount` and `export` talk to the daemon without it (its import is most of their start)."""
+    import trio
+
+    return trio.run(async_fn, *args)
+
+
 def _run_with_progress(args: argparse.Namespace, run, summary) -> int:
     """``trio.run(run, progress)`` (a rich progress display unless --quiet or --json), then print
     its result: as JSON with --json, else the line ``summary(result)`` unless --quiet."""
     if args.quiet or args.json:
-        result = trio.run(run, None)
+        result = _run_async(run, None)
     else:
         from lazyfs.image.progress import RichProgress
 
         with RichProgress() as progress:
-            result = trio.run(run, progress)
+            result = _run_async(run, progress)
     if args.json:
         _print(result, True)
     elif not args.quiet:
@@ -76,7 +82,7 @@ def _run_with_progress(args: argparse.Namespace, run, summary) -> int:
 def cmd_create(args: argparse.Namespace) -> int:
     from lazyfs.image.local import create_image
 
-    result = trio.run(lambda: create_image(
+    result = _run_async(lambda: create_image(
         _local(args.image), size=args.size, from_file=args.from_file, from_dir=args.from_dir,
         base=_local(args.base) if args.base else None, chunk_size=args.chunk_size))
     _print(result, args.json)
@@ -91,7 +97,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     else:
         from lazyfs.image.local import commit_image
 
-        result = trio.run(commit_image, _local(args.image), args.writable, _local(args.out), args.chunk_size)
+        result = _run_async(commit_image, _local(args.image), args.writable, _local(args.out), args.chunk_size)
     _print(result, args.json)
     return 0
 
@@ -135,7 +141,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         async with ImageOpener(_config(args)) as opener:
             return await push_image(opener, _local(args.image), _remote(args.ref))
 
-    _print(trio.run(run), args.json)
+    _print(_run_async(run), args.json)
     return 0
 
 
@@ -146,7 +152,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         async with ImageOpener(_config(args)) as opener:
             return await pull_image(opener, _remote(args.ref), _local(args.image))
 
-    _print(trio.run(run), args.json)
+    _print(_run_async(run), args.json)
     return 0
 
 
@@ -301,14 +307,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_writable(args: argparse.Namespace) -> int:
     from lazyfs.image.local import new_writable
 
-    print(trio.run(new_writable, _local(args.image), args.directory, args.kind))
+    print(_run_async(new_writable, _local(args.image), args.directory, args.kind))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from lazyfs.image.local import image_info
 
-    _print(trio.run(image_info, _local(args.image)), args.json)
+    _print(_run_async(image_info, _local(args.image)), args.json)
     return 0
 
 
@@ -328,7 +334,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{args.image}: {result['manifest']}, anchored by {result['anchor']}: config, "
             f"{result['layers']} layer(s), {result['chunks_checked']} chunks and {result['bytes_checked']} "
             f"bytes match their digests"))
-    problems = trio.run(verify_image, _local(args.image))
+    problems = _run_async(verify_image, _local(args.image))
     for problem in problems:
         print(f"BAD {problem}")
     if problems:
@@ -341,7 +347,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_flatten(args: argparse.Namespace) -> int:
     from lazyfs.image.local import flatten_image
 
-    size = trio.run(flatten_image, _local(args.image), args.out)
+    size = _run_async(flatten_image, _local(args.image), args.out)
     print(f"{args.out}: {size} bytes")
     return 0
 

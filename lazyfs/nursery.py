@@ -3,16 +3,22 @@
 Every nursery in lazyfs is ``lazyfs.nursery.open_nursery()``. Where a group can still arrive
 from a library's own nursery, the boundary that reports errors (the CLI, the control socket,
 the snapshotter's gRPC service) reduces it with ``single_error``. docs/errors.md has the rule.
+
+trio is imported by ``open_nursery`` only: ``single_error`` also serves the CLI's mount path,
+which runs without trio (its import is most of a cold `lazyfs mount`'s start, BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-
-import trio
+from typing import TYPE_CHECKING
 
 from lazyfs.errors import LazyfsError, ManyErrors
+
+if TYPE_CHECKING:
+    import trio
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -44,8 +50,10 @@ def single_error(exc: BaseException) -> BaseException:
     if not isinstance(exc, BaseExceptionGroup):
         return exc
     leaves = list(_leaves(exc))
+    loaded_trio = sys.modules.get("trio")  # without trio loaded, no trio.Cancelled can exist
+    cancelled = (loaded_trio.Cancelled,) if loaded_trio is not None else ()
     for leaf in leaves:
-        if not isinstance(leaf, (Exception, trio.Cancelled)):
+        if not isinstance(leaf, (Exception, *cancelled)):
             return leaf
     errors = [leaf for leaf in leaves if isinstance(leaf, Exception)]
     if not errors:
@@ -68,6 +76,8 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
     A failing child task (or the body) surfaces as its own exception, so callers catch
     ``LazyfsError`` as if there were no tasks; the traceback of that exception is kept.
     """
+    import trio  # here, not at the top: see the module's docstring
+
     try:
         async with trio.open_nursery() as nursery:
             yield nursery

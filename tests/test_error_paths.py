@@ -24,7 +24,8 @@ from lazyfs.image.layout import OciLayout
 from lazyfs.image.local import create_image, open_local
 from lazyfs.image.ref import LocalRef
 from lazyfs.nursery import open_nursery
-from lazyfs.serve.control import call, serve_control
+from lazyfs.serve.control import call
+from lazyfs.serve.controlserver import serve_control
 from lazyfs.serve.host import Host
 
 CHUNK = 64 << 10

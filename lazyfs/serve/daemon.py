@@ -18,7 +18,7 @@ from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
 from lazyfs.serve import hydrated, malloc, system
-from lazyfs.serve.control import serve_control
+from lazyfs.serve.controlserver import serve_control
 from lazyfs.serve.fusekernel import takeover
 from lazyfs.serve.fusekernel.exports import ExportFS
 from lazyfs.serve.fusekernel.protocol import ROOT_ID, notify_inval_entry

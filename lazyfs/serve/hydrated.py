@@ -11,7 +11,8 @@ most a ``.tmp`` file, which the next build removes. The name is the image's mani
 a tag that moves names another manifest, hence another file.
 
 ``missing_chunks`` / ``is_fully_local`` are the small, side-effect-free checks other code
-(hydration, statistics) can call.
+(hydration, statistics) can call. Where the files live, and whether a complete one is there, is
+``hydratedfiles`` (no trio: ``lazyfs mount`` asks it before it attaches a loop device).
 """
 
 from __future__ import annotations
@@ -19,56 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from dataclasses import dataclass
 
 import trio
 
 from lazyfs.durable import makedirs_durable, pwrite_all, replace_durably, storage_error
 from lazyfs.errors import ConfigError, LazyfsError, NotFoundError
+from lazyfs.serve.hydratedfiles import Hydrated, directory, existing, path_for
 
 log = logging.getLogger(__name__)
 
-DIRNAME = "hydrated"
 _WRITE_BATCH = 4 << 20  # bytes buffered before one pwrite: bounds memory, amortises thread hops
 _TMP_SUFFIX = ".tmp"
 _locks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host -> manifest -> lock of its build
-
-
-@dataclass(frozen=True, slots=True)
-class Hydrated:
-    """A complete hydrated file: *path*, its *size* in bytes, and the *manifest* it was built from."""
-
-    path: str
-    size: int
-    manifest: str
-
-
-def directory(cache_root: str) -> str:
-    return os.path.join(cache_root, DIRNAME)
-
-
-def path_for(cache_root: str, manifest: str) -> str:
-    """Where the hydrated file of the image with manifest digest *manifest* lives (whether or not it exists)."""
-    algo, _, hexdigest = manifest.partition(":")
-    if not hexdigest or not hexdigest.isalnum() or not algo.isalnum():
-        raise NotFoundError(f"not a manifest digest: {manifest!r}")
-    return os.path.join(directory(cache_root), f"{algo}-{hexdigest}.img")
-
-
-def existing(cache_root: str, manifest: str, size: int) -> Hydrated | None:
-    """The complete hydrated file of *manifest*, if there is one of exactly *size* bytes.
-
-    A file of another size is not this image's disk (never served); None then.
-    """
-    path = path_for(cache_root, manifest)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    if st.st_size != size:
-        log.warning("hydrated file %s is %d bytes, the image %d: ignored", path, st.st_size, size)
-        return None
-    return Hydrated(path, size, manifest)
 
 
 def missing_chunks(device, cache) -> int:

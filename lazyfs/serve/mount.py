@@ -11,14 +11,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-import trio
-
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import BusyError, ConfigError, FormatError, LazyfsError, NotFoundError
-from lazyfs.serve import system, warmloop
+from lazyfs.serve import mountinfo, syscmd, warmloop
 from lazyfs.serve.control import call
 from lazyfs.serve.fusekernel import keeper
+from lazyfs.serve.privatedir import private_dir
 from lazyfs.serve.singleton import daemon_lock, owner_pid, start_lock
 from lazyfs.serve.state import IMAGE_NAME, AttachmentRecord, FrontEnd, attachment_name, decode_state
 
@@ -41,7 +40,7 @@ def ensure_daemon(config: Config, config_path: str | None) -> bool:
     """
     if daemon_alive(config):
         return False
-    system.private_dir(config.run_dir)
+    private_dir(config.run_dir)
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     log_path = os.path.join(config.run_dir, "daemon.log")
     with start_lock(config.run_dir, deadline):
@@ -84,7 +83,7 @@ def _check_target(target: str) -> str:
         raise NotFoundError(f"{target} does not exist")
     if not os.path.isdir(target):
         raise ConfigError(f"{target} is not a directory")
-    if system.is_mountpoint(target):
+    if mountinfo.is_mountpoint(target):
         raise BusyError(f"{target} is already a mount point")
     return target
 
@@ -132,12 +131,12 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     dev = None
     try:
         loop = warmloop.plan(config, attached, writable)
-        dev = trio.run(lambda: system.losetup_attach(loop.path, not writable, loop.direct_io))
+        dev = syscmd.losetup_attach_blocking(loop.path, not writable, loop.direct_io)
         call(config.socket_path, "mark", name=name, front_end=FrontEnd(loop=dev, loop_route=loop.route).to_json())
         options = ([] if devices else ["nodev"]) + ([] if setuid else ["nosuid"])
         if not writable:
             options.append("noload")  # never replay a journal on a read-only image
-        trio.run(lambda: system.mount(dev, target, "ext4", read_only=not writable, options=options))
+        syscmd.mount_blocking(dev, target, "ext4", read_only=not writable, options=options)
     except LazyfsError as exc:
         cause = _read_error(config, name)
         _undo(config, name, dev)
@@ -175,7 +174,7 @@ def _undo(config: Config, name: str, dev: str | None) -> None:
     """Best-effort rollback of a failed mount; the error that caused it is what the user sees."""
     if dev is not None:
         with contextlib.suppress(LazyfsError):
-            trio.run(system.losetup_detach, dev)
+            syscmd.losetup_detach_blocking(dev)
     with contextlib.suppress(LazyfsError):
         call(config.socket_path, "detach", name=name)
 
@@ -248,23 +247,23 @@ def umount_target(config: Config, target: str) -> dict:
     target = os.path.abspath(target)
     done: list[str] = []
     loops: list[str] = []
-    entry = next((m for m in system.mounts() if m.mountpoint == target), None)
+    entry = next((m for m in mountinfo.mounts() if m.mountpoint == target), None)
     if entry is not None:
         if entry.source.startswith("/dev/loop"):
             loops.append(entry.source)
         try:
-            trio.run(system.umount, target)
+            syscmd.umount_blocking(target)
         except BusyError:
             raise BusyError(f"{target} is busy: close the programs using it first") from None
         except LazyfsError:
-            trio.run(lambda: system.umount(target, lazy=True))  # a dead daemon's device: detach lazily
+            syscmd.umount_blocking(target, lazy=True)  # a dead daemon's device: detach lazily
         done.append(f"unmounted {target}")
     att = _attachment_for(config, target)
     if att is not None and att.front_end.loop and att.front_end.loop not in loops:
         loops.append(att.front_end.loop)
     for dev in loops:
         if os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
-            trio.run(system.losetup_detach, dev)
+            syscmd.losetup_detach_blocking(dev)
             done.append(f"detached {dev}")
     link = os.path.join(target, IMAGE_NAME)
     if os.path.islink(link) and os.readlink(link).startswith(config.export_dir + os.sep):
@@ -276,13 +275,13 @@ def umount_target(config: Config, target: str) -> dict:
         except NotFoundError:
             _forget_in_state(config, att.name)
         done.append(f"detached image {att.name}")
-    if system.is_mountpoint(config.export_dir):
+    if mountinfo.is_mountpoint(config.export_dir):
         with contextlib.suppress(BusyError):  # busy: a live (or starting) daemon owns the export
             with daemon_lock(config.run_dir):
                 if not _state_records(config):  # nothing left for a next daemon: the kept connection goes too
                     keeper.release(keeper.socket_path(config.run_dir))
-                trio.run(system.clear_stale_export, config.export_dir)  # a killed daemon's FUSE mount, unless kept
-                if not system.is_mountpoint(config.export_dir):
+                syscmd.clear_stale_export_blocking(config.export_dir)  # a killed daemon's FUSE mount, unless kept
+                if not mountinfo.is_mountpoint(config.export_dir):
                     done.append(f"removed the dead daemon's export {config.export_dir}")
     if not done:
         raise NotFoundError(f"nothing of lazyfs is mounted or exported at {target}")
@@ -298,7 +297,7 @@ def commit_target(config: Config, target: str, out: str, plain_http: Sequence[st
     if att is None:
         raise NotFoundError(f"no lazyfs image is mounted at {os.path.abspath(target)}")
     frozen = False
-    if system.is_mountpoint(target):
+    if mountinfo.is_mountpoint(target):
         subprocess.run(["sync", "-f", target], check=False)
         frozen = subprocess.run(["fsfreeze", "-f", target], capture_output=True).returncode == 0
     try:

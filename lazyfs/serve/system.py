@@ -5,45 +5,40 @@ mount and mkfs open the exported file, and the open waits for a reply only the
 daemon's event loop can send. So every command runs through ``trio.run_process``
 and every wait is bounded. What can be learnt from /proc or /sys (mountinfo, loop
 backing files) is read directly: those reads never touch a FUSE mount.
+
+The commands themselves (their lines, how their answers are read) are written once in
+``syscmd``, which runs them without trio for the CLI; ``run_steps`` here runs the same steps
+under trio. The trio-free helpers of ``syscmd``, ``mountinfo`` and ``privatedir`` are
+offered here too, so daemon code has one module to ask.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-import stat
-import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import trio
 
-from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError
+from lazyfs.errors import LazyfsError
 from lazyfs.serve import hostns
-from lazyfs.serve.fusekernel import keeper
+from lazyfs.serve.mountinfo import MountEntry, is_mountpoint, mount_at, mounts, parse_mountinfo
+from lazyfs.serve.privatedir import private_dir
+from lazyfs.serve.syscmd import (
+    FUSECTL_DIR, READAHEAD_SECTORS, TERM_GRACE, Command, CommandError, Steps, clear_stale_export_steps, command_env,
+    command_output, fuse_abort_steps, loop_direct_io, losetup_attach_steps, losetup_detach_steps, mount_steps,
+    run_blocking, umount_blocking, umount_steps,
+)
 
 log = logging.getLogger(__name__)
-
-READAHEAD_SECTORS = 2048  # 1 MiB in 512-byte sectors: big sequential requests through FUSE
-FUSECTL_DIR = "/sys/fs/fuse/connections"
-
-
-class CommandError(LazyfsError):
-    """A system command (losetup, mount, mkfs ...) failed or timed out.
-
-    ``cmd``, ``returncode`` (None on timeout), ``stderr`` and ``stdout`` say what happened.
-    """
-
-    def __init__(self, cmd: Sequence[str], returncode: int | None, stderr: str, stdout: str = "") -> None:
-        self.cmd, self.returncode, self.stderr, self.stdout = list(cmd), returncode, stderr, stdout
-        status = "timed out" if returncode is None else f"exited with {returncode}"
-        super().__init__(f"{' '.join(self.cmd)} {status}: {stderr.strip() or '(no output)'}")
 
 
 async def _deliver_cancel(proc: trio.Process) -> None:
     proc.send_signal(signal.SIGTERM)
-    await trio.sleep(2)
+    await trio.sleep(TERM_GRACE)
     proc.kill()
 
 
@@ -60,54 +55,37 @@ async def run(cmd: Sequence[str], *, timeout: float = 60.0, stdin: bytes = b"", 
         with trio.fail_after(timeout):
             done = await trio.run_process(
                 cmd, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False,
-                deliver_cancel=_deliver_cancel, env={**os.environ, "LC_ALL": "C"}, pass_fds=tuple(pass_fds),
+                deliver_cancel=_deliver_cancel, env=command_env(), pass_fds=tuple(pass_fds),
             )
     except trio.TooSlowError:
         raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
     except OSError as exc:  # the program itself is missing or not executable
         raise CommandError(cmd, None, str(exc)) from exc
-    return _result(cmd, done.returncode, done.stdout, done.stderr)
+    return command_output(cmd, done.returncode, done.stdout, done.stderr)
 
 
-def _result(cmd: list[str], returncode: int, stdout: bytes, stderr: bytes) -> str:
-    err = stderr.decode(errors="replace")
-    if returncode != 0:
-        if "busy" in err.lower():
-            raise BusyError(f"{' '.join(cmd)}: {err.strip()}")
-        raise CommandError(cmd, returncode, err, stdout.decode(errors="replace"))
-    return stdout.decode(errors="replace")
-
-
-def run_blocking(cmd: Sequence[str], *, timeout: float = 60.0, pass_fds: Sequence[int] = ()) -> str:
-    """:func:`run` for a worker thread outside trio (the snapshotter's gRPC handlers): same errors.
-
-    Never call it from a trio thread: it blocks until the command ends.
-    """
-    cmd = [os.fspath(c) for c in cmd]
-    try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, timeout=timeout,
-                              env={**os.environ, "LC_ALL": "C"}, pass_fds=tuple(pass_fds))
-    except subprocess.TimeoutExpired:
-        raise CommandError(cmd, None, f"no answer after {timeout:g} s") from None
-    except OSError as exc:
-        raise CommandError(cmd, None, str(exc)) from exc
-    return _result(cmd, done.returncode, done.stdout, done.stderr)
+async def run_steps(steps: Steps) -> Any:
+    """Drive *steps* (``syscmd``) to their end under trio: commands through :func:`run`, blocking
+    calls in a worker thread; return what the steps return."""
+    with contextlib.closing(steps):  # however this ends (a cancellation too), the steps end with it
+        reply: Any = None
+        failure: Exception | None = None
+        while True:
+            try:
+                step = steps.send(reply) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                return done.value
+            reply, failure = None, None
+            try:
+                if isinstance(step, Command):
+                    reply = await run(step.argv, timeout=step.timeout, pass_fds=step.pass_fds)
+                else:
+                    reply = await trio.to_thread.run_sync(step)
+            except Exception as exc:  # noqa: BLE001 - it goes back into the steps, which decide
+                failure = exc
 
 
 # -- loop devices ---------------------------------------------------------------
-
-
-def _loop_sysfs(dev: str) -> str:
-    return f"/sys/block/{os.path.basename(dev)}/loop"
-
-
-def loop_direct_io(dev: str) -> bool:
-    """Whether loop device *dev* does direct I/O on its backing file."""
-    try:
-        with open(os.path.join(_loop_sysfs(dev), "dio")) as f:
-            return f.read().strip() == "1"
-    except FileNotFoundError:
-        raise NotFoundError(f"{dev} is not an attached loop device") from None
 
 
 async def losetup_attach(
@@ -119,33 +97,7 @@ async def losetup_attach(
     the page cache) and falls back to buffered I/O if the kernel refuses. The
     device's readahead is set to 1 MiB.
     """
-    path = os.path.abspath(path)  # abspath, not realpath: that would stat the FUSE file here
-    # the file is opened where it is mounted: in the host's namespace if lazyfs mounts there
-    ns = hostns.configured()
-    base = hostns.command(["losetup", "--show", "-f"] + (["-r"] if read_only else []), ns)
-    fds = hostns.pass_fds(ns)
-    dev = None
-    if direct_io:
-        try:
-            dev = (await run(base + ["--direct-io=on", path], timeout=timeout, pass_fds=fds)).strip()
-        except CommandError as exc:
-            # losetup may attach the device and only then fail to switch on direct
-            # I/O; it printed the device then, and the device works without it.
-            printed = exc.stdout.strip()
-            if printed.startswith("/dev/loop"):
-                dev = printed
-            log.info("losetup --direct-io=on %s failed (%s); using buffered I/O", path, exc.stderr.strip())
-    if not dev:
-        dev = (await run(base + [path], timeout=timeout, pass_fds=fds)).strip()
-    if not dev.startswith("/dev/loop"):
-        raise CommandError(base + [path], 0, f"unexpected output {dev!r}")
-    if direct_io and not loop_direct_io(dev):
-        log.info("%s attached to %s without direct I/O (the kernel declined it)", dev, path)
-    try:
-        await run(["blockdev", "--setra", str(READAHEAD_SECTORS), dev], timeout=timeout)
-    except LazyfsError as exc:
-        log.warning("could not set readahead on %s: %s", dev, exc)
-    return dev
+    return await run_steps(losetup_attach_steps(path, read_only, direct_io, timeout))
 
 
 async def losetup_detach(dev: str, *, timeout: float = 60.0) -> None:
@@ -154,8 +106,7 @@ async def losetup_detach(dev: str, *, timeout: float = 60.0) -> None:
     Run where :func:`losetup_attach` ran (the host's namespace, if configured), like every
     losetup/mount/umount of lazyfs.
     """
-    ns = hostns.configured()
-    await run(hostns.command(["losetup", "-d", dev], ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
+    await run_steps(losetup_detach_steps(dev, timeout))
 
 
 async def find_loop_devices(backing_file: str | os.PathLike) -> list[str]:
@@ -208,99 +159,12 @@ async def mount(
     options: Iterable[str] = (), *, timeout: float = 60.0,
 ) -> None:
     """Mount *dev* at *target*."""
-    opts = (["ro"] if read_only else []) + list(options)
-    cmd = ["mount", "-t", fstype] + (["-o", ",".join(opts)] if opts else []) + [dev, os.fspath(target)]
-    ns = hostns.configured()
-    await run(hostns.command(cmd, ns), timeout=timeout, pass_fds=hostns.pass_fds(ns))
-
-
-def _umount_command(target: str | os.PathLike, lazy: bool) -> tuple[list[str], tuple[int, ...]]:
-    ns = hostns.configured()
-    cmd = ["umount"] + (["-l"] if lazy else []) + [os.fspath(target)]
-    return hostns.command(cmd, ns), hostns.pass_fds(ns)
+    await run_steps(mount_steps(dev, target, fstype, read_only, options, timeout))
 
 
 async def umount(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
     """Unmount *target* (BusyError if in use, unless *lazy*), in the host's namespace if configured."""
-    cmd, fds = _umount_command(target, lazy)
-    await run(cmd, timeout=timeout, pass_fds=fds)
-
-
-def umount_blocking(target: str | os.PathLike, lazy: bool = False, *, timeout: float = 60.0) -> None:
-    """:func:`umount` for a worker thread outside trio (see :func:`run_blocking`)."""
-    cmd, fds = _umount_command(target, lazy)
-    run_blocking(cmd, timeout=timeout, pass_fds=fds)
-
-
-# -- /proc/self/mountinfo -----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (the fields lazyfs needs)."""
-
-    mount_id: int
-    major: int
-    minor: int
-    mountpoint: str
-    fstype: str
-    source: str
-    #: the optional fields (propagation tags): ``shared:N`` (peer group N), ``master:N`` (a
-    #: slave of peer group N), ``propagate_from:N``, ``unbindable``; none for a private mount
-    tags: tuple[str, ...] = ()
-
-    @property
-    def is_slave(self) -> bool:
-        """Whether unmounts in the peer group this mount was copied from reach it (``master:N``)."""
-        return any(t.startswith("master:") for t in self.tags)
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    """Parse the text of /proc/<pid>/mountinfo (sans-IO)."""
-    entries = []
-    for line in text.splitlines():
-        parts = line.split(" ")
-        try:
-            sep = parts.index("-", 6)
-            major, minor = parts[2].split(":")
-            entries.append(MountEntry(int(parts[0]), int(major), int(minor), _unescape(parts[4]),
-                                      parts[sep + 1], _unescape(parts[sep + 2]), tuple(parts[6:sep])))
-        except (ValueError, IndexError):
-            continue  # a line we do not understand is not one we are looking for
-    return entries
-
-
-def mounts() -> list[MountEntry]:
-    """The mounts of this process's namespace, or of the host's (``lazyfs.serve.hostns``)."""
-    with open(hostns.mountinfo_path(hostns.configured())) as f:
-        return parse_mountinfo(f.read())
-
-
-def _mount_at(path: str | os.PathLike) -> MountEntry | None:
-    want = os.path.abspath(path)
-    found = None
-    for entry in mounts():
-        if entry.mountpoint == want:
-            found = entry  # the last one is on top
-    return found
-
-
-def is_mountpoint(path: str | os.PathLike) -> bool:
-    """Whether something is mounted at *path*; never touches the mount itself."""
-    return _mount_at(path) is not None
+    await run_steps(umount_steps(target, lazy, timeout))
 
 
 async def fuse_abort(mountpoint: str | os.PathLike) -> None:
@@ -310,56 +174,17 @@ async def fuse_abort(mountpoint: str | os.PathLike) -> None:
     stuck on a hung daemon wake up; then the mount can be unmounted.
     NotFoundError if *mountpoint* is not a FUSE mount.
     """
-    entry = _mount_at(mountpoint)
-    if entry is None or not entry.fstype.startswith("fuse"):
-        raise NotFoundError(f"no FUSE mount at {mountpoint}")
-    # The connection directory is named after the superblock's device number in the
-    # kernel's encoding (major << 20 | minor); FUSE uses anonymous devices (major 0).
-    conn = f"{FUSECTL_DIR}/{(entry.major << 20) | entry.minor}"
-    if not any(e.fstype == "fusectl" and e.mountpoint == FUSECTL_DIR for e in mounts()):
-        try:
-            await run(["mount", "-t", "fusectl", "none", FUSECTL_DIR], timeout=30)
-        except BusyError:
-            pass  # mounted by someone else meanwhile
-    abort = os.path.join(conn, "abort")
-
-    def write_abort() -> None:
-        with open(abort, "w") as f:
-            f.write("1")
-
-    try:
-        await trio.to_thread.run_sync(write_abort)
-    except FileNotFoundError:
-        raise NotFoundError(f"no FUSE connection {conn} for {mountpoint}") from None
+    await run_steps(fuse_abort_steps(mountpoint))
 
 
-def private_dir(path: str | os.PathLike) -> str:
-    """Make *path* (and missing parents) a directory only its owner can enter: mode 0700, every call.
+async def clear_stale_export(export_dir: str) -> None:
+    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
 
-    Refuses a symlink, or a directory another user owns (someone could have made it first
-    to watch or plant files): ConfigError naming the path.
+    Call it only while holding the run directory's `daemon_lock`: then the export's owner is
+    provably dead, and a live session is never aborted. A connection the fd keeper holds
+    (``RUN_DIR/fuse-keeper.sock`` answers) is not stale: the next daemon takes it over.
     """
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:  # a file: said below
-        pass
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"{path} must be a directory, not a symlink or a file")
-    if st.st_uid != os.geteuid():
-        raise ConfigError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.geteuid()}): remove it or "
-                          f"choose another directory")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
-__all__ = [
-    "CommandError", "MountEntry", "READAHEAD_SECTORS", "find_loop_devices", "fuse_abort", "is_mountpoint",
-    "loop_direct_io", "losetup_attach", "losetup_detach", "mkfs_ext4", "mount", "mounts", "parse_mountinfo",
-    "private_dir", "run", "run_blocking", "umount", "umount_blocking",
-]
+    await run_steps(clear_stale_export_steps(export_dir))
 
 
 def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
@@ -416,21 +241,9 @@ def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
     return dropped
 
 
-async def clear_stale_export(export_dir: str) -> None:
-    """A daemon that died leaves its FUSE mount behind, answering ENOTCONN: abort and unmount it.
-
-    Call it only while holding the run directory's `daemon_lock`: then the export's owner is
-    provably dead, and a live session is never aborted. A connection the fd keeper holds
-    (``RUN_DIR/fuse-keeper.sock`` answers) is not stale: the next daemon takes it over.
-    """
-    if is_mountpoint(export_dir):
-        kept = keeper.socket_path(os.path.dirname(os.path.abspath(export_dir)))
-        if await trio.to_thread.run_sync(keeper.alive, kept):
-            log.info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
-            return
-        log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
-        try:
-            await fuse_abort(export_dir)
-        except LazyfsError as exc:
-            log.info("fuse abort: %s", exc)
-        await umount(export_dir, lazy=True)
+__all__ = [
+    "FUSECTL_DIR", "CommandError", "MountEntry", "READAHEAD_SECTORS", "clear_stale_export", "drop_copied_loop_mounts",
+    "find_loop_devices", "fuse_abort", "is_mountpoint", "loop_direct_io", "losetup_attach", "losetup_detach",
+    "mkfs_ext4", "mount", "mount_at", "mounts", "parse_mountinfo", "private_dir", "run", "run_blocking", "run_steps",
+    "umount", "umount_blocking",
+]

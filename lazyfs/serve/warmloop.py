@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from lazyfs.config import Config
-from lazyfs.serve import hydrated, system
+from lazyfs.serve import hydratedfiles, syscmd
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ def plan(config: Config, attached: dict, writable: bool) -> LoopPlan:
     if writable:
         return LoopPlan(attached["path"], True, "direct")
     if config.hydrated_max_bytes > 0:
-        found = hydrated.existing(config.cache_root, attached["manifest"], attached["size"])
+        found = hydratedfiles.existing(config.cache_root, attached["manifest"], attached["size"])
         if found is not None:
             return LoopPlan(found.path, True, "hydrated")
     if config.read_only_loop == "buffered":
@@ -59,9 +59,9 @@ def route_of(dev: str) -> str:
     "buffered" or "direct" from its dio flag (for statistics and tests)."""
     with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
         back = f.read().rstrip("\n")
-    if os.path.basename(os.path.dirname(back)) == hydrated.DIRNAME:
+    if os.path.basename(os.path.dirname(back)) == hydratedfiles.DIRNAME:
         return "hydrated"
-    return "direct" if system.loop_direct_io(dev) else "buffered"
+    return "direct" if syscmd.loop_direct_io(dev) else "buffered"
 
 
 __all__ = ["LoopPlan", "plan", "route_of"]

@@ -18,7 +18,8 @@ import trio
 
 from lazyfs.errors import BusyError
 from lazyfs.serve import system
-from lazyfs.serve.control import call, serve_control
+from lazyfs.serve.control import call
+from lazyfs.serve.controlserver import serve_control
 from lazyfs.serve.singleton import daemon_lock, owner_pid
 from tests.serve.conftest import ROOT, leftovers
 
