@@ -57,6 +57,9 @@ class AttachmentReader(ChunkSource):
     def __init__(self, scheduler: FetchScheduler, index, readahead: int) -> None:
         self.scheduler, self.index, self.readahead = scheduler, index, readahead
         self.recorder: TraceRecorder | None = None
+        # the chunks of the startup trace being replayed: a read of one is on the script, and what
+        # follows it is in the trace too (or was not read at startup), so it triggers no readahead
+        self.traced: frozenset[bytes] = frozenset()
         self.reads = self.misses = self.bytes_served = self.bytes_missed = 0
         self.last_error: str | None = None  # why the last failed demand read failed
 
@@ -68,7 +71,7 @@ class AttachmentReader(ChunkSource):
             if not self.scheduler.is_cached(loc.digest):
                 self.misses += 1
                 self.bytes_missed += loc.compressed_length
-                if self.readahead:
+                if self.readahead and loc.digest not in self.traced:
                     self._read_ahead(loc)
         try:
             raw = await self.scheduler.get(loc, priority)
@@ -376,6 +379,7 @@ class Host:
         if trace:
             self.traces["replayed"] += 1
             att.trace = {**att.trace, "replay": len(trace)}
+            att.store.traced = frozenset(loc.digest for loc in trace.locations)
             self._spawn(att, self._replay, att, trace.locations)
         elif record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
             att.store.recorder = TraceRecorder()

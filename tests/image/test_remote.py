@@ -283,3 +283,37 @@ def test_background_download_fetches_the_rest(registry, image, tmp_path):
                 assert proxy.count("GET", "/blobs/") == 0  # everything was already here
 
         trio.run(main)
+
+
+def test_reads_of_a_replayed_trace_read_nothing_ahead(registry, image, tmp_path):
+    """A startup read of a chunk the replayed trace names is on the script: it queues no readahead, even
+    when it finds the chunk still in flight from the replay (a join that counts as a miss). Readahead
+    there fetched what the trace already had or what startup never read (BENCHMARKS.md, issue 14)."""
+    local, flat, ref = image
+    startup = [(0, 4096), (2 << 20, 300_000), (5 << 20, 8192)]
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def first():
+            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600, trace_publish=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                for off, n in startup:
+                    await att.device.read(off, n)
+                await host.detach(att.name)
+                return att.trace
+
+        assert trio.run(first).get("saved")
+
+        async def second():
+            config = host_config(tmp_path / "two", proxy, trace_replay=True, readahead_chunks=4)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                proxy.faults.latency = 0.3  # the replay is still in flight when the startup reads come
+                assert att.trace.get("replay") and att.store.traced
+                for off, n in startup:
+                    assert await att.device.read(off, n) == flat[off : off + n]
+                proxy.faults.latency = 0
+                return att.store.statistics(), host.scheduler.statistics()
+
+        reader, sched = trio.run(second)
+        assert reader["demand_misses"] > 0, reader  # the reads did join the replay's fetches
+        assert sched["prefetched"] == 0, sched
