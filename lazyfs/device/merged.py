@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -67,6 +67,9 @@ class MergedDevice(BlockSource):
             raise FormatError(f"writable layer of {writable.size} bytes does not fit a device of {self.size}")
         self.read_only = writable is None
         self.block_cache: BlockCache | None = None  # serves read-only blocks it holds before the store is asked
+        # told every chunk or span a read of the lower layers needs, block cache hits included (a
+        # startup trace being recorded); while set, no read is served outside the trio thread
+        self.observe_read: Callable[[ChunkLocation], None] | None = None
         self._write_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(LAYER_THREADS)
         self._in_threads = 0  # worker-thread calls on the writable layer now running
@@ -119,8 +122,8 @@ class MergedDevice(BlockSource):
     def read_local(self, offset: int, length: int) -> bytearray | None:
         """A read of a device without a writable layer that the block cache serves whole (any thread
         but the trio thread; see ``BlockSource.read_local``); None for anything else."""
-        if self.writable is not None:
-            return None  # its blocks change under writes ordered on the trio thread
+        if self.writable is not None or self.observe_read is not None:
+            return None  # its blocks change under writes ordered on the trio thread; or reads are observed
         n = clamp_read(self.size, offset, length)
         if n == 0:
             return None
@@ -149,6 +152,10 @@ class MergedDevice(BlockSource):
                 _zero(buf, offset, at * bs, end * bs)
         if not segments:
             return
+        if self.observe_read is not None:
+            for seg in segments:
+                for loc in seg.locations():
+                    self.observe_read(loc)
         cache = self.block_cache
         if cache is not None:
             segments = await cache.read_into(buf, offset, segments)

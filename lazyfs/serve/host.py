@@ -66,8 +66,6 @@ class AttachmentReader(ChunkSource):
     async def get(self, loc: ChunkLocation, priority: Priority = Priority.DEMAND) -> bytes:
         if priority == Priority.DEMAND:
             self.reads += 1
-            if self.recorder is not None:
-                self.recorder.record(loc)
             if not self.scheduler.is_cached(loc.digest):
                 self.misses += 1
                 self.bytes_missed += loc.compressed_length
@@ -383,6 +381,8 @@ class Host:
             self._spawn(att, self._replay, att, trace.locations)
         elif record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
             att.store.recorder = TraceRecorder()
+            # every chunk the startup reads, also those the flat files or the memory tier serve
+            att.device.observe_read = att.store.recorder.record
             att.trace = {"recording": True}
             self._spawn(att, self._record, att)
         if self.config.background_download:
@@ -423,6 +423,7 @@ class Host:
         if recorder is None or recorder.stopped:
             return
         recorder.stop()
+        att.device.observe_read = None  # warm reads may be served in FUSE worker threads again
         att.trace["recording"] = False
         if len(recorder) and not self.config.trace_publish:
             att.trace["chunks"] = len(recorder)

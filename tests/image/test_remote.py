@@ -317,3 +317,34 @@ def test_reads_of_a_replayed_trace_read_nothing_ahead(registry, image, tmp_path)
         reader, sched = trio.run(second)
         assert reader["demand_misses"] > 0, reader  # the reads did join the replay's fetches
         assert sched["prefetched"] == 0, sched
+
+
+def test_the_startup_trace_records_reads_the_flat_files_serve(registry, image, tmp_path):
+    """A chunk read ahead and then read from the layer's flat file (never reaching the chunk store) is in
+    the recorded trace: a trace with only the misses left the chunks readahead had fetched to be missed
+    again at the next start (BENCHMARKS.md, issue 14)."""
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def main():
+            config = host_config(tmp_path, proxy, trace_record_seconds=3600, trace_publish=True, readahead_chunks=4)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                assert att.device.block_cache is not None and att.device.read_local(0, 4096) is None
+                await att.device.read(0, 4096)  # a miss: the chunks after it are read ahead
+                first = att.device.index.lookup(0, 1)[0].loc
+                ahead = att.device.index.following(first, 4)
+                assert ahead
+                with trio.fail_after(30):
+                    while not all(host.flat.holds(loc.digest) for loc in ahead):
+                        await trio.sleep(0.01)
+                seg = next(s for s in att.device.index.segments if s.loc == ahead[-1])
+                store_reads = att.store.statistics()["chunk_reads"]
+                bs = att.device.block_size
+                assert await att.device.read(seg.start * bs, bs) == flat[seg.start * bs:(seg.start + 1) * bs]
+                assert att.store.statistics()["chunk_reads"] == store_reads  # served by the flat file
+                recorded = {loc.digest for loc in att.store.recorder.locations}
+                assert first.digest in recorded and ahead[-1].digest in recorded
+                await host.finish_trace(att)
+                assert att.device.observe_read is None and att.trace["chunks"] >= 2
+
+        trio.run(main)
