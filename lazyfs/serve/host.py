@@ -60,6 +60,7 @@ class AttachmentReader(ChunkSource):
         # the chunks of the startup trace being replayed: a read of one is on the script, and what
         # follows it is in the trace too (or was not read at startup), so it triggers no readahead
         self.traced: frozenset[bytes] = frozenset()
+        self.readahead_paused = False  # while the startup trace is looked for
         self.reads = self.misses = self.bytes_served = self.bytes_missed = 0
         self.last_error: str | None = None  # why the last failed demand read failed
 
@@ -69,7 +70,7 @@ class AttachmentReader(ChunkSource):
             if not self.scheduler.is_cached(loc.digest):
                 self.misses += 1
                 self.bytes_missed += loc.compressed_length
-                if self.readahead and loc.digest not in self.traced:
+                if self.readahead and not self.readahead_paused and loc.digest not in self.traced:
                     self._read_ahead(loc)
         try:
             raw = await self.scheduler.get(loc, priority)
@@ -111,6 +112,7 @@ class Attachment:
     hydration: Hydrator | None = None  # progress of every image; it runs only with a hydrate policy
     hydrate: HydratePolicy | None = None
     tasks: set = field(default_factory=set)  # cancel scopes of its background tasks: a detach cancels them
+    trace_lookup: trio.Event = field(default_factory=trio.Event)  # set once its startup trace was looked for
 
     def describe(self) -> dict:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
@@ -257,6 +259,7 @@ class Host:
         if att.opened_from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
             if self.config.background_download:
                 self._spawn(att, self._background, att)
+            att.trace_lookup.set()
         else:
             await self._start_trace(att, record_trace)
         log.info("audit: attach %s image=%s manifest=%s writable=%s", name, ref, att.opened.image.manifest.digest,
@@ -369,24 +372,45 @@ class Host:
                 self.scheduler.clear_backends(blob)
 
     async def _start_trace(self, att: Attachment, record: bool | None) -> None:
-        trace = await load_trace(att.opener, att.opened) if self.config.trace_replay else None
-        if trace is not None and trace.foreign:  # a trace naming chunks the image lacks: ignored, counted
-            self.traces["rejected"] += 1
-            self.traces["foreign_entries"] += trace.foreign
-            att.trace = {"rejected": trace.manifest, "foreign_entries": trace.foreign}
-        if trace:
-            self.traces["replayed"] += 1
-            att.trace = {**att.trace, "replay": len(trace)}
-            att.store.traced = frozenset(loc.digest for loc in trace.locations)
-            self._spawn(att, self._replay, att, trace.locations)
-        elif record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
+        """Start recording a startup trace (when configured) and, in the background, look for a stored one
+        to replay. The attach does not wait for the registry's referrers, the trace manifest and blob:
+        the mount's first reads go on meanwhile, with no readahead until the lookup ends (what the
+        trace holds is not known yet)."""
+        if record if record is not None else self.config.trace_publish and self.config.trace_record_seconds > 0:
             att.store.recorder = TraceRecorder()
             # every chunk the startup reads, also those the flat files or the memory tier serve
             att.device.observe_read = att.store.recorder.record
             att.trace = {"recording": True}
             self._spawn(att, self._record, att)
+        if self.config.trace_replay:
+            att.store.readahead_paused = True
+            self._spawn(att, self._load_and_replay, att)
+        else:
+            att.trace_lookup.set()
         if self.config.background_download:
             self._spawn(att, self._background, att)
+
+    async def _load_and_replay(self, att: Attachment) -> None:
+        try:
+            trace = await load_trace(att.opener, att.opened)
+            if trace is not None and trace.foreign:  # a trace naming chunks the image lacks: ignored, counted
+                self.traces["rejected"] += 1
+                self.traces["foreign_entries"] += trace.foreign
+                att.trace = {**att.trace, "rejected": trace.manifest, "foreign_entries": trace.foreign}
+            if trace:
+                recorder = att.store.recorder
+                if recorder is not None and not recorder.stopped:  # a trace exists: this start records none
+                    recorder.stop()
+                    att.device.observe_read = None
+                    att.trace.pop("recording", None)
+                self.traces["replayed"] += 1
+                att.trace = {**att.trace, "replay": len(trace)}
+                att.store.traced = frozenset(loc.digest for loc in trace.locations)
+        finally:
+            att.store.readahead_paused = False
+            att.trace_lookup.set()
+        if trace:
+            await self._replay(att, trace.locations)
 
     def _spawn(self, att: Attachment, fn, *args, survives_detach: bool = False) -> None:
         """Run *fn(*args)*, a background task of *att*, in the host's nursery. A detach cancels it

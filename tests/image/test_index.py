@@ -500,6 +500,7 @@ def test_startup_trace_records_spans_and_its_replay_prefetches_them(env, edge, t
             config = dataclasses.replace(host_config(tmp_path / "four", env, proxy), trace_replay=True)
             async with Host.open(config) as host:
                 att = await host.attach(via(proxy, ref))
+                await att.trace_lookup.wait()  # the attach does not wait for it
                 return dict(att.trace)
 
         trace = trio.run(forged)

@@ -266,6 +266,7 @@ def test_a_trace_naming_chunks_not_in_the_image_is_ignored_and_counted(registry,
             with trio.fail_after(60):
                 while "chunks" not in att_a.trace:  # a's good trace replayed
                     await trio.sleep(0.05)
+                await att_b.trace_lookup.wait()  # b's traces were looked at (the attach does not wait)
             return dict(att_a.trace), dict(att_b.trace), host.statistics()
 
     trace_a, trace_b, stats = trio.run(second)
