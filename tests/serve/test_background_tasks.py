@@ -75,6 +75,7 @@ def test_a_detach_cancels_the_image_s_background_tasks(tmp_path):
 
                 host._background = background
                 a = await host.attach(f"oci:{images['a'][0].path}:v1", name="a", hydrate=False)
+                await a.trace_lookup.wait()  # its startup trace lookup, a background task too, is over
                 await trio.testing.wait_all_tasks_blocked()
                 assert len(a.tasks) == 1 and not ended  # waiting out the hour
                 await host.detach("a")

@@ -263,9 +263,9 @@ def test_hydration_fetches_nothing_the_flat_files_already_hold(env, tmp_path, mo
     fetched: Counter[bytes] = Counter()  # chunk digest -> times it came over the network
     real_decode = scheduler_module._decode_job
 
-    def counting_decode(frames, source, write, flat):
+    def counting_decode(frames, source, write, flat, tails):
         fetched.update(loc.digest for loc, _ in frames)
-        return real_decode(frames, source, write, flat)
+        return real_decode(frames, source, write, flat, tails)
 
     monkeypatch.setattr(scheduler_module, "_decode_job", counting_decode)
     config = Config(run_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"), cache_root=str(tmp_path / "cache"),
