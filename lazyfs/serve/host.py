@@ -392,7 +392,9 @@ class Host:
 
     async def _load_and_replay(self, att: Attachment) -> None:
         try:
-            trace = await load_trace(att.opener, att.opened)
+            # a use of the registry client of its own: a detach meanwhile does not close it under the lookup
+            async with self.registry_opener(att.plain_http) as opener:
+                trace = await load_trace(opener, att.opened)
             if trace is not None and trace.foreign:  # a trace naming chunks the image lacks: ignored, counted
                 self.traces["rejected"] += 1
                 self.traces["foreign_entries"] += trace.foreign

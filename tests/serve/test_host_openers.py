@@ -2,6 +2,7 @@
 
 import pytest
 import trio
+import trio.testing
 
 from lazyfs.config import Config, RegistrySettings
 from lazyfs.errors import LazyfsError
@@ -39,8 +40,10 @@ def test_an_extra_registry_client_is_closed_with_the_last_attachment_using_it(en
                     trace_record_seconds=0)  # no registry in the config: plain HTTP comes with each request
 
     async def metadata_kept(host):
-        # each attach keeps its image's config in the background, through the same client (a use
-        # of its own): wait for that to end, so the detach below is what must close the client
+        # each attach keeps its image's config and looks for its startup trace in the background,
+        # through the same client (uses of their own): wait for those to start, then to end, so the
+        # detach below is what must close the client
+        await trio.testing.wait_all_tasks_blocked()
         for _ in range(3000):
             if not host._opener_leases:
                 return
