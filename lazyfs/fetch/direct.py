@@ -10,7 +10,7 @@ import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.fetch.backend import Backend
-from lazyfs.format.spanindex import SPAN_GZIP, WINDOW, SpanLocation, decode_location
+from lazyfs.format.spanindex import WINDOW, SpanLocation, decode_location, span_tail
 
 MAX_TAILS = 64  # the windows of chained spans: tails of the gzip spans read last
 
@@ -36,9 +36,10 @@ class DirectChunkSource(ChunkSource):
             decode_location, loc, stored, f"{loc.blob}@{loc.offset}", window,
             limiter=self._limiter,
         )
-        if isinstance(loc, SpanLocation) and loc.compression == SPAN_GZIP and len(raw) >= WINDOW:
+        tail = span_tail(loc, raw)
+        if tail is not None:
             self._tails.pop(loc.digest, None)
-            self._tails[loc.digest] = raw[-WINDOW:]
+            self._tails[loc.digest] = tail
             if len(self._tails) > MAX_TAILS:
                 del self._tails[next(iter(self._tails))]
         return raw

@@ -49,7 +49,7 @@ from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.flatfile import FlatCache, write_targets
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
-from lazyfs.format.spanindex import MAX_CHAIN, SPAN_GZIP, WINDOW, SpanLocation, decode_location
+from lazyfs.format.spanindex import MAX_CHAIN, SpanLocation, decode_location, span_tail
 from lazyfs.nursery import open_nursery
 
 __all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
@@ -537,8 +537,9 @@ class FetchScheduler(ChunkSource):
             if prev.digest in self._tails or prev.digest not in self.cache:
                 continue
             raw = await self.cache.get(prev.digest)
-            if raw is not None and len(raw) == prev.raw_length >= WINDOW:
-                self._remember_tails({prev.digest: raw[-WINDOW:]})
+            tail = span_tail(prev, raw) if raw is not None else None
+            if tail is not None:
+                self._remember_tails({prev.digest: tail})
 
     async def _execute(self, job: FetchJob, outcome: dict[bytes, bytes | LazyfsError]) -> None:
         remaining = {loc.digest: loc for loc in job.locations}
@@ -804,8 +805,9 @@ def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes
         except (IntegrityError, FormatError) as exc:
             out.append((loc, exc, None, None))
             continue
-        if span and loc.compression == SPAN_GZIP and len(raw) >= WINDOW:
-            tails[loc.digest] = raw[-WINDOW:]
+        tail = span_tail(loc, raw)
+        if tail is not None:
+            tails[loc.digest] = tail
         targets = flat.get(loc.digest)
         if targets:
             out.append((loc, raw, None, write_targets(targets, raw)))

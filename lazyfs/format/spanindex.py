@@ -165,6 +165,14 @@ def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "",
     return raw
 
 
+def span_tail(loc: ChunkLocation, raw: bytes | bytearray) -> bytes | None:
+    """The window a chained span after *loc* needs: the last ``WINDOW`` of a gzip span's verified raw bytes
+    (None for anything else, or a span too short to give one)."""
+    if isinstance(loc, SpanLocation) and loc.compression == SPAN_GZIP and len(raw) == loc.raw_length >= WINDOW:
+        return bytes(raw[-WINDOW:])
+    return None
+
+
 def decode_location(loc: ChunkLocation, stored: bytes | memoryview, source: str = "",
                     window: bytes | None = None) -> bytes:
     """A chunk's or a span's verified raw bytes: what the fetch layer calls for every location."""
