@@ -10,9 +10,9 @@ import trio
 
 from lazyfs.device.chunks import ChunkLocation, ChunkSource, Priority
 from lazyfs.fetch.backend import Backend
-from lazyfs.format.spanindex import WINDOW, SpanLocation, decode_location, span_tail
+from lazyfs.format.spanindex import WINDOW, SpanLocation, decode_location, decode_window, span_tail
 
-MAX_TAILS = 64  # the windows of chained spans: tails of the gzip spans read last
+MAX_TAILS = 64  # the windows of chained spans (tails of the gzip spans read last) and stored windows read last
 
 
 class DirectChunkSource(ChunkSource):
@@ -29,20 +29,29 @@ class DirectChunkSource(ChunkSource):
             window = self._tails.get(loc.prev.digest)
             if window is None:
                 window = (await self.get(loc.prev, priority))[-WINDOW:]
+        elif isinstance(loc, SpanLocation) and loc.window_at is not None:
+            window = self._tails.get(loc.window_at.digest)
+            if window is None:
+                window = await self._read(loc.window_at, decode_window)
+                self._remember(loc.window_at.digest, window)
+        raw = await self._read(loc, decode_location, window)
+        tail = span_tail(loc, raw)
+        if tail is not None:
+            self._remember(loc.digest, tail)
+        return raw
+
+    async def _read(self, loc: ChunkLocation, decode, *args) -> bytes:
         stored = await self.backend.read_range(loc.blob, loc.offset, loc.compressed_length)
         self.reads += 1
         self.bytes_fetched += len(stored)
-        raw = await trio.to_thread.run_sync(
-            decode_location, loc, stored, f"{loc.blob}@{loc.offset}", window,
-            limiter=self._limiter,
-        )
-        tail = span_tail(loc, raw)
-        if tail is not None:
-            self._tails.pop(loc.digest, None)
-            self._tails[loc.digest] = tail
-            if len(self._tails) > MAX_TAILS:
-                del self._tails[next(iter(self._tails))]
-        return raw
+        return await trio.to_thread.run_sync(decode, loc, stored, f"{loc.blob}@{loc.offset}", *args,
+                                             limiter=self._limiter)
+
+    def _remember(self, digest: bytes, window: bytes) -> None:
+        self._tails.pop(digest, None)
+        self._tails[digest] = window
+        if len(self._tails) > MAX_TAILS:
+            del self._tails[next(iter(self._tails))]
 
     async def aclose(self) -> None:
         await self.backend.aclose()

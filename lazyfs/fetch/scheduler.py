@@ -49,7 +49,7 @@ from lazyfs.fetch.backend import Backend, SourcedBytes
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.flatfile import FlatCache, write_targets
 from lazyfs.fetch.plan import DEFAULT_MAX_GAP, DEFAULT_MAX_RANGE, FetchJob, FetchPlanner, TokenBucket
-from lazyfs.format.spanindex import MAX_CHAIN, SpanLocation, decode_location, span_tail
+from lazyfs.format.spanindex import MAX_CHAIN, SpanLocation, decode_location, decode_window, span_tail, window_key
 from lazyfs.nursery import open_nursery
 
 __all__ = ["FetchScheduler", "LatencyHistogram", "LATENCY_BUCKETS"]
@@ -149,6 +149,7 @@ _COUNTERS = (
     "decode_hops",  # worker-thread hops of fetch jobs (one per coalesced read, not per chunk)
     "location_retries",  # joiners whose flight (another location of the digest) failed and who read their own
     "chain_spans",  # spans fetched only because a chained span after them needed their tail as its window
+    "window_reads",  # ranged reads of stored windows (span maps of version 3 keep them beside the document)
 )
 MAX_TAILS = 512  # the last WINDOW bytes of this many recently decoded gzip spans (16 MiB): chained spans' windows
 
@@ -213,7 +214,8 @@ class FetchScheduler(ChunkSource):
         self._demand_quiet: trio.Event | None = None
         self._st = dict.fromkeys(_COUNTERS, 0)
         self._latency = LatencyHistogram()
-        # span digest -> its last WINDOW raw bytes (verified), oldest first: the windows of chained spans
+        # span digest -> its last WINDOW raw bytes (verified), oldest first: the windows of chained spans;
+        # and window digest -> a stored window read from a span map blob (verified), the same way
         self._tails: dict[bytes, bytes] = {}
         self.max_tails = MAX_TAILS
 
@@ -511,7 +513,47 @@ class FetchScheduler(ChunkSource):
                 extra[prev.digest] = prev
                 prev = prev.prev
         self._st["chain_spans"] += len(extra)
+        for loc in [*locs, *extra.values()]:  # stored windows already read (the chain's roots among them)
+            window = loc.window_at if isinstance(loc, SpanLocation) else None
+            if window is not None and window.digest in self._tails:
+                tails[window.digest] = self._tails[window.digest]
         return list(extra.values()), tails
+
+    async def _load_windows(self, backend: Backend, locs: Sequence[ChunkLocation], tails: dict[bytes, bytes],
+                            bad_sources: set[str]) -> None:
+        """Read and verify the stored windows *locs* need that *tails* lacks, into *tails*.
+
+        One ranged read per span map blob and run of windows (they lie in checkpoint order), from a
+        source not in *bad_sources*; a source caught serving a bad window joins it and the run is read
+        again from another (bounded by the sources). A window still missing afterwards fails its spans
+        in ``_decode_job`` like bad bytes, so they fail over with the read. Never raises a LazyfsError.
+        """
+        wanted = {w.digest: w for loc in locs if isinstance(loc, SpanLocation)
+                  for w in [loc.window_at] if w is not None and w.digest not in tails}
+        for run in _window_runs(wanted.values()):
+            start, end = run[0].offset, max(w.end for w in run)
+            for _ in range(len(backend.sources) + 1):
+                try:
+                    got = await self._read_range(backend, run[0].blob, start, end - start, bad_sources)
+                except LazyfsError as exc:
+                    log.warning("windows %s %d+%d from %s: %s", run[0].blob, start, end - start, backend.name, exc)
+                    break
+                self._st["window_reads"] += 1
+                frames = [(w, got.data[w.offset - start : w.end - start]) for w in run]
+                decoded = await trio.to_thread.run_sync(_decode_windows, frames, got.source, limiter=self._cpu)
+                good = {w.digest: raw for w, raw in decoded if isinstance(raw, bytes)}
+                tails.update(good)
+                self._remember_tails(good)
+                if len(good) == len(run) or got.source in bad_sources:
+                    break
+                for _w, raw in decoded:
+                    if not isinstance(raw, bytes):
+                        self._st["integrity_failures"] += 1
+                        log.warning("%s", raw)
+                bad_sources.add(got.source)
+                backend.source_failed_verification(got.source)
+                if bad_sources.issuperset(backend.sources):
+                    break
 
     def _remember_tails(self, tails: dict[bytes, bytes]) -> None:
         for digest, tail in tails.items():
@@ -567,7 +609,9 @@ class FetchScheduler(ChunkSource):
                     start = first if whole else locs[0].offset
                     end = job.end if whole else max(l.end for l in locs)
                     try:
-                        got = await self._read_range(backend, job.blob, start, end - start, bad_sources)
+                        async with open_nursery() as nursery:  # stored windows are read alongside
+                            nursery.start_soon(self._load_windows, backend, locs, tails, bad_sources)
+                            got = await self._read_range(backend, job.blob, start, end - start, bad_sources)
                     except LazyfsError as exc:
                         last_error = exc
                         log.warning("fetch %s %d+%d from %s failed: %s", job.blob, start, end - start, backend.name, exc)
@@ -783,24 +827,50 @@ def _read_order(loc: ChunkLocation) -> tuple[int, int]:
     return loc.offset, loc.tar_offset if isinstance(loc, SpanLocation) else 0
 
 
+def _window_runs(windows, max_gap: int = 64 << 10, max_run: int = 1 << 20) -> list[list[ChunkLocation]]:
+    """Stored windows grouped into runs read with one ranged read each: the same blob, close together."""
+    runs: list[list[ChunkLocation]] = []
+    for w in sorted(windows, key=lambda w: (w.blob, w.offset)):
+        run = runs[-1] if runs else None
+        if run and run[-1].blob == w.blob and w.offset - run[-1].end <= max_gap and w.end - run[0].offset <= max_run:
+            run.append(w)
+        else:
+            runs.append([w])
+    return runs
+
+
+def _decode_windows(frames, source: str) -> list:
+    """Worker thread: each stored window's verified bytes, or the IntegrityError/FormatError it raised."""
+    out = []
+    for w, frame in frames:
+        try:
+            out.append((w, decode_window(w, frame, source)))
+        except (IntegrityError, FormatError) as exc:
+            out.append((w, exc))
+    return out
+
+
 def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes]) -> list:
     """Worker thread: decode and verify every frame of one read, writing verified chunks back.
 
     Returns ``(loc, raw | IntegrityError | FormatError, chunk-file write result, flat write result)``
     per frame, in order; nothing unverified is written (*write* and the flat files only ever see
     bytes that matched their digest). A chunk with *flat* targets goes there, not to a chunk file.
-    *tails*: span digest -> last WINDOW raw bytes, the windows of chained spans; the tails of the
-    gzip spans decoded here are added to it (only this job's worker touches it meanwhile).
+    *tails*: span digest -> last WINDOW raw bytes, the windows of chained spans, and window digest ->
+    stored window; the tails of the gzip spans decoded here are added to it (only this job's worker
+    touches it meanwhile).
     """
     out = []
     for loc, frame in frames:
-        span = isinstance(loc, SpanLocation)
-        window = tails.get(loc.prev.digest) if span and loc.prev is not None else None
+        key = window_key(loc)
+        window = tails.get(key) if key is not None else None
         try:
-            if span and loc.prev is not None and window is None:
-                # its prev was in this read and failed verification: these bytes cannot be checked either
-                raise IntegrityError(f"span {loc.digest.hex()[:16]} of {loc.blob}", "the span before it", "bad bytes",
-                                     source)
+            if key is not None and window is None:
+                # its prev was in this read and failed verification, or its stored window could not be
+                # read verified: these bytes cannot be checked either
+                raise IntegrityError(f"span {loc.digest.hex()[:16]} of {loc.blob}",
+                                     "the span before it" if loc.prev is not None else "its stored window",
+                                     "bad bytes", source)
             raw = decode_location(loc, frame, source, window)
         except (IntegrityError, FormatError) as exc:
             out.append((loc, exc, None, None))

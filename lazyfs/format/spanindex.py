@@ -34,11 +34,11 @@ import msgpack
 import zstandard
 
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format.chunk import decode_chunk, decompress_declared, declared_size
+from lazyfs.format.chunk import COMPRESSION_ZSTD, decode_chunk, decompress_declared, declared_size
 from lazyfs.format.layer import ChunkLocation
 from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from
 
-SPAN_VERSION = 2  # 2: chained gzip spans (window CHAINED); version 1 maps are still read
+SPAN_VERSION = 3  # 3: windows stored beside the document, read lazily; 2: chained gzip spans; 1 and 2 are still read
 SPAN_SIZE = 256 << 10
 WINDOW_SPACING = 1 << 20  # gzip: a stored window at least this often; chained spans in between
 CHAINED = -2  # a span row's window: the last WINDOW tar bytes before its checkpoint, from the span ending there
@@ -68,6 +68,10 @@ class SpanLocation(ChunkLocation):
     A chained gzip span has no *window*: *prev* is the span that ends where its
     checkpoint starts, and the last ``WINDOW`` bytes of prev's (verified) raw
     bytes are the window (the fetch layer hands them to ``decode_span``).
+
+    In a version 3 span map a stored window is not in the document either:
+    *window_at* says where it is in the span map blob (a zstd frame named by the
+    blake3 of the window, read and verified like a chunk when a span needs it).
     """
 
     tar_offset: int = 0
@@ -75,6 +79,24 @@ class SpanLocation(ChunkLocation):
     bits: int = 0
     window: bytes = b""
     prev: "SpanLocation | None" = None
+    window_at: ChunkLocation | None = None
+
+
+def window_key(loc: ChunkLocation) -> bytes | None:
+    """The digest naming the window a span is decoded with, when it is not in its location: its prev's
+    (chained: the prev's last ``WINDOW`` bytes) or its stored window's; None when it needs none."""
+    if not isinstance(loc, SpanLocation):
+        return None
+    if loc.prev is not None:
+        return loc.prev.digest
+    return loc.window_at.digest if loc.window_at is not None else None
+
+
+def decode_window(loc: ChunkLocation, stored: bytes | memoryview, source: str = "") -> bytes:
+    """A stored window's verified bytes (a zstd frame of at most ``WINDOW`` bytes, named by its blake3)."""
+    if not 0 < loc.raw_length <= WINDOW:
+        raise FormatError(f"window {loc.digest.hex()[:16]} of {loc.blob}: {loc.raw_length} bytes (at most {WINDOW})")
+    return decode_chunk(loc.digest, bytes(stored), loc.compression, loc.raw_length, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +162,8 @@ def read_tar_range(m: SpanMap, raw_of: Callable[[SpanLocation], bytes], lo: int,
 def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "", window: bytes | None = None) -> bytes:
     """The verified raw bytes of a span from its fetched compressed range (IntegrityError if they are not).
 
-    *window*: for a chained span, the last ``WINDOW`` raw bytes of ``loc.prev`` (verified).
+    *window*: for a chained span, the last ``WINDOW`` raw bytes of ``loc.prev`` (verified); for a span
+    whose window is stored apart (``window_at``), that window's verified bytes.
     """
     what = f"span {loc.digest.hex()[:16]} (tar {loc.tar_offset}+{loc.raw_length}) of {loc.blob}"
     if not 0 < loc.raw_length <= MAX_SPAN:
@@ -152,6 +175,9 @@ def decode_span(loc: SpanLocation, stored: bytes | memoryview, source: str = "",
         if loc.prev is not None:
             if window is None or len(window) != WINDOW:
                 raise FormatError(f"{what}: a chained span needs the {WINDOW} bytes before it")
+        elif loc.window_at is not None:
+            if window is None or len(window) != loc.window_at.raw_length:
+                raise FormatError(f"{what}: its stored window was not given")
         else:
             window = _window(loc.window, what) if loc.window else b""
         raw = inflate_from(stored, loc.bits, window, loc.skip, loc.raw_length, what)
@@ -408,12 +434,39 @@ def _zstd_frames(blob, source_size: int, span_size: int, cutter: _SpanCutter, ch
 # ---------------------------------------------------------------- the span map document
 
 
-def encode_span_map(m: SpanMap) -> bytes:
-    """The span map as stored: one zstd frame (content size declared) of a msgpack map."""
+@dataclass(frozen=True, slots=True)
+class SpanMapBlob:
+    """A span map as stored (version 3): its stored windows, then the document (the last *doc_length* bytes)."""
+
+    data: bytes
+    doc_length: int
+
+    @property
+    def doc(self) -> bytes:
+        return self.data[len(self.data) - self.doc_length:]
+
+
+def encode_span_map(m: SpanMap) -> SpanMapBlob:
+    """The span map blob: each distinct stored window as a zstd frame, then one zstd frame (content size
+    declared) of the msgpack document, which says where each window is and names it by its blake3. A
+    mount reads the document only; a span's window is read when the span is (docs/index.md §3)."""
+    frames: list[bytes] = []
     windows: dict[bytes, int] = {}
-    rows = []
+    rows, table = [], []
+    offset = 0
     for s in m.spans:
-        w = CHAINED if s.prev is not None else windows.setdefault(s.window, len(windows)) if s.window else -1
+        if s.prev is not None:
+            w = CHAINED
+        elif s.window:
+            w = windows.get(s.window, -1)
+            if w < 0:
+                raw = _window(s.window, "window")
+                w = windows[s.window] = len(table)
+                table.append([offset, len(s.window), blake3.blake3(raw).digest(), len(raw)])
+                frames.append(s.window)
+                offset += len(s.window)
+        else:
+            w = -1
         rows.append([s.tar_offset, s.raw_length, s.digest, s.offset, s.compressed_length, s.skip, s.bits, w])
     doc = {
         "version": SPAN_VERSION,
@@ -424,11 +477,11 @@ def encode_span_map(m: SpanMap) -> bytes:
         "tar_size": m.tar_size,
         "block_size": m.block_size,
         "spans": rows,
-        "windows": list(windows),
+        "windows": table,
         "mapped": [[e.start, e.count, e.tar_offset, e.length] for e in m.mapped],
     }
-    raw = msgpack.packb(doc, use_bin_type=True)
-    return zstandard.ZstdCompressor(level=10, write_content_size=True).compress(raw)
+    packed = zstandard.ZstdCompressor(level=10, write_content_size=True).compress(msgpack.packb(doc, use_bin_type=True))
+    return SpanMapBlob(b"".join(frames) + packed, len(packed))
 
 
 def _ints(row: object, n: int, what: str) -> list[int]:
@@ -437,10 +490,12 @@ def _ints(row: object, n: int, what: str) -> list[int]:
     return row
 
 
-def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_DOC) -> SpanMap:
-    """Parse and check a span map (every rule of docs/index.md §3); FormatError naming the field.
+def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_DOC, *,
+                    blob: str = "", windows_end: int = 0) -> SpanMap:
+    """Parse and check a span map document (every rule of docs/index.md §3); FormatError naming the field.
 
     *max_size*: the most decompressed bytes accepted (checked on the frame header, before decompressing).
+    Version 3 stores its windows in the blob *blob* before the document, which starts at *windows_end*.
     """
     size = declared_size(stored, what)
     if size > min(max_size, MAX_DOC):
@@ -454,8 +509,8 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
     if not isinstance(doc, dict):
         raise FormatError(f"{what} is not a map")
     version = doc.get("version")
-    if version not in (1, SPAN_VERSION):
-        raise FormatError(f"{what}: version {version!r} (this lazyfs reads 1 and {SPAN_VERSION})")
+    if version not in (1, 2, SPAN_VERSION):
+        raise FormatError(f"{what}: version {version!r} (this lazyfs reads 1 to {SPAN_VERSION})")
     codec, access = doc.get("codec"), doc.get("access")
     if codec not in CODECS or access not in (ACCESS[codec], ZSTD_WHOLE if codec == "zstd" else None):
         raise FormatError(f"{what}: codec {codec!r} with access {access!r}")
@@ -468,9 +523,7 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
         raise FormatError(f"{what}: source_size or tar_size out of range")
     if bs != 4096:
         raise FormatError(f"{what}: block_size {bs!r} (4096)")
-    windows = doc.get("windows")
-    if not isinstance(windows, list) or not all(isinstance(w, bytes) and w for w in windows):
-        raise FormatError(f"{what}: windows is not an array of binaries")
+    windows = _windows(doc.get("windows"), version, what, blob, windows_end)
     rows, mapped_rows = doc.get("spans"), doc.get("mapped")
     if not isinstance(rows, list) or not rows or not isinstance(mapped_rows, list):
         raise FormatError(f"{what}: spans or mapped missing")
@@ -503,8 +556,10 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
                 raise FormatError(f"{what}: spans[{i}] is chained, but no span of {WINDOW} bytes or more ends at its "
                                   f"checkpoint (or the chain is longer than {MAX_CHAIN})")
             prev, depth[i] = spans[p], depth[p] + 1
+        stored = windows[w] if w >= 0 else b""
         spans.append(SpanLocation(digest, source, offset, clen, length, code, tar_offset, skip, bits,
-                                  windows[w] if w >= 0 else b"", prev))
+                                  stored if isinstance(stored, bytes) else b"", prev,
+                                  stored if isinstance(stored, ChunkLocation) else None))
         pos += length
         ending[pos] = i
     if pos != tar_size:
@@ -519,6 +574,27 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
         mapped.append(MappedExtent(start, count, tar_offset, length))
         end = start + count
     return SpanMap(source, source_size, codec, access, tar_size, bs, tuple(spans), tuple(mapped))
+
+
+def _windows(table: object, version: int, what: str, blob: str, windows_end: int) -> list:
+    """The stored windows: inline zstd frames (versions 1 and 2), or where they are in the blob (version 3)."""
+    if version < 3:
+        if not isinstance(table, list) or not all(isinstance(w, bytes) and w for w in table):
+            raise FormatError(f"{what}: windows is not an array of binaries")
+        return table
+    if not isinstance(table, list) or not blob:
+        raise FormatError(f"{what}: windows is not an array (or the blob holding them is not known)")
+    out = []
+    for i, row in enumerate(table):
+        if not isinstance(row, list) or len(row) != 4 or not isinstance(row[2], bytes) or len(row[2]) != 32:
+            raise FormatError(f"{what}: windows[{i}] is not [offset, length, digest, raw_length]")
+        offset, length, digest, raw_length = row
+        _ints([offset, length, raw_length], 3, f"{what}: windows[{i}]")
+        if offset < 0 or not 0 < length <= MAX_WINDOW_STORED or offset + length > windows_end \
+                or not 0 < raw_length <= WINDOW:
+            raise FormatError(f"{what}: windows[{i}] lies outside the windows before the document or is too large")
+        out.append(ChunkLocation(digest, blob, offset, length, raw_length, COMPRESSION_ZSTD))
+    return out
 
 
 def iter_mapped_blocks(m: SpanMap) -> Iterator[tuple[int, int]]:

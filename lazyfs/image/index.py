@@ -31,6 +31,7 @@ from lazyfs.errors import ConfigError, FormatError, IntegrityError, LazyfsError,
 from lazyfs.fetch.backend import Backend
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.registry import RegistryBackend
+from lazyfs.format.digest import check_sha256
 from lazyfs.format.layer import BLOCK_SIZE, DEFAULT_CHUNK_SIZE, MEDIA_TYPE_LAYER, LayerMeta
 from lazyfs.format.oci import (
     ANN_META_DIGEST,
@@ -86,6 +87,10 @@ MEDIA_TYPE_MAPPED_LAYER = "application/vnd.lazyfs.mapped-layer.v1"
 ANN_SOURCE_MANIFEST = "dev.lazyfs.index.source-manifest"
 ANN_SOURCE_LAYER = "dev.lazyfs.index.source-layer"
 ANN_SPANS = "dev.lazyfs.index.spans"
+# on a span map: its document is the blob's last N bytes, with this sha256; the windows before it are read
+# lazily (version 3). Without them the whole blob is the document (versions 1 and 2).
+ANN_SPANS_DOC_LENGTH = "dev.lazyfs.index.spans-doc-length"
+ANN_SPANS_DOC_DIGEST = "dev.lazyfs.index.spans-doc-digest"
 INDEX_VERSION = "1"
 
 
@@ -99,6 +104,8 @@ class IndexLayer:
     meta: LayerDescriptor
     spans: Descriptor
     source_digest: str
+    doc_length: int = 0  # the span map document: the last doc_length bytes of the blob (0: all of it)
+    doc_digest: str = ""  # its sha256 (the manifest anchors it; the document anchors the windows before it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +127,9 @@ def build_index_manifest(config: Descriptor, layers: list[IndexLayer], virtual_s
                      "annotations": {ANN_META_OFFSET: str(meta.meta_offset), ANN_META_LENGTH: str(meta.meta_length),
                                      ANN_META_DIGEST: meta.meta_digest, ANN_SOURCE_LAYER: layer.source_digest,
                                      ANN_SPANS: layer.spans.digest}})
-        rows.append({**layer.spans.to_json(), "annotations": {ANN_SOURCE_LAYER: layer.source_digest}})
+        doc = {ANN_SPANS_DOC_LENGTH: str(layer.doc_length), ANN_SPANS_DOC_DIGEST: layer.doc_digest} \
+            if layer.doc_length else {}
+        rows.append({**layer.spans.to_json(), "annotations": {ANN_SOURCE_LAYER: layer.source_digest, **doc}})
     return canonical_json({
         "schemaVersion": 2,
         "mediaType": MEDIA_TYPE_MANIFEST,
@@ -162,9 +171,23 @@ def parse_index_manifest(data: bytes, subject: str, source_layers: list[str]) ->
             raise FormatError(f"{where}: layer {i} is not indexed from source layer {source}")
         # the metadata layer is a lazyfs layer in all but its media type (so no reader mounts it alone)
         as_layer = Descriptor(MEDIA_TYPE_LAYER, m.digest, m.size, m.annotations)
-        layers.append(IndexLayer(parse_layer_descriptor(as_layer, f"{where} layers[{2 * i}]"), s, source))
+        doc_length, doc_digest = _span_doc(s, f"{where} layers[{2 * i + 1}]")
+        layers.append(IndexLayer(parse_layer_descriptor(as_layer, f"{where} layers[{2 * i}]"), s, source,
+                                 doc_length, doc_digest))
     config = parse_descriptor(doc.get("config"), f"{where} config")
     return IndexManifest(digest, subject, size, tuple(layers), config)
+
+
+def _span_doc(d: Descriptor, where: str) -> tuple[int, str]:
+    """Where a span map's document is in its blob: (length, sha256), or (0, "") for a whole-blob document."""
+    if ANN_SPANS_DOC_LENGTH not in d.annotations and ANN_SPANS_DOC_DIGEST not in d.annotations:
+        return 0, ""
+    length = decimal(str(d.annotations.get(ANN_SPANS_DOC_LENGTH, "")), f"{where}: {ANN_SPANS_DOC_LENGTH}", 1)
+    if length > d.size:
+        raise FormatError(f"{where}: a span map document of {length} bytes in a blob of {d.size}")
+    digest = str(d.annotations.get(ANN_SPANS_DOC_DIGEST, ""))
+    check_sha256(digest, f"{where}: annotation {ANN_SPANS_DOC_DIGEST}")
+    return length, digest
 
 
 # ---------------------------------------------------------------- building
@@ -282,15 +305,16 @@ class Indexer:
         os.unlink(spool)
         span_map = built.span_map(source_layer.digest, tuple(mapped))
         spans_blob = await trio.to_thread.run_sync(encode_span_map, span_map)
-        spans_desc = self.layout.put_bytes(spans_blob, MEDIA_TYPE_SPANS)
+        spans_desc = self.layout.put_bytes(spans_blob.data, MEDIA_TYPE_SPANS)
         layout, chunk = self.layout, self.chunk_size
         written = await trio.to_thread.run_sync(
             lambda: write_layer(layout, without_mapped(fs.changed_pieces(chunk), mapped), fs.size, chunk,
                                 known_chunks(lower), mask_zeros=True))
-        self.layers.append(IndexLayer(written.descriptor, spans_desc, source_layer.digest))
+        self.layers.append(IndexLayer(written.descriptor, spans_desc, source_layer.digest, spans_blob.doc_length,
+                                      sha256_digest(spans_blob.doc)))
         self.reports.append(_LayerReport(
             source_layer.digest, built.codec, built.access, size, built.tar_size, len(built.spans), built.windows,
-            sum(e.count for e in mapped), written.descriptor.size, len(spans_blob),
+            sum(e.count for e in mapped), written.descriptor.size, len(spans_blob.data),
             round(time.monotonic() - started, 3)))
         return written.meta, written.descriptor.digest
 
@@ -417,7 +441,7 @@ MAX_INDEXES_CHECKED = 16  # indexes of one image whose trust is checked, newest 
 async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, limits: ImageLimits,
                        source_sizes: list[int]) -> Image:
     """The index's metadata layers (each tail checked against its meta-digest) and span maps (sha256-checked)."""
-    declared = sum(layer.spans.size for layer in index.layers)
+    declared = sum(layer.doc_length or layer.spans.size for layer in index.layers)
     if declared > limits.metadata_budget:
         raise FormatError(f"{name}: its index declares {declared} bytes of span maps, more than the metadata "
                           f"budget of {limits.metadata_budget} bytes (the config's metadata_budget)")
@@ -437,11 +461,15 @@ async def load_indexed(index: IndexManifest, backend: Backend, *, name: str, lim
     async def one(i: int, layer: IndexLayer) -> None:
         what = f"span map of layer {i} ({layer.source_digest[:19]}) of {name}"
         try:
-            data = await backend.read_range(layer.spans.digest, 0, layer.spans.size)
-            got = sha256_digest(data)
-            if got != layer.spans.digest:
-                raise IntegrityError(what, layer.spans.digest, got, backend.name)
-            span_map = await trio.to_thread.run_sync(decode_span_map, data, what, limits.metadata_budget)
+            # the document only (its windows are read with the spans that need them), or the whole blob
+            doc_at = layer.spans.size - layer.doc_length if layer.doc_length else 0
+            data = await backend.read_range(layer.spans.digest, doc_at, layer.spans.size - doc_at)
+            got, want = sha256_digest(data), layer.doc_digest or layer.spans.digest
+            if got != want:
+                raise IntegrityError(what, want, got, backend.name)
+            span_map = await trio.to_thread.run_sync(
+                lambda: decode_span_map(data, what, limits.metadata_budget, blob=layer.spans.digest,
+                                        windows_end=doc_at))
             if span_map.source_digest != layer.source_digest or span_map.source_size != source_sizes[i]:
                 raise FormatError(f"{what}: it maps {span_map.source_digest} of {span_map.source_size} bytes, "
                                   f"not {layer.source_digest} of {source_sizes[i]}")

@@ -14,7 +14,7 @@ from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.format.digest import sha256_digest
-from lazyfs.format.spanindex import build_spans
+from lazyfs.format.spanindex import build_spans, decode_span_map, encode_span_map
 from tests.fetch.test_scheduler import Probe, run, settle
 
 SPAN = 64 << 10
@@ -145,5 +145,73 @@ def test_readahead_of_the_next_span_waits_for_the_running_read_of_the_one_before
             assert probe.calls[0] == (blob, spans[0].offset, spans[0].compressed_length)
             assert sorted(probe.calls[1:]) == [(blob, spans[1].offset, spans[2].end - spans[1].offset)]
             assert sched.statistics()["chain_spans"] == 0
+
+    run(main)
+
+
+def _indexed_layer(root):
+    """A gzip layer and its span map blob (version 3: windows stored before the document) in one layout,
+    with 64 KiB spans and a stored window every 256 KiB; the spans as a mount reads them from the map."""
+    data = _text(2, 2_000_000)
+    blob = gzip.compress(data, 6)
+    name = sha256_digest(blob)
+    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN,
+                        window_spacing=256 << 10)
+    stored = encode_span_map(built.span_map(name, ()))
+    map_name = sha256_digest(stored.data)
+    for digest, content in ((name, blob), (map_name, stored.data)):
+        path = root / "blobs" / "sha256" / digest[7:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    m = decode_span_map(stored.doc, blob=map_name, windows_end=len(stored.data) - stored.doc_length)
+    with_window = [i for i, s in enumerate(m.spans) if s.window_at is not None]
+    assert len(with_window) >= 3
+    return data, name, map_name, m.spans, with_window
+
+
+def test_a_span_with_a_stored_window_reads_the_window_alongside_and_once(tmp_path):
+    """The mount reads a span map's document only; a span whose window is stored reads it from the map blob
+    with its own range (both verified), and the chained span after it needs no window read."""
+    data, blob, map_blob, spans, with_window = _indexed_layer(tmp_path / "oci")
+    i = with_window[1]
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[i]) == _raw(data, spans[i])
+            w = spans[i].window_at
+            assert sorted(probe.calls) == sorted([(blob, spans[i].offset, spans[i].compressed_length),
+                                                  (map_blob, w.offset, w.compressed_length)])
+            assert sched.statistics()["window_reads"] == 1 and sched.statistics()["chain_spans"] == 0
+            assert spans[i + 1].prev is spans[i]
+            assert await sched.get(spans[i + 1]) == _raw(data, spans[i + 1])
+            assert probe.calls[2:] == [(blob, spans[i + 1].offset, spans[i + 1].compressed_length)]
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache2", 1 << 30)) as sched:
+            # a cold chained span: its chain back to the stored window, and that window, in two reads
+            j = with_window[2] - 1
+            assert spans[j].prev is not None
+            assert await sched.get(spans[j]) == _raw(data, spans[j])
+            st = sched.statistics()
+            assert st["window_reads"] == 1 and st["chain_spans"] == j - with_window[1] and st["ranged_gets"] == 2
+
+    run(main)
+
+
+def test_a_window_corrupted_by_a_mirror_is_refused_and_read_from_the_origin(tmp_path):
+    data, blob, map_blob, spans, with_window = _indexed_layer(tmp_path / "oci")
+    i = with_window[-1]
+    w = spans[i].window_at
+    bad = Probe(DirectoryBackend(tmp_path / "oci"), "bad-mirror")
+    flip = w.offset + w.compressed_length // 2
+    assert not spans[i].offset <= flip < spans[i].end  # Probe flips an offset in any blob it reads
+    bad.corrupt.add(flip)
+    good = Probe(DirectoryBackend(tmp_path / "oci"), "origin")
+
+    async def main():
+        async with FetchScheduler.open([bad, good], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[i]) == _raw(data, spans[i])
+            st = sched.statistics()
+            assert st["integrity_failures"] >= 1 and st["failovers"] >= 1
+            assert (map_blob, w.offset, w.compressed_length) in good.calls
 
     run(main)

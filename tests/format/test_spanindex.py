@@ -22,11 +22,13 @@ from lazyfs.format.spanindex import (
     build_spans,
     decode_location,
     decode_span_map,
+    decode_window,
     encode_span_map,
     read_tar_range,
 )
 
 SPAN = 64 << 10
+MAP_BLOB = "sha256:" + "cd" * 32  # the span map blob's name in these tests
 
 
 def _stream(seed: int, size: int) -> bytes:
@@ -71,12 +73,40 @@ def _build(kind: str, data: bytes, **options):
     return blob, built.span_map("sha256:" + "ab" * 32, ())
 
 
-def _decode(span, blob: bytes, raws: dict, source: str = "") -> bytes:
-    """A span's raw bytes from its own range, a chained one with its prev's tail (from *raws*)."""
+def _decode(span, blob: bytes, raws: dict, source: str = "", map_blob: bytes = b"") -> bytes:
+    """A span's raw bytes from its own range, a chained one with its prev's tail (from *raws*), one whose
+    window is stored apart with that window read from *map_blob*."""
     window = raws[span.prev.digest][-WINDOW:] if span.prev is not None else None
+    if span.window_at is not None:
+        w = span.window_at
+        window = decode_window(w, map_blob[w.offset:w.end])
     raw = decode_location(span, blob[span.offset:span.end], source, window)
     raws[span.digest] = raw
     return raw
+
+
+def _round_trip(m, change=None, version=None):
+    """*m* stored (version 3: windows, then the document) and read back, the document changed by *change*;
+    with *version* < 3, a document of that version with the windows inline. Returns (map, map blob)."""
+    stored = encode_span_map(m)
+    windows_end = len(stored.data) - stored.doc_length
+
+    def inline(doc):
+        doc["version"] = version
+        doc["windows"] = [stored.data[o:o + n] for o, n, _d, _r in doc["windows"]]
+
+    doc = stored.doc
+    for c in ([inline] if version else []) + ([change] if change else []):
+        doc = _rewrite(doc, c)
+    return decode_span_map(doc, blob=MAP_BLOB, windows_end=windows_end), stored.data
+
+
+def _same_spans(a, b) -> bool:
+    """Equal spans, whether their windows are inline or stored apart."""
+    def key(s):
+        return (s.digest, s.offset, s.compressed_length, s.raw_length, s.compression, s.tar_offset, s.skip, s.bits,
+                s.prev.digest if s.prev is not None else None, bool(s.window or s.window_at))
+    return [key(s) for s in a] == [key(s) for s in b]
 
 
 @pytest.mark.parametrize("kind", sorted(BLOBS))
@@ -99,11 +129,12 @@ def test_every_span_decodes_alone_and_round_trips(kind: str) -> None:
     for span in m.spans:
         raw = _decode(span, blob, raws, "test")
         assert raw == data[span.tar_offset:span.tar_offset + span.raw_length]
-    again = decode_span_map(encode_span_map(m))
-    assert again.spans == m.spans and again.access == m.access
+    again, map_blob = _round_trip(m)
+    assert _same_spans(again.spans, m.spans) and again.access == m.access
+    assert all(s.window == b"" for s in again.spans)  # stored apart: the document holds no window
     cache: dict = {}
     for s in again.spans:
-        _decode(s, blob, cache)
+        _decode(s, blob, cache, map_blob=map_blob)
     assert read_tar_range(again, lambda s: cache[s.digest], 12345, 654321) == data[12345:654321]
 
 
@@ -168,8 +199,7 @@ def _rewrite(stored: bytes, change) -> bytes:
 def test_chained_rows_are_checked() -> None:
     data = _stream(14, 600_000)
     _, m = _build("gzip", data)
-    stored = encode_span_map(m)
-    assert decode_span_map(stored).spans == m.spans
+    assert _same_spans(_round_trip(m)[0].spans, m.spans)
 
     def version_1(doc):  # version 1 has no chained spans
         doc["version"] = 1
@@ -186,12 +216,49 @@ def test_chained_rows_are_checked() -> None:
             pos += WINDOW
         doc["tar_size"] = pos
 
-    for change in (version_1, first_chained, long_chain):
+    for change in (first_chained, long_chain):
         with pytest.raises(FormatError):
-            decode_span_map(_rewrite(stored, change))
-    # a version 1 map (every window stored) is still read
+            _round_trip(m, change)
+    with pytest.raises(FormatError):
+        _round_trip(m, version=1)
+    # a version 1 map (every window stored, inline) and a version 2 map (inline windows) are still read
     _, every = _build("gzip", data, window_spacing=1)
-    assert decode_span_map(_rewrite(encode_span_map(every), version_1)).spans == every.spans
+    assert _round_trip(every, version=1)[0].spans == every.spans
+    assert _round_trip(m, version=2)[0].spans == m.spans
+
+
+def test_stored_windows_are_checked() -> None:
+    """A version 3 window row must lie before the document, and a window read from the blob is verified."""
+    data = _stream(15, 2_500_000)
+    blob, m = _build("gzip", data, window_spacing=1 << 19)
+    again, map_blob = _round_trip(m)
+    stored = [s for s in again.spans if s.window_at is not None]
+    assert stored, "some span should need a stored window"
+    span = stored[0]
+    w = span.window_at
+    assert w.blob == MAP_BLOB and w.end <= len(map_blob)
+    forged = bytearray(map_blob)
+    forged[w.offset + w.compressed_length // 2] ^= 0x10
+    with pytest.raises(IntegrityError):
+        decode_window(w, forged[w.offset:w.end])
+    # forged but self-consistent: a well-formed frame of other bytes of the right size
+    other = zstandard.ZstdCompressor(write_content_size=True).compress(data[:w.raw_length])
+    with pytest.raises(IntegrityError):
+        decode_window(type(w)(w.digest, w.blob, 0, len(other), w.raw_length, w.compression), other)
+    with pytest.raises(FormatError):  # a span with a stored window is never decoded without it
+        decode_location(span, blob[span.offset:span.end], "mirror")
+
+    def past_the_document(doc):
+        doc["windows"][0][0] = len(map_blob)
+
+    def too_long(doc):
+        doc["windows"][0][3] = WINDOW + 1
+
+    for change in (past_the_document, too_long):
+        with pytest.raises(FormatError):
+            _round_trip(m, change)
+    with pytest.raises(FormatError):  # a version 3 document read without its blob
+        decode_span_map(encode_span_map(m).doc)
 
 
 def test_forged_span_digest_is_an_integrity_error() -> None:
@@ -209,16 +276,16 @@ def test_span_map_rules() -> None:
     _, m = _build("gzip", data)
     good = type(m)(m.source_digest, m.source_size, m.codec, m.access, m.tar_size, 4096, m.spans,
                    (MappedExtent(0, 2, 0, 5000), MappedExtent(5, 1, 8192, 4096)))
-    assert decode_span_map(encode_span_map(good)).mapped == good.mapped
+    assert _round_trip(good)[0].mapped == good.mapped
     for mapped in [(MappedExtent(0, 2, 0, 5000), MappedExtent(1, 1, 0, 10)),  # overlap
                    (MappedExtent(0, 1, m.tar_size - 10, 4096),),  # beyond the tar
                    (MappedExtent(0, 3, 0, 4096),)]:  # data ends before the last block
         bad = type(m)(m.source_digest, m.source_size, m.codec, m.access, m.tar_size, 4096, m.spans, mapped)
         with pytest.raises(FormatError):
-            decode_span_map(encode_span_map(bad))
+            _round_trip(bad)
     short = type(m)(m.source_digest, m.source_size, m.codec, m.access, m.tar_size + 1, 4096, m.spans, ())
     with pytest.raises(FormatError):
-        decode_span_map(encode_span_map(short))
+        _round_trip(short)
     with pytest.raises(FormatError):
         decode_span_map(b"garbage")
 
@@ -249,7 +316,8 @@ def test_mutated_span_maps_are_format_errors_or_valid() -> None:
     """Random byte flips and truncations of a span map's msgpack: never anything but FormatError."""
     data = _stream(8, 200_000)
     _, m = _build("gzip", data)
-    raw = zstandard.ZstdDecompressor().decompress(encode_span_map(m))
+    stored_map = encode_span_map(m)
+    raw = zstandard.ZstdDecompressor().decompress(stored_map.doc)
     rnd = random.Random(9)
     outcomes = {"ok": 0, "refused": 0}
     for _ in range(300):
@@ -260,7 +328,7 @@ def test_mutated_span_maps_are_format_errors_or_valid() -> None:
             mutated = mutated[:rnd.randrange(len(mutated))]
         stored = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(mutated))
         try:
-            decode_span_map(stored)
+            decode_span_map(stored, blob=MAP_BLOB, windows_end=len(stored_map.data) - stored_map.doc_length)
             outcomes["ok"] += 1
         except FormatError:
             outcomes["refused"] += 1

@@ -18,8 +18,10 @@ import tarfile
 from io import BytesIO
 import urllib.request
 
+import msgpack
 import pytest
 import trio
+import zstandard
 
 from lazyfs.config import Config, RegistrySettings
 from lazyfs.errors import IntegrityError, ManyErrors, TrustError
@@ -27,9 +29,8 @@ from lazyfs.format.oci import MEDIA_TYPE_MANIFEST, sha256_digest
 from lazyfs.format.reference import parse_reference
 from lazyfs.device.chunks import ChunkLocation
 from lazyfs.fetch.trace import SPAN_ENTRY
-from lazyfs.format.spanindex import SpanLocation, decode_span_map, encode_span_map
 from lazyfs.image.traces import save_trace
-from lazyfs.image.index import INDEX_ARTIFACT_TYPE, ANN_SOURCE_MANIFEST
+from lazyfs.image.index import ANN_SPANS_DOC_DIGEST, ANN_SPANS_DOC_LENGTH, INDEX_ARTIFACT_TYPE, ANN_SOURCE_MANIFEST
 from lazyfs.image.referrers import add_referrer_remote, find_referrers_remote
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.remote import ImageOpener
@@ -339,15 +340,39 @@ def test_flipped_byte_in_a_gzip_span_on_a_mirror_is_caught_and_failed_over(env, 
         assert stats["integrity_failures"] >= 1 and stats["failovers"] >= 1
 
 
-def _forge_span_map(data: bytes) -> bytes:
-    """The span map with the digest of its second span changed."""
-    m = decode_span_map(data)
-    spans = list(m.spans)
-    s = spans[1]
-    spans[1] = SpanLocation(bytes(32), s.blob, s.offset, s.compressed_length, s.raw_length, s.compression,
-                            s.tar_offset, s.skip, s.bits, s.window)
-    return encode_span_map(type(m)(m.source_digest, m.source_size, m.codec, m.access, m.tar_size, m.block_size,
-                                   tuple(spans), m.mapped))
+def test_a_mount_reads_span_map_documents_only_and_each_window_with_its_span(env, edge, tmp_path):
+    """Attaching an indexed image reads each span map's document (its tail), not the windows before it;
+    reading the mapped blocks then reads the windows they need (counted at a proxy)."""
+    ref = edge["refs"]["gzip"]
+    summary = index(env, ref)
+    doc = json.loads(_get(f"http://{env.registry.registry}/v2/edge/gzip/manifests/{summary['index']}",
+                          MEDIA_TYPE_MANIFEST))
+    maps = {d["digest"]: (d["size"], int(d["annotations"][ANN_SPANS_DOC_LENGTH])) for d in doc["layers"][1::2]}
+    assert any(size > length for size, length in maps.values()), "some span map should store windows"
+    with FaultProxy.running_in_thread(env.registry.port) as proxy:
+
+        def reads() -> list[tuple[str, str | None]]:
+            return [(digest, x.range) for digest in maps for x in proxy.requests("GET", f"/blobs/{digest}")]
+
+        async def main():
+            async with Host.open(host_config(tmp_path, env, proxy)) as host:
+                att = await host.attach(via(proxy, ref))
+                assert att.opened.via.startswith(f"index {summary['index']}")
+                at_attach = reads()
+                await read_mapped(att)
+                return at_attach, reads(), host.scheduler.statistics()
+
+        at_attach, after, stats = trio.run(main)
+    assert sorted(at_attach) == sorted((d, f"bytes={size - length}-{size - 1}") for d, (size, length) in maps.items())
+    assert stats["window_reads"] >= 1 and len(after) == len(at_attach) + stats["window_reads"]
+
+
+def _forge_span_map(data: bytes, doc_length: int) -> bytes:
+    """The span map blob with the digest of its second span changed in its document (windows kept)."""
+    windows, doc = data[:len(data) - doc_length], data[len(data) - doc_length:]
+    rows = msgpack.unpackb(zstandard.ZstdDecompressor().decompress(doc), raw=False)
+    rows["spans"][1][2] = bytes(32)
+    return windows + zstandard.ZstdCompressor(write_content_size=True).compress(msgpack.packb(rows, use_bin_type=True))
 
 
 async def _publish_forged(client, repo, index_manifest: bytes, subject: str) -> tuple[str, bytes]:
@@ -355,10 +380,14 @@ async def _publish_forged(client, repo, index_manifest: bytes, subject: str) -> 
     doc = json.loads(index_manifest)
     spans_desc = doc["layers"][-1]
     data = await client.get_blob(repo, spans_desc["digest"])
-    forged = _forge_span_map(data)
+    doc_length = int(spans_desc["annotations"][ANN_SPANS_DOC_LENGTH])
+    forged = _forge_span_map(data, doc_length)
     forged_digest = sha256_digest(forged)
     await client.push_blob(repo, forged, forged_digest)
-    doc["layers"][-1] = {**spans_desc, "digest": forged_digest, "size": len(forged)}
+    new_length = len(forged) - (len(data) - doc_length)
+    doc["layers"][-1] = {**spans_desc, "digest": forged_digest, "size": len(forged),
+                         "annotations": {**spans_desc["annotations"], ANN_SPANS_DOC_LENGTH: str(new_length),
+                                         ANN_SPANS_DOC_DIGEST: sha256_digest(forged[len(forged) - new_length:])}}
     doc["layers"][-2]["annotations"]["dev.lazyfs.index.spans"] = forged_digest
     manifest = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     await add_referrer_remote(client, repo, manifest, INDEX_ARTIFACT_TYPE, subject, {ANN_SOURCE_MANIFEST: subject})
@@ -396,7 +425,7 @@ def test_forged_indexes_are_refused(env, edge, tmp_path):
                 await opener.open(other)
 
             # 2. a forged span digest in a new manifest (newest referrer): not trusted, the real one is used
-            forged_digest, forged_map = await _publish_forged(client, repo, trusted, subject)
+            forged_digest, _ = await _publish_forged(client, repo, trusted, subject)
             opened = await opener.open(gzip_ref)
             assert opened.via.startswith(f"index {summary['index']}")
 
@@ -409,16 +438,18 @@ def test_forged_indexes_are_refused(env, edge, tmp_path):
                 with pytest.raises((IntegrityError, ManyErrors)) as failed:
                     await read_mapped(att)
                 assert all(isinstance(e, IntegrityError) for e in getattr(failed.value, "errors", (failed.value,)))
-            return forged_map
 
-    forged_map = trio.run(main)
+    trio.run(main)
 
     # 4. a span map swapped under the trusted manifest (a mirror serving other bytes for it): one line
     doc = json.loads(_get(f"http://{env.registry.registry}/v2/edge/gzip/manifests/{summary['index']}",
                           MEDIA_TYPE_MANIFEST))
     spans_digest = doc["layers"][-1]["digest"]
+    # the trusted blob with one byte of its document changed (the windows before it are read lazily)
+    real = bytearray(_get(f"http://{env.registry.registry}/v2/edge/gzip/blobs/{spans_digest}"))
+    real[-int(doc["layers"][-1]["annotations"][ANN_SPANS_DOC_LENGTH]) // 2] ^= 0x01
     with FaultProxy.running_in_thread(env.registry.port) as proxy:
-        proxy.faults.forge(forged_map, path=f"/blobs/{spans_digest}")
+        proxy.faults.forge(bytes(real), path=f"/blobs/{spans_digest}")
         target = tmp_path / "mnt"
         target.mkdir()
         proc = env.lazyfs("mount", via(proxy, gzip_ref), str(target), "--plain-http", f"127.0.0.1:{proxy.port}",
