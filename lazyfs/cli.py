@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
 
 from lazyfs.errors import ConfigError, LazyfsError, one_line
-from lazyfs.nursery import single_error
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -628,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BaseException as raised:  # every failure is one line on stderr; --debug shows the traceback
+        from lazyfs.nursery import single_error  # here: a command that succeeds never needs it (issue 14)
+
         exc = single_error(raised)
         if isinstance(exc, KeyboardInterrupt):
             return 130
@@ -635,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
             raise exc
         if args.command == "daemon" and not isinstance(exc, LazyfsError):
             # a daemon's stderr is its log, read after the fact: keep a bug's traceback there
+            import logging  # here, not at the top: the other commands' start skips it (issue 14)
+
             logging.getLogger("lazyfs.daemon").error("internal error", exc_info=exc)
         print(error_line(args, exc), file=sys.stderr)
         return 1
