@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
 
 from lazyfs.errors import ConfigError, LazyfsError, one_line
-from lazyfs.nursery import single_error
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -440,13 +438,38 @@ def cmd_tcmu(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminal_columns() -> int:
+    """``shutil.get_terminal_size().columns``, without importing shutil: it loads bz2, lzma and zlib
+    with it (7 modules, ~5 ms of a cold start; issue 14)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):  # no stdout, or not a terminal
+            columns = 80
+    return columns
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, told the width argparse would find: argparse makes one for every
+    argument added, and each would import shutil for it (see ``_terminal_columns``)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lazyfs", description="Lazy-loading block-layer images for containers and VMs.")
+    parser = argparse.ArgumentParser(prog="lazyfs", description="Lazy-loading block-layer images for containers and VMs.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help, formatter_class=_HelpFormatter)
         p.set_defaults(func=func)
         return p
 
@@ -628,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except BaseException as raised:  # every failure is one line on stderr; --debug shows the traceback
+        from lazyfs.nursery import single_error  # here: a command that succeeds never needs it (issue 14)
+
         exc = single_error(raised)
         if isinstance(exc, KeyboardInterrupt):
             return 130
@@ -635,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
             raise exc
         if args.command == "daemon" and not isinstance(exc, LazyfsError):
             # a daemon's stderr is its log, read after the fact: keep a bug's traceback there
+            import logging  # here, not at the top: the other commands' start skips it (issue 14)
+
             logging.getLogger("lazyfs.daemon").error("internal error", exc_info=exc)
         print(error_line(args, exc), file=sys.stderr)
         return 1

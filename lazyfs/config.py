@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import ssl
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -26,7 +24,6 @@ from typing import Annotated, Literal
 import msgspec
 
 from lazyfs.errors import ConfigError, FormatError
-from lazyfs.format.reference import check_registry
 
 DEFAULT_CONFIG_PATHS = ("/etc/lazyfs/config.toml", "/etc/lazyfs/config.json")
 DEFAULT_CONFIG_PATH = DEFAULT_CONFIG_PATHS[1]
@@ -42,6 +39,9 @@ Seconds = Annotated[float, _doc("seconds", ge=0)]
 
 
 def _host(value: str, what: str) -> None:
+    # imported here: a config without registries (what `lazyfs mount` loads) needs none of it (issue 14)
+    from lazyfs.format.reference import check_registry
+
     scheme, sep, rest = value.partition("://")
     try:
         check_registry(rest if sep and scheme in ("http", "https") else value)
@@ -257,22 +257,29 @@ def _field(path: str) -> str:
     return path.removeprefix("$").removeprefix(".") or "(top level)"
 
 
+def _check_tls_files(r: RegistrySettings, field: str) -> None:
+    """The CA bundle and client certificate of registry *r* load (*field* names it in the error)."""
+    import ssl  # here, not at the top: only a registry with TLS files needs it, not every CLI start (issue 14)
+
+    if r.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=r.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"{field}.ca_file {r.ca_file}: cannot load: {getattr(e, 'strerror', None) or e}") from None
+    if r.client_cert is not None:
+        try:
+            ssl.create_default_context().load_cert_chain(r.client_cert, r.client_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"{field}.client_cert {r.client_cert}: cannot load with its key: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+
+
 def check_paths(config: Config, where: str = "config") -> None:
     """Check the files the config names: CA bundles and client certificates load, the
     hosts_dir is a directory, the credentials file (if it exists) is a file."""
     for i, r in enumerate(config.registries):
-        field = f"{where}: registries[{i}]"
-        if r.ca_file is not None:
-            try:
-                ssl.create_default_context(cafile=r.ca_file)
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"{field}.ca_file {r.ca_file}: cannot load: {getattr(e, 'strerror', None) or e}") from None
-        if r.client_cert is not None:
-            try:
-                ssl.create_default_context().load_cert_chain(r.client_cert, r.client_key)
-            except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"{field}.client_cert {r.client_cert}: cannot load with its key: "
-                                  f"{getattr(e, 'strerror', None) or e}") from None
+        if r.ca_file is not None or r.client_cert is not None:
+            _check_tls_files(r, f"{where}: registries[{i}]")
     if config.hosts_dir is not None and not os.path.isdir(config.hosts_dir):
         raise ConfigError(f"{where}: hosts_dir {config.hosts_dir}: not a directory")
     if config.credentials is not None and os.path.exists(config.credentials) and not os.path.isfile(config.credentials):
@@ -304,6 +311,8 @@ def config_from_dict(doc: dict, where: str = "config", *, check_files: bool = Tr
 def parse_config(data: bytes, path: str) -> dict:
     """The document in a config file: TOML if *path* ends in ``.toml``, else JSON."""
     if path.endswith(".toml"):
+        import tomllib  # here, not at the top: without a TOML config file the CLI's start skips it (issue 14)
+
         try:
             return tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

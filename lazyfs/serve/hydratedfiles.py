@@ -6,13 +6,10 @@ it attaches its loop device (``warmloop``), so this part loads nothing of the da
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 from lazyfs.errors import NotFoundError
-
-log = logging.getLogger("lazyfs.serve.hydrated")  # one log name for hydrated files, as before the split
 
 DIRNAME = "hydrated"
 
@@ -49,6 +46,9 @@ def existing(cache_root: str, manifest: str, size: int) -> Hydrated | None:
     except FileNotFoundError:
         return None
     if st.st_size != size:
-        log.warning("hydrated file %s is %d bytes, the image %d: ignored", path, st.st_size, size)
+        import logging  # here, not at the top: `lazyfs mount` looks for hydrated files and seldom logs (issue 14)
+
+        logging.getLogger("lazyfs.serve.hydrated").warning(  # one log name for hydrated files, as before the split
+            "hydrated file %s is %d bytes, the image %d: ignored", path, st.st_size, size)
         return None
     return Hydrated(path, size, manifest)

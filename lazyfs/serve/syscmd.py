@@ -16,7 +16,6 @@ and timeout. This module does not import trio.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import subprocess
 from collections.abc import Callable, Generator, Iterable, Sequence
@@ -27,7 +26,14 @@ from lazyfs.errors import BusyError, LazyfsError, NotFoundError
 from lazyfs.serve import hostns, mountinfo
 from lazyfs.serve.fusekernel import keeper
 
-log = logging.getLogger("lazyfs.serve.system")  # the name these log lines always had
+
+def _log():
+    """This module's logger, named as these lines always were. logging is imported when a line is
+    logged, not at the top: the CLI's mount path seldom logs and its start waits for imports (issue 14)."""
+    import logging
+
+    return logging.getLogger("lazyfs.serve.system")
+
 
 READAHEAD_SECTORS = 2048  # 1 MiB in 512-byte sectors: big sequential requests through FUSE
 FUSECTL_DIR = "/sys/fs/fuse/connections"
@@ -161,17 +167,17 @@ def losetup_attach_steps(path: str | os.PathLike, read_only: bool, direct_io: bo
             printed = exc.stdout.strip()
             if printed.startswith("/dev/loop"):
                 dev = printed
-            log.info("losetup --direct-io=on %s failed (%s); using buffered I/O", path, exc.stderr.strip())
+            _log().info("losetup --direct-io=on %s failed (%s); using buffered I/O", path, exc.stderr.strip())
     if not dev:
         dev = (yield buffered).strip()
     if not dev.startswith("/dev/loop"):
         raise CommandError(buffered.argv, 0, f"unexpected output {dev!r}")
     if direct_io and not loop_direct_io(dev):
-        log.info("%s attached to %s without direct I/O (the kernel declined it)", dev, path)
+        _log().info("%s attached to %s without direct I/O (the kernel declined it)", dev, path)
     try:
         yield Command(("blockdev", "--setra", str(READAHEAD_SECTORS), dev), (), timeout)
     except LazyfsError as exc:
-        log.warning("could not set readahead on %s: %s", dev, exc)
+        _log().warning("could not set readahead on %s: %s", dev, exc)
     return dev
 
 
@@ -237,13 +243,13 @@ def clear_stale_export_steps(export_dir: str, timeout: float = 60.0) -> Steps:
         return
     kept = keeper.socket_path(os.path.dirname(os.path.abspath(export_dir)))
     if (yield lambda: keeper.alive(kept)):
-        log.info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
+        _log().info("the FUSE export at %s is kept alive for the next daemon: not removed", export_dir)
         return
-    log.warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
+    _log().warning("removing the stale FUSE export at %s left by a previous daemon", export_dir)
     try:
         yield from fuse_abort_steps(export_dir)
     except LazyfsError as exc:
-        log.info("fuse abort: %s", exc)
+        _log().info("fuse abort: %s", exc)
     yield from umount_steps(export_dir, True, timeout)
 
 
