@@ -105,6 +105,11 @@ _lazyfs_setup() (
         pip_quiet install -e "$repo[test,fuse]"
         printf '%s\n' "$want_pip" >"$pip_stamp"
     fi
+    # Byte-compile lazyfs as installing a wheel would: every `lazyfs` command (a mount's CLI, the
+    # daemon) would otherwise compile the modules it imports on each start where bytecode is not
+    # written (PYTHONDONTWRITEBYTECODE, a read-only tree): 20-40 ms of a cold mount (BENCHMARKS.md).
+    # Python checks each .pyc against its source, so an edited module is simply compiled again.
+    "$venv/bin/python" -m compileall -q "$repo/lazyfs"
     "$venv/bin/python" -c 'import lazyfs, pyfuse3, trio, pytest' \
         || { say "the virtualenv cannot import lazyfs' dependencies" >&2; exit 1; }
     say "ready: $venv"
