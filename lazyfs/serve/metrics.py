@@ -84,6 +84,8 @@ SCHEDULER: tuple[Stat, ...] = (
          "Readers that read their own location of a chunk after the shared fetch of another one failed"),
     Stat("chain_spans", "lazyfs_fetch_chain_spans_total", COUNTER,
          "Spans fetched only for their tail: the window of a chained span read after them"),
+    Stat("window_reads", "lazyfs_fetch_window_reads_total", COUNTER,
+         "Ranged reads of stored gzip windows from span map blobs (version 3 span maps)"),
     Stat("in_flight", "lazyfs_fetch_in_flight_chunks", GAUGE, "Chunks being read from disk or fetched right now"),
     Stat("span_tails", "lazyfs_fetch_span_tails", GAUGE, "Span tails remembered as the windows of chained spans"),
     Stat("demand_waiting", "lazyfs_fetch_demand_waiting", GAUGE, "Demand reads waiting for the network right now"),
