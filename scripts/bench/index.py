@@ -149,12 +149,17 @@ def cold_lazy(work: str, name: str, ref: str, proxy: FaultProxy, files: int, led
         gets = proxy.requests("GET")
         fetched = sum(r.body_bytes for r in gets)
         ranged = [r.body_bytes for r in gets if r.range is not None]
+        stats, _ = lazyfs(config, "stats", target)
+        sched = stats["scheduler"]
+        counts = {"demand_misses": stats.get("demand_misses"), "device_read_calls": stats["device"].get("reads"),
+                  **{k: sched.get(k) for k in ("ranged_gets", "prefetched", "chain_spans", "window_reads",
+                                               "decode_hops", "wasted_bytes")}}
     finally:
         run([sys.executable, "-m", "lazyfs.cli", "umount", target, "--config", config], cwd=ROOT)
         stop_daemon(os.path.join(work, name, "run"))
     return {"seconds": round(total, 3), "mount_seconds": round(mounted, 3), "bytes_fetched": fetched,
             "requests": len(gets), "mean_range_bytes": round(sum(ranged) / max(1, len(ranged))),
-            "bytes_read": read, "via": out.get("via", "")}
+            "bytes_read": read, "via": out.get("via", ""), "daemon": counts}
 
 
 def cold_full(work: str, layout_doc: dict, repo: str, proxy: FaultProxy, files: int) -> dict:
