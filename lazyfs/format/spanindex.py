@@ -40,7 +40,7 @@ from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from
 
 SPAN_VERSION = 3  # 3: windows stored beside the document, read lazily; 2: chained gzip spans; 1 and 2 are still read
 SPAN_SIZE = 256 << 10
-WINDOW_SPACING = 1 << 20  # gzip: a stored window at least this often; chained spans in between
+WINDOW_SPACING = 768 << 10  # gzip: a stored window at least this often, chained spans in between (docs/index.md §3)
 CHAINED = -2  # a span row's window: the last WINDOW tar bytes before its checkpoint, from the span ending there
 MAX_CHAIN = 32  # chained spans in a row before a stored window (a longer chain is refused)
 MAX_SPAN = 16 << 20  # raw bytes of one span (the chunk limit: spans live in the chunk cache)

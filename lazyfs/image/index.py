@@ -6,7 +6,7 @@ changed become a lazyfs layer, except the blocks that hold file data, proven
 equal to bytes of the layer's uncompressed tar stream (``blockmap``): those are
 *mapped* to the tar and not stored. The layer's span map (``format.spanindex``)
 says how to read any tar byte from a ranged read of the original blob and
-names each ~1 MiB span by its blake3.
+names each ~256 KiB span by its blake3.
 
 The result, an *index*, is an OCI artifact referring to the source manifest
 (its ``subject``), listed under the source's referrers: a config, and per

@@ -37,7 +37,7 @@ def _layer(root, size: int = 1_000_000):
     path = root / "blobs" / "sha256" / name[7:]
     path.parent.mkdir(parents=True)
     path.write_bytes(blob)
-    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN)
+    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN, window_spacing=1 << 20)
     spans = built.span_map(name, ()).spans
     assert spans[0].prev is None and all(s.prev is not None for s in spans[1:])  # one member, < 1 MiB apart
     return data, name, spans

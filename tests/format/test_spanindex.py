@@ -120,7 +120,7 @@ def test_every_span_decodes_alone_and_round_trips(kind: str) -> None:
         assert len(m.spans) >= 700_000 // (4 * SPAN)
     if kind.startswith("gzip"):
         assert any(s.bits for s in m.spans), "some checkpoint should start mid-byte"
-    if kind in ("gzip", "gzip-cli"):  # one member: windows every 1 MiB, so all spans but the first are chained
+    if kind in ("gzip", "gzip-cli"):  # one member shorter than WINDOW_SPACING: all spans but the first are chained
         assert m.spans[0].prev is None and all(s.prev is not None for s in m.spans[1:]), kind
         assert all(s.window == b"" for s in m.spans[1:])
     if kind == "gzip-members":  # each member's first span needs no window; the rest chain to the one before
