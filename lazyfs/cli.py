@@ -400,6 +400,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     def line(result: dict) -> str:
         return (f"{result['source']}: index {result['index']} ({len(result['layers'])} layer(s), "
                 f"{result['index_bytes']} bytes = {100 * result['index_ratio']:.1f}% of {result['source_bytes']}, "
+                f"span map documents {result['span_doc_bytes']} bytes, "
                 f"built in {result['build_seconds']:.1f} s)")
 
     return _run_with_progress(args, run, lambda result: "\n".join(

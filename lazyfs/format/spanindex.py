@@ -556,10 +556,10 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
                 raise FormatError(f"{what}: spans[{i}] is chained, but no span of {WINDOW} bytes or more ends at its "
                                   f"checkpoint (or the chain is longer than {MAX_CHAIN})")
             prev, depth[i] = spans[p], depth[p] + 1
-        stored = windows[w] if w >= 0 else b""
+        window = windows[w] if w >= 0 else b""  # inline (versions 1, 2) or where it is in the blob (3)
         spans.append(SpanLocation(digest, source, offset, clen, length, code, tar_offset, skip, bits,
-                                  stored if isinstance(stored, bytes) else b"", prev,
-                                  stored if isinstance(stored, ChunkLocation) else None))
+                                  window if isinstance(window, bytes) else b"", prev,
+                                  window if isinstance(window, ChunkLocation) else None))
         pos += length
         ending[pos] = i
     if pos != tar_size:
