@@ -37,8 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mount import drop_caches, run, write_bigfile  # noqa: E402
-from warm import WarmLazyfs  # noqa: E402
+from mount import Lazyfs, drop_caches, run, write_bigfile  # noqa: E402
 from lazyfs.image.local import mkfs_from_dir  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
@@ -93,8 +92,8 @@ def main() -> None:
         os.unlink(raw)
         ref = f"{reg.registry}/bench/pt:v1"
         run([*lazyfs_cli, "push", f"oci:{layout}:pt", ref, "--plain-http", reg.registry], env=env, cwd=ROOT)
-        host = WarmLazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
-                          hydrated_check_interval=3600)  # passthrough only where the benchmark asks
+        host = Lazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
+                      hydrated_check_interval=3600)  # passthrough only where the benchmark asks
         stack.callback(host.close)
         files = {}
         for which in ("passthrough", "fuse"):
