@@ -519,24 +519,29 @@ class FetchScheduler(ChunkSource):
                 tails[window.digest] = self._tails[window.digest]
         return list(extra.values()), tails
 
-    async def _load_windows(self, backend: Backend, locs: Sequence[ChunkLocation], tails: dict[bytes, bytes],
-                            bad_sources: set[str]) -> None:
+    async def _load_windows(self, locs: Sequence[ChunkLocation], tails: dict[bytes, bytes]) -> None:
         """Read and verify the stored windows *locs* need that *tails* lacks, into *tails*.
 
-        One ranged read per span map blob and run of windows (they lie in checkpoint order), from a
-        source not in *bad_sources*; a source caught serving a bad window joins it and the run is read
-        again from another (bounded by the sources). A window still missing afterwards fails its spans
-        in ``_decode_job`` like bad bytes, so they fail over with the read. Never raises a LazyfsError.
+        One ranged read per span map blob and run of windows (they lie in checkpoint order), from
+        that blob's own backends in order. A window that fails its blake3 marks the source that
+        served it, and the run is read again from another source (bounded by the sources). A window
+        still missing afterwards fails its spans in ``_decode_job`` without blaming the source of
+        the span's own bytes. Never raises a LazyfsError.
         """
         wanted = {w.digest: w for loc in locs if isinstance(loc, SpanLocation)
                   for w in [loc.window_at] if w is not None and w.digest not in tails}
         for run in _window_runs(wanted.values()):
-            start, end = run[0].offset, max(w.end for w in run)
-            for _ in range(len(backend.sources) + 1):
+            await self._load_window_run(run, tails)
+
+    async def _load_window_run(self, run: list[ChunkLocation], tails: dict[bytes, bytes]) -> None:
+        blob, start, end = run[0].blob, run[0].offset, max(w.end for w in run)
+        for backend in self.backends_for(blob):
+            bad: set[str] = set()
+            for _ in range(len(backend.sources) + 1):  # bounded: each pass excludes one more source
                 try:
-                    got = await self._read_range(backend, run[0].blob, start, end - start, bad_sources)
+                    got = await self._read_range(backend, blob, start, end - start, bad)
                 except LazyfsError as exc:
-                    log.warning("windows %s %d+%d from %s: %s", run[0].blob, start, end - start, backend.name, exc)
+                    log.warning("windows %s %d+%d from %s: %s", blob, start, end - start, backend.name, exc)
                     break
                 self._st["window_reads"] += 1
                 frames = [(w, got.data[w.offset - start : w.end - start]) for w in run]
@@ -544,15 +549,15 @@ class FetchScheduler(ChunkSource):
                 good = {w.digest: raw for w, raw in decoded if isinstance(raw, bytes)}
                 tails.update(good)
                 self._remember_tails(good)
-                if len(good) == len(run) or got.source in bad_sources:
-                    break
+                if len(good) == len(run):
+                    return
                 for _w, raw in decoded:
                     if not isinstance(raw, bytes):
                         self._st["integrity_failures"] += 1
                         log.warning("%s", raw)
-                bad_sources.add(got.source)
+                bad.add(got.source)
                 backend.source_failed_verification(got.source)
-                if bad_sources.issuperset(backend.sources):
+                if bad.issuperset(backend.sources):
                     break
 
     def _remember_tails(self, tails: dict[bytes, bytes]) -> None:
@@ -610,7 +615,7 @@ class FetchScheduler(ChunkSource):
                     end = job.end if whole else max(l.end for l in locs)
                     try:
                         async with open_nursery() as nursery:  # stored windows are read alongside
-                            nursery.start_soon(self._load_windows, backend, locs, tails, bad_sources)
+                            nursery.start_soon(self._load_windows, locs, tails)
                             got = await self._read_range(backend, job.blob, start, end - start, bad_sources)
                     except LazyfsError as exc:
                         last_error = exc
@@ -642,7 +647,7 @@ class FetchScheduler(ChunkSource):
                             served_bad = True
                             log.warning("%s", result)
                             continue
-                        if isinstance(result, FormatError):  # the location itself is wrong: no mirror can help
+                        if isinstance(result, (FormatError, FetchError)):  # no other source of these bytes can help
                             del remaining[loc.digest]
                             self._resolve(loc.digest, result, outcome)
                             continue
@@ -853,8 +858,8 @@ def _decode_windows(frames, source: str) -> list:
 def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes]) -> list:
     """Worker thread: decode and verify every frame of one read, writing verified chunks back.
 
-    Returns ``(loc, raw | IntegrityError | FormatError, chunk-file write result, flat write result)``
-    per frame, in order; nothing unverified is written (*write* and the flat files only ever see
+    Returns ``(loc, raw | IntegrityError | FormatError | FetchError, chunk-file write result,
+    flat write result)`` per frame, in order; nothing unverified is written (*write* and the flat files only ever see
     bytes that matched their digest). A chunk with *flat* targets goes there, not to a chunk file.
     *tails*: span digest -> last WINDOW raw bytes, the windows of chained spans, and window digest ->
     stored window; the tails of the gzip spans decoded here are added to it (only this job's worker
@@ -866,13 +871,16 @@ def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes
         window = tails.get(key) if key is not None else None
         try:
             if key is not None and window is None:
-                # its prev was in this read and failed verification, or its stored window could not be
-                # read verified: these bytes cannot be checked either
-                raise IntegrityError(f"span {loc.digest.hex()[:16]} of {loc.blob}",
-                                     "the span before it" if loc.prev is not None else "its stored window",
-                                     "bad bytes", source)
+                if loc.prev is not None:
+                    # its prev was in this read and failed verification: these bytes cannot be checked either
+                    raise IntegrityError(f"span {loc.digest.hex()[:16]} of {loc.blob}", "the span before it",
+                                         "bad bytes", source)
+                # no source served its stored window verified (_load_windows tried them all): the
+                # span's own bytes are not to blame, and no other source of them can help
+                raise FetchError(f"span {loc.digest.hex()[:16]} of {loc.blob}: its stored window "
+                                 f"{loc.window_at.digest.hex()[:16]} could not be read verified from any source")
             raw = decode_location(loc, frame, source, window)
-        except (IntegrityError, FormatError) as exc:
+        except (IntegrityError, FormatError, FetchError) as exc:
             out.append((loc, exc, None, None))
             continue
         tail = span_tail(loc, raw)

@@ -125,6 +125,7 @@ class SpanMap:
     block_size: int
     spans: tuple[SpanLocation, ...]
     mapped: tuple[MappedExtent, ...]
+    windows_blob: str = ""  # the span map blob holding its stored windows (version 3), else ""
     starts: tuple[int, ...] = field(default=(), repr=False)  # the spans' tar offsets, for bisect
 
     def __post_init__(self) -> None:
@@ -573,7 +574,8 @@ def decode_span_map(stored: bytes, what: str = "span map", max_size: int = MAX_D
             raise FormatError(f"{what}: mapped[{i}] overlaps the previous extent or reads outside the tar")
         mapped.append(MappedExtent(start, count, tar_offset, length))
         end = start + count
-    return SpanMap(source, source_size, codec, access, tar_size, bs, tuple(spans), tuple(mapped))
+    return SpanMap(source, source_size, codec, access, tar_size, bs, tuple(spans), tuple(mapped),
+                   blob if version >= 3 else "")
 
 
 def _windows(table: object, version: int, what: str, blob: str, windows_end: int) -> list:

@@ -48,9 +48,12 @@ class OpenedImage:
 
     @property
     def blobs(self) -> set[str]:
-        """Every blob any chunk of the image can come from."""
+        """Every blob any chunk of the image can come from (an index's span map blobs among them: stored
+        windows are read from there)."""
+        mapped = [m for m in self.image.mapped if m is not None]
         return {loc.blob for meta, digest in self.image.layers for loc in meta.locations(digest)} | {
-            digest for _, digest in self.image.layers} | {m.source_digest for m in self.image.mapped if m is not None}
+            digest for _, digest in self.image.layers} | {m.source_digest for m in mapped} | {
+            m.windows_blob for m in mapped if m.windows_blob}
 
 
 class FallbackBackend(Backend):

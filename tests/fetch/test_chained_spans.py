@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import random
 
+import pytest
 import trio
 
 from lazyfs.device.chunks import Priority
+from lazyfs.errors import FetchError
 from lazyfs.fetch.cache import ChunkCache
 from lazyfs.fetch.directory import DirectoryBackend
 from lazyfs.fetch.scheduler import FetchScheduler
@@ -211,7 +214,35 @@ def test_a_window_corrupted_by_a_mirror_is_refused_and_read_from_the_origin(tmp_
         async with FetchScheduler.open([bad, good], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
             assert await sched.get(spans[i]) == _raw(data, spans[i])
             st = sched.statistics()
-            assert st["integrity_failures"] >= 1 and st["failovers"] >= 1
+            assert st["integrity_failures"] == 1 and st["window_reads"] == 2
             assert (map_blob, w.offset, w.compressed_length) in good.calls
+            # the span's own bytes were good: they came from the mirror, with the origin's window
+            assert (blob, spans[i].offset, spans[i].compressed_length) in bad.calls
+            assert (blob, spans[i].offset, spans[i].compressed_length) not in good.calls
+
+    run(main)
+
+
+def test_windows_come_from_the_span_map_blobs_backends_and_a_missing_one_blames_no_source(tmp_path):
+    """A backend that serves the layer but not the span map blob (another repository with the same layer):
+    the window is read from the next backend, and the span from the first, with no integrity failure.
+    When no backend has the window, the span fails with a FetchError and no source is blamed."""
+    data, blob, map_blob, spans, with_window = _indexed_layer(tmp_path / "oci")
+    i = with_window[1]
+    (tmp_path / "layer-only" / "blobs" / "sha256").mkdir(parents=True)
+    os.link(tmp_path / "oci" / "blobs" / "sha256" / blob[7:], tmp_path / "layer-only" / "blobs" / "sha256" / blob[7:])
+    other = Probe(DirectoryBackend(tmp_path / "layer-only"), "other-repo")
+    origin = Probe(DirectoryBackend(tmp_path / "oci"), "origin")
+
+    async def main():
+        async with FetchScheduler.open([other, origin], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(spans[i]) == _raw(data, spans[i])
+            st = sched.statistics()
+            assert st["integrity_failures"] == 0 and st["failovers"] == 0 and st["window_reads"] == 1
+            assert (blob, spans[i].offset, spans[i].compressed_length) in other.calls
+        async with FetchScheduler.open([other], ChunkCache(tmp_path / "cache2", 1 << 30)) as sched:
+            with pytest.raises(FetchError, match="stored window"):
+                await sched.get(spans[with_window[2]])
+            assert sched.statistics()["integrity_failures"] == 0
 
     run(main)
