@@ -159,7 +159,7 @@ def cold_lazy(work: str, name: str, ref: str, proxy: FaultProxy, files: int, led
         stop_daemon(os.path.join(work, name, "run"))
     return {"seconds": round(total, 3), "mount_seconds": round(mounted, 3), "bytes_fetched": fetched,
             "requests": len(gets), "mean_range_bytes": round(sum(ranged) / max(1, len(ranged))),
-            "bytes_read": read, "via": out.get("via", ""), "daemon": counts}
+            "bytes_read": read, "via": out.get("via", ""), "attach_seconds": out.get("seconds"), "daemon": counts}
 
 
 def cold_full(work: str, layout_doc: dict, repo: str, proxy: FaultProxy, files: int) -> dict:
