@@ -82,7 +82,7 @@ def test_debian_through_its_index_matches_umoci_unpack(env, debian_image, indexe
     assert tree["etc/lazyfs-layer"][5] and "usr/share/man/README" in tree
     assert f"usr/share/doc/{debian_image['whited_out']}" not in tree
     summary = indexed["summary"]
-    assert summary["index_ratio"] <= 0.05, summary  # the issue's goal: about 5% or less (4.1% measured)
+    assert summary["index_ratio"] <= 0.05, summary  # the issue's goal: about 5% or less (4.3% measured)
     # a mount reads the span maps' documents only: the windows (most of the index) are read when needed
     assert summary["span_doc_bytes"] < summary["index_bytes"] // 10, summary
 
