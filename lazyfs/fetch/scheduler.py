@@ -513,14 +513,10 @@ class FetchScheduler(ChunkSource):
                 extra[prev.digest] = prev
                 prev = prev.prev
         self._st["chain_spans"] += len(extra)
-        for loc in [*locs, *extra.values()]:  # stored windows already read (the chain's roots among them)
-            window = loc.window_at if isinstance(loc, SpanLocation) else None
-            if window is not None and window.digest in self._tails:
-                tails[window.digest] = self._tails[window.digest]
         return list(extra.values()), tails
 
     async def _load_windows(self, locs: Sequence[ChunkLocation], tails: dict[bytes, bytes]) -> None:
-        """Read and verify the stored windows *locs* need that *tails* lacks, into *tails*.
+        """Put the stored windows *locs* need into *tails*: remembered ones, or read and verified.
 
         One ranged read per span map blob and run of windows (they lie in checkpoint order), from
         that blob's own backends in order. A window that fails its blake3 marks the source that
@@ -528,8 +524,15 @@ class FetchScheduler(ChunkSource):
         still missing afterwards fails its spans in ``_decode_job`` without blaming the source of
         the span's own bytes. Never raises a LazyfsError.
         """
-        wanted = {w.digest: w for loc in locs if isinstance(loc, SpanLocation)
-                  for w in [loc.window_at] if w is not None and w.digest not in tails}
+        wanted: dict[bytes, ChunkLocation] = {}
+        for loc in locs:  # the chain's roots among them
+            w = loc.window_at if isinstance(loc, SpanLocation) else None
+            if w is None or w.digest in tails:
+                continue
+            if w.digest in self._tails:
+                tails[w.digest] = self._tails[w.digest]
+            else:
+                wanted[w.digest] = w
         for run in _window_runs(wanted.values()):
             await self._load_window_run(run, tails)
 
@@ -859,8 +862,9 @@ def _decode_job(frames, source: str, write, flat: dict, tails: dict[bytes, bytes
     """Worker thread: decode and verify every frame of one read, writing verified chunks back.
 
     Returns ``(loc, raw | IntegrityError | FormatError | FetchError, chunk-file write result,
-    flat write result)`` per frame, in order; nothing unverified is written (*write* and the flat files only ever see
-    bytes that matched their digest). A chunk with *flat* targets goes there, not to a chunk file.
+    flat write result)`` per frame, in order; nothing unverified is written (*write* and the flat
+    files only ever see bytes that matched their digest). A chunk with *flat* targets goes there,
+    not to a chunk file.
     *tails*: span digest -> last WINDOW raw bytes, the windows of chained spans, and window digest ->
     stored window; the tails of the gzip spans decoded here are added to it (only this job's worker
     touches it meanwhile).

@@ -246,3 +246,31 @@ def test_windows_come_from_the_span_map_blobs_backends_and_a_missing_one_blames_
             assert sched.statistics()["integrity_failures"] == 0
 
     run(main)
+
+
+def test_a_stored_window_read_once_serves_every_span_that_shares_its_checkpoint(tmp_path):
+    """A deflate block longer than 4 spans is cut into pieces decoded from one checkpoint (with skips): they
+    share its stored window, which is read once and then remembered."""
+    rnd = random.Random(3)
+    data = rnd.randbytes(100_000) + bytes(3_000_000) + rnd.randbytes(100_000)
+    blob = gzip.compress(data, 6)
+    name = sha256_digest(blob)
+    built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN, window_spacing=1)
+    stored = encode_span_map(built.span_map(name, ()))
+    map_name = sha256_digest(stored.data)
+    root = tmp_path / "oci" / "blobs" / "sha256"
+    root.mkdir(parents=True)
+    (root / name[7:]).write_bytes(blob)
+    (root / map_name[7:]).write_bytes(stored.data)
+    spans = decode_span_map(stored.doc, blob=map_name, windows_end=len(stored.data) - stored.doc_length).spans
+    shared = [s for s in spans if s.skip > 0 and s.window_at is not None]
+    first = next(s for s in spans if s.window_at == shared[0].window_at and s is not shared[0])
+    probe = Probe(DirectoryBackend(tmp_path / "oci"))
+
+    async def main():
+        async with FetchScheduler.open([probe], ChunkCache(tmp_path / "cache", 1 << 30)) as sched:
+            assert await sched.get(first) == _raw(data, first)
+            assert await sched.get(shared[0]) == _raw(data, shared[0])
+            assert sched.statistics()["window_reads"] == 1
+
+    run(main)
