@@ -4,10 +4,11 @@ An ordinary OCI layer is left as it is. Its *uncompressed* tar stream is cut
 into spans of about ``SPAN_SIZE`` bytes, each named by the blake3-256 of its
 bytes, and each readable on its own from a ranged read of the original blob:
 
-* gzip: from a zran checkpoint (``lazyfs.format.zran``) at a deflate block boundary.
-  A checkpoint keeps its 32 KiB window only every ``WINDOW_SPACING`` bytes; a
-  span between two of them is *chained*: its window is the tail of the span
-  before it (``SpanLocation.prev``), so small spans cost no more index bytes;
+* gzip: from a zran checkpoint (``lazyfs.format.zran``) at a deflate block boundary,
+  with its 32 KiB window stored *sparse*: only the bytes the span refers back to.
+  A builder may store windows only every *window_spacing* bytes (versions 2 and 3
+  allow it; this one stores every window, docs/index.md §3); a span between two of
+  them is *chained*: its window is the tail of the span before it (``SpanLocation.prev``);
 * zstd: from a frame start (several frames); a single-frame layer has one
   checkpoint, so every span reads the blob from its start (fetched whole);
 * plain tar: the span's own bytes.
@@ -36,11 +37,12 @@ import zstandard
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format.chunk import COMPRESSION_ZSTD, decode_chunk, decompress_declared, declared_size
 from lazyfs.format.layer import ChunkLocation
-from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from
+from lazyfs.format.zran import WINDOW, Checkpoint, GzipScanner, inflate_from, sparse_window
 
 SPAN_VERSION = 3  # 3: windows stored beside the document, read lazily; 2: chained gzip spans; 1 and 2 are still read
 SPAN_SIZE = 256 << 10
-WINDOW_SPACING = 768 << 10  # gzip: a stored window at least this often, chained spans in between (docs/index.md §3)
+WINDOW_SPACING = 0  # gzip: a stored window at least this often, chained spans in between; 0: at every checkpoint
+WINDOW_LEVEL = 9  # zstd level of a stored (sparse) window: 19 packs them 3% smaller at 40 times the time
 CHAINED = -2  # a span row's window: the last WINDOW tar bytes before its checkpoint, from the span ending there
 MAX_CHAIN = 32  # chained spans in a row before a stored window (a longer chain is refused)
 MAX_SPAN = 16 << 20  # raw bytes of one span (the chunk limit: spans live in the chunk cache)
@@ -318,6 +320,7 @@ def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None
     max_span = {"none": span_size, "gzip": min(MAX_SPAN, 4 * span_size), "zstd": MAX_SPAN}[codec]
     cutter = _SpanCutter(max_span)
     checkpoints: list[Checkpoint] = []
+    packer = _WindowPacker(blob)
 
     def emit(piece: bytes) -> None:
         if cutter.pos + len(piece) > limit:
@@ -341,15 +344,16 @@ def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None
             for piece in scanner.feed(data):
                 _sync(cutter, scanner.checkpoints, checkpoints)
                 emit(piece)
+                packer.pack(checkpoints, scanner.out, scanner.consumed)
         _sync(cutter, scanner.checkpoints, checkpoints)
         scanner.finish()
+        packer.pack(checkpoints, scanner.out, scanner.consumed, final=True)
     else:
         _zstd_frames(blob, source_size, span_size, cutter, checkpoints, emit)
     cutter.close(len(checkpoints))
     if not cutter.cuts:
         raise FormatError("the layer is empty")
-    packed: dict[bytes, bytes] = {}
-    compressor = zstandard.ZstdCompressor(level=19)
+    stored: set[bytes] = set()
     spans: list[SpanLocation] = []
     prevs: list[int] = []
     anchor_out = 0  # tar offset of the last checkpoint that needs no window from before it
@@ -365,31 +369,60 @@ def build_spans(blob, codec: str, source_size: int, sink: Callable[[bytes], None
         if n == 0 or cutter.cuts[n - 1].checkpoint != cut.checkpoint:  # the checkpoint's first span
             before = spans[-1] if spans else None
             chain = -1
-            if codec == "gzip" and len(cp.window) == WINDOW and cp.out - anchor_out < window_spacing \
+            if codec == "gzip" and packer.whole[cut.checkpoint] and cp.out - anchor_out < window_spacing \
                     and depth < MAX_CHAIN and before is not None and before.raw_length >= WINDOW \
                     and before.tar_offset + before.raw_length == cp.out:
                 chain, depth = n - 1, depth + 1
             else:
                 anchor_out, depth = cp.out, 0
-        window = b""
-        if cp.window and chain < 0:
-            if cp.window not in packed:
-                packed[cp.window] = compressor.compress(cp.window)
-            window = packed[cp.window]
+        window = packer.packed[cut.checkpoint] if codec == "gzip" and chain < 0 else b""
+        if window:
+            stored.add(window)
         spans.append(SpanLocation(cut.digest, "", start, end - start, cut.length, CODECS[codec], cut.tar_offset,
                                   0 if codec == "none" else cut.tar_offset - cp.out, cp.bits, window))
         prevs.append(chain)
     access = ACCESS[codec] if not (codec == "zstd" and len(checkpoints) == 1) else ZSTD_WHOLE
-    return BuiltSpans(codec, access, source_size, cutter.pos, tuple(spans), len(packed), tuple(prevs))
+    return BuiltSpans(codec, access, source_size, cutter.pos, tuple(spans), len(stored), tuple(prevs))
 
 
 def _sync(cutter: _SpanCutter, found: list[Checkpoint], kept: list[Checkpoint]) -> None:
-    """Close the current span at every checkpoint the scanner found since the last call."""
-    while len(kept) < len(found):
-        cp = found[len(kept)]
+    """Close the current span at every checkpoint the scanner found since the last call (taken out of *found*)."""
+    for cp in found:
         assert cp.out == cutter.pos, "a checkpoint is taken right after the output it follows"
         cutter.close(len(kept))
         kept.append(cp)
+    found.clear()
+
+
+class _WindowPacker:
+    """Each gzip checkpoint's window, made sparse (``sparse_window``) and packed as a zstd frame as soon as
+    the scan has inflated the ``WINDOW`` bytes after it; the checkpoint then drops its window, so a scan
+    holds packed windows only (a few KiB per checkpoint, not 32)."""
+
+    def __init__(self, blob) -> None:
+        self.blob = blob
+        self.packed: list[bytes] = []  # per checkpoint: its packed sparse window, b"" when it has none
+        self.whole: list[bool] = []  # per checkpoint: its window was a whole WINDOW (a chain may replace it)
+        self._compressor = zstandard.ZstdCompressor(level=WINDOW_LEVEL)
+
+    def pack(self, checkpoints: list[Checkpoint], out: int, consumed: int, final: bool = False) -> None:
+        """Pack the windows of *checkpoints* that *out* inflated bytes (all, if *final*) let be found; the
+        compressed bytes up to *consumed* inflate to *out*."""
+        for i in range(len(self.packed), len(checkpoints)):
+            cp = checkpoints[i]
+            if not final and cp.out + WINDOW > out:
+                return
+            packed = b""
+            if cp.window:
+                here = self.blob.tell()
+                self.blob.seek(cp.start)
+                compressed = self.blob.read(consumed - cp.start)
+                self.blob.seek(here)
+                sparse = sparse_window(compressed, cp.bits, cp.window, out - cp.out, f"checkpoint at {cp.out}")
+                packed = self._compressor.compress(sparse) if sparse else b""
+            self.packed.append(packed)
+            self.whole.append(len(cp.window) == WINDOW)
+            checkpoints[i] = Checkpoint(cp.out, cp.start, cp.bits, b"")
 
 
 def _zstd_frames(blob, source_size: int, span_size: int, cutter: _SpanCutter, checkpoints: list[Checkpoint],

@@ -252,7 +252,8 @@ def test_a_stored_window_read_once_serves_every_span_that_shares_its_checkpoint(
     """A deflate block longer than 4 spans is cut into pieces decoded from one checkpoint (with skips): they
     share its stored window, which is read once and then remembered."""
     rnd = random.Random(3)
-    data = rnd.randbytes(100_000) + bytes(3_000_000) + rnd.randbytes(100_000)
+    text = " ".join(str(rnd.randint(0, 999)) for _ in range(25_000)).encode()
+    data = text + text[-1000:] * 3000 + rnd.randbytes(100_000)  # a long block that refers back into *text*
     blob = gzip.compress(data, 6)
     name = sha256_digest(blob)
     built = build_spans(io.BytesIO(blob), "gzip", len(blob), lambda b: None, span_size=SPAN, window_spacing=1)
