@@ -464,13 +464,32 @@ def build_initrd(
     for name in sorted(files):
         h.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
     cached = cache_dir() / f"initrd-{kernel.version}-{h.hexdigest()[:20]}.cpio.gz"
-    if not cached.is_file():
+    try:
+        os.utime(cached)  # recently used: kept by the pruning below, in this run or a parallel one
+    except FileNotFoundError:
         _write_atomic(cached, _initrd_bytes(kernel, busybox, modules, init_script, files))
+        _prune_initrds(cached.parent, keep=MAX_CACHED_INITRDS)
     if out is None:
         return cached
     out = Path(out)
     _write_atomic(out, cached.read_bytes())
     return out
+
+
+MAX_CACHED_INITRDS = 24  # scripts that name a test's own ports or paths give a new initrd per run
+
+
+def _prune_initrds(directory: Path, keep: int) -> None:
+    """Delete all but the *keep* most recently written initrds in *directory* (a concurrent user of one
+    that goes keeps its open file; a later build makes it again)."""
+    written = []
+    for path in directory.glob("initrd-*.cpio.gz"):
+        try:
+            written.append((path.stat().st_mtime_ns, path))
+        except FileNotFoundError:  # pruned by a parallel test
+            continue
+    for _, old in sorted(written, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _initrd_bytes(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import lzma
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from tests.support.guest import (
     Drive,
     GuestError,
     Share,
+    _prune_initrds,
     decompress_vmlinux,
     find_kernel,
     find_busybox,
@@ -68,6 +70,18 @@ def test_resolve_modules_orders_dependencies_first_and_skips_builtins():
         resolve_modules(dep, ["btrfs"])
     with pytest.raises(FormatError):
         parse_modules_dep("no colon here\n")
+
+
+def test_the_initrd_cache_keeps_the_newest(tmp_path):
+    """Initrds whose script names a test's ports are new every run: the cache keeps the newest few."""
+    for i in range(30):
+        path = tmp_path / f"initrd-6.1-{i:02d}.cpio.gz"
+        path.write_bytes(b"x")
+        os.utime(path, ns=(i * 10**9, i * 10**9))
+    (tmp_path / "vmlinux-6.1-x").write_bytes(b"kept")
+    _prune_initrds(tmp_path, keep=24)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [f"initrd-6.1-{i:02d}.cpio.gz" for i in range(6, 30)] + ["vmlinux-6.1-x"]
 
 
 def test_newc_archive_is_read_by_cpio(tmp_path):
