@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import platform as _platform
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError, NotFoundError
@@ -273,3 +274,15 @@ def parse_converted_layers(data: bytes, what: str = "converted manifest") -> lis
     if not isinstance(raw, list):
         raise FormatError(f"{what}: no layers")
     return [ConvertedLayer.from_json(layer, f"{what} layers[{i}]") for i, layer in enumerate(raw)]
+
+
+async def follow_index(data: bytes, media_type: str, digest: str, platform: str, what: str,
+                       load: Callable[[Descriptor], Awaitable[bytes]]) -> tuple[bytes, str, str]:
+    """``(data, media type, digest)`` of the manifest for *platform*: the manifest *data* itself, or the one
+    its index lists for *platform*, read with ``load(descriptor)`` (the caller's I/O)."""
+    media_type = media_type_of(data, media_type)
+    if not is_index(media_type):
+        return data, media_type, digest
+    entry = select_platform(parse_platforms(data, f"index of {what}"), platform)
+    data = await load(entry.descriptor)
+    return data, media_type_of(data, entry.descriptor.media_type), entry.descriptor.digest

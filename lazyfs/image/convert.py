@@ -56,14 +56,11 @@ from lazyfs.format.ociimage import (
     SourceManifest,
     build_converted_config,
     build_converted_manifest,
+    follow_index,
     host_platform,
-    is_index,
-    media_type_of,
     parse_converted_layers,
-    parse_platforms,
     parse_source_config,
     parse_source_manifest,
-    select_platform,
 )
 from lazyfs.format.reference import Reference, parse_reference
 from lazyfs.image.build import known_chunks, write_layer
@@ -150,17 +147,6 @@ class SourceImage:
         return dest
 
 
-async def _choose(data: bytes, media_type: str, digest: str, platform: str, what: str,
-                  load: Callable) -> tuple[bytes, str, str]:
-    """Follow an index to the manifest for *platform*; ``load(descriptor)`` returns its bytes."""
-    media_type = media_type_of(data, media_type)
-    if not is_index(media_type):
-        return data, media_type, digest
-    entry = select_platform(parse_platforms(data, f"index of {what}"), platform)
-    data = await load(entry.descriptor)
-    return data, media_type_of(data, entry.descriptor.media_type), entry.descriptor.digest
-
-
 async def open_source(client_of: Callable[[], RegistryClient], text: str, platform: str | None = None) -> SourceImage:
     """Resolve *text* (``oci:DIR[:TAG]`` or a registry reference) to one image manifest and its config."""
     platform = platform or host_platform()
@@ -172,7 +158,7 @@ async def open_source(client_of: Callable[[], RegistryClient], text: str, platfo
         async def load_local(d: Descriptor) -> bytes:
             return layout.read_blob(d.digest)
 
-        data, media_type, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
+        data, media_type, digest = await follow_index(data, desc.media_type, desc.digest, platform, text, load_local)
         manifest = parse_source_manifest(data, digest, media_type)
         config_bytes = layout.read_blob(manifest.config.digest, MAX_SOURCE_CONFIG)
         source = SourceImage(text, platform, manifest, {}, [], [], layout=layout)
@@ -184,7 +170,7 @@ async def open_source(client_of: Callable[[], RegistryClient], text: str, platfo
         async def load_remote(d: Descriptor) -> bytes:
             return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
 
-        data, media_type, digest = await _choose(data, media_type, digest, platform, text, load_remote)
+        data, media_type, digest = await follow_index(data, media_type, digest, platform, text, load_remote)
         manifest = parse_source_manifest(data, digest, media_type)
         config_bytes = await client.get_blob(ref.repo(), manifest.config.digest, max_size=MAX_SOURCE_CONFIG)
         source = SourceImage(text, platform, manifest, {}, [], [], client=client, ref=ref.with_digest(digest))
@@ -802,7 +788,7 @@ async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None 
         async def load_local(d: Descriptor) -> bytes:
             return layout.read_blob(d.digest)
 
-        _, _, digest = await _choose(data, desc.media_type, desc.digest, platform, text, load_local)
+        _, _, digest = await follow_index(data, desc.media_type, desc.digest, platform, text, load_local)
         tags = {d.digest: tag for tag, d in layout.tags().items()}
         twins = [e["digest"] for e in find_referrers_local(layout, digest, TWIN_ARTIFACT_TYPE)
                  if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest and e["digest"] in tags]
@@ -821,7 +807,7 @@ async def find_lazyfs_twin(opener: ImageOpener, text: str, platform: str | None 
     async def load_remote(d: Descriptor) -> bytes:
         return (await client.get_manifest(ref.with_digest(d.digest), accept=MANIFEST_MEDIA_TYPES))[0]
 
-    _, _, digest = await _choose(data, media_type, digest, platform, text, load_remote)
+    _, _, digest = await follow_index(data, media_type, digest, platform, text, load_remote)
     twins = [e["digest"] for e in await find_referrers_remote(client, ref.repo(), digest, TWIN_ARTIFACT_TYPE)
              if (e.get("annotations") or {}).get(ANN_SOURCE_MANIFEST) == digest]
     if not twins:

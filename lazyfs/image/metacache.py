@@ -195,7 +195,7 @@ class MetadataCache:
             if pinned is not None and digest != pinned:
                 raise IntegrityError(f"manifest of {text}", pinned, digest, "registry")
             if ordinary_manifest(data):  # an ordinary image: through its lazyfs index (docs/index.md), not kept here
-                from lazyfs.image.index import open_indexed
+                from lazyfs.image.indexed import open_indexed
 
                 return await open_indexed(opener, text, data, media_type, digest), False
         manifest = parse_manifest(data, opener.limits.max_virtual_size)

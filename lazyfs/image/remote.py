@@ -175,7 +175,7 @@ class ImageOpener:
         await self.ensure_client()
         data, media_type, digest = await self.client.get_manifest(ref, accept=MANIFEST_MEDIA_TYPES)
         if ordinary_manifest(data):  # an ordinary image: through its lazyfs index, if it has a trusted one
-            from lazyfs.image.index import open_indexed
+            from lazyfs.image.indexed import open_indexed
 
             return await open_indexed(self, text, data, media_type, digest)
         manifest = parse_manifest(data, self.limits.max_virtual_size)
@@ -187,7 +187,7 @@ class ImageOpener:
         layout = OciLayout(local.path)
         data, desc = await trio.to_thread.run_sync(layout.read_manifest, local.tag)  # files: not on the loop
         if ordinary_manifest(data):
-            from lazyfs.image.index import open_indexed, open_registered
+            from lazyfs.image.indexed import open_indexed, open_registered
 
             if desc.annotations.get(ANN_SOURCE) is not None:  # registered by the snapshotter: lives in the registry
                 return await open_registered(self, text, data, desc.media_type, desc.annotations[ANN_SOURCE])

@@ -30,7 +30,7 @@ from lazyfs.format.reference import parse_reference
 from lazyfs.device.chunks import ChunkLocation
 from lazyfs.fetch.trace import SPAN_ENTRY
 from lazyfs.image.traces import save_trace
-from lazyfs.image.index import ANN_SPANS_DOC_DIGEST, ANN_SPANS_DOC_LENGTH, INDEX_ARTIFACT_TYPE, ANN_SOURCE_MANIFEST
+from lazyfs.image.indexed import ANN_SPANS_DOC_DIGEST, ANN_SPANS_DOC_LENGTH, INDEX_ARTIFACT_TYPE, ANN_SOURCE_MANIFEST
 from lazyfs.image.referrers import add_referrer_remote, find_referrers_remote
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.remote import ImageOpener

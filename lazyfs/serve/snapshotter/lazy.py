@@ -195,7 +195,7 @@ class LazyImages:
         with self._lock:
             why = self._unindexed.get(digest)
         if why is None:
-            from lazyfs.image.index import trusted_index
+            from lazyfs.image.indexed import trusted_index
 
             async def check():  # the referrers and the index manifest; the daemon loads the rest when it attaches
                 opener = self.portal.opener

@@ -105,7 +105,7 @@ async def _fetch(config: Config, ref, platform: str) -> _Pulled:
                 raise FormatError(f"{ref}: its {platform} manifest is {digest}, its index says {entry.descriptor.digest}")
         plain = False
         if ordinary_manifest(data):
-            from lazyfs.image.index import trusted_index
+            from lazyfs.image.indexed import trusted_index
 
             source = parse_source_manifest(data, digest, media_type)
             try:  # the snapshotter checks again, and loads the index, when it registers the layers
