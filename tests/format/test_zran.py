@@ -9,27 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazyfs.format.zran import WINDOW, GzipScanner, inflate_from, sparse_window
+from tests.format.test_spanindex import _stream
 
 
 def _mixed(seed: int, size: int) -> bytes:
-    """Text, repeats of what came before, zeros and random runs: fixed, dynamic and stored blocks."""
+    """``_stream``'s text, zeros and random runs, with copies of what came before spliced in: back-references
+    that often reach into a checkpoint's window."""
+    base = _stream(seed, size)
     rnd = random.Random(seed)
-    parts: list[bytes] = []
-    total = 0
-    while total < size:
-        kind = rnd.random()
-        n = rnd.randint(1, 20000)
-        if kind < 0.2:
-            part = rnd.randbytes(n)
-        elif kind < 0.3:
-            part = bytes(n)
-        elif kind < 0.5 and parts:
-            part = parts[rnd.randrange(len(parts))][:n]  # refers back, often into a window
-        else:
-            part = " ".join(str(rnd.randint(0, 999)) for _ in range(n // 4)).encode()
-        parts.append(part)
-        total += len(part)
-    return b"".join(parts)[:size]
+    out = bytearray()
+    for start in range(0, size, 50_000):
+        out += base[start:start + 50_000]
+        at = rnd.randrange(len(out))
+        out += out[at:at + rnd.randint(1, 20_000)]
+    return bytes(out[:size])
 
 
 def _checkpoints(blob: bytes, spacing: int):
