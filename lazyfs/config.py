@@ -129,7 +129,7 @@ class Config:
     decode_threads: Annotated[int, _doc("threads decoding and verifying fetched chunks (0: one per core)", ge=0)] = 0
     registry_probe_interval: Annotated[float, _doc(
         "seconds between health probes of every endpoint of registries with mirrors (0: off)", ge=0)] = 10.0
-    readahead_chunks: Annotated[int, _doc("chunks queued after a demand miss (0: off); half as many spans; "
+    readahead_chunks: Annotated[int, _doc("chunks or spans queued after a demand miss (0: off); "
                                           "none after a read of a chunk the replayed startup trace names",
                                           ge=0)] = 4
     trace_record_seconds: Annotated[float, _doc(
