@@ -8,6 +8,7 @@ Replaying stops at the first torn, altered or out-of-range record.
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 import blake3
@@ -22,7 +23,7 @@ _REC = struct.Struct("<cQI")  # kind, first block, count
 _SET, _CLEAR = b"S", b"C"
 _CHECK = 16  # blake3 of the record's bytes, closing it (a torn or altered record ends the log)
 MAX_RECORD_BLOCKS = 1 << 16  # 256 MiB of 4 KiB blocks per record
-GROUP = 256  # blocks per lazily allocated hash group (4 KiB of hashes per MiB cached)
+GROUP = 256  # blocks per 4 KiB page of hashes (a page of memory per MiB cached, touched when first set)
 
 
 def block_hashes(data: bytes | bytearray | memoryview, block_size: int) -> bytes:
@@ -41,8 +42,16 @@ class BlockMap:
     def __init__(self, blocks: int, block_size: int) -> None:
         self.blocks, self.block_size = blocks, block_size
         self._bits = bytearray((blocks + 7) // 8)
-        self._groups: dict[int, bytearray] = {}
+        # one anonymous mapping: the kernel gives a page its memory when it is first written, so
+        # the hashes cost memory only where blocks are held; its address never moves, so the
+        # FUSE threads' C path reads it in place (``buffers``)
+        self._hashes = mmap.mmap(-1, max(1, blocks * HASH_LEN))
         self.count = 0  # blocks held
+
+    def buffers(self) -> tuple[bytearray, mmap.mmap]:
+        """The bit array (bit ``b & 7`` of byte ``b >> 3``: block *b* held) and the hashes
+        (HASH_LEN bytes per block), for readers outside Python; neither is ever resized."""
+        return self._bits, self._hashes
 
     def header(self) -> bytes:
         return MAP_HEADER.pack(MAP_MAGIC, MAP_VERSION, HASH_LEN, self.block_size, self.blocks)
@@ -67,31 +76,16 @@ class BlockMap:
 
     def hashes(self, start: int, end: int) -> bytes:
         """The recorded hashes of blocks ``[start, end)`` (all held), concatenated."""
-        out = []
-        b = start
-        while b < end:
-            g, i = divmod(b, GROUP)
-            n = min(end - b, GROUP - i)
-            out.append(self._groups[g][i * HASH_LEN : (i + n) * HASH_LEN])
-            b += n
-        return b"".join(out)
+        return self._hashes[start * HASH_LEN : end * HASH_LEN]
 
     def set(self, start: int, hashes: bytes) -> None:
-        """Blocks from *start* are held with these hashes (one slice copy per group, whole bitmap
-        bytes where aligned: this runs on the trio thread for every chunk written)."""
+        """Blocks from *start* are held with these hashes (one slice copy, whole bitmap bytes where
+        aligned: this runs on the trio thread for every chunk written). The hashes are written
+        before the bits, so a reader that sees a bit set sees its hash."""
         count = len(hashes) // HASH_LEN
         self._check(start, count)
         end = start + count
-        b = start
-        while b < end:
-            g, i = divmod(b, GROUP)
-            n = min(end - b, GROUP - i)
-            group = self._groups.get(g)
-            if group is None:
-                group = self._groups[g] = bytearray(GROUP * HASH_LEN)
-            k = b - start
-            group[i * HASH_LEN : (i + n) * HASH_LEN] = hashes[k * HASH_LEN : (k + n) * HASH_LEN]
-            b += n
+        self._hashes[start * HASH_LEN : end * HASH_LEN] = hashes
         bits = self._bits
         b = start
         while b < end:
