@@ -83,9 +83,11 @@ _lazyfs_setup() (
         rm -f "$pip_stamp"
     fi
 
-    # Reinstall when pyproject.toml or the interpreter changes; code changes need nothing
-    # (editable install).
-    want_pip="$("$venv/bin/python" --version 2>&1) $(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1)"
+    # Reinstall when pyproject.toml, setup.py, the C sources (the compiled READ path) or the
+    # interpreter change; Python code changes need nothing (editable install).
+    native_sum=$(cat "$repo/pyproject.toml" "$repo/setup.py" "$repo"/lazyfs/serve/fusekernel/native/*.c \
+        "$repo"/lazyfs/serve/fusekernel/native/blake3/*.[ch] | sha256sum | cut -d' ' -f1)
+    want_pip="$("$venv/bin/python" --version 2>&1) $native_sum"
     if [[ -f "$pip_stamp" && "$(cat "$pip_stamp")" == "$want_pip" ]]; then
         say "python packages up to date (stamp $pip_stamp)"
     else
@@ -110,7 +112,7 @@ _lazyfs_setup() (
     # written (PYTHONDONTWRITEBYTECODE, a read-only tree): 20-40 ms of a cold mount (BENCHMARKS.md).
     # Python checks each .pyc against its source, so an edited module is simply compiled again.
     "$venv/bin/python" -m compileall -q "$repo/lazyfs"
-    "$venv/bin/python" -c 'import lazyfs, pyfuse3, trio, pytest' \
+    "$venv/bin/python" -c 'import lazyfs, pyfuse3, trio, pytest, lazyfs.serve.fusekernel._fastread' \
         || { say "the virtualenv cannot import lazyfs' dependencies" >&2; exit 1; }
     say "ready: $venv"
 )
