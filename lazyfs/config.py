@@ -117,6 +117,9 @@ class Config:
     fuse_threads: Annotated[int, _doc(
         "worker threads reading the FUSE connection, answering reads of blocks in the flat files themselves "
         "(0: the event loop reads it)", ge=0, le=64)] = 4
+    fuse_native_reads: Annotated[bool, _doc(
+        "the worker threads answer reads of blocks in the flat files in C, with the GIL released "
+        "(false: in Python; docs/warm.md)")] = True
     credentials: Annotated[str, _doc(
         "docker-style config.json (auths, credsStore, credHelpers); default ~/.docker/config.json",
         min_length=1)] | None = None

@@ -33,6 +33,18 @@ class BlockCache(abc.ABC):
         and no state changed: the caller reads through ``read_into``)."""
         return False
 
+    def counted_in(self) -> object | None:
+        """The object whose ``native_counter`` slot counts the reads served outside Python from
+        these files (the FUSE threads' C path sets it at first use); None: not counted."""
+        return None
+
+    def local_files(self) -> list[tuple[int, object, object, int]] | None:
+        """Per read-only layer, ``(fd, bits, hashes, blocks)``: where ``read_local_into`` finds its
+        blocks, for a reader outside Python that checks them the same way (the FUSE threads' C
+        path, ``lazyfs.serve.fusekernel.fastpath``); fd -1 for a layer with no file. None: no such
+        files (the default)."""
+        return None
+
     def holds(self, segment: Segment) -> bool:
         """Whether every block of *segment* is held here (so it is local without its chunk)."""
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from lazyfs.nursery import open_nursery
 MAX_LAYERS = 255
 LAYER_THREADS = 4  # worker threads one device's writable layer may use at once
 RMW_ATTEMPTS = 3  # a read-modify-write re-fetches its edges at most this often (once, in practice)
+EXTENT = struct.Struct("<QQi4x")  # a local plan's extent: start block, end block, layer (or DECLINE)
+DECLINE = -2  # a local plan's extent whose blocks are never served outside Python (mapped tar bytes)
 
 
 class MergedDevice(BlockSource):
@@ -137,6 +140,24 @@ class MergedDevice(BlockSource):
         with self._local_lock:
             self.local_bytes_read += n
         return buf
+
+    def local_plan(self) -> tuple[int, int, bytes, list, object | None] | None:
+        """What a reader outside Python needs to serve what ``read_local`` serves (the FUSE
+        threads' C path): ``(size, block_size, extents, files, counted_in)``, the extents packed as
+        ``EXTENT`` (device blocks, the read-only layer they come from, or DECLINE for mapped
+        blocks; blocks in no extent read as zeros), *files* and *counted_in* as the block
+        cache's ``local_files`` and ``counted_in``.
+        None when ``read_local`` serves nothing (a writable layer, reads observed, no block cache)."""
+        cache = self.block_cache
+        if self.writable is not None or self.observe_read is not None or cache is None:
+            return None
+        files = cache.local_files()
+        if files is None:
+            return None
+        extents = b"".join(EXTENT.pack(seg.start, seg.end, seg.layer if seg.loc is not None
+                                       and 0 <= seg.layer < len(files) else DECLINE)
+                           for seg in self.index.segments)
+        return self.size, self.block_size, extents, files, cache.counted_in()
 
     async def _read_lower(self, buf: bytearray | memoryview, offset: int, start: int, end: int,
                           zeroed: bool = True) -> None:

@@ -52,6 +52,11 @@ class BlockSource(abc.ABC):
         """
         return None
 
+    def local_plan(self) -> tuple[int, int, bytes, list, object | None] | None:
+        """How a reader outside Python may serve what ``read_local`` serves, checked the same way
+        (``MergedDevice.local_plan``); None (the default): it may not."""
+        return None
+
     async def write(self, offset: int, data: bytes) -> None:
         """Store *data* at *offset*."""
         raise ReadOnlyError(f"{type(self).__name__} is read-only")

@@ -202,6 +202,7 @@ class FlatCache:
         # since the trio thread's counters above are not for other threads to touch
         self._local_lock = threading.Lock()
         self._local = dict.fromkeys(("local_hits", "local_blocks", "local_declined"), 0)
+        self.native_counter = None  # the reads the FUSE threads' C path answers from these files (set by it)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
         self._load_lru()
@@ -449,6 +450,10 @@ class FlatCache:
     def statistics(self) -> dict:
         with self._local_lock:
             local = dict(self._local)
+        native = self.native_counter
+        if native is not None:  # reads the FUSE threads answered in C from these files
+            local["local_hits"] += native.reads
+            local["local_blocks"] += native.blocks
         return {**self._stats, **local, "layers": len(self._files),
                 "blocks": sum(f.map.count for f in self._files.values()), "max_bytes": self.max_bytes}
 
@@ -580,6 +585,14 @@ class LayerFlats(BlockCache):
             return self._declined()
         self.cache.count_local(True, served)
         return True
+
+    def counted_in(self) -> FlatCache:
+        return self.cache
+
+    def local_files(self) -> list[tuple[int, object, object, int]] | None:
+        if self._closed:
+            return None
+        return [(-1 if f.closed else f.fd, *f.map.buffers(), f.map.blocks) for f in self.files]
 
     def _declined(self) -> bool:
         self.cache.count_local(False, 0)

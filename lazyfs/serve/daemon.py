@@ -402,7 +402,8 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
     state = await trio.to_thread.run_sync(read_state, config)
     async with Host.open(config) as host:
         # a generation of file handle ids of its own: the kernel may still hold the previous daemon's
-        fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1)
+        fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1,
+                      native_reads=config.fuse_native_reads)
         session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, system.clear_stale_export)
         full_stop = False  # only a deliberate stop ends the connection; a crash or a handover leaves it kept
         try:

@@ -13,13 +13,16 @@ fio sequential 1 MiB and random 4 KiB reads (``--direct=1``, libaio, iodepth 16,
   connection and answer reads of blocks in the flat files themselves;
 * lazyfs-thr-direct (``--direct-loop``): lazyfs-threads with ``read_only_loop = "direct"``;
 * lazyfs-chunks (``--chunks``): the same with ``flat_cache_size = 0``: the chunk-file disk tier
-  only (what lazyfs did before the flat files).
+  only (what lazyfs did before the flat files);
+* ``-py`` (``--python-too``): each threads target again with ``fuse_native_reads = false``: the
+  threads answer in Python, not in C (``lazyfs/serve/fusekernel/native/fastread.c``).
 
 The jobs are interleaved: each round runs every job on every target in turn (so load from other
 jobs on the machine falls on all of them alike). Prints each target's MB/s and IOPS, the ratio to
 local measured in the same round, and the load average.
 
 Usage: scripts/bench/warm_disk.py [--workdir DIR] [--seconds 10] [--size-mib 1024] [--threads 4] [--rounds 2]
+                                  [--direct-loop] [--python-too] [--chunks] [--json FILE]
 Needs root. Everything it starts (registry, daemons, FUSE, loop devices, mounts) is stopped on exit.
 """
 
@@ -63,6 +66,8 @@ def main() -> None:
                     help="also lazyfs-thr-direct: the threads with read_only_loop = direct (async O_DIRECT reads of the "
                          "FUSE file, so READs reach the daemon in parallel; the default buffered loop reads one at a time)")
     ap.add_argument("--chunks", action="store_true", help="also measure the chunk-file tier (flat_cache_size 0)")
+    ap.add_argument("--python-too", action="store_true",
+                    help="also each threads target with fuse_native_reads = false (-py): the threads answer in Python")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -90,6 +95,9 @@ def main() -> None:
         configs = [("lazyfs-flat", {"fuse_threads": 0}), ("lazyfs-threads", {"fuse_threads": args.threads})]
         if args.direct_loop:
             configs.append(("lazyfs-thr-direct", {"fuse_threads": args.threads, "read_only_loop": "direct"}))
+        if args.python_too:
+            configs += [(f"{name}-py", {**extra, "fuse_native_reads": False})
+                        for name, extra in configs if extra.get("fuse_threads")]
         if args.chunks:
             configs.append(("lazyfs-chunks", {"flat_cache_size": 0}))
         for name, extra in configs:
@@ -138,7 +146,8 @@ def main() -> None:
                 results[name]["stats"] = host.stats(os.path.join(work, name, "mnt"))
                 fuse = results[name]["fuse_stats"] = call(host.socket, "fuse-stats", timeout=30)
                 print(f"  {name}: READs {fuse['reads']}, answered in worker threads {fuse.get('local_reads', 0)} "
-                      f"(at most {fuse.get('local_reads_peak', 0)} at once)", flush=True)
+                      f"(at most {fuse.get('local_reads_peak', 0)} at once in Python; {fuse.get('native_reads', 0)} in C)",
+                      flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)

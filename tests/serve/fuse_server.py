@@ -25,7 +25,8 @@ Serves until SIGTERM/SIGINT or stdin closes, then unmounts and exits 0.
 
 The front end is lazyfs's own kernel-protocol one (``lazyfs.serve.fusekernel``), or the pyfuse3
 one with ``LAZYFS_FUSE_FRONTEND=pyfuse3`` in the environment. ``LAZYFS_FUSE_THREADS=N``: the own
-front end reads the connection with N worker threads (``Session.serve(threads=N)``).
+front end reads the connection with N worker threads (``Session.serve(threads=N)``);
+``LAZYFS_FUSE_NATIVE=0``: they answer reads in Python only (no C path, ``fuse_native_reads``).
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ async def main(argv: list[str]) -> None:
     p.add_argument("mountpoint")
     p.add_argument("--export", action="append", default=[])
     args = p.parse_args(argv)
-    fs = ExportFS()
+    fs = ExportFS(native_reads=os.environ.get("LAZYFS_FUSE_NATIVE", "1") != "0")
     for spec in args.export:
         fs.add(*await make_any_source(spec))
     threads = {"threads": int(os.environ["LAZYFS_FUSE_THREADS"])} if os.environ.get("LAZYFS_FUSE_THREADS") else {}

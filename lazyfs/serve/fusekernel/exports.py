@@ -46,6 +46,7 @@ from lazyfs.device.source import BLOCK_SIZE, BlockSource
 from lazyfs.errors import BusyError, ConfigError, LazyfsError, NotFoundError, to_errno
 from lazyfs.serve import exportio
 from lazyfs.serve.exportstats import Counters, export_statistics, statistics
+from lazyfs.serve.fusekernel import fastpath
 from lazyfs.serve.fusekernel import protocol as p
 from lazyfs.serve.fusekernel.passthrough import BackingFiles, reason
 from lazyfs.serve.state import IMAGE_NAME
@@ -110,6 +111,7 @@ class Export:
     local_reads: int = 0
     local_bytes: int = 0
     local_inflight: int = 0  # reads in worker threads now: remove() waits for none before the source goes
+    fast: object | None = None  # the C path's counters of its READs (fastpath.counter), with its own in-flight count
 
     def stats(self) -> dict:
         return export_statistics(self)
@@ -119,6 +121,7 @@ class Export:
 class Handle:
     export: Export
     writable: bool
+    planned: bool = False  # the C path answers its READs (fastpath; ExportFS.read_local registers it)
 
 
 def check_name(name: str) -> None:
@@ -146,7 +149,8 @@ class ExportFS:
     None for requests the kernel wants no answer to); requests are handled concurrently.
     """
 
-    def __init__(self, *, next_inode: int = p.ROOT_ID + 1, handle_generation: int = 0) -> None:
+    def __init__(self, *, next_inode: int = p.ROOT_ID + 1, handle_generation: int = 0,
+                 native_reads: bool = True) -> None:
         self._by_name: dict[str, Export] = {}
         self._by_inode: dict[int, tuple[Export, bool]] = {}  # inode -> (export, is_file)
         self._handles: dict[int, Handle] = {}
@@ -166,8 +170,11 @@ class ExportFS:
         self._local_lock = threading.Lock()  # the worker threads' counters and in-flight reads
         self._local_reads = self._local_bytes = 0
         self._local_inflight = self._local_peak = 0  # reads in worker threads now, and the most at once
+        self._native_gone = (0, 0)  # READs and bytes the C path answered for exports removed since
         self.backing: BackingFiles | None = None  # set by the session when INIT settled passthrough
         self.passthrough_unavailable: str | None = None  # why backing files cannot be registered (logged once)
+        # the worker threads' READ path in C (None: Python answers alone); the session's threads call its serve()
+        self.fast = fastpath.server(native_reads)
 
     # -- management (called by the daemon, not by the kernel) --------------------
 
@@ -205,6 +212,8 @@ class ExportFS:
             raise BusyError(f"export {name!r}: inode {inode} is not free")
         now = time.time_ns()
         exp = Export(name, source, inode, inode + 1, now, now, now)
+        if self.fast is not None:
+            exp.fast = fastpath.counter()
         # an inode chosen by a previous daemon on this connection may have handles open in either mode
         exp.unknown_handles = self.adopt_handles and restored
         if backing_id and source.read_only:
@@ -307,9 +316,11 @@ class ExportFS:
         with trio.CancelScope(shield=True):
             # a worker thread may still be reading through the source the caller is about to close
             # (bounded: each such read is one local preadv)
-            while exp.local_inflight:
+            while exp.local_inflight or (exp.fast is not None and exp.fast.inflight):
                 await trio.sleep(0.001)
         exp.removing = False
+        if exp.fast is not None:
+            self._native_gone = (self._native_gone[0] + exp.fast.reads, self._native_gone[1] + exp.fast.bytes)
         self._close_backing(self.backing, exp.backing_id)  # no handle left: nothing can be opened through it
         exp.backing_id = 0
         self._root_times = time.time_ns()
@@ -338,13 +349,23 @@ class ExportFS:
                             adopted_handles=self._adopted,  # handles a previous daemon opened, seen again after a takeover
                             resent_requests=self._resent,  # requests in flight at a daemon's death, answered by this one
                             local_reads=self._local_reads, local_reads_peak=self._local_peak)
-            st["reads"] += self._local_reads
-            st["requests"] += self._local_reads
-            st["bytes_read"] += self._local_bytes
+            native = {name: (exp.fast.reads, exp.fast.bytes) if exp.fast is not None else (0, 0)
+                      for name, exp in self._by_name.items()}
+            local_reads = self._local_reads + self._native_gone[0] + sum(r for r, _ in native.values())
+            st["local_reads"] = local_reads
+            st["native_reads"] = local_reads - self._local_reads  # of them answered in C (fastpath)
+            st["native_plans"] = self.fast.plans() if self.fast is not None else 0  # handles C answers now
+            st["native_reads_unavailable"] = (None if self.fast is not None
+                                              else fastpath.why_unavailable() or "off (fuse_native_reads = false)")
+            st["reads"] += local_reads
+            st["requests"] += local_reads
+            st["bytes_read"] += self._local_bytes + self._native_gone[1] + sum(b for _, b in native.values())
             for name, exp in self._by_name.items():
-                st["exports"][name]["reads"] += exp.local_reads
-                st["exports"][name]["bytes_read"] += exp.local_bytes
-                st["exports"][name]["local_reads"] = exp.local_reads
+                reads, nbytes = native[name]
+                st["exports"][name]["reads"] += exp.local_reads + reads
+                st["exports"][name]["bytes_read"] += exp.local_bytes + nbytes
+                st["exports"][name]["local_reads"] = exp.local_reads + reads
+                st["exports"][name]["native_reads"] = reads
         return st
 
     # -- the kernel's requests ------------------------------------------------------
@@ -371,6 +392,8 @@ class ExportFS:
             self._local_peak = max(self._local_peak, self._local_inflight)
         try:
             data = read_local(offset, size)
+            if data is not None and self.fast is not None and not h.planned:
+                self._plan(fh, h)
         except Exception:  # noqa: BLE001 - the trio path reads it again and reports what it finds
             data = None
         with self._local_lock:
@@ -383,6 +406,21 @@ class ExportFS:
                 exp.local_reads += 1
                 exp.local_bytes += n
         return None if data is None else p.reply(unique, data)
+
+    def _plan(self, fh: int, h: Handle) -> None:
+        """Let the C path answer the READs of handle *fh* (a worker thread, after Python served one
+        from local storage). A plan must never outlive its handle: an id is reused once released,
+        and a stale plan would answer a new handle with another export's bytes. So *planned* is
+        set first (``_release`` discards a planned handle's plan) and the handle checked after."""
+        plan = h.export.source.local_plan()
+        if plan is None:
+            return
+        size, block_size, extents, files, counted_in = plan
+        counters = (h.export.fast,) if counted_in is None else (h.export.fast, fastpath.counter_in(counted_in))
+        h.planned = True
+        self.fast.add(fh, counters, size, block_size, extents, files)
+        if self._handles.get(fh) is not h:  # released meanwhile (or its id already reused)
+            self.fast.discard(fh)
 
     async def handle(self, req: p.Request) -> list | None:
         """Answer *req*: an iovec to write to /dev/fuse, or None when no answer is due."""
@@ -606,6 +644,8 @@ class ExportFS:
         except FuseErrno:
             return  # already released (a resent RELEASE) or never known
         del self._handles[fh]
+        if h.planned:
+            self.fast.discard(fh)  # a C read of it in flight finishes; no new one starts
         h.export.open_handles -= 1
         if h.export.released is not None:
             h.export.released.set()

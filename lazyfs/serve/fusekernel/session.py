@@ -251,6 +251,8 @@ class Session:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         accepting = True
         workers: list[threading.Thread] = []
+        if self.fs.fast is not None:
+            self.fs.fast.start()
         try:
             async with trio.open_nursery() as nursery:
                 def hand_over(raw: bytes) -> None:  # trio thread
@@ -273,15 +275,17 @@ class Session:
                     log.info("FUSE connection at %s closed by the kernel", self.mountpoint)
                 finally:
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(self._stop_workers, workers, stop, wake_w)
+                        await trio.to_thread.run_sync(self._stop_workers, workers, stop, wake_w, self.fs.fast)
                     accepting = False
         finally:
             for fd in (wake_r, wake_w):
                 os.close(fd)
 
     @staticmethod
-    def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int) -> None:
+    def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int, fast) -> None:
         stop.set()
+        if fast is not None:
+            fast.stop()  # a thread in its serve() returns once the wake-up below reaches it
         try:
             os.write(wake_w, b"x")  # the leader wakes from poll; the others see stop once they lead
         except BlockingIOError:
@@ -293,14 +297,17 @@ class Session:
                 leader: threading.Lock, wake_r: int) -> None:
         buf = bytearray(p.READ_BUFFER)
         view = memoryview(buf)
-        fd, read_local = self.fd, self.fs.read_local
+        fd, read_local, fast = self.fd, self.fs.read_local, self.fs.fast
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         try:
             while True:
-                with leader:
-                    n = self._lead(fd, view, poller, stop)
+                if fast is not None:  # C reads the connection and answers what it can; the rest comes here
+                    n = self._lead_native(fast, fd, wake_r, buf)
+                else:
+                    with leader:
+                        n = self._lead(fd, view, poller, stop)
                 if n is None:
                     if not stop.is_set():  # the connection is gone: the trio thread winds up
                         token.run_sync_soon(connection_gone)
@@ -345,6 +352,17 @@ class Session:
                     return None
                 raise
         return None
+
+    @staticmethod
+    def _lead_native(fast, fd: int, wake_r: int, buf: bytearray) -> int | None:
+        """``_lead`` through the C path: the next message C did not answer, in *buf*; None when
+        stopped or gone."""
+        n = fast.serve(fd, wake_r, buf)
+        if n > 0:
+            return n
+        if n == 0 or -n in (errno.ENODEV, errno.ECONNABORTED):  # stopped; unmounted or aborted
+            return None
+        raise OSError(-n, os.strerror(-n))
 
     async def _answer_raw(self, raw: bytes, slots: threading.Semaphore) -> None:
         try:
