@@ -11,14 +11,17 @@ on each target:
 * ``local-direct``: the image file on a loop device attached with direct I/O;
 * ``lazyfs-buffered``: ``lazyfs mount`` with the default config (read-only image: buffered
   loop on the FUSE-exported disk.img, keep_cache), the file read once with dd first;
+* ``lazyfs-direct``: ``lazyfs mount`` on a second daemon with ``read_only_loop = "direct"``
+  (every read reaches the daemon; its FUSE worker threads answer from the flat files, in C),
+  the whole device read once first;
 * ``lazyfs-hydrated``: after ``hydrate-file``, a second ``lazyfs mount`` of the same image
   (loop with direct I/O on cache_root/hydrated/<manifest>.img; no FUSE).
 
 Two passes: **hot** (each target's file read once just before its jobs; time-based jobs) and
 **dropped** (``drop_caches`` before each job, and each job reads every block at most once,
 for at most --seconds: otherwise a buffered loop's job would be hot after its first pass). Ratios printed against the local loop file measured in
-the same run: buffered routes vs ``local-buffered``, the hydrated route vs ``local-direct``
-(the same kind of loop). Goals (issue 14): hot rand ≥ 0.5×, hot seq ≥ 0.8×, dropped ≥ 0.5×.
+the same run: buffered routes vs ``local-buffered``, the direct and hydrated routes vs
+``local-direct`` (the same kind of loop). Goals (issue 14): hot rand ≥ 0.5×, hot seq ≥ 0.8×, dropped ≥ 0.5×.
 
 Memory (double caching): after ``drop_caches``, the file is read once through ext4 (``cat``);
 ``fincore`` then gives the page cache held by the ext4 file and by the loop's backing file,
@@ -138,14 +141,24 @@ def main() -> None:
         hydrated_mnt = os.path.join(work, "lazyfs", "mnt-hydrated")
         mounted_h = host.mount(ref, hydrated_mnt)
         assert mounted_h["loop_route"] == "hydrated", mounted_h
+        # the same image on a daemon of its own whose read-only loop uses direct I/O: every read of the
+        # device reaches the daemon (async O_DIRECT reads of disk.img, in parallel), none is cached by
+        # the kernel, and its worker threads answer them from the flat files (in C: docs/warm.md §4)
+        host_d = Lazyfs(os.path.join(work, "lazyfs-d"), reg.registry, trace_record_seconds=0, read_only_loop="direct")
+        stack.callback(host_d.close)
+        direct_mnt = os.path.join(work, "lazyfs-d", "mnt")
+        mounted_d = host_d.mount(ref, direct_mnt)
+        assert mounted_d["loop_route"] == "direct", mounted_d
+        run(["dd", f"if={mounted_d['loop']}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
         targets = {"local-buffered": (stack.enter_context(loop_mount(raw, os.path.join(work, "mnt-lb"), False)),
                                       os.path.join(work, "mnt-lb", "bigfile")),
                    "local-direct": (stack.enter_context(loop_mount(raw, os.path.join(work, "mnt-ld"), True)),
                                     os.path.join(work, "mnt-ld", "bigfile")),
                    "lazyfs-buffered": (mounted["loop"], os.path.join(buffered_mnt, "bigfile")),
+                   "lazyfs-direct": (mounted_d["loop"], os.path.join(direct_mnt, "bigfile")),
                    "lazyfs-hydrated": (mounted_h["loop"], os.path.join(hydrated_mnt, "bigfile"))}
         peers = {"local-buffered": "local-buffered", "local-direct": "local-direct",
-                 "lazyfs-buffered": "local-buffered", "lazyfs-hydrated": "local-direct"}
+                 "lazyfs-buffered": "local-buffered", "lazyfs-direct": "local-direct", "lazyfs-hydrated": "local-direct"}
         for name, (dev, _) in targets.items():
             print(f"{name:16s} {dev}: backing {backing_of(dev)}, direct I/O {system.loop_direct_io(dev)}", flush=True)
         for mode in ("hot", "dropped"):
