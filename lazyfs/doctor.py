@@ -255,6 +255,16 @@ def check_fuse_io_uring(facts: HostFacts) -> Check:
                  "one request per read(2) instead of a shared ring")
 
 
+def check_native_reads(facts: HostFacts, config: Config) -> Check:
+    if not facts.native_reads.ok:
+        return Check("FUSE reads in C", Status.MISSING,
+                     f"{facts.native_reads.detail}; warm reads of images not hydrated are answered in Python, "
+                     "at about 5-10 times the daemon CPU per read (docs/warm.md §4; rebuild: pip install -e .)")
+    if not config.fuse_native_reads or not config.fuse_threads:
+        return Check("FUSE reads in C", Status.UNUSED, "built; switched off (fuse_native_reads = false or fuse_threads = 0)")
+    return Check("FUSE reads in C", Status.OK, "built: the FUSE threads answer warm reads of flat-file blocks in C")
+
+
 def check_io_uring(facts: HostFacts) -> Check:
     sysctl = "" if facts.io_uring_disabled is None else f", kernel.io_uring_disabled={facts.io_uring_disabled}"
     if facts.io_uring.ok:
@@ -387,6 +397,7 @@ def diagnose(facts: HostFacts, daemon: DaemonFacts, config: Config) -> Report:
         check_fuse_passthrough(facts),
         check_fuse_resend(facts),
         check_fuse_io_uring(facts),
+        check_native_reads(facts, config),
         check_io_uring(facts),
         check_tcmu(facts),
         check_verity(facts, paths["cache_root"]),

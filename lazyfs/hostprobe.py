@@ -113,6 +113,7 @@ class HostFacts:
     versions: Mapping[str, str]  # name -> first line of `name --version`
     paths: Mapping[str, PathFacts]  # config field -> facts
     verity: Outcome | None  # on the cache root; None when it does not exist yet
+    native_reads: Outcome = Outcome(True, "built")  # the FUSE threads' READ path in C (setup.py builds it)
 
 
 # ------------------------------------------------------------------ parsers (pure)
@@ -223,6 +224,12 @@ def probe_pyfuse3() -> Outcome:
         return Outcome(True, f"pyfuse3 {version('pyfuse3')}")
     except PackageNotFoundError:
         return Outcome(True, f"pyfuse3 {getattr(pyfuse3, '__version__', '(version unknown)')}")
+
+
+def probe_native_reads() -> Outcome:
+    from lazyfs.serve.fusekernel import fastpath
+
+    return Outcome(fastpath.available(), fastpath.why_unavailable() or "built")
 
 
 def probe_loop(control: str = LOOP_CONTROL) -> Outcome:
@@ -384,5 +391,5 @@ def probe_host(paths: Mapping[str, str], *, verity_in: str | None = None) -> Hos
         kvm=probe_kvm(), cpu_virtualization=cpu_virtualization(_read("/proc/cpuinfo") or ""),
         configfs_target=os.path.isdir(CONFIGFS_TARGET),
         containerd_socket=_socket_answers(CONTAINERD_SOCKET), tools=tools, versions=versions, paths=path_facts,
-        verity=verity,
+        verity=verity, native_reads=probe_native_reads(),
     )

@@ -76,11 +76,25 @@ def test_a_fully_equipped_host_passes_with_one_line_per_topic():
     assert len(topics) == len(set(topics))
     for topic in ("FUSE", "loop devices", "target_core_user", "fs-verity", "io_uring", "FUSE passthrough",
                   "FUSE_NOTIFY_RESEND", "FUSE over io_uring", "cache root", "writable root", "containerd",
-                  "OCI runtime", "qemu", "podman", "daemon"):
+                  "OCI runtime", "qemu", "podman", "daemon", "FUSE reads in C"):
         assert topic in topics
     lines = report.lines()
     assert lines[-1] == "lazyfs mount can work here."
     assert all("\n" not in line for line in lines)
+
+
+def test_a_host_without_the_c_read_path_can_mount_and_is_told_the_cost():
+    report = _report(dataclasses.replace(GOOD, native_reads=Outcome(False, "the C READ path is not built (x)")))
+    check = _check(report, "FUSE reads in C")
+    assert report.mount_can_work and check.status is Status.MISSING
+    assert "not built" in check.text and "Python" in check.text
+    off = doctor.diagnose(GOOD, NO_DAEMON, dataclasses.replace(CONFIG, fuse_native_reads=False))
+    assert _check(off, "FUSE reads in C").status is Status.UNUSED
+
+
+def test_this_host_has_the_c_read_path():
+    """scripts/setup.sh builds it: the probe finds it on a host that runs the tests."""
+    assert hostprobe.probe_native_reads().ok, hostprobe.probe_native_reads().detail
 
 
 FAILING = [
