@@ -86,8 +86,7 @@ class AttachmentReader(ChunkSource):
         # with 2, for no faster start; with sparse windows (no chains) 4 fetch 35.7 MB against 28.3 MB and
         # the start through the index is within 1.12-1.24x of the converted image's, against 1.04-1.34x
         # (the Debian image, BENCHMARKS.md).
-        count = self.readahead
-        following = self.index.following(loc, count)
+        following = self.index.following(loc, self.readahead)
         if following:
             self.scheduler.prefetch(following, Priority.READAHEAD)
 
