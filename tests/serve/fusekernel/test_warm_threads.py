@@ -65,6 +65,15 @@ def _read_all(path: str) -> bytes:
         os.close(fd)
 
 
+def _flip_flat_byte(flat, pos: int) -> None:
+    """Change byte *pos* of the (one) flat layer file on disk, as an attacker with the disk would."""
+    (data,) = [p for p in flat.iterdir() if p.suffix == ".data"]
+    with open(data, "r+b") as f:
+        old = os.pread(f.fileno(), 1, pos)
+        os.pwrite(f.fileno(), bytes([old[0] ^ 0xFF]), pos)
+        os.fsync(f.fileno())
+
+
 def _export(srv) -> dict:
     return srv.stats()["exports"]["img"]
 
@@ -132,11 +141,7 @@ def test_a_tampered_flat_block_is_not_served_by_the_threads(tmp_path, threaded):
     flat = tmp_path / "flat"
     with serving(tmp_path, f"name=img,stack={seed},flat={flat},layers=1") as (srv, _):
         assert _read_all(srv.path("img")) == model
-        (data,) = [p for p in flat.iterdir() if p.suffix == ".data"]
-        with open(data, "r+b") as f:
-            old = os.pread(f.fileno(), 1, pos)
-            os.pwrite(f.fileno(), bytes([old[0] ^ 0xFF]), pos)
-            os.fsync(f.fileno())
+        _flip_flat_byte(flat, pos)
         before = _export(srv)
         fd = os.open(srv.path("img"), os.O_RDONLY)
         try:
@@ -171,11 +176,7 @@ def test_a_block_tampered_under_an_open_handle_is_not_served(tmp_path, threaded)
                 assert _uncached_pread(fd, BLOCK, other) == model[other:other + BLOCK]
             planned = _export(srv)
             assert planned["native_reads"] >= 2 if threaded else planned["native_reads"] == 0
-            (data,) = [p for p in flat.iterdir() if p.suffix == ".data"]
-            with open(data, "r+b") as f:
-                old = os.pread(f.fileno(), 1, pos)
-                os.pwrite(f.fileno(), bytes([old[0] ^ 0xFF]), pos)
-                os.fsync(f.fileno())
+            _flip_flat_byte(flat, pos)
             before = _export(srv)
             assert _uncached_pread(fd, BLOCK, pos - 100) == model[pos - 100:pos - 100 + BLOCK]
             after = _export(srv)
