@@ -83,6 +83,7 @@ class MergedDevice(BlockSource):
         # bytes served in FUSE worker threads (read_local): counted under a lock, part of bytes_read
         self._local_lock = threading.Lock()
         self.local_bytes_read = 0
+        self.native_counter = None  # the reads the FUSE threads' C path answers from it (set by that path)
 
     # ------------------------------------------------------------ reads
 
@@ -141,12 +142,13 @@ class MergedDevice(BlockSource):
             self.local_bytes_read += n
         return buf
 
-    def local_plan(self) -> tuple[int, int, bytes, list, object | None] | None:
+    def local_plan(self) -> tuple[int, int, bytes, list, tuple] | None:
         """What a reader outside Python needs to serve what ``read_local`` serves (the FUSE
         threads' C path): ``(size, block_size, extents, files, counted_in)``, the extents packed as
         ``EXTENT`` (device blocks, the read-only layer they come from, or DECLINE for mapped
-        blocks; blocks in no extent read as zeros), *files* and *counted_in* as the block
-        cache's ``local_files`` and ``counted_in``.
+        blocks; blocks in no extent read as zeros), *files* as the block cache's ``local_files``,
+        *counted_in* the objects whose ``native_counter`` slot counts what it serves: this
+        device (its ``bytes_read``) and the block cache's ``counted_in``.
         None when ``read_local`` serves nothing (a writable layer, reads observed, no block cache)."""
         cache = self.block_cache
         if self.writable is not None or self.observe_read is not None or cache is None:
@@ -157,7 +159,8 @@ class MergedDevice(BlockSource):
         extents = b"".join(EXTENT.pack(seg.start, seg.end, seg.layer if seg.loc is not None
                                        and 0 <= seg.layer < len(files) else DECLINE)
                            for seg in self.index.segments)
-        return self.size, self.block_size, extents, files, cache.counted_in()
+        owners = (self,) if cache.counted_in() is None else (self, cache.counted_in())
+        return self.size, self.block_size, extents, files, owners
 
     async def _read_lower(self, buf: bytearray | memoryview, offset: int, start: int, end: int,
                           zeroed: bool = True) -> None:
@@ -326,6 +329,8 @@ class MergedDevice(BlockSource):
     def statistics(self) -> dict:
         with self._local_lock:
             local_bytes = self.local_bytes_read
+        if self.native_counter is not None:  # reads the FUSE threads' C path answered (local_plan)
+            local_bytes += self.native_counter.bytes
         stats = {"bytes_read": self.bytes_read + local_bytes, "bytes_written": self.bytes_written,
                  "segments": len(self.index.segments), "writable_reads_inline": self.nowait_reads,
                  "writable_reads_in_thread": self.thread_reads}

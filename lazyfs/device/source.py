@@ -52,7 +52,7 @@ class BlockSource(abc.ABC):
         """
         return None
 
-    def local_plan(self) -> tuple[int, int, bytes, list, object | None] | None:
+    def local_plan(self) -> tuple[int, int, bytes, list, tuple] | None:
         """How a reader outside Python may serve what ``read_local`` serves, checked the same way
         (``MergedDevice.local_plan``); None (the default): it may not."""
         return None

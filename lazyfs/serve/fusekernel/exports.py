@@ -416,7 +416,7 @@ class ExportFS:
         if plan is None:
             return
         size, block_size, extents, files, counted_in = plan
-        counters = (h.export.fast,) if counted_in is None else (h.export.fast, fastpath.counter_in(counted_in))
+        counters = (h.export.fast, *(fastpath.counter_in(owner) for owner in counted_in))
         h.planned = True
         self.fast.add(fh, counters, size, block_size, extents, files)
         if self._handles.get(fh) is not h:  # released meanwhile (or its id already reused)

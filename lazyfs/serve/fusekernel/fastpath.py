@@ -52,8 +52,8 @@ def counter():
 
 
 def counter_in(owner):
-    """The counter in *owner*'s ``native_counter`` slot (a block cache's: ``BlockCache.counted_in``),
-    made at first use; any thread."""
+    """The counter in *owner*'s ``native_counter`` slot (a device's or a flat cache's, as
+    ``MergedDevice.local_plan`` names them), made at first use; any thread."""
     with _slots:
         if owner.native_counter is None:
             owner.native_counter = _fastread.Counter()

@@ -39,6 +39,7 @@
 #define KIND_ZEROS (-1)
 #define KIND_DECLINE (-2)
 #define MAX_EXTENT_BLOCKS (1ULL << 40)
+#define MAX_COUNTERS 4
 
 /* ------------------------------------------------------------------ Counter */
 
@@ -97,7 +98,7 @@ typedef struct Plan {
     LayerFile *files;
     size_t nfiles;
     Py_buffer *views; /* 2 per file: bits, hashes */
-    CounterObject *counters[2]; /* the export's, the block cache's (or NULL) */
+    CounterObject *counters[MAX_COUNTERS]; /* the export's first; the device's, the block cache's (or NULL) */
     long refs; /* under the server's lock */
     struct Plan *next_dead;
 } Plan;
@@ -114,8 +115,8 @@ static void plan_free(Plan *plan) /* with the GIL */
     }
     PyMem_Free(plan->extents);
     PyMem_Free(plan->files);
-    Py_XDECREF(plan->counters[0]);
-    Py_XDECREF(plan->counters[1]);
+    for (int i = 0; i < MAX_COUNTERS; i++)
+        Py_XDECREF(plan->counters[i]);
     PyMem_Free(plan);
 }
 
@@ -216,8 +217,8 @@ PyDoc_STRVAR(Server_add_doc,
 "Plan the READs of handle *fh* (replacing any plan it had): *size* bytes of device, *extents*\n"
 "packed as <QQi4x (start block, end block, kind: a layer index, -1 zeros, -2 decline), sorted\n"
 "and disjoint; *files*, per layer, (fd, bits, hashes, blocks): the flat file and its map's\n"
-"buffers (fd -1: not open, its extents are declined). *counters*: one or two Counters, each\n"
-"counting what is answered (the export's, the block cache's).");
+"buffers (fd -1: not open, its extents are declined). *counters*: 1 to 4 Counters, each\n"
+"counting what is answered (the export's first; the in-flight count is kept in it only).");
 
 static PyObject *Server_add(ServerObject *self, PyObject *args)
 {
@@ -228,9 +229,9 @@ static PyObject *Server_add(ServerObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "KO!KIy*O", &fh, &PyTuple_Type, &counters, &size, &block_size, &ext, &files))
         return NULL;
     Py_ssize_t ncounters = PyTuple_GET_SIZE(counters);
-    if (ncounters < 1 || ncounters > 2) {
+    if (ncounters < 1 || ncounters > MAX_COUNTERS) {
         PyBuffer_Release(&ext);
-        PyErr_SetString(PyExc_ValueError, "one or two counters");
+        PyErr_SetString(PyExc_ValueError, "1 to 4 counters");
         return NULL;
     }
     for (Py_ssize_t i = 0; i < ncounters; i++)
@@ -512,7 +513,7 @@ static int try_serve(ServerObject *self, int fd, const uint8_t *req, size_t n, S
     pthread_mutex_unlock(&self->lock);
     if (plan == NULL)
         return 0;
-    CounterObject *c = plan->counters[0], *c2 = plan->counters[1];
+    CounterObject *c = plan->counters[0];
     ADD(c->inflight, 1);
 
     int answered = 0;
@@ -530,13 +531,10 @@ static int try_serve(ServerObject *self, int fd, const uint8_t *req, size_t n, S
             while (w < 0 && errno == EINTR);
             if (w < 0)
                 ADD(c->reply_errors, 1); /* ENOENT: interrupted meanwhile; the request is gone either way */
-            ADD(c->reads, 1);
-            ADD(c->bytes, len);
-            ADD(c->blocks, blocks);
-            if (c2 != NULL) {
-                ADD(c2->reads, 1);
-                ADD(c2->bytes, len);
-                ADD(c2->blocks, blocks);
+            for (int i = 0; i < MAX_COUNTERS && plan->counters[i] != NULL; i++) {
+                ADD(plan->counters[i]->reads, 1);
+                ADD(plan->counters[i]->bytes, len);
+                ADD(plan->counters[i]->blocks, blocks);
             }
             answered = 1;
         }
