@@ -148,6 +148,10 @@ class Config:
         "how lazyfs mount attaches the loop device of a read-only image: buffered (the kernel serves "
         "re-reads from the page cache of the exported file; costs a second cached copy) or direct "
         "(O_DIRECT: one copy, every read a FUSE request); docs/warm.md")] = "buffered"
+    export_readahead: Annotated[int, _doc(
+        "kernel readahead on the exported image files (read_ahead_kb of the FUSE export), bytes: how far a "
+        "buffered loop reads ahead of a read that follows cached blocks (the kernel's own FUSE value is "
+        "128 KiB; 0: none; docs/warm.md)", ge=0, le=1 << 30)] = 1 << 20
     hydrated_max_bytes: Annotated[int, _doc(
         "disk the hydrated files of fully local read-only images may take under cache_root/hydrated "
         "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30

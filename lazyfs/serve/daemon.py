@@ -405,6 +405,11 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
         fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1,
                       native_reads=config.fuse_native_reads)
         session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, system.clear_stale_export)
+        # before any loop device opens an exported file: a file takes its readahead when opened
+        fs.readahead_kb, why = await trio.to_thread.run_sync(system.set_readahead, config.export_dir,
+                                                             config.export_readahead)
+        if why:
+            log.warning("readahead of the exported files not set to %d KiB: %s", config.export_readahead >> 10, why)
         full_stop = False  # only a deliberate stop ends the connection; a crash or a handover leaves it kept
         try:
             async with open_nursery() as nursery:

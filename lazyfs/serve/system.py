@@ -241,9 +241,35 @@ def drop_copied_loop_mounts(export_dir: str | os.PathLike) -> list[str]:
     return dropped
 
 
+def set_readahead(mountpoint: str | os.PathLike, nbytes: int) -> tuple[int | None, str | None]:
+    """Set the kernel's readahead for files under the mount at *mountpoint* (its backing device
+    info's ``read_ahead_kb``) to *nbytes*, rounded down to KiB: ``(KiB now in force, None)``, or
+    ``(KiB in force or None, why it was not set)``. The device numbers come from mountinfo, so a
+    FUSE mount this process serves is never touched (a stat would wait for its own answer).
+
+    A file takes the value when it is opened, so it must be set before the loop devices open
+    the exported files. The kernel caps a FUSE connection at 128 KiB when it starts (its INIT);
+    only this sysfs file (root, /sys writable) raises it.
+    """
+    entry = mount_at(mountpoint)
+    if entry is None:
+        return None, f"{mountpoint} is not a mount point"
+    path = f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(nbytes >> 10))
+        with open(path) as f:
+            now = int(f.read())
+    except (OSError, ValueError) as exc:
+        return None, f"{path}: {exc.strerror if isinstance(exc, OSError) else exc}"
+    if now != nbytes >> 10:
+        return now, f"{path} reads {now} KiB after writing {nbytes >> 10}"
+    return now, None
+
+
 __all__ = [
     "FUSECTL_DIR", "CommandError", "MountEntry", "READAHEAD_SECTORS", "clear_stale_export", "drop_copied_loop_mounts",
     "find_loop_devices", "fuse_abort", "is_mountpoint", "loop_direct_io", "losetup_attach", "losetup_detach",
     "mkfs_ext4", "mount", "mount_at", "mounts", "parse_mountinfo", "private_dir", "run", "run_blocking", "run_steps",
-    "umount", "umount_blocking",
+    "set_readahead", "umount", "umount_blocking",
 ]

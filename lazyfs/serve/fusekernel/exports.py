@@ -173,6 +173,7 @@ class ExportFS:
         self._native_gone = (0, 0)  # READs and bytes the C path answered for exports removed since
         self.backing: BackingFiles | None = None  # set by the session when INIT settled passthrough
         self.passthrough_unavailable: str | None = None  # why backing files cannot be registered (logged once)
+        self.readahead_kb: int | None = None  # the kernel's readahead on the exported files (set by the daemon)
         # the worker threads' READ path in C (None: Python answers alone); the session's threads call its serve()
         self.fast = fastpath.server(native_reads)
 
@@ -357,6 +358,7 @@ class ExportFS:
             st["native_plans"] = self.fast.plans() if self.fast is not None else 0  # handles C answers now
             st["native_reads_unavailable"] = (None if self.fast is not None
                                               else fastpath.why_unavailable() or "off (fuse_native_reads = false)")
+            st["readahead_kb"] = self.readahead_kb
             st["reads"] += local_reads
             st["requests"] += local_reads
             st["bytes_read"] += self._local_bytes + self._native_gone[1] + sum(b for _, b in native.values())
