@@ -150,8 +150,8 @@ class Config:
         "(O_DIRECT: one copy, every read a FUSE request); docs/warm.md")] = "buffered"
     export_readahead: Annotated[int, _doc(
         "kernel readahead on the exported image files (read_ahead_kb of the FUSE export), bytes: how far a "
-        "buffered loop reads ahead of a read that follows cached blocks (the kernel's own FUSE value is "
-        "128 KiB; 0: none; docs/warm.md)", ge=0, le=1 << 30)] = 1 << 20
+        "buffered loop reads ahead of a read that follows cached blocks; 1 MiB speeds up warm reads from the "
+        "disk tier and costs cold starts a little (0: none; docs/warm.md)", ge=0, le=1 << 30)] = 128 << 10
     hydrated_max_bytes: Annotated[int, _doc(
         "disk the hydrated files of fully local read-only images may take under cache_root/hydrated "
         "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop, pytest.m
 def wenv(env):
     # the daemon's own check would hydrate the image behind the tests' backs: the tests ask for it
     env.doc["hydrated_check_interval"] = 3600
+    env.doc["export_readahead"] = 1 << 20  # the kernel's 128 KiB is the default
     with open(env.config_path, "w") as f:
         json.dump(env.doc, f)
     return env
@@ -77,10 +78,10 @@ def test_read_only_mount_uses_a_buffered_loop_whose_rereads_never_reach_lazyfs(w
 
 
 def test_the_exported_files_are_read_ahead_as_configured(wenv):
-    """The daemon raises the kernel's readahead on its exported files (``export_readahead``,
-    1 MiB by default) before any loop device opens one: a sequential pass through the buffered
-    loop then reaches the daemon in READs of about 1 MiB, where the kernel's own FUSE cap (128
-    KiB) would take eight times as many. (Break-checked: without the daemon's ``set_readahead``
+    """The daemon sets the kernel's readahead on its exported files (``export_readahead``, 1 MiB
+    here) before any loop device opens one: a sequential pass through the buffered loop then
+    reaches the daemon in READs of about 1 MiB, where the kernel's own FUSE value (128 KiB, the
+    default) would take eight times as many. (Break-checked: without the daemon's ``set_readahead``
     the export's read_ahead_kb read 128 and this went red; with that check left out too, the
     pass took 635 READs for the 79 MiB device, at most 128 KiB each, and the count went red.)"""
     env = wenv
@@ -89,7 +90,7 @@ def test_the_exported_files_are_read_ahead_as_configured(wenv):
     info = json.loads(env.lazyfs("mount", env.ref, str(target), "--json").stdout)  # starts the daemon if need be
     try:
         assert info["loop_route"] == "buffered"
-        assert call(env.socket, "fuse-stats", timeout=30)["readahead_kb"] == 1024  # the default, 1 MiB
+        assert call(env.socket, "fuse-stats", timeout=30)["readahead_kb"] == 1024  # as configured
         entry = system.mount_at(os.path.join(env.doc["run_dir"], "export"))
         with open(f"/sys/class/bdi/{entry.major}:{entry.minor}/read_ahead_kb") as f:
             assert int(f.read()) == 1024
