@@ -27,6 +27,8 @@ Ratios printed against the local loop file measured in
 the same run: buffered routes vs ``local-buffered``, the direct and hydrated routes vs
 ``local-direct`` (the same kind of loop). Goals (issue 14): hot rand ≥ 0.5×, hot seq ≥ 0.8×, dropped ≥ 0.5×.
 
+For the two FUSE targets each job also prints how many READs reached the daemon (``fuse-stats``).
+
 Memory (double caching): after ``drop_caches``, the file is read once through ext4 (``cat``);
 ``fincore`` then gives the page cache held by the ext4 file and by the loop's backing file,
 and /proc/meminfo ``Cached`` the host-wide growth (noisy: other jobs share the machine).
@@ -167,6 +169,7 @@ def main() -> None:
                    "lazyfs-buffered": (mounted["loop"], os.path.join(buffered_mnt, "bigfile")),
                    "lazyfs-direct": (mounted_d["loop"], os.path.join(direct_mnt, "bigfile")),
                    "lazyfs-hydrated": (mounted_h["loop"], os.path.join(hydrated_mnt, "bigfile"))}
+        sockets = {"lazyfs-buffered": host.socket, "lazyfs-direct": host_d.socket}
         peers = {"local-buffered": "local-buffered", "local-direct": "local-direct",
                  "lazyfs-buffered": "local-buffered", "lazyfs-direct": "local-direct", "lazyfs-hydrated": "local-direct"}
         for name, (dev, _) in targets.items():
@@ -186,9 +189,14 @@ def main() -> None:
                     if mode == "dropped":
                         drop_caches()
                     dropped = mode == "dropped"
-                    out[name][kind] = fio(path, rw, bs, args.pass_limit if dropped else args.seconds, one_pass=dropped)
-                    print(f"  {name:16s} {kind:4s} {out[name][kind]['MBps']:9.1f} MB/s "
-                          f"{out[name][kind]['iops']:10.0f} IOPS", flush=True)
+                    sock = sockets.get(name)
+                    before = call(sock, "fuse-stats")["reads"] if sock else 0
+                    job = out[name][kind] = fio(path, rw, bs, args.pass_limit if dropped else args.seconds,
+                                                one_pass=dropped)
+                    if sock:  # how many of the job's reads reached the daemon
+                        job["fuse_reads"] = call(sock, "fuse-stats")["reads"] - before
+                    print(f"  {name:16s} {kind:4s} {job['MBps']:9.1f} MB/s {job['iops']:10.0f} IOPS"
+                          + (f" {job['fuse_reads']:10d} FUSE READs" if sock else ""), flush=True)
             for name, peer in peers.items():
                 if name == peer:
                     continue
