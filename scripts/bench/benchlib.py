@@ -43,6 +43,17 @@ def print_results(results: dict, path: str | None) -> None:
             f.write(text + "\n")
 
 
+def finish_run(results: dict, path: str | None) -> None:
+    """Record and print the machine's load as the run ends, then write *results* as JSON to *path*
+    if given (the figures themselves were printed as they came)."""
+    results["loadavg_end"] = os.getloadavg()
+    print(f"\nload average {results['loadavg_start'][0]:.2f} at the start, {results['loadavg_end'][0]:.2f} "
+          f"at the end", flush=True)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def push_tree_image(tree: str, work: str, registry: str, name: str) -> tuple[str, str]:
     """The ext4 image ``work/name.ext4`` of *tree* (which is removed then), made a lazyfs image
     ``oci:work/layout:name`` by ``lazyfs create`` and pushed by ``lazyfs push`` to

@@ -40,7 +40,6 @@ import contextlib
 import glob
 import json
 import os
-import shutil
 import sys
 import tempfile
 
@@ -48,9 +47,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import drop_caches, push_tree_image, run_header  # noqa: E402
-from mount import Lazyfs, loop_mount, run, write_bigfile  # noqa: E402
-from tests.support.registry import running_registry  # noqa: E402
+from benchlib import drop_caches, finish_run, run_header  # noqa: E402
+from mount import Lazyfs, loop_mount, run  # noqa: E402
+from warm import bigfile_image  # noqa: E402
 
 WAKE_HERE = "/sys/module/fuse/parameters/wake_here"
 FUSE_TARGETS = ("fuse-hot", "fuse", "fuse-buffered", "loop-lazyfs")
@@ -107,13 +106,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="lazyfs-bench-rt-", dir=args.workdir)
     results: dict = {**run_header(), "size_mib": args.size, "seconds": args.seconds}
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, True)
-        tree = os.path.join(work, "tree")
-        os.makedirs(tree)
-        write_bigfile(os.path.join(tree, "bigfile"), args.size << 20)
-        reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
-        raw, ref = push_tree_image(tree, work, reg.registry, "roundtrip")
-        host = Lazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
+        raw, ref, registry = bigfile_image(stack, work, args.size, "roundtrip")
+        host = Lazyfs(os.path.join(work, "lazyfs"), registry, trace_record_seconds=0,
                       hydrated_check_interval=3600)
         stack.callback(host.close)
         mounted = host.mount(ref, os.path.join(work, "lazyfs", "mnt"))
@@ -139,12 +133,7 @@ def main() -> None:
                     f.write("Y")
                 print("the same FUSE targets with fuse.wake_here=Y (depth 1)", flush=True)
                 results["wake_here"] = measure(targets, FUSE_TARGETS, args.seconds, flat)
-        results["loadavg_end"] = os.getloadavg()
-        print(f"load average {results['loadavg_start'][0]:.2f} at the start, {results['loadavg_end'][0]:.2f} "
-              f"at the end", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish_run(results, args.json)
 
 
 if __name__ == "__main__":

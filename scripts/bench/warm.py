@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import drop_caches, push_tree_image, run_header  # noqa: E402
+from benchlib import drop_caches, finish_run, push_tree_image, run_header  # noqa: E402
 from mount import Lazyfs, loop_mount, run, write_bigfile  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
@@ -116,6 +116,19 @@ def read_once_via_cat(path: str) -> None:
             pass
 
 
+def bigfile_image(stack: contextlib.ExitStack, work: str, size_mib: int, name: str):
+    """An ext4 with one *size_mib* MiB file (half random, half hex text) in the new directory
+    *work* (removed on exit), pushed as a lazyfs image to a local registry started for it:
+    ``(the raw ext4 file, the image reference, the running registry)``."""
+    stack.callback(shutil.rmtree, work, True)
+    tree = os.path.join(work, "tree")
+    os.makedirs(tree)
+    write_bigfile(os.path.join(tree, "bigfile"), size_mib << 20)
+    reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
+    raw, ref = push_tree_image(tree, work, reg.registry, name)
+    return raw, ref, reg.registry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/var/tmp", help="on the disk to measure (not tmpfs)")
@@ -132,14 +145,9 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="lazyfs-bench-warm-", dir=args.workdir)
     results: dict = {**run_header(), "size_mib": args.size, "seconds": args.seconds, "settings": settings}
     with contextlib.ExitStack() as stack:
-        stack.callback(shutil.rmtree, work, True)
-        tree = os.path.join(work, "tree")
-        os.makedirs(tree)
-        write_bigfile(os.path.join(tree, "bigfile"), args.size << 20)
-        reg = stack.enter_context(running_registry(os.path.join(work, "registry")))
-        raw, ref = push_tree_image(tree, work, reg.registry, "warm")
+        raw, ref, reg = bigfile_image(stack, work, args.size, "warm")
         # a long check interval: the benchmark asks for the hydrated file when it wants it
-        host = Lazyfs(os.path.join(work, "lazyfs"), reg.registry, trace_record_seconds=0,
+        host = Lazyfs(os.path.join(work, "lazyfs"), reg, trace_record_seconds=0,
                       hydrated_check_interval=3600, **settings)
         stack.callback(host.close)
         buffered_mnt = os.path.join(work, "lazyfs", "mnt-buffered")
@@ -155,7 +163,7 @@ def main() -> None:
         # the same image on a daemon of its own whose read-only loop uses direct I/O: every read of the
         # device reaches the daemon (async O_DIRECT reads of disk.img, in parallel), none is cached by
         # the kernel, and its worker threads answer them from the flat files (in C: docs/warm.md §4)
-        host_d = Lazyfs(os.path.join(work, "lazyfs-d"), reg.registry, trace_record_seconds=0, read_only_loop="direct",
+        host_d = Lazyfs(os.path.join(work, "lazyfs-d"), reg, trace_record_seconds=0, read_only_loop="direct",
                         **settings)
         stack.callback(host_d.close)
         direct_mnt = os.path.join(work, "lazyfs-d", "mnt")
@@ -205,12 +213,7 @@ def main() -> None:
                 print(f"  {name} / {peer}: seq {ratios['seq']:.2f}x, rand {ratios['rand']:.2f}x", flush=True)
         print("\nmemory: page cache after one buffered read of the file through ext4", flush=True)
         results["memory"] = {name: memory_cost(name, path, dev) for name, (dev, path) in targets.items()}
-        results["loadavg_end"] = os.getloadavg()
-        print(f"\nload average {results['loadavg_start'][0]:.2f} at the start, {results['loadavg_end'][0]:.2f} "
-              f"at the end (other jobs share this machine)", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    finish_run(results, args.json)
 
 
 if __name__ == "__main__":
