@@ -43,6 +43,11 @@ def print_results(results: dict, path: str | None) -> None:
             f.write(text + "\n")
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``--set KEY=JSON`` arguments as config settings, e.g. ``export_readahead=1048576``."""
+    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def finish_run(results: dict, path: str | None) -> None:
     """Record and print the machine's load as the run ends, then write *results* as JSON to *path*
     if given (the figures themselves were printed as they came)."""

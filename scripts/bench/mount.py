@@ -57,7 +57,7 @@ import trio
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from benchlib import detach_loops_under, drop_caches, nbdfuse_file, run_header  # noqa: E402
+from benchlib import detach_loops_under, drop_caches, nbdfuse_file, parse_settings, run_header  # noqa: E402
 from benchnet import ShapedLink, relay  # noqa: E402
 import httpx  # noqa: E402
 from lazyfs.config import Config  # noqa: E402
@@ -377,7 +377,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="a lazyfs config setting for the cold-start hosts, e.g. readahead_chunks=0")
     args = ap.parse_args()
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_settings(args.set)
     if os.geteuid() != 0:
         raise SystemExit("mount.py needs root (namespaces, FUSE, loop devices, chroot)")
     began = time.monotonic()

@@ -55,11 +55,10 @@ WAKE_HERE = "/sys/module/fuse/parameters/wake_here"
 FUSE_TARGETS = ("fuse-hot", "fuse", "fuse-buffered", "loop-lazyfs")
 
 
-def fio(path: str, seconds: int, direct: bool, depth: int = 1) -> dict:
-    """Random 4 KiB reads of *path* for at most *seconds*, each block at most once."""
-    engine = ["--ioengine=psync"] if depth == 1 else ["--ioengine=libaio", f"--iodepth={depth}"]
+def fio(path: str, seconds: int, direct: bool) -> dict:
+    """Random 4 KiB reads of *path*, one at a time, for at most *seconds*, each block at most once."""
     out = run(["fio", "--name=rt", f"--filename={path}", "--rw=randread", "--bs=4k", f"--direct={int(direct)}",
-               *engine, "--readonly", f"--io_size={os.path.getsize(path) if os.path.isfile(path) else 256 << 20}",
+               "--ioengine=psync", "--readonly", f"--io_size={os.path.getsize(path) if os.path.isfile(path) else 256 << 20}",
                f"--runtime={seconds}", "--output-format=json"], timeout=seconds + 120).stdout
     job = json.loads(out[out.index("{"):])["jobs"][0]["read"]
     return {"iops": round(job["iops"]), "mean_us": round(job["clat_ns"]["mean"] / 1000, 1)}

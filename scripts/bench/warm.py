@@ -52,7 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import drop_caches, finish_run, push_tree_image, run_header  # noqa: E402
+from benchlib import drop_caches, finish_run, parse_settings, push_tree_image, run_header  # noqa: E402
 from mount import Lazyfs, loop_mount, run, write_bigfile  # noqa: E402
 from lazyfs.serve import system  # noqa: E402
 from lazyfs.serve.control import call  # noqa: E402
@@ -136,10 +136,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=10, help="runtime of each hot fio job")
     ap.add_argument("--pass-limit", type=int, default=900, help="longest a dropped job's whole pass may take, s")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="a config setting for both daemons, e.g. export_readahead=0")
+                    help="a config setting for both daemons, e.g. export_readahead=1048576")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    settings = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    settings = parse_settings(args.set)
     if os.geteuid() != 0:
         raise SystemExit("warm.py needs root (FUSE, loop devices, mounts)")
     work = tempfile.mkdtemp(prefix="lazyfs-bench-warm-", dir=args.workdir)
@@ -183,8 +183,9 @@ def main() -> None:
         for name, (dev, _) in targets.items():
             print(f"{name:16s} {dev}: backing {backing_of(dev)}, direct I/O {system.loop_direct_io(dev)}", flush=True)
         for mode in ("hot", "dropped"):
+            dropped = mode == "dropped"
             print(f"\n{mode}: fio --direct=1 --ioengine=libaio --iodepth=16, "
-                  f"{'one whole pass' if mode == 'dropped' else f'{args.seconds} s'} per job", flush=True)
+                  f"{'one whole pass' if dropped else f'{args.seconds} s'} per job", flush=True)
             out = results[mode] = {}
             for name, (dev, path) in targets.items():
                 out[name] = {}
@@ -194,9 +195,8 @@ def main() -> None:
                     # fio --direct=1 reads through the loop: warm the loop's backing file too
                     run(["dd", f"if={dev}", "of=/dev/null", "bs=4M", "iflag=direct", "status=none"])
                 for kind, rw, bs in JOBS:
-                    if mode == "dropped":
+                    if dropped:
                         drop_caches()
-                    dropped = mode == "dropped"
                     sock = sockets.get(name)
                     before = call(sock, "fuse-stats")["reads"] if sock else 0
                     job = out[name][kind] = fio(path, rw, bs, args.pass_limit if dropped else args.seconds,
