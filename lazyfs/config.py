@@ -157,6 +157,10 @@ class Config:
         "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30
     hydrated_check_interval: Annotated[float, _doc(
         "seconds between the daemon's checks for read-only images that became fully local", gt=0)] = 10.0
+    hydrated_switch: Annotated[Literal["auto", "off"], _doc(
+        "auto: a read-only lazyfs mount goes through a device-mapper device where the kernel has "
+        "device-mapper, and the daemon moves it onto its image's hydrated file while it runs (no remount); "
+        "off: the loop device is mounted directly (docs/warm.md)")] = "auto"
     hydrate: Annotated[bool, _doc(
         "make every attached image fully local in the background (lazyfs mount --hydrate; docs/daemon.md)")] = False
     hydrate_rate: Annotated[int, _doc(

@@ -265,6 +265,18 @@ def check_native_reads(facts: HostFacts, config: Config) -> Check:
     return Check("FUSE reads in C", Status.OK, "built: the FUSE threads answer warm reads of flat-file blocks in C")
 
 
+def check_hydrated_switch(facts: HostFacts, config: Config) -> Check:
+    name = "running mounts to hydrated files"
+    if config.hydrated_switch == "off" or config.hydrated_max_bytes <= 0:
+        return Check(name, Status.UNUSED, "switched off (hydrated_switch = off or hydrated_max_bytes = 0)")
+    if not facts.device_mapper.ok:
+        return Check(name, Status.MISSING,
+                     f"{facts.device_mapper.detail}: a running read-only mount keeps reading through FUSE once its "
+                     "image is hydrated (new mounts use the hydrated file; docs/warm.md §3)")
+    return Check(name, Status.OK, f"{facts.device_mapper.detail}: the daemon moves running read-only mounts onto "
+                                  "their images' hydrated files (device-mapper table swap, no remount)")
+
+
 def check_io_uring(facts: HostFacts) -> Check:
     sysctl = "" if facts.io_uring_disabled is None else f", kernel.io_uring_disabled={facts.io_uring_disabled}"
     if facts.io_uring.ok:
@@ -398,6 +410,7 @@ def diagnose(facts: HostFacts, daemon: DaemonFacts, config: Config) -> Report:
         check_fuse_resend(facts),
         check_fuse_io_uring(facts),
         check_native_reads(facts, config),
+        check_hydrated_switch(facts, config),
         check_io_uring(facts),
         check_tcmu(facts),
         check_verity(facts, paths["cache_root"]),

@@ -114,6 +114,7 @@ class HostFacts:
     paths: Mapping[str, PathFacts]  # config field -> facts
     verity: Outcome | None  # on the cache root; None when it does not exist yet
     native_reads: Outcome = Outcome(True, "built")  # the FUSE threads' READ path in C (setup.py builds it)
+    device_mapper: Outcome = Outcome(False, "not probed")  # dmsetup and /dev/mapper/control (serve/dmswitch.py)
 
 
 # ------------------------------------------------------------------ parsers (pure)
@@ -230,6 +231,13 @@ def probe_native_reads() -> Outcome:
     from lazyfs.serve.fusekernel import fastpath
 
     return Outcome(fastpath.available(), fastpath.why_unavailable() or "built")
+
+
+def probe_device_mapper() -> Outcome:
+    from lazyfs.serve.dmswitch import CONTROL, unavailable_reason
+
+    why = unavailable_reason()
+    return Outcome(why is None, why or f"{CONTROL} and dmsetup")
 
 
 def probe_loop(control: str = LOOP_CONTROL) -> Outcome:
@@ -391,5 +399,5 @@ def probe_host(paths: Mapping[str, str], *, verity_in: str | None = None) -> Hos
         kvm=probe_kvm(), cpu_virtualization=cpu_virtualization(_read("/proc/cpuinfo") or ""),
         configfs_target=os.path.isdir(CONFIGFS_TARGET),
         containerd_socket=_socket_answers(CONTAINERD_SOCKET), tools=tools, versions=versions, paths=path_facts,
-        verity=verity, native_reads=probe_native_reads(),
+        verity=verity, native_reads=probe_native_reads(), device_mapper=probe_device_mapper(),
     )

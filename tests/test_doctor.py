@@ -51,6 +51,7 @@ GOOD = HostFacts(
     paths={"run_dir": _dir("/run/lazyfs"), "state_dir": _dir("/var/lib/lazyfs"),
            "cache_root": _dir("/var/lib/lazyfs/cache"), "writable_root": _dir("/var/lib/lazyfs/writable")},
     verity=Outcome(True, "FS_IOC_ENABLE_VERITY works"),
+    device_mapper=Outcome(True, "/dev/mapper/control and dmsetup"),
 )
 NO_DAEMON = DaemonFacts("/run/lazyfs/lazyfs.sock", False)
 CONFIG = Config(cache_size=10 * GiB)
@@ -76,7 +77,7 @@ def test_a_fully_equipped_host_passes_with_one_line_per_topic():
     assert len(topics) == len(set(topics))
     for topic in ("FUSE", "loop devices", "target_core_user", "fs-verity", "io_uring", "FUSE passthrough",
                   "FUSE_NOTIFY_RESEND", "FUSE over io_uring", "cache root", "writable root", "containerd",
-                  "OCI runtime", "qemu", "podman", "daemon", "FUSE reads in C"):
+                  "OCI runtime", "qemu", "podman", "daemon", "FUSE reads in C", "running mounts to hydrated files"):
         assert topic in topics
     lines = report.lines()
     assert lines[-1] == "lazyfs mount can work here."
@@ -90,6 +91,19 @@ def test_a_host_without_the_c_read_path_can_mount_and_is_told_the_cost():
     assert "not built" in check.text and "Python" in check.text
     off = doctor.diagnose(GOOD, NO_DAEMON, dataclasses.replace(CONFIG, fuse_native_reads=False))
     assert _check(off, "FUSE reads in C").status is Status.UNUSED
+
+
+def test_a_host_without_device_mapper_can_mount_and_is_told_what_running_mounts_keep():
+    topic = "running mounts to hydrated files"
+    assert _check(_report(), topic).status is Status.OK
+    missing = Outcome(False, "the kernel has no device-mapper (/dev/mapper/control is missing)")
+    report = _report(dataclasses.replace(GOOD, device_mapper=missing))
+    check = _check(report, topic)
+    assert report.mount_can_work and check.status is Status.MISSING
+    assert "no device-mapper" in check.text and "keeps reading through FUSE" in check.text
+    for changes in ({"hydrated_switch": "off"}, {"hydrated_max_bytes": 0}):
+        off = doctor.diagnose(GOOD, NO_DAEMON, dataclasses.replace(CONFIG, **changes))
+        assert _check(off, topic).status is Status.UNUSED
 
 
 def test_this_host_has_the_c_read_path():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from lazyfs.durable import write_atomically
 from lazyfs.errors import ConfigError, FormatError, LazyfsError, NotFoundError
 from lazyfs.image.commit import commit_writable
 from lazyfs.nursery import open_nursery
-from lazyfs.serve import hydrated, malloc, system
+from lazyfs.serve import dmswitch, hydrated, malloc, system
 from lazyfs.serve.controlserver import serve_control
 from lazyfs.serve.fusekernel import takeover
 from lazyfs.serve.fusekernel.exports import ExportFS
@@ -31,6 +32,7 @@ from lazyfs.serve.state import IMAGE_NAME, AttachmentRecord, FrontEnd, LoadedSta
 log = logging.getLogger("lazyfs.daemon")
 
 FRESH_INODES = 1 << 32  # where a takeover without recorded inode numbers allocates from
+SWITCH_TRIES = 3  # failed moves of one mount onto its hydrated file before the daemon stops trying
 
 
 class Daemon:
@@ -47,6 +49,7 @@ class Daemon:
         # set while the daemon restores the state file's attachments: requests other than ping wait for it
         self.restoring: trio.Event | None = None
         self._state_lock = trio.Lock()  # orders state-file saves (local disk only; nothing else waits on it)
+        self.switch_failures: dict[str, int] = {}  # attachment name -> failed moves onto its hydrated file
 
     # ------------------------------------------------------------ state
 
@@ -213,7 +216,52 @@ class Daemon:
         for name in list(self.host.attachments):
             await self.pass_through(name)
 
+    async def switch_to_hydrated(self, name: str) -> bool:
+        """Move the running mount of read-only attachment *name* onto its image's hydrated file,
+        if it is switchable and the file exists (serve/dmswitch.py): a loop device on the file,
+        and its device-mapper table swapped in place. False when not (yet) possible; a failure
+        is logged, and tried again at most ``SWITCH_TRIES`` times."""
+        att = self.host.attachments.get(name)
+        if att is None or att.front_end.dm is None or att.front_end.loop_route == "hydrated":
+            return False
+        if self.switch_failures.get(name, 0) >= SWITCH_TRIES:
+            return False
+        found = await trio.to_thread.run_sync(hydrated.existing, self.config.cache_root,
+                                              att.opened.image.manifest.digest, att.device.size)
+        if found is None:
+            return False
+        dm, target = att.front_end.dm, att.front_end.target
+        dev = None
+        try:
+            dev = await system.losetup_attach(found.path, read_only=True, direct_io=True)
+            # never cancelled between suspend and resume: a device left suspended hangs its readers
+            # (every command has a timeout)
+            with trio.CancelScope(shield=True):
+                old = await system.run_steps(dmswitch.switch_steps(dm, dev))
+        except LazyfsError as exc:
+            self.switch_failures[name] = self.switch_failures.get(name, 0) + 1
+            log.warning("the mount at %s stays on FUSE: moving %s onto %s failed: %s", target, dm, found.path, exc)
+            if dev is not None:
+                with trio.CancelScope(shield=True):
+                    with contextlib.suppress(LazyfsError):
+                        await system.losetup_detach(dev)
+            return False
+        if self.host.attachments.get(name) is att:
+            att.front_end = att.front_end.updated(FrontEnd(loop=dev, loop_route="hydrated"))
+            await self.save_state()
+        log.info("audit: moved the mount at %s (%s) from %d:%d onto %s (%s), reads no longer reach FUSE",
+                 target, dm, old.major, old.minor, found.path, dev)
+        return True
+
+    async def after_hydration_check(self) -> None:
+        """What the daemon does after each check for hydrated files: pass exports through, and
+        move switchable mounts onto their hydrated files."""
+        await self.pass_through_all()
+        for name in list(self.host.attachments):
+            await self.switch_to_hydrated(name)
+
     async def detach(self, name: str) -> dict:
+        self.switch_failures.pop(name, None)
         if name not in self.host.attachments:
             raise NotFoundError(f"no image attached as {name!r}")
         await self.fs.remove(name, wait=10.0)
@@ -328,6 +376,7 @@ class Daemon:
             answer = await hydrated.control(self.host, args.get("name"))
             if answer.get("path"):
                 answer["passthrough"] = await self.pass_through(args["name"])
+                answer["switched"] = await self.switch_to_hydrated(args["name"])
             return answer
         if op == "tcmu-attach":
             return await self.tcmu_attach(**_only(args, "image", "name", "writable", "block_size", "writable_dir",
@@ -445,7 +494,7 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                     await nursery.start(serve_metrics, config.metrics_address, host, fs)
                 await nursery.start(reload_on_sighup, daemon)
                 if config.hydrated_max_bytes > 0:
-                    await nursery.start(hydrated.watch, host, config.hydrated_check_interval, daemon.pass_through_all)
+                    await nursery.start(hydrated.watch, host, config.hydrated_check_interval, daemon.after_hydration_check)
                 if config.registry_probe_interval > 0:
                     await nursery.start(host.probe_registries, config.registry_probe_interval)
                 log.info("lazyfs daemon %d ready: export %s, control %s%s", os.getpid(), config.export_dir,

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from lazyfs.config import Config
 from lazyfs.durable import write_atomically
 from lazyfs.errors import BusyError, ConfigError, FormatError, LazyfsError, NotFoundError
-from lazyfs.serve import mountinfo, syscmd, warmloop
+from lazyfs.serve import dmswitch, mountinfo, syscmd, warmloop
 from lazyfs.serve.control import call
 from lazyfs.serve.fusekernel import keeper
 from lazyfs.serve.privatedir import private_dir
@@ -128,33 +129,49 @@ def mount_image(config: Config, config_path: str | None, image: str, target: str
     attached = call(config.socket_path, "attach", image=image, name=name, writable=writable,
                     writable_dir=writable_dir, kind=kind, front_end=FrontEnd(mode="mount", target=target).to_json(),
                     plain_http=list(plain_http), **_hydrate_arg(hydrate))
-    dev = None
+    dev = dm = None
     try:
         loop = warmloop.plan(config, attached, writable)
         dev = syscmd.losetup_attach_blocking(loop.path, not writable, loop.direct_io)
-        call(config.socket_path, "mark", name=name, front_end=FrontEnd(loop=dev, loop_route=loop.route).to_json())
+        mounted = dev
+        if switchable(config, writable, loop.route):
+            # the daemon moves the mount onto the hydrated file later by swapping this device's table
+            dm = dmswitch.device_name(name)
+            mounted = syscmd.run_steps_blocking(dmswitch.create_steps(dm, dev, attached["size"]))
+        call(config.socket_path, "mark", name=name,
+             front_end=FrontEnd(loop=dev, loop_route=loop.route, dm=dm).to_json())
         options = ([] if devices else ["nodev"]) + ([] if setuid else ["nosuid"])
         if not writable:
             options.append("noload")  # never replay a journal on a read-only image
-        syscmd.mount_blocking(dev, target, "ext4", read_only=not writable, options=options)
+        syscmd.mount_blocking(mounted, target, "ext4", read_only=not writable, options=options)
     except LazyfsError as exc:
         cause = _read_error(config, name)
-        _undo(config, name, dev)
+        _undo(config, name, dev, dm)
         if cause is None:
             raise
         # mount(8) says only "can't read superblock": say why the image could not be read
         raise LazyfsError(f"{exc} (reading the image failed: {cause})") from exc
     except BaseException:
-        _undo(config, name, dev)
+        _undo(config, name, dev, dm)
         raise
     result = {**attached, "loop": dev, "loop_route": loop.route, "loop_file": loop.path, "target": target,
               "seconds": round(time.monotonic() - started, 3)}
+    if dm is not None:
+        result["dm"] = dmswitch.device_path(dm)
     notes = [n for n in (twin.note() if twin is not None and twin.replaced else None, loop.note()) if n]
     if twin is not None and twin.replaced:
         result["twin"] = twin.to_json()
     if notes:
         result["note"] = "; ".join(notes)
     return result
+
+
+def switchable(config: Config, writable: bool, route: str) -> bool:
+    """Whether a mount goes through a switchable device-mapper device (serve/dmswitch.py): a
+    read-only one not on a hydrated file yet, with hydrated files and the switch on, on a host
+    with device-mapper."""
+    return (not writable and route != "hydrated" and config.hydrated_switch == "auto"
+            and config.hydrated_max_bytes > 0 and dmswitch.unavailable_reason() is None)
 
 
 def _hydrate_arg(hydrate: bool | dict | None) -> dict:
@@ -170,9 +187,12 @@ def _read_error(config: Config, name: str) -> str | None:
         return None
 
 
-def _undo(config: Config, name: str, dev: str | None) -> None:
+def _undo(config: Config, name: str, dev: str | None, dm: str | None = None) -> None:
     """Best-effort rollback of a failed mount; the error that caused it is what the user sees."""
-    if dev is not None:
+    if dm is not None:
+        with contextlib.suppress(LazyfsError):
+            syscmd.run_steps_blocking(dmswitch.remove_steps(dm))
+    if dev is not None and os.path.exists(syscmd.loop_sysfs(dev)):  # a loop under dm clears itself
         with contextlib.suppress(LazyfsError):
             syscmd.losetup_detach_blocking(dev)
     with contextlib.suppress(LazyfsError):
@@ -247,10 +267,13 @@ def umount_target(config: Config, target: str) -> dict:
     target = os.path.abspath(target)
     done: list[str] = []
     loops: list[str] = []
+    dms: list[str] = []  # switchable devices (serve/dmswitch.py): removed after the unmount, before the loops
     entry = next((m for m in mountinfo.mounts() if m.mountpoint == target), None)
     if entry is not None:
         if entry.source.startswith("/dev/loop"):
             loops.append(entry.source)
+        if re.fullmatch(f"/dev/mapper/{dmswitch.NAME}", entry.source):
+            dms.append(os.path.basename(entry.source))
         try:
             syscmd.umount_blocking(target)
         except BusyError:
@@ -259,11 +282,21 @@ def umount_target(config: Config, target: str) -> dict:
             syscmd.umount_blocking(target, lazy=True)  # a dead daemon's device: detach lazily
         done.append(f"unmounted {target}")
     att = _attachment_for(config, target)
+    if att is not None and att.front_end.dm and att.front_end.dm not in dms:
+        dms.append(att.front_end.dm)
+    for dm in dms:
+        if syscmd.run_steps_blocking(dmswitch.remove_steps(dm)):
+            done.append(f"removed {dmswitch.device_path(dm)}")
     if att is not None and att.front_end.loop and att.front_end.loop not in loops:
         loops.append(att.front_end.loop)
     for dev in loops:
-        if os.path.exists(f"/sys/block/{os.path.basename(dev)}/loop"):
-            syscmd.losetup_detach_blocking(dev)
+        if os.path.exists(syscmd.loop_sysfs(dev)):
+            try:
+                syscmd.losetup_detach_blocking(dev)
+            except LazyfsError:
+                if os.path.exists(syscmd.loop_sysfs(dev)):
+                    raise
+                continue  # it cleared itself meanwhile (a loop device under a removed switchable one)
             done.append(f"detached {dev}")
     link = os.path.join(target, IMAGE_NAME)
     if os.path.islink(link) and os.readlink(link).startswith(config.export_dir + os.sep):

@@ -46,6 +46,7 @@ MAX_STATE_BYTES = 16 << 20  # thousands of attachments; a larger file is not one
 # directory names: both are checked by these patterns, here and where they are used.
 ATTACHMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 TCMU_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DM_NAME = r"lazyfs-[0-9a-f]{16}"  # a switchable device's device-mapper name (serve/dmswitch.py)
 _NAME = re.compile(ATTACHMENT_NAME)
 IMAGE_NAME = "disk.img"
 """The name of the exported file inside each export directory (both FUSE front ends)."""
@@ -70,7 +71,8 @@ class FrontEnd(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     """What a front end made of an attachment, so that ``umount`` and a restarted daemon can find it.
 
     Every field is optional: ``lazyfs mount`` sets ``mode="mount"``, ``target`` and
-    (once the loop device exists) ``loop`` and ``loop_route``; ``lazyfs export`` sets ``mode="export"``
+    (once the loop device exists) ``loop``, ``loop_route`` and, where the mount is switchable, ``dm``;
+    ``lazyfs export`` sets ``mode="export"``
     and ``target``; a TCMU LUN sets ``tcmu``; the containerd snapshotter sets ``owner``.
     """
 
@@ -78,6 +80,7 @@ class FrontEnd(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
     target: _AbsolutePath | None = None  # the mount point, or the directory holding the disk.img link
     loop: _LoopDevice | None = None  # the loop device over the exported image file
     loop_route: Literal["direct", "buffered", "hydrated"] | None = None  # how the loop reads (serve/warmloop.py)
+    dm: Annotated[str, msgspec.Meta(pattern=f"^{DM_NAME}$")] | None = None  # the switchable device over the loop (serve/dmswitch.py)
     tcmu: Annotated[str, msgspec.Meta(pattern=TCMU_NAME)] | None = None  # the TCMU device name
     tcmu_block_size: Literal[512, 1024, 2048, 4096] | None = None  # its logical block size
     owner: Literal["snapshotter"] | None = None  # who attached it, when not a user

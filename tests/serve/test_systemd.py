@@ -88,6 +88,10 @@ say("view", " ".join(f"{m.type}:{m.source}" for m in mounts))
 lower = mounts[0].source
 say("lower_in_host", subprocess.run(["findmnt", "-n", "-o", "FSTYPE", lower], capture_output=True,
                                     text=True).stdout.strip())
+# the layer's ext4 is on a switchable device-mapper device (the unit loads dm_mod): the daemon can
+# move it onto the image's hydrated file while containers run (docs/warm.md §3)
+say("lower_source", subprocess.run(["findmnt", "-n", "-o", "SOURCE", lower], capture_output=True,
+                                   text=True).stdout.strip())
 for m in mounts:
     subprocess.run(["mount", "-t", m.type, "-o", ",".join(m.options), m.source, "/mnt/view"], check=True)
 say("read", open("/mnt/view/hello").read().strip())
@@ -96,6 +100,8 @@ stub.Remove(pb.snapshots.RemoveSnapshotRequest(key="view"), metadata=md, timeout
 stub.Remove(pb.snapshots.RemoveSnapshotRequest(key=target), metadata=md, timeout=120)
 gone = subprocess.run(["findmnt", lower], capture_output=True).returncode != 0
 say("lower_after_remove", "gone" if gone else "mounted")
+say("dm_after_remove", subprocess.run(["dmsetup", "ls"], capture_output=True, text=True).stdout.count("lazyfs-"))
+say("loops_after_remove", len(subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines()))
 '''
 
 SCRIPT = r"""
@@ -248,6 +254,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
         "sn_ProtectSystem": "strict", "sn_PrivateTmp": "yes", "sn_NoNewPrivileges": "yes",
         "sn_own_namespace": "yes", "sn_prepare": "ALREADY_EXISTS", "sn_lower_in_host": "ext4",
         "sn_read": "hello from the image", "sn_lower_after_remove": "gone", "sn_stopped": "ok",
+        "sn_dm_after_remove": "0", "sn_loops_after_remove": "0",
         "stopped": "ok", "export_after_stop": "no",
     }
     assert {k: got.get(k) for k in expected} == expected, result.output
@@ -257,6 +264,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
                                            "cap_fsetid", "cap_dac_override", "cap_dac_read_search", "cap_mknod",
                                            "cap_setfcap"}
     assert got["sn_view"].startswith("bind:/var/lib/lazyfs/snapshotter/")
+    assert re.fullmatch(r"/dev/mapper/lazyfs-[0-9a-f]{16}", got["sn_lower_source"]), got["sn_lower_source"]
     assert int(got["cache_files"]) > 0  # chunks cached under the cache root
     assert int(got["writable_files"]) > 0  # the writable layer under the writable root
     mode, _, files_in_run = got["run_dir"].partition(" ")

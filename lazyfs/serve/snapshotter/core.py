@@ -265,9 +265,13 @@ class Snapshotter:
         image = image_for(base.extra)
         block = snap.backend == BLOCK
         attached = self.devices.attach(name, image, self.layer_dir(snap) if block else None)
-        loop = self.devices.loop_for(name, snap.extra.get("loop"), read_only=not block)
+        switched = None if block else self.devices.switchable_device(name)  # made before a restart
+        loop = snap.extra.get("loop") if switched else self.devices.loop_for(name, snap.extra.get("loop"),
+                                                                             read_only=not block)
         if not block:
-            self.devices.mount_ro(loop, self.mount_dir(snap))
+            # read-only: through a device the daemon can move onto the hydrated file (where there is device-mapper)
+            dev = switched or self.devices.make_switchable(name, loop, attached["size"])
+            self.devices.mount_ro(dev, self.mount_dir(snap))
         extra = {**snap.extra, "attach": name, "image": image, "loop": loop, "manifest": attached.get("manifest")}
         if extra != snap.extra:
             snap = self.store.set_extra(snap.id, extra)

@@ -48,9 +48,9 @@ from lazyfs.format.reference import parse_reference
 from lazyfs.image.layout import OciLayout
 from lazyfs.image.ref import LocalRef
 from lazyfs.image.remote import ANN_SOURCE, META_DIR, ordinary_manifest, pull_image
-from lazyfs.serve import system
+from lazyfs.serve import dmswitch, system
 from lazyfs.serve.control import call
-from lazyfs.serve.mount import daemon_alive, ensure_daemon
+from lazyfs.serve.mount import daemon_alive, ensure_daemon, switchable
 from lazyfs.serve.snapshotter.portal import TrioPortal
 from lazyfs.serve.state import FrontEnd
 
@@ -327,6 +327,23 @@ class Devices:
         direct_io = not read_only or self.config.read_only_loop == "direct"
         return self.portal.run(lambda: system.losetup_attach(path, read_only, direct_io))
 
+    def switchable_device(self, name: str) -> str | None:
+        """The switchable device-mapper device of attachment *name*, if it exists (a restart finds it)."""
+        path = dmswitch.device_path(dmswitch.device_name(name))
+        return path if os.path.exists(path) else None
+
+    def make_switchable(self, name: str, loop: str, size: int) -> str:
+        """What a read-only layer's ext4 is mounted from: a device-mapper device over *loop* that
+        the daemon moves onto the image's hydrated file once it is fully local, where the host
+        can (serve/dmswitch.py); else *loop* itself."""
+        if not switchable(self.config, False, "buffered"):
+            return loop
+        dm = dmswitch.device_name(name)
+        path = self.portal.run(lambda: system.run_steps(dmswitch.create_steps(dm, loop, size)))
+        call(self.config.socket_path, "mark", timeout=60, name=name,
+             front_end=FrontEnd(dm=dm, loop=loop, loop_route="direct" if system.loop_direct_io(loop) else "buffered").to_json())
+        return path
+
     def mount_ro(self, dev: str, target: str) -> None:
         entry = next((m for m in system.mounts() if m.mountpoint == target), None)
         if entry is not None:
@@ -359,6 +376,12 @@ class Devices:
                 pass
             except OSError as exc:
                 problems.append(f"rmdir {mountpoint}: {exc}")
+        dm = self.switchable_device(name)
+        if dm is not None:
+            try:  # its loop devices clear themselves with it
+                self.portal.run(lambda: system.run_steps(dmswitch.remove_steps(os.path.basename(dm))))
+            except LazyfsError as exc:
+                problems.append(str(exc))
         for dev in self.portal.run(system.find_loop_devices, self.export_path(name)):
             try:
                 self.portal.run(system.losetup_detach, dev)
