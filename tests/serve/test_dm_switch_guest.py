@@ -18,7 +18,16 @@ that file. The test wants:
   over every pass before it);
 * ``lazyfs umount`` removing the device-mapper device and leaving no loop device and no ext4.
 
-It prints the reader's longest single read around the switch. About 2-3 min under TCG.
+The switch is asked for with the ``hydrate-file`` control request while the reader runs (the
+daemon's own check, every ``hydrated_check_interval``, calls the same code; a first version of this
+test saw that check switch the mount two seconds after the image became local, before the reader
+started). It prints the reader's longest single read around the switch. About 3-4 min under TCG.
+
+Break-tests (2026-12-07, once each): with the ``losetup -d`` of both loop devices taken out of
+dmswitch.py, the loop device over ``disk.img`` stays attached after the switch (``loops_on_export``
+1) and after the unmount, and the test goes red. With the daemon writing other bytes over the
+hydrated file (from 1 MiB on) just before it attaches it, the reader stops at
+``checksum mismatch on sub/small in pass 32`` (exit 8) and the test goes red.
 """
 
 from __future__ import annotations
@@ -29,13 +38,10 @@ import re
 import shlex
 
 import pytest
-import trio
 
-from lazyfs.image.local import create_image
-from lazyfs.image.ref import LocalRef
-from tests.serve.test_live_restart import READER, checksums
+from tests.serve.test_live_restart import READER
 from tests.serve.test_systemd import _guest_and_venv, _push_for_guest, _results, _unit
-from tests.serve.test_systemd_restart import _source_tree
+from tests.serve.test_systemd_restart import reader_image
 from tests.support.registry import registry_fixture
 from tests.support.systemd_guest import run_systemd_guest
 
@@ -61,7 +67,10 @@ PY={python}
 say() {{ echo "RESULT $*"; }}
 now() {{ cut -d' ' -f1 /proc/uptime; }}  # the reader's CLOCK_MONOTONIC (no suspend here)
 passes() {{ sed -n 's/.*"passes": \([0-9]*\).*/\1/p' /srv/progress.json 2>/dev/null; }}
+# wait until the reader has done pass $1 (0.5 s steps, at most $2 of them); "timeout" if not, and
+# "reader_exited" at once if the reader stopped (a read error or a wrong checksum)
 wait_passes() {{ i=0; while :; do c=$(passes); [ "${{c:-0}}" -ge "$1" ] && {{ echo ok; return 0; }}
+    kill -0 $READER_PID 2>/dev/null || {{ echo reader_exited; return 1; }}
     [ $i -ge $2 ] && {{ echo timeout; return 1; }}; sleep 0.5; i=$((i+1)); done; }}
 fuse_reads() {{ $PY -c 'from lazyfs.serve.control import call
 print(call("/run/lazyfs/lazyfs.sock", "fuse-stats")["reads"])'; }}
@@ -117,12 +126,7 @@ exit 0
 
 def test_a_running_mount_moves_onto_the_hydrated_file_under_a_reader(tmp_path, registry):
     guest, venv = _guest_and_venv()
-    src = tmp_path / "src"
-    _source_tree(src)
-    expected = checksums(str(src))
-    layout = LocalRef(str(tmp_path / "layout"), "v1")
-    trio.run(lambda: create_image(layout, from_dir=str(src)))
-    ref = f"{registry.registry}/guest/switch:v1"
+    expected, ref, layout = reader_image(tmp_path, registry, "switch")
     cfg = {"registries": [{"host": registry.registry, "plain_http": True}], "trace_record_seconds": 0,
            "read_only_loop": "direct", "hydrated_check_interval": 3600}
     files = _push_for_guest(tmp_path, registry, layout, ref, cfg)

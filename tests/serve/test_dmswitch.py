@@ -14,8 +14,8 @@ import os
 import pytest
 
 from lazyfs.errors import FormatError, LazyfsError
-from lazyfs.serve import dmswitch
-from lazyfs.serve.syscmd import Command, CommandError
+from lazyfs.serve import dmswitch, syscmd
+from lazyfs.serve.syscmd import CommandError
 
 # real device nodes stand in for loop devices: the steps read their numbers with stat
 OLD, NEW = "/dev/null", "/dev/zero"
@@ -92,18 +92,13 @@ class FakeDM:
 
 
 def drive(steps, fake: FakeDM):
-    """run_steps_blocking, with commands answered by *fake*."""
-    reply, failure = None, None
-    while True:
-        try:
-            step = steps.send(reply) if failure is None else steps.throw(failure)
-        except StopIteration as done:
-            return done.value
-        reply, failure = None, None
-        try:
-            reply = fake.run(step.argv) if isinstance(step, Command) else step()
-        except Exception as exc:  # noqa: BLE001 - back into the steps, as the real runners do
-            failure = exc
+    """The CLI's runner (``run_steps_blocking``), with *fake* answering the commands."""
+    real = syscmd.run_blocking
+    syscmd.run_blocking = lambda argv, timeout, pass_fds: fake.run(tuple(argv))
+    try:
+        return syscmd.run_steps_blocking(steps)
+    finally:
+        syscmd.run_blocking = real
 
 
 NAME = dmswitch.device_name("debian-12-0123456789")

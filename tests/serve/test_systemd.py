@@ -12,9 +12,10 @@ Then the snapshotter unit starts, with no containerd: the shell plays containerd
 gRPC client (``SNAPSHOTTER_CLIENT``) on the snapshotter's socket. It prepares a lazyfs layer with
 the labels CRI sends (the image is in a docker-registry inside the guest, its storage filled on
 the host), takes a view of it and mounts what the view returns, as containerd would: a bind of the
-layer's ext4, which the sandboxed snapshotter mounted from a loop device. Reading the image's file
-through it shows the snapshotter's losetup and mounts land in the host's namespace; removing the
-snapshots unmounts the layer there again.
+layer's ext4, which the sandboxed snapshotter mounted from a switchable device-mapper device over
+a loop device (the daemon's unit loads dm_mod; docs/warm.md §3). Reading the image's file through
+it shows the snapshotter's losetup, dmsetup and mounts land in the host's namespace; removing the
+snapshots unmounts the layer there again and leaves no device-mapper or loop device.
 
 About 60-80 s under TCG on a loaded 2-core host (boot to the script: ~11 s; each Python start ~10 s).
 

@@ -123,20 +123,28 @@ def _source_tree(path) -> None:
     (path / "sub" / "small").write_bytes(rng.randbytes(3000))
 
 
+def reader_image(tmp_path, registry, repository: str) -> tuple[dict, str, LocalRef]:
+    """`_source_tree` as an image: the checksums of its files, its reference in the host's
+    *registry* (``guest/REPOSITORY:v1``, pushed by ``_push_for_guest``) and its local layout."""
+    src = tmp_path / "src"
+    _source_tree(src)
+    layout = LocalRef(str(tmp_path / "layout"), "v1")
+    trio.run(lambda: create_image(layout, from_dir=str(src)))
+    return checksums(str(src)), f"{registry.registry}/guest/{repository}:v1", layout
+
+
 def test_reader_keeps_reading_across_systemctl_restart(tmp_path, registry):
     guest, venv = _guest_and_venv()
     venv_lazyfs = os.path.join(venv, "lazyfs")
-    src = tmp_path / "src"
-    _source_tree(src)
-    expected = checksums(str(src))
-    layout = LocalRef(str(tmp_path / "layout"), "v1")
-    trio.run(lambda: create_image(layout, from_dir=str(src)))
-    ref = f"{registry.registry}/guest/restart:v1"
+    expected, ref, layout = reader_image(tmp_path, registry, "restart")
     # read_only_loop = direct: the loop device reads disk.img with O_DIRECT, so every read of the
     # reader (which drops its files' pages each pass) reaches the daemon, none is served from the
     # page cache of disk.img (buffered, the default, every pass after the first would be)
+    # hydrated_switch off: the image could become fully local meanwhile, and the daemon would move
+    # the mount onto its hydrated file (the unit loads dm_mod), away from FUSE and the restarts
     cfg = {"registries": [{"host": registry.registry, "plain_http": True}], "trace_record_seconds": 0,
-           "cache_size": 268435456, "flat_cache_size": 268435456, "read_only_loop": "direct"}
+           "cache_size": 268435456, "flat_cache_size": 268435456, "read_only_loop": "direct",
+           "hydrated_switch": "off"}
     files = _push_for_guest(tmp_path, registry, layout, ref, cfg)
     files["/srv/expected.json"] = json.dumps(expected).encode()
     units = {"lazyfs.service": _unit("lazyfs.service", venv)}
