@@ -35,6 +35,13 @@ from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.serve.state import DM_NAME
 from lazyfs.serve.syscmd import Command, CommandError, Steps, losetup_detach_steps
 
+CONTROL = "/dev/mapper/control"
+PREFIX = "lazyfs-"
+#: the names lazyfs gives its devices: PREFIX + 16 hex digits of the attachment name's SHA-256
+NAME = DM_NAME
+SECTOR = 512
+_TABLE = re.compile(r"^0 (\d+) linear (\d+):(\d+) 0$")
+
 
 def _log():
     """This module's logger. logging is imported only when a line is logged: `lazyfs mount` imports
@@ -47,13 +54,6 @@ def _log():
 def _on_path(tool: str) -> bool:
     """Whether *tool* is an executable on PATH (shutil.which, without importing shutil on the mount path)."""
     return any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d)
-
-CONTROL = "/dev/mapper/control"
-PREFIX = "lazyfs-"
-#: the names lazyfs gives its devices: PREFIX + 16 hex digits of the attachment name's SHA-256
-NAME = DM_NAME
-SECTOR = 512
-_TABLE = re.compile(r"^0 (\d+) linear (\d+):(\d+) 0$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +122,7 @@ def create_steps(name: str, dev: str, size: int, timeout: float = 60.0) -> Steps
     try:
         yield _dmsetup("mknodes", name, timeout=timeout)
         yield from losetup_detach_steps(dev, timeout)
-    except BaseException:
+    except Exception:  # not BaseException: a closed generator (GeneratorExit) may not yield
         yield from remove_steps(name, timeout)
         raise
     return device_path(name)
@@ -139,7 +139,8 @@ def switch_steps(name: str, dev: str, timeout: float = 60.0) -> Steps:
 
     Reads in flight finish on the old device before ``suspend`` returns; reads issued meanwhile
     wait and go to the new one. Whatever fails, the device is resumed: a suspended device would
-    hang every reader.
+    hang every reader. So the steps must not be abandoned between suspend and resume: the daemon
+    runs them shielded from cancellation.
     """
     old = yield from table_steps(name, timeout)
     new = yield from linear_onto(dev, old.sectors)

@@ -340,8 +340,9 @@ class Devices:
             return loop
         dm = dmswitch.device_name(name)
         path = self.portal.run(lambda: system.run_steps(dmswitch.create_steps(dm, loop, size)))
+        route = "direct" if system.loop_direct_io(loop) else "buffered"
         call(self.config.socket_path, "mark", timeout=60, name=name,
-             front_end=FrontEnd(dm=dm, loop=loop, loop_route="direct" if system.loop_direct_io(loop) else "buffered").to_json())
+             front_end=FrontEnd(dm=dm, loop=loop, loop_route=route).to_json())
         return path
 
     def mount_ro(self, dev: str, target: str) -> None:
