@@ -114,7 +114,7 @@ class HostFacts:
     paths: Mapping[str, PathFacts]  # config field -> facts
     verity: Outcome | None  # on the cache root; None when it does not exist yet
     native_reads: Outcome = Outcome(True, "built")  # the FUSE threads' READ path in C (setup.py builds it)
-    device_mapper: Outcome = Outcome(False, "not probed")  # dmsetup and /dev/mapper/control (serve/dmswitch.py)
+    device_mapper: Outcome = Outcome(False, "not probed")  # the kernel's device-mapper and dmsetup (serve/dmswitch.py)
 
 
 # ------------------------------------------------------------------ parsers (pure)
@@ -234,10 +234,10 @@ def probe_native_reads() -> Outcome:
 
 
 def probe_device_mapper() -> Outcome:
-    from lazyfs.serve.dmswitch import CONTROL, unavailable_reason
+    from lazyfs.serve.dmswitch import unavailable_reason
 
     why = unavailable_reason()
-    return Outcome(why is None, why or f"{CONTROL} and dmsetup")
+    return Outcome(why is None, why or "device-mapper loaded, dmsetup installed")
 
 
 def probe_loop(control: str = LOOP_CONTROL) -> Outcome:

@@ -96,7 +96,7 @@ def test_a_host_without_the_c_read_path_can_mount_and_is_told_the_cost():
 def test_a_host_without_device_mapper_can_mount_and_is_told_what_running_mounts_keep():
     topic = "running mounts to hydrated files"
     assert _check(_report(), topic).status is Status.OK
-    missing = Outcome(False, "the kernel has no device-mapper (/dev/mapper/control is missing)")
+    missing = Outcome(False, "the kernel has no device-mapper loaded (/sys/class/misc/device-mapper is missing; modprobe dm_mod, if it is a module)")
     report = _report(dataclasses.replace(GOOD, device_mapper=missing))
     check = _check(report, topic)
     assert report.mount_can_work and check.status is Status.MISSING

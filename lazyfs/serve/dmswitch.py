@@ -14,7 +14,7 @@ when the switch lets go of it, the new one when ``lazyfs umount`` removes the de
 switch or an unmount never has a loop device to clean up, and a crash leaves none behind
 unless it falls between the new loop device's attach and the reload.
 
-Where the kernel has no device-mapper (``/dev/mapper/control``; this project's CI host), mounts
+Where the kernel has no device-mapper (``/sys/class/misc/device-mapper``; this project's CI host), mounts
 go straight onto the loop device as before, and a running mount keeps reading through FUSE
 (docs/warm.md §3 says why the other ways to switch do not work here). ``hydrated_switch``
 turns it off.
@@ -36,6 +36,7 @@ from lazyfs.serve.state import DM_NAME
 from lazyfs.serve.syscmd import Command, CommandError, Steps, losetup_detach_steps
 
 CONTROL = "/dev/mapper/control"
+MISC = "/sys/class/misc/device-mapper"  # there while the kernel's device-mapper driver is loaded
 PREFIX = "lazyfs-"
 #: the names lazyfs gives its devices: PREFIX + 16 hex digits of the attachment name's SHA-256
 NAME = DM_NAME
@@ -68,12 +69,18 @@ class Linear:
         return f"0 {self.sectors} linear {self.major}:{self.minor} 0"
 
 
-def unavailable_reason(control: str = CONTROL) -> str | None:
-    """Why mounts cannot be made switchable on this host, or None if they can."""
+def unavailable_reason(misc: str = MISC, control: str = CONTROL) -> str | None:
+    """Why mounts cannot be made switchable on this host, or None if they can.
+
+    The kernel is asked (its misc device ``device-mapper``), not ``/dev/mapper/control``: dmsetup
+    makes that node whenever it runs, whether the kernel has the driver or not.
+    """
     if not _on_path("dmsetup"):
         return "dmsetup is not installed"
+    if not os.path.exists(misc):
+        return f"the kernel has no device-mapper loaded ({misc} is missing; modprobe dm_mod, if it is a module)"
     if not os.path.exists(control):
-        return f"the kernel has no device-mapper ({control} is missing)"
+        return f"{control} is missing (the kernel has device-mapper: dmsetup mknodes makes it)"
     return None
 
 
@@ -171,5 +178,5 @@ def remove_steps(name: str, timeout: float = 60.0) -> Steps:
     return True
 
 
-__all__ = ["CONTROL", "NAME", "Linear", "create_steps", "device_name", "device_path", "linear_onto",
+__all__ = ["CONTROL", "MISC", "NAME", "Linear", "create_steps", "device_name", "device_path", "linear_onto",
            "parse_table", "remove_steps", "switch_steps", "table_steps", "unavailable_reason"]

@@ -186,8 +186,12 @@ def test_parse_table():
 
 
 def test_this_host_says_why_it_cannot_switch(tmp_path):
-    assert "is missing" in dmswitch.unavailable_reason(str(tmp_path / "control"))
-    if os.path.exists(dmswitch.CONTROL):
+    (tmp_path / "misc").touch()
+    (tmp_path / "control").touch()
+    assert "no device-mapper loaded" in dmswitch.unavailable_reason(str(tmp_path / "none"), str(tmp_path / "control"))
+    assert "none is missing" in dmswitch.unavailable_reason(str(tmp_path / "misc"), str(tmp_path / "none"))
+    assert dmswitch.unavailable_reason(str(tmp_path / "misc"), str(tmp_path / "control")) is None
+    if os.path.exists(dmswitch.MISC):
         pytest.skip("this host has device-mapper")
     print("device-mapper on this host:", dmswitch.unavailable_reason())
     assert dmswitch.unavailable_reason() is not None
