@@ -266,7 +266,7 @@ def check_native_reads(facts: HostFacts, config: Config) -> Check:
 
 
 def check_hydrated_switch(facts: HostFacts, config: Config) -> Check:
-    name = "running mounts to hydrated files"
+    name = "hydrated switch"
     if config.hydrated_switch == "off" or config.hydrated_max_bytes <= 0:
         return Check(name, Status.UNUSED, "switched off (hydrated_switch = off or hydrated_max_bytes = 0)")
     if not facts.device_mapper.ok:

@@ -77,7 +77,7 @@ def test_a_fully_equipped_host_passes_with_one_line_per_topic():
     assert len(topics) == len(set(topics))
     for topic in ("FUSE", "loop devices", "target_core_user", "fs-verity", "io_uring", "FUSE passthrough",
                   "FUSE_NOTIFY_RESEND", "FUSE over io_uring", "cache root", "writable root", "containerd",
-                  "OCI runtime", "qemu", "podman", "daemon", "FUSE reads in C", "running mounts to hydrated files"):
+                  "OCI runtime", "qemu", "podman", "daemon", "FUSE reads in C", "hydrated switch"):
         assert topic in topics
     lines = report.lines()
     assert lines[-1] == "lazyfs mount can work here."
@@ -94,7 +94,7 @@ def test_a_host_without_the_c_read_path_can_mount_and_is_told_the_cost():
 
 
 def test_a_host_without_device_mapper_can_mount_and_is_told_what_running_mounts_keep():
-    topic = "running mounts to hydrated files"
+    topic = "hydrated switch"
     assert _check(_report(), topic).status is Status.OK
     missing = Outcome(False, "the kernel has no device-mapper loaded (/sys/class/misc/device-mapper is missing; modprobe dm_mod, if it is a module)")
     report = _report(dataclasses.replace(GOOD, device_mapper=missing))
