@@ -192,6 +192,11 @@ class Daemon:
         await self.pass_through(att.name)
         return {**att.describe(), "path": self.path_of(att.name)}
 
+    async def _hydrated_file(self, att) -> hydrated.Hydrated | None:
+        """The complete hydrated file of attachment *att*'s image, if there is one."""
+        return await trio.to_thread.run_sync(hydrated.existing, self.config.cache_root,
+                                             att.opened.image.manifest.digest, att.device.size)
+
     async def pass_through(self, name: str) -> bool:
         """Have the kernel serve opens of read-only export *name* from its image's hydrated file,
         if there is one (FUSE passthrough, docs/warm.md §3). False when not (yet) possible."""
@@ -200,8 +205,7 @@ class Daemon:
             return False
         if self.fs.backing_id_of(name):
             return True
-        found = await trio.to_thread.run_sync(hydrated.existing, self.config.cache_root,
-                                              att.opened.image.manifest.digest, att.device.size)
+        found = await self._hydrated_file(att)
         if found is None:
             return False
         try:
@@ -209,12 +213,6 @@ class Daemon:
         except LazyfsError as exc:
             log.warning("export %s not passed through: %s", name, exc)
             return False
-
-    async def pass_through_all(self) -> None:
-        """``pass_through`` every read-only export not passed through yet (those open at the last
-        try are tried again: the kernel only lets an inode switch while nothing holds it open)."""
-        for name in list(self.host.attachments):
-            await self.pass_through(name)
 
     async def switch_to_hydrated(self, name: str) -> bool:
         """Move the running mount of read-only attachment *name* onto its image's hydrated file,
@@ -226,8 +224,7 @@ class Daemon:
             return False
         if self.switch_failures.get(name, 0) >= SWITCH_TRIES:
             return False
-        found = await trio.to_thread.run_sync(hydrated.existing, self.config.cache_root,
-                                              att.opened.image.manifest.digest, att.device.size)
+        found = await self._hydrated_file(att)
         if found is None:
             return False
         dm, target = att.front_end.dm, att.front_end.target
@@ -254,10 +251,12 @@ class Daemon:
         return True
 
     async def after_hydration_check(self) -> None:
-        """What the daemon does after each check for hydrated files: pass exports through, and
-        move switchable mounts onto their hydrated files."""
-        await self.pass_through_all()
+        """What the daemon does after each check for hydrated files, for every attachment:
+        ``pass_through`` its export if not passed through yet (those open at the last try are
+        tried again: the kernel only lets an inode switch while nothing holds it open), and
+        ``switch_to_hydrated`` its mount."""
         for name in list(self.host.attachments):
+            await self.pass_through(name)
             await self.switch_to_hydrated(name)
 
     async def detach(self, name: str) -> dict:
