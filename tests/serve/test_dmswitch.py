@@ -195,3 +195,37 @@ def test_this_host_says_why_it_cannot_switch(tmp_path):
         pytest.skip("this host has device-mapper")
     print("device-mapper on this host:", dmswitch.unavailable_reason())
     assert dmswitch.unavailable_reason() is not None
+
+
+def test_the_daemon_gives_up_on_a_mount_after_three_failed_switches(monkeypatch):
+    """A switch that keeps failing is tried at most ``SWITCH_TRIES`` times (every hydration check
+    would otherwise attach and detach a loop device, and log, forever)."""
+    import types
+
+    import trio
+
+    from lazyfs.config import Config
+    from lazyfs.serve import daemon as daemon_mod
+    from lazyfs.serve.hydratedfiles import Hydrated
+    from lazyfs.serve.state import FrontEnd
+
+    att = types.SimpleNamespace(
+        front_end=FrontEnd(mode="mount", target="/mnt/x", loop="/dev/loop0", loop_route="buffered", dm=NAME),
+        opened=types.SimpleNamespace(image=types.SimpleNamespace(manifest=types.SimpleNamespace(digest="sha256:" + "a" * 64))),
+        device=types.SimpleNamespace(size=SIZE))
+    tries = []
+
+    async def failing_attach(path, read_only=False, direct_io=True):
+        tries.append(path)
+        raise LazyfsError("losetup: no free loop device")
+
+    monkeypatch.setattr(daemon_mod.hydrated, "existing", lambda root, manifest, size: Hydrated("/h.img", size, manifest))
+    monkeypatch.setattr(daemon_mod.system, "losetup_attach", failing_attach)
+    d = daemon_mod.Daemon(Config(), types.SimpleNamespace(attachments={"x": att}), fs=None)
+
+    async def main():
+        return [await d.switch_to_hydrated("x") for _ in range(5)]
+
+    assert trio.run(main) == [False] * 5
+    assert tries == ["/h.img"] * daemon_mod.SWITCH_TRIES == ["/h.img"] * 3
+    assert att.front_end.loop_route == "buffered"  # still on FUSE, and recorded so
