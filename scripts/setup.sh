@@ -13,6 +13,8 @@ LAZYFS_APT_PACKAGES=(
     kmod iproute2 util-linux
     # qemu guests for the VM tests: Debian's kernel + a busybox initrd built by tests.support.guest
     qemu-system-x86 linux-image-amd64 cpio
+    # device-mapper's dmsetup: running mounts moved onto hydrated files (docs/warm.md §3; tested in a guest)
+    dmsetup
     # the demo's Debian root filesystem
     debootstrap
     # the containerd snapshotter: real containerd + runc, and containerd's Go sources for its conformance suite
