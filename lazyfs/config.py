@@ -152,6 +152,12 @@ class Config:
         "kernel readahead on the exported image files (read_ahead_kb of the FUSE export), bytes: how far a "
         "buffered loop reads ahead of a read that follows cached blocks; 1 MiB speeds up warm reads from the "
         "disk tier and costs cold starts a little (0: none; docs/warm.md)", ge=0, le=1 << 30)] = 128 << 10
+    local_readahead: Annotated[int, _doc(
+        "window of the daemon's local readahead, bytes: a read answered from local disk in a window that had "
+        "two reads before, and whose blocks are all local, asks the kernel to read the whole window into the "
+        "exported file's page cache (never a fetch; buffered readers only; 0: off; docs/warm.md §5)",
+        ge=0, le=64 << 20,
+        multiple_of=4096)] = 256 << 10
     hydrated_max_bytes: Annotated[int, _doc(
         "disk the hydrated files of fully local read-only images may take under cache_root/hydrated "
         "(new mounts then bypass FUSE; 0: off), bytes", ge=0)] = 10 << 30

@@ -190,7 +190,16 @@ class Daemon:
         if save:
             await self.save_state()
         await self.pass_through(att.name)
+        if att.device.read_only:
+            self.nursery.start_soon(self._open_hint_file, att.name)
         return {**att.describe(), "path": self.path_of(att.name)}
+
+    async def _open_hint_file(self, name: str) -> None:
+        """Local readahead for read-only export *name* (docs/warm.md §5), in the background: on a
+        taken-over connection the open waits until the session serves again."""
+        why = await self.fs.open_hint_file(name, self.path_of(name))
+        if why is not None:
+            log.info("no local readahead for %s: %s", name, why)
 
     async def _hydrated_file(self, att) -> hydrated.Hydrated | None:
         """The complete hydrated file of attachment *att*'s image, if there is one."""
@@ -452,6 +461,7 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
         # a generation of file handle ids of its own: the kernel may still hold the previous daemon's
         fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1,
                       native_reads=config.fuse_native_reads)
+        fs.local_readahead = config.local_readahead if config.fuse_threads > 0 else 0  # the threads' C path asks
         session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, system.clear_stale_export)
         # before any loop device opens an exported file: a file takes its readahead when opened
         fs.readahead_kb, why = await trio.to_thread.run_sync(system.set_readahead, config.export_dir,
@@ -510,6 +520,7 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
                 if daemon.handover:
                     log.info("lazyfs daemon handing over: the FUSE connection and %d image(s) stay for the next "
                              "daemon", len(host.attachments))
+                    await fs.close_hint_files()
                     nursery.cancel_scope.cancel()  # requests being answered are resent to the next daemon
                     return
                 log.info("lazyfs daemon stopping")

@@ -110,8 +110,8 @@ def _read_through_the_loop(root) -> None:
 
 def test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones(env, tmp_path):
     """After a handover, ``disk.img`` is opened through the new daemon and held open while the
-    loop device (opened through the previous daemon) reads it: two handles, the loop's adopted,
-    and ``lazyfs umount`` succeeds once both are closed. Broken on purpose once (2026-12-06): with
+    loop device (opened through the previous daemon) reads it: two handles, the loop's adopted
+    (and the daemon's own, for local readahead), and ``lazyfs umount`` succeeds once they are closed. Broken on purpose once (2026-12-06): with
     the handle generation not passed to ``ExportFS`` in ``lazyfs.serve.daemon`` (every daemon
     numbered its handles from 1 again), the new open got the loop's id, the loop's reads were taken
     for the new handle and the export counted 1 open handle instead of 2 (the count this test
@@ -133,7 +133,8 @@ def test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones(env, tmp_path)
                 _read_through_the_loop(target)
                 fuse = call(stack.socket, "fuse-stats", timeout=10)
                 assert fuse["adopted_handles"] == 1
-                assert fuse["exports"][att["name"]]["open_handles"] == 2
+                # the loop's, this test's, and the new daemon's own (local readahead, docs/warm.md §5)
+                assert fuse["exports"][att["name"]]["open_handles"] == 3
             stack.lazyfs("umount", str(target))
         finally:
             release_under(tmp_path, stack.socket)

@@ -32,6 +32,7 @@ daemon taking the connection over answers opens exactly as its predecessor did (
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -112,6 +113,8 @@ class Export:
     local_bytes: int = 0
     local_inflight: int = 0  # reads in worker threads now: remove() waits for none before the source goes
     fast: object | None = None  # the C path's counters of its READs (fastpath.counter), with its own in-flight count
+    hint_fd: int = -1  # the daemon's own open file of it, for local readahead (ExportFS.open_hint_file)
+    hint_token: int = 0
 
     def stats(self) -> dict:
         return export_statistics(self)
@@ -122,6 +125,24 @@ class Handle:
     export: Export
     writable: bool
     planned: bool = False  # the C path answers its READs (fastpath; ExportFS.read_local registers it)
+
+
+def _open_own_file(path: str, inode: int) -> int | str:
+    """Open *path* read-only if it is the exported file with inode *inode* (the export mount as
+    this daemon's mount namespace sees it): its fd, or why not (worker thread)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return f"cannot open {path}: {exc.strerror}"
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        return f"cannot stat {path}: {exc.strerror}"
+    if st.st_ino != inode:
+        os.close(fd)
+        return f"{path} is not the exported file here (another mount namespace?)"
+    return fd
 
 
 def check_name(name: str) -> None:
@@ -176,6 +197,8 @@ class ExportFS:
         self.readahead_kb: int | None = None  # the kernel's readahead on the exported files (set by the daemon)
         # the worker threads' READ path in C (None: Python answers alone); the session's threads call its serve()
         self.fast = fastpath.server(native_reads)
+        self.local_readahead = 0  # bytes per local readahead window of read-only exports (0: off; docs/warm.md §5)
+        self._hint_tokens = itertools.count(1)
 
     # -- management (called by the daemon, not by the kernel) --------------------
 
@@ -289,6 +312,58 @@ class ExportFS:
         except OSError as exc:
             log.warning("FUSE_DEV_IOC_BACKING_CLOSE %d: %s", backing_id, exc)
 
+    async def open_hint_file(self, name: str, path: str) -> str | None:
+        """Open read-only export *name*'s file at *path* for local readahead: the C path asks the
+        kernel, through this file, to read a window of all-local blocks into the page cache once a
+        second READ lands in it (docs/warm.md §5). None, or why not (then nothing changes).
+
+        *path* is opened in a worker thread (the open is a request to this very FUSE server) and
+        must turn out to be the export's own file; ``remove`` closes it first.
+        """
+        exp = self._by_name.get(name)
+        if exp is None or not exp.source.read_only or self.fast is None or self.local_readahead <= 0:
+            return "not a read-only export served by the C path, or local readahead off"
+        if exp.hint_fd >= 0 or exp.backing_id:  # open already, or the kernel reads a local file itself
+            return None
+        fd = await trio.to_thread.run_sync(_open_own_file, path, exp.file_inode)
+        if isinstance(fd, str):
+            return fd
+        if self._by_name.get(name) is not exp or exp.removing or exp.hint_fd >= 0:  # changed meanwhile
+            await trio.to_thread.run_sync(os.close, fd)
+            return "the export changed while its file was opened"
+        exp.hint_token = next(self._hint_tokens)
+        self.fast.hint_file(fd, exp.hint_token)
+        exp.hint_fd = fd
+        for fh, h in list(self._handles.items()):
+            if h.export is exp and h.planned:
+                self._plan(fh, h)  # planned before: the new plan asks for readahead too
+        return None
+
+    async def close_hint_files(self) -> None:
+        """Close the daemon's own files of the exports (before a handover: their RELEASEs are
+        answered here, not adopted by the next daemon)."""
+        for exp in list(self._by_name.values()):
+            await self._close_hint_file(exp)
+
+    async def _close_hint_file(self, exp: Export) -> None:
+        fd, exp.hint_fd = exp.hint_fd, -1
+        if fd < 0:
+            return
+        with trio.CancelScope(shield=True):
+            # returns once the hint thread is not using it: only then may the number be reused
+            await trio.to_thread.run_sync(self.fast.forget_hint_file, fd, exp.hint_token)
+            exp.released = released = trio.Event()
+            await trio.to_thread.run_sync(os.close, fd)
+            with trio.move_on_after(2.0):  # the kernel sends the RELEASE after the close returns
+                await released.wait()
+            if exp.released is released:
+                exp.released = None
+
+    def hint_thread(self) -> None:
+        """The local readahead thread's body (the session runs it beside the worker threads):
+        returns after ``fast.stop_hints()``."""
+        self.fast.hints()
+
     async def remove(self, name: str, *, wait: float = 5.0) -> BlockSource:
         """Stop exporting *name* and return its source (the caller closes it).
 
@@ -298,6 +373,7 @@ class ExportFS:
         exp = self._by_name.get(name)
         if exp is None or exp.removing:
             raise NotFoundError(f"no export named {name!r}")
+        await self._close_hint_file(exp)  # the daemon's own handle: never what keeps an export busy
         if exp.open_handles:
             exp.removing = True
             try:
@@ -359,6 +435,10 @@ class ExportFS:
             st["native_reads_unavailable"] = (None if self.fast is not None
                                               else fastpath.why_unavailable() or "off (fuse_native_reads = false)")
             st["readahead_kb"] = self.readahead_kb
+            hints = self.fast.hint_stats() if self.fast is not None else {}
+            st["local_readahead"] = {"window": self.local_readahead if self.fast is not None else 0,
+                                     "hints": sum(exp.fast.hints for exp in self._by_name.values() if exp.fast),
+                                     **hints}
             st["reads"] += local_reads
             st["requests"] += local_reads
             st["bytes_read"] += self._local_bytes + self._native_gone[1] + sum(b for _, b in native.values())
@@ -368,6 +448,7 @@ class ExportFS:
                 st["exports"][name]["bytes_read"] += exp.local_bytes + nbytes
                 st["exports"][name]["local_reads"] = exp.local_reads + reads
                 st["exports"][name]["native_reads"] = reads
+                st["exports"][name]["hints"] = exp.fast.hints if exp.fast is not None else 0
         return st
 
     # -- the kernel's requests ------------------------------------------------------
@@ -420,7 +501,9 @@ class ExportFS:
         size, block_size, extents, files, counted_in = plan
         counters = (h.export.fast, *(fastpath.counter_in(owner) for owner in counted_in))
         h.planned = True
-        self.fast.add(fh, counters, size, block_size, extents, files)
+        exp = h.export
+        self.fast.add(fh, counters, size, block_size, extents, files,
+                      exp.hint_fd, exp.hint_token, self.local_readahead // block_size)
         if self._handles.get(fh) is not h:  # released meanwhile (or its id already reused)
             self.fast.discard(fh)
 

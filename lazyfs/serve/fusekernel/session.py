@@ -264,6 +264,10 @@ class Session:
                 def connection_gone() -> None:  # trio thread
                     gone.set()
 
+                if self.fs.fast is not None:  # local readahead (docs/warm.md §5): first in, last out
+                    hints = threading.Thread(target=self.fs.hint_thread, name="lazyfs-fuse-hints", daemon=True)
+                    hints.start()
+                    workers.append(hints)
                 for i in range(threads):
                     t = threading.Thread(target=self._worker, name=f"lazyfs-fuse-{i}", daemon=True,
                                          args=(token, hand_over, connection_gone, slots, stop, leader, wake_r))
@@ -283,6 +287,12 @@ class Session:
 
     @staticmethod
     def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int, fast) -> None:
+        if fast is not None and workers:
+            # The hint thread first, while the workers still answer the READs its last fadvise
+            # may wait for (the kernel's background requests are bounded).
+            fast.stop_hints()
+            workers[0].join()
+            workers = workers[1:]
         stop.set()
         if fast is not None:
             fast.stop()  # a thread in its serve() returns once the wake-up below reaches it

@@ -24,6 +24,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/fuse.h>
 #include <poll.h>
 #include <pthread.h>
@@ -51,6 +52,7 @@ typedef struct {
     unsigned long long inflight;  /* reads being answered now */
     unsigned long long declined;  /* READs of a planned handle handed back to Python */
     unsigned long long reply_errors; /* replies the kernel refused (the request was interrupted) */
+    unsigned long long hints;     /* windows the kernel was asked to read ahead (local_readahead) */
 } CounterObject;
 
 static PyMemberDef Counter_members[] = {
@@ -60,6 +62,7 @@ static PyMemberDef Counter_members[] = {
     {"inflight", T_ULONGLONG, offsetof(CounterObject, inflight), READONLY, "reads being answered now"},
     {"declined", T_ULONGLONG, offsetof(CounterObject, declined), READONLY, "READs handed back to Python"},
     {"reply_errors", T_ULONGLONG, offsetof(CounterObject, reply_errors), READONLY, "replies refused"},
+    {"hints", T_ULONGLONG, offsetof(CounterObject, hints), READONLY, "windows queued for kernel readahead"},
     {NULL},
 };
 
@@ -99,6 +102,11 @@ typedef struct Plan {
     size_t nfiles;
     Py_buffer *views; /* 2 per file: bits, hashes */
     CounterObject *counters[MAX_COUNTERS]; /* the export's first; the device's, the block cache's (or NULL) */
+    int hint_fd;            /* the daemon's own open file of the export (-1: no hints); Python owns it */
+    uint64_t hint_token;    /* names that file among the server's registered ones */
+    uint64_t window;        /* blocks per readahead window (0: no hints) */
+    uint64_t nwindows;
+    uint8_t *seen;          /* two bits per window: READs answered in it, up to HINT_AFTER */
     long refs; /* under the server's lock */
     struct Plan *next_dead;
 } Plan;
@@ -115,12 +123,27 @@ static void plan_free(Plan *plan) /* with the GIL */
     }
     PyMem_Free(plan->extents);
     PyMem_Free(plan->files);
+    PyMem_Free(plan->seen);
     for (int i = 0; i < MAX_COUNTERS; i++)
         Py_XDECREF(plan->counters[i]);
     PyMem_Free(plan);
 }
 
 /* ------------------------------------------------------------------- Server */
+
+#define HINT_QUEUE 64          /* windows waiting for the hint thread; more are dropped */
+#define HINT_PIECE (128 << 10) /* bytes per fadvise: the kernel caps one at the bdi's io_pages */
+#define HINT_AFTER 2           /* READs a window must have had before one asks for all of it */
+
+typedef struct {
+    int fd;
+    uint64_t token, off, len;
+} Hint;
+
+typedef struct {
+    int fd;
+    uint64_t token;
+} HintFile;
 
 typedef struct {
     PyObject_HEAD
@@ -130,6 +153,16 @@ typedef struct {
     size_t ntable, cap;
     Plan *dead;
     int stopped;
+    /* local readahead (docs/warm.md §5): under hint_lock */
+    pthread_mutex_t hint_lock;
+    pthread_cond_t hint_cond;
+    Hint queue[HINT_QUEUE];
+    size_t qhead, qlen;
+    HintFile *files; /* the files hints may be given through (registered by Python) */
+    size_t nfiles, capfiles;
+    HintFile busy;   /* the file the hint thread is using now (fd -1: none) */
+    int hints_stopped;
+    unsigned long long hints_dropped, hints_issued;
 } ServerObject;
 
 static void bury_dead(ServerObject *self) /* with the GIL */
@@ -161,6 +194,9 @@ static PyObject *Server_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     pthread_mutex_init(&self->lock, NULL);
     pthread_mutex_init(&self->leader, NULL);
+    pthread_mutex_init(&self->hint_lock, NULL);
+    pthread_cond_init(&self->hint_cond, NULL);
+    self->busy.fd = -1;
     return (PyObject *)self;
 }
 
@@ -174,8 +210,11 @@ static void Server_dealloc(ServerObject *self)
     pthread_mutex_unlock(&self->lock);
     bury_dead(self);
     PyMem_Free(self->table);
+    PyMem_RawFree(self->files);
     pthread_mutex_destroy(&self->lock);
     pthread_mutex_destroy(&self->leader);
+    pthread_mutex_destroy(&self->hint_lock);
+    pthread_cond_destroy(&self->hint_cond);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -213,12 +252,15 @@ static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t need, const cha
 }
 
 PyDoc_STRVAR(Server_add_doc,
-"add(fh, counters, size, block_size, extents, files)\n\n"
+"add(fh, counters, size, block_size, extents, files, hint_fd=-1, hint_token=0, window=0)\n\n"
 "Plan the READs of handle *fh* (replacing any plan it had): *size* bytes of device, *extents*\n"
 "packed as <QQi4x (start block, end block, kind: a layer index, -1 zeros, -2 decline), sorted\n"
 "and disjoint; *files*, per layer, (fd, bits, hashes, blocks): the flat file and its map's\n"
 "buffers (fd -1: not open, its extents are declined). *counters*: 1 to 4 Counters, each\n"
-"counting what is answered (the export's first; the in-flight count is kept in it only).");
+"counting what is answered (the export's first; the in-flight count is kept in it only).\n"
+"*window* > 0: blocks per readahead window. The second READ answered in a window whose blocks are\n"
+"all local asks the kernel, through the registered file *hint_fd* (``hint_file``), to read the\n"
+"whole window into the page cache.");
 
 static PyObject *Server_add(ServerObject *self, PyObject *args)
 {
@@ -226,7 +268,10 @@ static PyObject *Server_add(ServerObject *self, PyObject *args)
     unsigned int block_size;
     PyObject *counters, *files;
     Py_buffer ext;
-    if (!PyArg_ParseTuple(args, "KO!KIy*O", &fh, &PyTuple_Type, &counters, &size, &block_size, &ext, &files))
+    int hint_fd = -1;
+    unsigned long long hint_token = 0, window = 0;
+    if (!PyArg_ParseTuple(args, "KO!KIy*O|iKK", &fh, &PyTuple_Type, &counters, &size, &block_size, &ext, &files,
+                          &hint_fd, &hint_token, &window))
         return NULL;
     Py_ssize_t ncounters = PyTuple_GET_SIZE(counters);
     if (ncounters < 1 || ncounters > MAX_COUNTERS) {
@@ -254,10 +299,27 @@ static PyObject *Server_add(ServerObject *self, PyObject *args)
         plan->counters[i] = (CounterObject *)c;
     }
     plan->refs = 1;
+    plan->hint_fd = -1;
     const size_t rec = 24;
     if (block_size == 0 || block_size % 512 != 0 || ext.len % rec != 0) {
         PyErr_SetString(PyExc_ValueError, "bad block size or extents");
         goto fail;
+    }
+    if (window > 0 && hint_fd >= 0) {
+        uint64_t blocks = (size + block_size - 1) / block_size;
+        if (window > MAX_EXTENT_BLOCKS || blocks > MAX_EXTENT_BLOCKS) {
+            PyErr_SetString(PyExc_ValueError, "window or size too large");
+            goto fail;
+        }
+        plan->nwindows = (blocks + window - 1) / window;
+        plan->seen = PyMem_Calloc((plan->nwindows + 3) / 4 + 1, 1);
+        if (plan->seen == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        plan->hint_fd = hint_fd;
+        plan->hint_token = hint_token;
+        plan->window = window;
     }
     if (!PySequence_Check(files)) {
         PyErr_SetString(PyExc_TypeError, "files must be a sequence");
@@ -378,6 +440,9 @@ static PyObject *Server_plans(ServerObject *self, PyObject *unused)
 static PyObject *Server_start(ServerObject *self, PyObject *unused)
 {
     __atomic_store_n(&self->stopped, 0, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&self->hint_lock); /* hints() serves again */
+    self->hints_stopped = 0;
+    pthread_mutex_unlock(&self->hint_lock);
     Py_RETURN_NONE;
 }
 
@@ -385,6 +450,131 @@ static PyObject *Server_stop(ServerObject *self, PyObject *unused)
 {
     __atomic_store_n(&self->stopped, 1, __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
+}
+
+static PyObject *Server_stop_hints(ServerObject *self, PyObject *unused)
+{
+    pthread_mutex_lock(&self->hint_lock);
+    self->hints_stopped = 1;
+    self->qlen = 0;
+    pthread_cond_broadcast(&self->hint_cond);
+    pthread_mutex_unlock(&self->hint_lock);
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------- local readahead */
+
+static int registered_locked(ServerObject *self, int fd, uint64_t token)
+{
+    for (size_t i = 0; i < self->nfiles; i++)
+        if (self->files[i].fd == fd && self->files[i].token == token)
+            return 1;
+    return 0;
+}
+
+static PyObject *Server_hint_file(ServerObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long token;
+    if (!PyArg_ParseTuple(args, "iK", &fd, &token))
+        return NULL;
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "a file descriptor");
+        return NULL;
+    }
+    pthread_mutex_lock(&self->hint_lock);
+    if (self->nfiles == self->capfiles) {
+        size_t cap = self->capfiles ? 2 * self->capfiles : 8;
+        HintFile *files = PyMem_RawRealloc(self->files, cap * sizeof(HintFile));
+        if (files == NULL) {
+            pthread_mutex_unlock(&self->hint_lock);
+            return PyErr_NoMemory();
+        }
+        self->files = files;
+        self->capfiles = cap;
+    }
+    self->files[self->nfiles++] = (HintFile){fd, token};
+    pthread_mutex_unlock(&self->hint_lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(Server_forget_hint_file_doc,
+"forget_hint_file(fd, token) -> bool\n\n"
+"Unregister the file *fd*, *token* (``hint_file``): its queued hints are dropped, and this returns\n"
+"once the hint thread is not using it, so the caller may close it. Whether it was registered.");
+
+static PyObject *Server_forget_hint_file(ServerObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long token;
+    if (!PyArg_ParseTuple(args, "iK", &fd, &token))
+        return NULL;
+    int had = 0;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->hint_lock);
+    for (size_t i = 0; i < self->nfiles; i++)
+        if (self->files[i].fd == fd && self->files[i].token == token) {
+            self->files[i] = self->files[--self->nfiles];
+            had = 1;
+            break;
+        }
+    size_t kept = 0;
+    for (size_t i = 0; i < self->qlen; i++) {
+        Hint h = self->queue[(self->qhead + i) % HINT_QUEUE];
+        if (!(h.fd == fd && h.token == token))
+            self->queue[(self->qhead + kept++) % HINT_QUEUE] = h;
+    }
+    self->qlen = kept;
+    while (self->busy.fd == fd && self->busy.token == token)
+        pthread_cond_wait(&self->hint_cond, &self->hint_lock);
+    pthread_mutex_unlock(&self->hint_lock);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(had);
+}
+
+PyDoc_STRVAR(Server_hints_doc,
+"hints() -> None\n\n"
+"The hint thread's loop, with the GIL released: take each queued window and ask the kernel to\n"
+"read it ahead (posix_fadvise WILLNEED on its registered file) until ``stop``.");
+
+static PyObject *Server_hints(ServerObject *self, PyObject *unused)
+{
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->hint_lock);
+    for (;;) {
+        while (self->qlen == 0 && !self->hints_stopped)
+            pthread_cond_wait(&self->hint_cond, &self->hint_lock);
+        if (self->hints_stopped)
+            break;
+        Hint h = self->queue[self->qhead];
+        self->qhead = (self->qhead + 1) % HINT_QUEUE;
+        self->qlen--;
+        if (!registered_locked(self, h.fd, h.token))
+            continue;
+        self->busy = (HintFile){h.fd, h.token};
+        pthread_mutex_unlock(&self->hint_lock);
+        for (uint64_t off = h.off; off < h.off + h.len; off += HINT_PIECE) {
+            uint64_t n = h.off + h.len - off < HINT_PIECE ? h.off + h.len - off : HINT_PIECE;
+            posix_fadvise(h.fd, (off_t)off, (off_t)n, POSIX_FADV_WILLNEED); /* a hint: errors change nothing */
+        }
+        pthread_mutex_lock(&self->hint_lock);
+        self->hints_issued++;
+        self->busy.fd = -1;
+        pthread_cond_broadcast(&self->hint_cond);
+    }
+    pthread_mutex_unlock(&self->hint_lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Server_hint_stats(ServerObject *self, PyObject *unused)
+{
+    pthread_mutex_lock(&self->hint_lock);
+    size_t queued = self->qlen, files = self->nfiles;
+    unsigned long long dropped = self->hints_dropped, issued = self->hints_issued;
+    pthread_mutex_unlock(&self->hint_lock);
+    return Py_BuildValue("{s:n,s:n,s:K,s:K}", "queued", (Py_ssize_t)queued, "files", (Py_ssize_t)files,
+                         "dropped", dropped, "issued", issued);
 }
 
 /* ------------------------------------------------------------- serving READs */
@@ -444,21 +634,84 @@ static int hashes_match(const LayerFile *f, const uint8_t *data, uint64_t start,
     return 1;
 }
 
+/* The index of the first extent that ends after block *first*. */
+static size_t first_extent(const Plan *plan, uint64_t first)
+{
+    size_t lo = 0, hi = plan->nextents;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (plan->extents[mid].end <= first)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Whether the plan would serve every block of [first, end) without declining (from its map only). */
+static int local_range(const Plan *plan, uint64_t first, uint64_t end)
+{
+    for (size_t i = first_extent(plan, first); i < plan->nextents && plan->extents[i].start < end; i++) {
+        const Extent *e = &plan->extents[i];
+        if (e->kind == KIND_ZEROS)
+            continue;
+        if (e->kind < 0)
+            return 0;
+        if (!covered(&plan->files[e->kind], e->start > first ? e->start : first, e->end < end ? e->end : end))
+            return 0;
+    }
+    return 1;
+}
+
+/* Count a READ in the 2-bit counter at *shift* of *byte* (saturating at 3): the READs before it. */
+static unsigned count_read(uint8_t *byte, unsigned shift)
+{
+    uint8_t old = __atomic_load_n(byte, __ATOMIC_RELAXED);
+    for (;;) {
+        unsigned n = (old >> shift) & 3u;
+        if (n == 3)
+            return n;
+        uint8_t new = (uint8_t)((old & ~(3u << shift)) | ((n + 1) << shift));
+        if (__atomic_compare_exchange_n(byte, &old, new, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return n;
+    }
+}
+
+/* After a READ of blocks [first, end) was answered: queue the readahead of each window it touched
+ * that had HINT_AFTER READs before (locality seen), is not wholly in this READ, and is all local (so the
+ * readahead never makes the daemon fetch). Not remembered once asked: the kernel reads only the
+ * pages it lacks, and a window whose pages were evicted is asked for again by its next READ. */
+static void maybe_hint(ServerObject *self, Plan *plan, uint64_t first, uint64_t end)
+{
+    if (plan->window == 0)
+        return;
+    const uint64_t blocks = (plan->size + plan->block_size - 1) / plan->block_size;
+    for (uint64_t w = first / plan->window; w <= (end - 1) / plan->window && w < plan->nwindows; w++) {
+        uint64_t ws = w * plan->window, we = ws + plan->window < blocks ? ws + plan->window : blocks;
+        if (count_read(&plan->seen[w >> 2], (unsigned)(w & 3) * 2) < HINT_AFTER)
+            continue; /* too few READs in this window yet */
+        if ((first <= ws && end >= we) || !local_range(plan, ws, we))
+            continue;
+        pthread_mutex_lock(&self->hint_lock);
+        if (self->qlen < HINT_QUEUE && !self->hints_stopped && registered_locked(self, plan->hint_fd, plan->hint_token)) {
+            self->queue[(self->qhead + self->qlen++) % HINT_QUEUE] =
+                (Hint){plan->hint_fd, plan->hint_token, ws * plan->block_size, (we - ws) * plan->block_size};
+            pthread_cond_signal(&self->hint_cond);
+            ADD(plan->counters[0]->hints, 1);
+        } else {
+            self->hints_dropped++; /* asked again by the window's next READ */
+        }
+        pthread_mutex_unlock(&self->hint_lock);
+    }
+}
+
 /* Fill the stage with device blocks [first, end) as the plan serves them; 0, or -1 to decline. */
 static int fill(const Plan *plan, uint8_t *data, uint64_t first, uint64_t end, uint64_t *blocks_read)
 {
     const uint32_t bs = plan->block_size;
     const Extent *ext = plan->extents;
-    size_t lo = 0, hi = plan->nextents;
-    while (lo < hi) { /* the first extent that ends after `first` */
-        size_t mid = (lo + hi) / 2;
-        if (ext[mid].end <= first)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
     uint64_t b = first;
-    size_t i = lo;
+    size_t i = first_extent(plan, first);
     while (b < end) {
         if (i >= plan->nextents || ext[i].start >= end) { /* a hole to the end: zeros */
             memset(data + (b - first) * bs, 0, (end - b) * bs);
@@ -537,6 +790,8 @@ static int try_serve(ServerObject *self, int fd, const uint8_t *req, size_t n, S
                 ADD(plan->counters[i]->blocks, blocks);
             }
             answered = 1;
+            if (!(ri.flags & O_DIRECT)) /* an O_DIRECT reader (a direct-I/O loop) never reads the page cache */
+                maybe_hint(self, plan, first, end);
         }
     }
     if (!answered)
@@ -606,8 +861,16 @@ static PyMethodDef Server_methods[] = {
     {"planned", (PyCFunction)Server_planned, METH_O, "planned(fh) -> bool: whether fh has a plan"},
     {"plans", (PyCFunction)Server_plans, METH_NOARGS, "plans() -> int: the handles planned now"},
     {"serve", (PyCFunction)Server_serve, METH_VARARGS, Server_serve_doc},
+    {"hint_file", (PyCFunction)Server_hint_file, METH_VARARGS,
+     "hint_file(fd, token): hints may go through the open file *fd* (plans name it with *token*)"},
+    {"forget_hint_file", (PyCFunction)Server_forget_hint_file, METH_VARARGS, Server_forget_hint_file_doc},
+    {"hints", (PyCFunction)Server_hints, METH_NOARGS, Server_hints_doc},
+    {"hint_stats", (PyCFunction)Server_hint_stats, METH_NOARGS,
+     "hint_stats() -> dict: windows queued now, files registered, hints dropped (queue full) and issued"},
     {"start", (PyCFunction)Server_start, METH_NOARGS, "start(): serve() reads requests again"},
     {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop(): serve() returns 0 once woken (write to its wake_fd)"},
+    {"stop_hints", (PyCFunction)Server_stop_hints, METH_NOARGS,
+     "stop_hints(): hints() returns once its current fadvise ends; queued windows are dropped"},
     {NULL},
 };
 
