@@ -155,7 +155,7 @@ class Config:
     local_readahead: Annotated[int, _doc(
         "window of the daemon's local readahead, bytes: a read answered from local disk in a window that had "
         "two reads before, and whose blocks are all local, asks the kernel to read the whole window into the "
-        "exported file's page cache (never a fetch; buffered readers only; 0: off; docs/warm.md §5)",
+        "exported file's page cache (never a fetch; buffered readers only; 0: off; docs/warm.md §4)",
         ge=0, le=64 << 20,
         multiple_of=4096)] = 256 << 10
     hydrated_max_bytes: Annotated[int, _doc(

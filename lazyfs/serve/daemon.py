@@ -195,7 +195,7 @@ class Daemon:
         return {**att.describe(), "path": self.path_of(att.name)}
 
     async def _open_hint_file(self, name: str) -> None:
-        """Local readahead for read-only export *name* (docs/warm.md §5), in the background: on a
+        """Local readahead for read-only export *name* (docs/warm.md §4), in the background: on a
         taken-over connection the open waits until the session serves again."""
         why = await self.fs.open_hint_file(name, self.path_of(name))
         if why is not None:

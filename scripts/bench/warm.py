@@ -28,6 +28,9 @@ the same run: buffered routes vs ``local-buffered``, the direct and hydrated rou
 ``local-direct`` (the same kind of loop). Goals (issue 14): hot rand ≥ 0.5×, hot seq ≥ 0.8×, dropped ≥ 0.5×.
 
 For the two FUSE targets each job also prints how many READs reached the daemon (``fuse-stats``).
+The dropped pass adds, on the two buffered routes, a sparse random job: one 4 KiB block in 16, at
+random over the whole file, and the page cache the loop's backing file holds after it (what local
+readahead, docs/warm.md §4, costs a sparse reader in memory).
 
 Memory (double caching): after ``drop_caches``, the file is read once through ext4 (``cat``);
 ``fincore`` then gives the page cache held by the ext4 file and by the loop's backing file,
@@ -59,13 +62,15 @@ from lazyfs.serve.control import call  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 
 JOBS = (("seq", "read", "1M"), ("rand", "randread", "4k"))
+SPARSE = 16  # the sparse dropped job reads one block in this many, at random over the whole file
 
 
-def fio(path: str, rw: str, bs: str, seconds: int, one_pass: bool) -> dict:
+def fio(path: str, rw: str, bs: str, seconds: int, one_pass: bool, fraction: int = 1) -> dict:
     """One fio job on *path*. *one_pass*: read each block exactly once (random order without
     repeats for randread), for at most *seconds*: a page-cache-dropped job must not turn into a
-    hot one after its first pass. Otherwise time-based, for *seconds*."""
-    timing = ([f"--io_size={os.path.getsize(path)}", f"--runtime={seconds}"] if one_pass
+    hot one after its first pass; with *fraction* > 1 only that share of the blocks, spread over
+    the whole file. Otherwise time-based, for *seconds*."""
+    timing = ([f"--io_size={os.path.getsize(path) // fraction}", f"--runtime={seconds}"] if one_pass
               else ["--time_based", f"--runtime={seconds}"])
     out = run(["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", f"--bs={bs}", "--direct=1",
                "--ioengine=libaio", "--iodepth=16", "--readonly", *timing, "--output-format=json"],
@@ -205,12 +210,27 @@ def main() -> None:
                         job["fuse_reads"] = call(sock, "fuse-stats")["reads"] - before
                     print(f"  {name:16s} {kind:4s} {job['MBps']:9.1f} MB/s {job['iops']:10.0f} IOPS"
                           + (f" {job['fuse_reads']:10d} FUSE READs" if sock else ""), flush=True)
+                if dropped and name in ("local-buffered", "lazyfs-buffered"):
+                    # what a sparse reader costs in memory: the loop's backing file cached after it
+                    drop_caches()
+                    sock = sockets.get(name)
+                    before = call(sock, "fuse-stats")["reads"] if sock else 0
+                    job = out[name]["sparse"] = fio(path, "randread", "4k", args.pass_limit, True, SPARSE)
+                    job["backing_cached"] = cached_bytes(backing_of(dev))
+                    if sock:
+                        job["fuse_reads"] = call(sock, "fuse-stats")["reads"] - before
+                    print(f"  {name:16s} rand 1/{SPARSE} of the blocks {job['MBps']:9.1f} MB/s {job['iops']:10.0f} IOPS, "
+                          f"read {job['bytes'] / 2**20:.0f} MiB, loop backing file {job['backing_cached'] / 2**20:.0f} MiB "
+                          "cached after" + (f", {job['fuse_reads']} FUSE READs" if sock else ""), flush=True)
             for name, peer in peers.items():
                 if name == peer:
                     continue
                 ratios = {kind: out[name][kind]["MBps"] / out[peer][kind]["MBps"] for kind, _, _ in JOBS}
+                if "sparse" in out[name] and "sparse" in out[peer]:
+                    ratios["sparse"] = out[name]["sparse"]["MBps"] / out[peer]["sparse"]["MBps"]
                 out[f"{name}_vs_{peer}"] = ratios
-                print(f"  {name} / {peer}: seq {ratios['seq']:.2f}x, rand {ratios['rand']:.2f}x", flush=True)
+                print(f"  {name} / {peer}: seq {ratios['seq']:.2f}x, rand {ratios['rand']:.2f}x"
+                      + (f", rand 1/{SPARSE} {ratios['sparse']:.2f}x" if "sparse" in ratios else ""), flush=True)
         print("\nmemory: page cache after one buffered read of the file through ext4", flush=True)
         results["memory"] = {name: memory_cost(name, path, dev) for name, (dev, path) in targets.items()}
     finish_run(results, args.json)

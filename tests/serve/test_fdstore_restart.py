@@ -133,7 +133,7 @@ def test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones(env, tmp_path)
                 _read_through_the_loop(target)
                 fuse = call(stack.socket, "fuse-stats", timeout=10)
                 assert fuse["adopted_handles"] == 1
-                # the loop's, this test's, and the new daemon's own (local readahead, docs/warm.md §5)
+                # the loop's, this test's, and the new daemon's own (local readahead, docs/warm.md §4)
                 assert fuse["exports"][att["name"]]["open_handles"] == 3
             stack.lazyfs("umount", str(target))
         finally:

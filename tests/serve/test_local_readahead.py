@@ -1,4 +1,4 @@
-"""Local readahead (docs/warm.md §5), end to end: real registry, daemon, FUSE, loop device and ext4.
+"""Local readahead (docs/warm.md §4), end to end: real registry, daemon, FUSE, loop device and ext4.
 
 The daemon's C READ path counts the READs answered in each window of the exported file; the READ
 after two others in a window whose blocks are all on local disk asks the kernel (posix_fadvise

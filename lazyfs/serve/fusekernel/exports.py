@@ -197,7 +197,7 @@ class ExportFS:
         self.readahead_kb: int | None = None  # the kernel's readahead on the exported files (set by the daemon)
         # the worker threads' READ path in C (None: Python answers alone); the session's threads call its serve()
         self.fast = fastpath.server(native_reads)
-        self.local_readahead = 0  # bytes per local readahead window of read-only exports (0: off; docs/warm.md §5)
+        self.local_readahead = 0  # bytes per local readahead window of read-only exports (0: off; docs/warm.md §4)
         self._hint_tokens = itertools.count(1)
 
     # -- management (called by the daemon, not by the kernel) --------------------
@@ -269,6 +269,9 @@ class ExportFS:
             self._unavailable("the FUSE connection did not negotiate passthrough (kernel < 6.9, "
                               "CONFIG_FUSE_PASSTHROUGH off, or a connection taken over from an older daemon)")
             return False
+        if exp.hint_fd >= 0 and exp.open_handles == 1:
+            # only the daemon's own file (local readahead) is open: the kernel will read a local file
+            await self._close_hint_file(exp)
         if exp.open_handles or exp.unknown_handles or exp.registering is not None or exp.removing:
             return False
         backing = self.backing
@@ -314,8 +317,8 @@ class ExportFS:
 
     async def open_hint_file(self, name: str, path: str) -> str | None:
         """Open read-only export *name*'s file at *path* for local readahead: the C path asks the
-        kernel, through this file, to read a window of all-local blocks into the page cache once a
-        second READ lands in it (docs/warm.md §5). None, or why not (then nothing changes).
+        kernel, through this file, to read a window of all-local blocks into the page cache when a
+        READ lands in it after two others (docs/warm.md §4). None, or why not (then nothing changes).
 
         *path* is opened in a worker thread (the open is a request to this very FUSE server) and
         must turn out to be the export's own file; ``remove`` closes it first.

@@ -264,7 +264,7 @@ class Session:
                 def connection_gone() -> None:  # trio thread
                     gone.set()
 
-                if self.fs.fast is not None:  # local readahead (docs/warm.md §5): first in, last out
+                if self.fs.fast is not None:  # local readahead (docs/warm.md §4): first in, last out
                     hints = threading.Thread(target=self.fs.hint_thread, name="lazyfs-fuse-hints", daemon=True)
                     hints.start()
                     workers.append(hints)

@@ -153,7 +153,7 @@ typedef struct {
     size_t ntable, cap;
     Plan *dead;
     int stopped;
-    /* local readahead (docs/warm.md §5): under hint_lock */
+    /* local readahead (docs/warm.md §4): under hint_lock */
     pthread_mutex_t hint_lock;
     pthread_cond_t hint_cond;
     Hint queue[HINT_QUEUE];
