@@ -153,9 +153,9 @@ class Config:
         "buffered loop reads ahead of a read that follows cached blocks; 1 MiB speeds up warm reads from the "
         "disk tier and costs cold starts a little (0: none; docs/warm.md)", ge=0, le=1 << 30)] = 128 << 10
     local_readahead: Annotated[int, _doc(
-        "window of the daemon's local readahead, bytes: a read answered from local disk in a window that had "
-        "two reads before, and whose blocks are all local, asks the kernel to read the whole window into the "
-        "exported file's page cache (never a fetch; buffered readers only; 0: off; docs/warm.md §4)",
+        "window of the daemon's local readahead, bytes: a window whose blocks are all on local disk, read at "
+        "one page in 8 since it was last read ahead, is read whole into the exported file's page cache "
+        "(never a fetch; buffered readers only; 0: off; at least 64 KiB; docs/warm.md §4)",
         ge=0, le=64 << 20,
         multiple_of=4096)] = 256 << 10
     hydrated_max_bytes: Annotated[int, _doc(

@@ -461,7 +461,8 @@ async def _run_daemon_locked(config: Config, load_config: Callable[[], Config] |
         # a generation of file handle ids of its own: the kernel may still hold the previous daemon's
         fs = ExportFS(next_inode=state.next_inode or 2, handle_generation=state.handle_generation + 1,
                       native_reads=config.fuse_native_reads)
-        fs.local_readahead = config.local_readahead if config.fuse_threads > 0 else 0  # the threads' C path asks
+        # the threads' C path asks; at least 64 KiB: it counts reads in one byte per window
+        fs.local_readahead = max(config.local_readahead, 64 << 10) if config.local_readahead and config.fuse_threads else 0
         session, taken_over = await takeover.connect(config.run_dir, config.export_dir, fs, system.clear_stale_export)
         # before any loop device opens an exported file: a file takes its readahead when opened
         fs.readahead_kb, why = await trio.to_thread.run_sync(system.set_readahead, config.export_dir,

@@ -111,11 +111,11 @@ def _read_through_the_loop(root) -> None:
 def test_handle_ids_of_a_new_daemon_never_alias_the_previous_ones(env, tmp_path):
     """After a handover, ``disk.img`` is opened through the new daemon and held open while the
     loop device (opened through the previous daemon) reads it: two handles, the loop's adopted
-    (and the daemon's own, for local readahead), and ``lazyfs umount`` succeeds once they are closed. Broken on purpose once (2026-12-06): with
-    the handle generation not passed to ``ExportFS`` in ``lazyfs.serve.daemon`` (every daemon
-    numbered its handles from 1 again), the new open got the loop's id, the loop's reads were taken
-    for the new handle and the export counted 1 open handle instead of 2 (the count this test
-    checks); closed in the other order, the same aliasing left the export "still open 1 time(s)"
+    (and a third, the new daemon's own file for local readahead), and ``lazyfs umount`` succeeds
+    once they are closed. Broken on purpose once (2026-12-06): with the handle generation not
+    passed to ``ExportFS`` in ``lazyfs.serve.daemon`` (every daemon numbered its handles from 1
+    again), the new open got the loop's id, the loop's reads were taken for the new handle and the
+    export counted one open handle too few (the count this test checks); closed in the other order, the same aliasing left the export "still open 1 time(s)"
     for good (seen with a probe before this fix)."""
     with FaultProxy.running_in_thread(env.registry.port) as proxy:
         stack = Stack(env, tmp_path, proxy)

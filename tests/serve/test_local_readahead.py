@@ -1,9 +1,9 @@
 """Local readahead (docs/warm.md §4), end to end: real registry, daemon, FUSE, loop device and ext4.
 
-The daemon's C READ path counts the READs answered in each window of the exported file; the READ
-after two others in a window whose blocks are all on local disk asks the kernel (posix_fadvise
-WILLNEED through the daemon's own open file of the export) to read the whole window into the page
-cache, so a reader's later reads there never reach the daemon. Checked here, each broken on purpose
+The daemon's C READ path counts the READs answered in each window of the exported file; a READ in a
+window that had one READ per 8 of its pages before it, and whose blocks are all on local disk, asks
+the kernel (posix_fadvise WILLNEED through the daemon's own open file of the export) to read the
+whole window into the page cache, so a reader's later reads there never reach the daemon. Checked here, each broken on purpose
 once (2026-12-07) and seen red:
 
 * a window with blocks not yet fetched is never asked for, so the hint never makes the daemon fetch
@@ -11,6 +11,8 @@ once (2026-12-07) and seen red:
   fetched);
 * a window of local blocks is read whole into the page cache, with the image's bytes, and the reader's
   later reads there reach no daemon (broken: ``maybe_hint`` not called: no hint issued);
+* evicted, that window is asked for again only after as many READs as the first time (broken: its
+  count not reset when it was asked for: a hint on the first READ);
 * an O_DIRECT reader (a direct-I/O loop) gets no hints: it never reads the page cache (broken: the
   O_DIRECT test removed: a hint);
 * ``lazyfs umount`` closes the daemon's own file, so the export is not kept busy (broken: ``remove``
@@ -33,6 +35,7 @@ pytestmark = [pytest.mark.registry, pytest.mark.fuse, pytest.mark.loop]
 WINDOW = 1 << 20
 CHUNK = 256 << 10  # the image's chunk size (DEFAULT_CHUNK_SIZE): four chunks per window
 PAGE = 4096
+HINT_AFTER = max(2, WINDOW // (8 * PAGE))  # READs in C a window needs before the next one asks (fastread.c)
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +121,9 @@ def test_a_window_with_blocks_not_fetched_is_never_read_ahead(renv, mounted):
         assert os.pread(fd, PAGE, base) == env.want[base:base + PAGE]  # a miss: its chunk is fetched
         fetched = _fetches(env)
         assert fetched > before
-        # five more reads in the same chunk: a plan, then three READs in C, the last one after two
-        for k in range(1, 6):
-            at = base + k * 4 * PAGE
+        # more reads of other pages of the same chunk: one planning the handle, then HINT_AFTER + 1 in C
+        for k in range(1, HINT_AFTER + 3):
+            at = base + k * PAGE
             assert os.pread(fd, PAGE, at) == env.want[at:at + PAGE]
         ra = _idle_hints(env)
         assert ra["hints"] == 0, ra  # three chunks of the window are not local: nothing asked for
@@ -149,8 +152,8 @@ def test_a_local_window_is_read_whole_into_the_page_cache(renv, mounted):
         w = _data_windows(env.want)[0]
         base = w * WINDOW
         issued = _idle_hints(env)["issued"]
-        for k in range(5):  # the first plans the handle; the fifth is the third READ in C: it asks
-            at = base + k * 8 * PAGE
+        for k in range(HINT_AFTER + 2):  # the first plans the handle; the last READ in C asks
+            at = base + k * 2 * PAGE
             assert os.pread(fd, PAGE, at) == env.want[at:at + PAGE]
         ra = _idle_hints(env)
         assert ra["hints"] >= 1 and ra["issued"] >= issued + 1, ra
@@ -162,6 +165,18 @@ def test_a_local_window_is_read_whole_into_the_page_cache(renv, mounted):
         got = b"".join(os.pread(fd, PAGE, base + i) for i in range(0, WINDOW, PAGE))
         assert got == env.want[base:base + WINDOW]
         assert _fuse(env)["reads"] == reads  # the whole window came from the page cache
+
+        # evicted, the window must be read densely again before it is asked for again: its count
+        # started from 0 when it was asked for (bounds the disk reads a sparse reader causes)
+        os.posix_fadvise(fd, base, WINDOW, os.POSIX_FADV_DONTNEED)
+        hints = _idle_hints(env)["hints"]
+        for k in range(HINT_AFTER):
+            at = base + (2 * k + 1) * PAGE
+            assert os.pread(fd, PAGE, at) == env.want[at:at + PAGE]
+        assert _idle_hints(env)["hints"] == hints
+        at = base + (2 * HINT_AFTER + 1) * PAGE
+        assert os.pread(fd, PAGE, at) == env.want[at:at + PAGE]
+        assert _idle_hints(env)["hints"] == hints + 1
     finally:
         os.close(fd)
 
@@ -173,8 +188,8 @@ def test_an_o_direct_reader_gets_no_hints(renv, mounted):
     try:
         hints = _idle_hints(env)["hints"]
         base = _data_windows(env.want)[1] * WINDOW
-        for k in range(6):
-            at = base + k * 8 * PAGE
+        for k in range(HINT_AFTER + 4):
+            at = base + k * 2 * PAGE
             assert os.preadv(fd, [buf], at) == PAGE and bytes(buf) == env.want[at:at + PAGE]
         assert _idle_hints(env)["hints"] == hints
     finally:

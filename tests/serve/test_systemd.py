@@ -96,6 +96,16 @@ say("lower_source", subprocess.run(["findmnt", "-n", "-o", "SOURCE", lower], cap
 for m in mounts:
     subprocess.run(["mount", "-t", m.type, "-o", ",".join(m.options), m.source, "/mnt/view"], check=True)
 say("read", open("/mnt/view/hello").read().strip())
+# local readahead (docs/warm.md §4): the sandboxed daemon opened the layer's exported file itself
+# (its own mount namespace sees the export the host's namespace holds)
+import time
+from lazyfs.serve.control import call
+for _ in range(150):
+    files = call("/run/lazyfs/lazyfs.sock", "fuse-stats", timeout=30)["local_readahead"].get("files")
+    if files:
+        break
+    time.sleep(0.2)
+say("hint_files", files)
 subprocess.run(["umount", "/mnt/view"], check=True)
 stub.Remove(pb.snapshots.RemoveSnapshotRequest(key="view"), metadata=md, timeout=120)
 stub.Remove(pb.snapshots.RemoveSnapshotRequest(key=target), metadata=md, timeout=120)
@@ -254,7 +264,7 @@ def test_hardened_units_serve_lazyfs_mount_and_the_snapshotter(tmp_path, registr
         "rw_umount": "ok", "rw_still_mounted": "no",
         "sn_ProtectSystem": "strict", "sn_PrivateTmp": "yes", "sn_NoNewPrivileges": "yes",
         "sn_own_namespace": "yes", "sn_prepare": "ALREADY_EXISTS", "sn_lower_in_host": "ext4",
-        "sn_read": "hello from the image", "sn_lower_after_remove": "gone", "sn_stopped": "ok",
+        "sn_read": "hello from the image", "sn_hint_files": "1", "sn_lower_after_remove": "gone", "sn_stopped": "ok",
         "sn_dm_after_remove": "0", "sn_loops_after_remove": "0",
         "stopped": "ok", "export_after_stop": "no",
     }

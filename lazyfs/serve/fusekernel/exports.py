@@ -129,9 +129,12 @@ class Handle:
 
 def _open_own_file(path: str, inode: int) -> int | str:
     """Open *path* read-only if it is the exported file with inode *inode* (the export mount as
-    this daemon's mount namespace sees it): its fd, or why not (worker thread)."""
+    this daemon's mount namespace sees it): its fd, or why not (worker thread).
+
+    O_DIRECT: the READs the kernel sends for a hint through it carry the flag, so the C path never
+    counts them as a reader's (fadvise fills the shared page cache all the same)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
     except OSError as exc:
         return f"cannot open {path}: {exc.strerror}"
     try:
@@ -318,14 +321,17 @@ class ExportFS:
     async def open_hint_file(self, name: str, path: str) -> str | None:
         """Open read-only export *name*'s file at *path* for local readahead: the C path asks the
         kernel, through this file, to read a window of all-local blocks into the page cache when a
-        READ lands in it after two others (docs/warm.md §4). None, or why not (then nothing changes).
+        READ lands in it after two others (docs/warm.md §4). None (done, or local readahead off), or
+        why not (then nothing changes).
 
         *path* is opened in a worker thread (the open is a request to this very FUSE server) and
         must turn out to be the export's own file; ``remove`` closes it first.
         """
         exp = self._by_name.get(name)
-        if exp is None or not exp.source.read_only or self.fast is None or self.local_readahead <= 0:
-            return "not a read-only export served by the C path, or local readahead off"
+        if self.fast is None or self.local_readahead <= 0:
+            return None  # off (or no C path): nothing to say
+        if exp is None or not exp.source.read_only:
+            return "not a read-only export"
         if exp.hint_fd >= 0 or exp.backing_id:  # open already, or the kernel reads a local file itself
             return None
         fd = await trio.to_thread.run_sync(_open_own_file, path, exp.file_inode)

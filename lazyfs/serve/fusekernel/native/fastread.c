@@ -106,7 +106,8 @@ typedef struct Plan {
     uint64_t hint_token;    /* names that file among the server's registered ones */
     uint64_t window;        /* blocks per readahead window (0: no hints) */
     uint64_t nwindows;
-    uint8_t *seen;          /* two bits per window: READs answered in it, up to HINT_AFTER */
+    uint8_t *seen;          /* per window: READs answered in it since it was last asked for (saturating) */
+    unsigned hint_after;    /* READs a window needs before one asks for all of it */
     long refs; /* under the server's lock */
     struct Plan *next_dead;
 } Plan;
@@ -133,7 +134,8 @@ static void plan_free(Plan *plan) /* with the GIL */
 
 #define HINT_QUEUE 64          /* windows waiting for the hint thread; more are dropped */
 #define HINT_PIECE (128 << 10) /* bytes per fadvise: the kernel caps one at the bdi's io_pages */
-#define HINT_AFTER 2           /* READs a window must have had before one asks for all of it */
+#define HINT_DENSITY_PAGES (8 * 4096) /* a window is asked for after one READ per 8 of its pages... */
+#define HINT_AFTER_MIN 2                /* ...and at least 2 */
 
 typedef struct {
     int fd;
@@ -258,9 +260,10 @@ PyDoc_STRVAR(Server_add_doc,
 "and disjoint; *files*, per layer, (fd, bits, hashes, blocks): the flat file and its map's\n"
 "buffers (fd -1: not open, its extents are declined). *counters*: 1 to 4 Counters, each\n"
 "counting what is answered (the export's first; the in-flight count is kept in it only).\n"
-"*window* > 0: blocks per readahead window. The second READ answered in a window whose blocks are\n"
-"all local asks the kernel, through the registered file *hint_fd* (``hint_file``), to read the\n"
-"whole window into the page cache.");
+"*window* > 0: blocks per readahead window. A READ answered in a window that had one READ per 8\n"
+"of its pages (at least 2) since it was last asked for, and whose blocks are all local, asks the\n"
+"kernel, through the registered file *hint_fd* (``hint_file``), to read the whole window into the\n"
+"page cache.");
 
 static PyObject *Server_add(ServerObject *self, PyObject *args)
 {
@@ -312,7 +315,7 @@ static PyObject *Server_add(ServerObject *self, PyObject *args)
             goto fail;
         }
         plan->nwindows = (blocks + window - 1) / window;
-        plan->seen = PyMem_Calloc((plan->nwindows + 3) / 4 + 1, 1);
+        plan->seen = PyMem_Calloc(plan->nwindows, 1);
         if (plan->seen == NULL) {
             PyErr_NoMemory();
             goto fail;
@@ -320,6 +323,8 @@ static PyObject *Server_add(ServerObject *self, PyObject *args)
         plan->hint_fd = hint_fd;
         plan->hint_token = hint_token;
         plan->window = window;
+        uint64_t pages = window * block_size / HINT_DENSITY_PAGES;
+        plan->hint_after = pages < HINT_AFTER_MIN ? HINT_AFTER_MIN : pages > 250 ? 250 : (unsigned)pages;
     }
     if (!PySequence_Check(files)) {
         PyErr_SetString(PyExc_TypeError, "files must be a sequence");
@@ -535,7 +540,7 @@ static PyObject *Server_forget_hint_file(ServerObject *self, PyObject *args)
 PyDoc_STRVAR(Server_hints_doc,
 "hints() -> None\n\n"
 "The hint thread's loop, with the GIL released: take each queued window and ask the kernel to\n"
-"read it ahead (posix_fadvise WILLNEED on its registered file) until ``stop``.");
+"read it ahead (posix_fadvise WILLNEED on its registered file) until ``stop_hints``.");
 
 static PyObject *Server_hints(ServerObject *self, PyObject *unused)
 {
@@ -570,7 +575,7 @@ static PyObject *Server_hints(ServerObject *self, PyObject *unused)
 static PyObject *Server_hint_stats(ServerObject *self, PyObject *unused)
 {
     pthread_mutex_lock(&self->hint_lock);
-    size_t queued = self->qlen, files = self->nfiles;
+    size_t queued = self->qlen + (self->busy.fd >= 0), files = self->nfiles;
     unsigned long long dropped = self->hints_dropped, issued = self->hints_issued;
     pthread_mutex_unlock(&self->hint_lock);
     return Py_BuildValue("{s:n,s:n,s:K,s:K}", "queued", (Py_ssize_t)queued, "files", (Py_ssize_t)files,
@@ -663,24 +668,22 @@ static int local_range(const Plan *plan, uint64_t first, uint64_t end)
     return 1;
 }
 
-/* Count a READ in the 2-bit counter at *shift* of *byte* (saturating at 3): the READs before it. */
-static unsigned count_read(uint8_t *byte, unsigned shift)
+/* Count a READ in *counter* (saturating at 255): the READs counted before it. */
+static unsigned count_read(uint8_t *counter)
 {
-    uint8_t old = __atomic_load_n(byte, __ATOMIC_RELAXED);
-    for (;;) {
-        unsigned n = (old >> shift) & 3u;
-        if (n == 3)
-            return n;
-        uint8_t new = (uint8_t)((old & ~(3u << shift)) | ((n + 1) << shift));
-        if (__atomic_compare_exchange_n(byte, &old, new, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-            return n;
-    }
+    uint8_t old = __atomic_load_n(counter, __ATOMIC_RELAXED);
+    while (old < 255 && !__atomic_compare_exchange_n(counter, &old, (uint8_t)(old + 1), 0, __ATOMIC_RELAXED,
+                                                     __ATOMIC_RELAXED))
+        ;
+    return old;
 }
 
 /* After a READ of blocks [first, end) was answered: queue the readahead of each window it touched
- * that had HINT_AFTER READs before (locality seen), is not wholly in this READ, and is all local (so the
- * readahead never makes the daemon fetch). Not remembered once asked: the kernel reads only the
- * pages it lacks, and a window whose pages were evicted is asked for again by its next READ. */
+ * that had hint_after READs before (one per 8 of its pages: it is being read densely), is not wholly
+ * in this READ, and is all local (so the readahead never makes the daemon fetch). A queued window's
+ * count starts again from 0: if its pages are evicted, it must be read densely again. So a reader
+ * spread thin over a large file never has whole windows read for it, and at most one window is read
+ * per hint_after READs in it. */
 static void maybe_hint(ServerObject *self, Plan *plan, uint64_t first, uint64_t end)
 {
     if (plan->window == 0)
@@ -688,7 +691,7 @@ static void maybe_hint(ServerObject *self, Plan *plan, uint64_t first, uint64_t 
     const uint64_t blocks = (plan->size + plan->block_size - 1) / plan->block_size;
     for (uint64_t w = first / plan->window; w <= (end - 1) / plan->window && w < plan->nwindows; w++) {
         uint64_t ws = w * plan->window, we = ws + plan->window < blocks ? ws + plan->window : blocks;
-        if (count_read(&plan->seen[w >> 2], (unsigned)(w & 3) * 2) < HINT_AFTER)
+        if (count_read(&plan->seen[w]) < plan->hint_after)
             continue; /* too few READs in this window yet */
         if ((first <= ws && end >= we) || !local_range(plan, ws, we))
             continue;
@@ -698,6 +701,7 @@ static void maybe_hint(ServerObject *self, Plan *plan, uint64_t first, uint64_t 
                 (Hint){plan->hint_fd, plan->hint_token, ws * plan->block_size, (we - ws) * plan->block_size};
             pthread_cond_signal(&self->hint_cond);
             ADD(plan->counters[0]->hints, 1);
+            __atomic_store_n(&plan->seen[w], 0, __ATOMIC_RELAXED);
         } else {
             self->hints_dropped++; /* asked again by the window's next READ */
         }
@@ -866,7 +870,8 @@ static PyMethodDef Server_methods[] = {
     {"forget_hint_file", (PyCFunction)Server_forget_hint_file, METH_VARARGS, Server_forget_hint_file_doc},
     {"hints", (PyCFunction)Server_hints, METH_NOARGS, Server_hints_doc},
     {"hint_stats", (PyCFunction)Server_hint_stats, METH_NOARGS,
-     "hint_stats() -> dict: windows queued now, files registered, hints dropped (queue full) and issued"},
+     "hint_stats() -> dict: windows queued or being asked for now, files registered, hints dropped (queue "
+     "full) and issued"},
     {"start", (PyCFunction)Server_start, METH_NOARGS, "start(): serve() reads requests again"},
     {"stop", (PyCFunction)Server_stop, METH_NOARGS, "stop(): serve() returns 0 once woken (write to its wake_fd)"},
     {"stop_hints", (PyCFunction)Server_stop_hints, METH_NOARGS,
