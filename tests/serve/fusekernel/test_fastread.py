@@ -252,3 +252,112 @@ def test_a_read_unpacks_as_the_protocol_says():
     req = p.parse_request(_read_request(5, 7, 3 * BS, 2 * BS))
     assert (req.header.opcode, req.header.unique, req.args) == (p.READ, 5, p.Read(7, 3 * BS, 2 * BS))
     assert struct.calcsize("<QQi4x") == EXTENT.size == 24
+
+
+# -- local readahead (docs/warm.md §4) --------------------------------------------------------------
+
+WINDOW = 64  # blocks (256 KiB): a window is asked for after one READ per 8 of its pages
+HINT_AFTER = WINDOW * BS // (8 * 4096)
+
+
+def _read_request_flags(unique: int, fh: int, offset: int, size: int, flags: int) -> bytes:
+    body = p.READ_IN.pack(fh, offset, size, 0, 0, flags, 0)
+    return p.IN_HEADER.pack(p.IN_HEADER.size + len(body), p.READ, unique, 5, 0, 0, 0, 0, 0) + body
+
+
+def _hinting(tmp_path, blocks: int, window: int = WINDOW):
+    """A server with one plan (fh 7) over a layer of *blocks* blocks, all held, whose READs may
+    ask for windows of *window* blocks through a registered file (never read by these tests:
+    no hint thread runs unless a test starts one)."""
+    layer = Layer(tmp_path, "layer", blocks, 6)
+    layer.hold(0, blocks)
+    hint_fd = os.open(tmp_path / "hint", os.O_RDWR | os.O_CREAT)
+    server, counter = _fastread.Server(), _fastread.Counter()
+    server.hint_file(hint_fd, 11)
+    server.add(7, (counter,), blocks * BS, BS, _extents((0, blocks, 0)), [layer.entry()], hint_fd, 11, window)
+    return server, counter, layer, hint_fd
+
+
+def _reads(server, pair, blocks, flags: int = 0) -> None:
+    for i, b in enumerate(blocks):
+        reply, _ = _serve_one(server, pair, _read_request_flags(1000 + i, 7, b * BS, BS, flags))
+        assert reply is not None
+
+
+def test_a_densely_read_local_window_is_asked_for_once_then_counted_again(tmp_path, pair):
+    """The READ after HINT_AFTER others in a window queues it, once; its count starts again from 0.
+    (Broken on purpose once: the reset removed, every later READ queued the window again.)"""
+    server, counter, _, hint_fd = _hinting(tmp_path, 2 * WINDOW)
+    _reads(server, pair, range(HINT_AFTER))
+    assert counter.hints == 0 and server.hint_stats()["queued"] == 0
+    _reads(server, pair, [HINT_AFTER])
+    assert counter.hints == 1 and server.hint_stats()["queued"] == 1
+    _reads(server, pair, range(HINT_AFTER + 1, 2 * HINT_AFTER + 1))
+    assert counter.hints == 1
+    _reads(server, pair, [2 * HINT_AFTER + 1])
+    assert counter.hints == 2
+    os.close(hint_fd)
+
+
+def test_a_read_of_a_whole_window_asks_for_nothing(tmp_path, pair):
+    """The kernel holds all of it once that READ is answered."""
+    server, counter, _, hint_fd = _hinting(tmp_path, 16, window=8)  # 2 READs before asking
+    _reads(server, pair, [8, 9])
+    reply, _ = _serve_one(server, pair, _read_request_flags(2000, 7, 8 * BS, 8 * BS, 0))
+    assert reply is not None and counter.hints == 0
+    _reads(server, pair, [10])
+    assert counter.hints == 1
+    os.close(hint_fd)
+
+
+@pytest.mark.parametrize("why", ["a block not held", "O_DIRECT", "not registered", "no window"])
+def test_a_window_is_never_asked_for_when(tmp_path, pair, why):
+    """Not when one of its blocks is not held (the hint would make the daemon fetch), not for an
+    O_DIRECT reader (it never reads the page cache), not through a file forgotten, not when off."""
+    server, counter, layer, hint_fd = _hinting(tmp_path, WINDOW, window=0 if why == "no window" else WINDOW)
+    flags = 0
+    if why == "a block not held":
+        layer.map.clear(WINDOW - 1, 1)
+    elif why == "O_DIRECT":
+        flags = os.O_DIRECT
+    elif why == "not registered":
+        assert server.forget_hint_file(hint_fd, 11) is True
+    _reads(server, pair, range(3 * HINT_AFTER), flags)
+    assert counter.hints == 0 and server.hint_stats()["queued"] == 0
+    os.close(hint_fd)
+
+
+def test_the_queue_is_bounded_and_says_what_it_dropped(tmp_path, pair):
+    """With no hint thread taking them, 64 windows wait and the rest are dropped, counted.
+    (Broken on purpose once: without the length check the ring overwrote queued windows.)"""
+    server, counter, _, hint_fd = _hinting(tmp_path, 80 * 8, window=8)  # 2 READs before asking
+    for w in range(80):
+        _reads(server, pair, [w * 8, w * 8 + 1, w * 8 + 2])
+    stats = server.hint_stats()
+    assert (stats["queued"], stats["dropped"], counter.hints) == (64, 16, 64)
+    os.close(hint_fd)
+
+
+def test_the_hint_thread_asks_forgets_and_stops(tmp_path, pair):
+    """``hints`` takes each queued window (an fadvise on the registered file), ``forget_hint_file``
+    drops a file's queued windows and returns once the thread is not using it, ``stop_hints``
+    ends the thread."""
+    server, counter, _, hint_fd = _hinting(tmp_path, 4 * WINDOW)
+    server.start()
+    thread = threading.Thread(target=server.hints)
+    thread.start()
+    try:
+        _reads(server, pair, range(HINT_AFTER + 1))
+        for _ in range(1000):
+            if server.hint_stats()["issued"] == 1:
+                break
+            threading.Event().wait(0.005)
+        stats = server.hint_stats()
+        assert (stats["issued"], stats["queued"], counter.hints) == (1, 0, 1)
+        assert server.forget_hint_file(hint_fd, 11) is True and server.forget_hint_file(hint_fd, 11) is False
+        assert server.hint_stats()["files"] == 0
+    finally:
+        server.stop_hints()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    os.close(hint_fd)

@@ -14,6 +14,12 @@
  * without locks while Python sets and clears bits: a race can cost a decline, never a wrong
  * byte, because a block is served only if its bytes hash as the map says.
  *
+ * Local readahead (docs/warm.md §4): after answering a buffered READ, the thread counts it in its
+ * window of the plan; a window read densely enough whose blocks are all held is queued, and the hint
+ * thread (``hints``) asks the kernel to read it whole into the page cache with posix_fadvise
+ * WILLNEED on the daemon's own file of the export. Reader threads never wait for a hint: the queue
+ * is bounded and drops, and only the hint thread calls fadvise.
+ *
  * Lifetimes: a plan is referenced by the table and by each read in flight. ``discard`` drops the
  * table's reference; the last reference frees it, and a plan whose last read ends in a worker
  * thread (no GIL) is queued and freed by the next call that holds the GIL.
