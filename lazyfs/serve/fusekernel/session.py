@@ -251,6 +251,7 @@ class Session:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         accepting = True
         workers: list[threading.Thread] = []
+        hints: threading.Thread | None = None  # local readahead (docs/warm.md §4)
         if self.fs.fast is not None:
             self.fs.fast.start()
         try:
@@ -264,10 +265,9 @@ class Session:
                 def connection_gone() -> None:  # trio thread
                     gone.set()
 
-                if self.fs.fast is not None:  # local readahead (docs/warm.md §4): first in, last out
+                if self.fs.fast is not None:
                     hints = threading.Thread(target=self.fs.hint_thread, name="lazyfs-fuse-hints", daemon=True)
                     hints.start()
-                    workers.append(hints)
                 for i in range(threads):
                     t = threading.Thread(target=self._worker, name=f"lazyfs-fuse-{i}", daemon=True,
                                          args=(token, hand_over, connection_gone, slots, stop, leader, wake_r))
@@ -279,20 +279,20 @@ class Session:
                     log.info("FUSE connection at %s closed by the kernel", self.mountpoint)
                 finally:
                     with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(self._stop_workers, workers, stop, wake_w, self.fs.fast)
+                        await trio.to_thread.run_sync(self._stop_workers, workers, stop, wake_w, self.fs.fast, hints)
                     accepting = False
         finally:
             for fd in (wake_r, wake_w):
                 os.close(fd)
 
     @staticmethod
-    def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int, fast) -> None:
-        if fast is not None and workers:
+    def _stop_workers(workers: list[threading.Thread], stop: threading.Event, wake_w: int, fast,
+                      hints: threading.Thread | None) -> None:
+        if hints is not None:
             # The hint thread first, while the workers still answer the READs its last fadvise
             # may wait for (the kernel's background requests are bounded).
             fast.stop_hints()
-            workers[0].join()
-            workers = workers[1:]
+            hints.join()
         stop.set()
         if fast is not None:
             fast.stop()  # a thread in its serve() returns once the wake-up below reaches it
