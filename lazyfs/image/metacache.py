@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -34,7 +34,7 @@ from lazyfs.durable import write_atomically
 from lazyfs.errors import IntegrityError, LazyfsError
 from lazyfs.fetch.registry import RegistryBackend
 from lazyfs.format.oci import MANIFEST_MEDIA_TYPES, LayerDescriptor, parse_json, parse_manifest, sha256_digest
-from lazyfs.format.reference import parse_reference
+from lazyfs.format.reference import Reference, parse_reference
 from lazyfs.image.image import load_image
 from lazyfs.image.ref import parse_local_ref
 from lazyfs.image.remote import MAX_CONFIG_SIZE, ImageOpener, OpenedImage, ordinary_manifest
@@ -174,12 +174,15 @@ class MetadataCache:
 
     # ------------------------------------------------------------ opening images
 
-    async def open(self, opener: ImageOpener, text: str, pinned: str | None = None) -> tuple[OpenedImage, bool]:
+    async def open(self, opener: ImageOpener, text: str, pinned: str | None = None, *,
+                   on_manifest: Callable[[Reference, str], None] | None = None) -> tuple[OpenedImage, bool]:
         """Open *text* through *opener*, keeping its metadata here; return (image, opened from cache).
 
         With *pinned* (a manifest digest), the image opened is exactly that manifest: from this
         cache when it holds it (no network at all when every tail is here too), else fetched by
         digest. Local references are opened by *opener* alone (their metadata is local already).
+        *on_manifest(repo, digest)* is called once a lazyfs manifest came from the registry, before
+        its chunk tables are fetched (what needs only the digest can start then).
         """
         if parse_local_ref(text) is not None:
             return await opener.open(text), False
@@ -200,6 +203,8 @@ class MetadataCache:
                 return await open_indexed(opener, text, data, media_type, digest), False
         manifest = parse_manifest(data, opener.limits.max_virtual_size)
         digest = manifest.digest
+        if on_manifest is not None and not from_cache:
+            on_manifest(ref.repo(), digest)
         if not from_cache:
             try:
                 await trio.to_thread.run_sync(self.store_manifest, digest, data)

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import trio
 
 from lazyfs.errors import FormatError, LazyfsError
+from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.trace import MAX_TRACE_BYTES, SPAN_ENTRY, decode_trace, encode_trace
 from lazyfs.format.digest import sha256_digest
 from lazyfs.format.layer import ChunkLocation
+from lazyfs.format.reference import Reference
 from lazyfs.format.spanindex import SpanLocation
 from lazyfs.format.oci import (
     MAX_MANIFEST_SIZE,
@@ -133,25 +135,68 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
     return await trio.to_thread.run_sync(store_local)
 
 
-async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | None:
+class RemoteTraces:
+    """The registry's half of a trace lookup: the image's trace referrers, newest first, and the
+    newest one read. It needs only the manifest digest, so an attach starts it as soon as the
+    manifest is fetched, while the chunk tables are still on the way (``Host``); ``load_trace``
+    checks what it read against the image afterwards, as it checks a trace it reads itself."""
+
+    def __init__(self, repo: Reference, found: list[dict]) -> None:
+        self.repo = repo
+        self.found = found
+        self._read: dict[str, tuple[ChunkLocation, ...] | LazyfsError] = {}
+
+    @classmethod
+    async def fetch(cls, client: RegistryClient, repo: Reference, digest: str) -> "RemoteTraces":
+        """List the traces of manifest *digest* in *repo* and read the newest (an error reading it
+        is kept for ``read``); an error listing them is raised."""
+        traces = cls(repo, await find_referrers_remote(client, repo, digest, ARTIFACT_TYPE))
+        newest = _newest_first(traces.found)
+        if newest:
+            manifest_digest = str(newest[0].get("digest"))
+            try:
+                traces._read[manifest_digest] = await traces._read_now(client, manifest_digest)
+            except LazyfsError as exc:
+                traces._read[manifest_digest] = exc
+        return traces
+
+    async def read(self, client: RegistryClient, manifest_digest: str) -> tuple[ChunkLocation, ...]:
+        """The stored entries of trace *manifest_digest*: as read ahead, else read now."""
+        got = self._read.pop(manifest_digest, None)
+        if got is None:
+            return await self._read_now(client, manifest_digest)
+        if isinstance(got, LazyfsError):
+            raise got
+        return got
+
+    async def _read_now(self, client: RegistryClient, manifest_digest: str) -> tuple[ChunkLocation, ...]:
+        manifest, _, _ = await client.get_manifest(self.repo.with_digest(manifest_digest))
+        return decode_trace(await client.get_blob(self.repo, _trace_blob(manifest), max_size=MAX_TRACE_BYTES))
+
+
+async def load_trace(opener: ImageOpener, opened: OpenedImage,
+                     early: RemoteTraces | LazyfsError | None = None) -> LoadedTrace | None:
     """The newest stored startup trace of the image whose every entry is a chunk of the image, or None.
 
     Up to MAX_TRACES_TRIED traces are read, newest first; one naming foreign chunks is
     skipped and counted (the result's ``foreign``, or a LoadedTrace with no locations if
-    none passes). Damaged traces are logged and skipped.
+    none passes). Damaged traces are logged and skipped. *early*: the registry's half of the
+    lookup, started before the image was opened (``RemoteTraces.fetch``), or the error it met.
     """
     digest = opened.image.manifest.digest
     if opened.remote is not None:
         client, repo = opener.client, opened.remote.repo()
         try:
-            found = await find_referrers_remote(client, repo, digest, ARTIFACT_TYPE)
+            if isinstance(early, LazyfsError):
+                raise early
+            remote = early if early is not None else await RemoteTraces.fetch(client, repo, digest)
         except LazyfsError as exc:
             log.warning("ignoring the startup traces of %s: %s", opened.name, exc)
             return None
+        found = remote.found
 
         async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
-            manifest, _, _ = await client.get_manifest(repo.with_digest(manifest_digest))
-            return decode_trace(await client.get_blob(repo, _trace_blob(manifest), max_size=MAX_TRACE_BYTES))
+            return await remote.read(client, manifest_digest)
     else:
         layout = OciLayout(opened.local.path)
         try:
@@ -169,7 +214,7 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | 
 
     rejected: LoadedTrace | None = None
     foreign = 0
-    for entry in found[::-1][:MAX_TRACES_TRIED]:
+    for entry in _newest_first(found):
         manifest_digest = str(entry.get("digest"))
         try:
             stored = await read(manifest_digest)
@@ -187,6 +232,11 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage) -> LoadedTrace | 
     if rejected is not None:
         return LoadedTrace(rejected.manifest, (), rejected.entries, foreign)
     return None
+
+
+def _newest_first(found: list[dict]) -> list[dict]:
+    """The traces a lookup tries, newest first (referrers list the newest last)."""
+    return found[::-1][:MAX_TRACES_TRIED]
 
 
 def _trace_blob(manifest: bytes) -> str:

@@ -29,7 +29,7 @@ from lazyfs.fetch.scheduler import FetchScheduler
 from lazyfs.fetch.trace import TraceRecorder, replay
 from lazyfs.image.metacache import MetadataCache
 from lazyfs.image.remote import ImageOpener, OpenedImage, registry_hosts, reload_registries
-from lazyfs.image.traces import load_trace, save_trace
+from lazyfs.image.traces import RemoteTraces, load_trace, save_trace
 from lazyfs.serve.diskbudget import DiskBudget
 from lazyfs.serve.hydrate import HeldByBlockCache, HydratePolicy, Hydrator
 from lazyfs.serve.state import FrontEnd, attachment_name, is_attachment_name
@@ -113,6 +113,7 @@ class Attachment:
     hydrate: HydratePolicy | None = None
     tasks: set = field(default_factory=set)  # cancel scopes of its background tasks: a detach cancels them
     trace_lookup: trio.Event = field(default_factory=trio.Event)  # set once its startup trace was looked for
+    early_traces: "EarlyTraces | None" = None  # the registry's half of its trace lookup, started at the manifest
 
     def describe(self) -> dict:
         return {"name": self.name, "image": self.ref, "manifest": self.opened.image.manifest.digest,
@@ -124,6 +125,19 @@ class Attachment:
     def statistics(self) -> dict:
         return {**self.describe(), **self.store.statistics(), "device": self.device.statistics(),
                 "hydration": self.hydration.statistics() if self.hydration is not None else {}}
+
+
+@dataclass
+class EarlyTraces:
+    """A trace lookup started as soon as an attach has the image's manifest digest, while the chunk
+    tables are still being fetched: the replay can then start as soon as the image is open.
+    ``result`` is the lookup (``RemoteTraces``), the error it met, or None (not started, or failed
+    unexpectedly: the replay looks the traces up itself)."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+    started: bool = False
+    result: RemoteTraces | LazyfsError | None = None
 
 
 class Host:
@@ -165,6 +179,8 @@ class Host:
                 if flat is not None:
                     await nursery.start(flat.run)
                 nursery.start_soon(host.budget.run, host.writable_layers)
+                if config.registries:
+                    nursery.start_soon(host._make_registry_client)
                 try:
                     yield host
                 finally:
@@ -179,6 +195,15 @@ class Host:
                 await cache.aclose()
                 if flat is not None:
                     await flat.aclose()
+
+    async def _make_registry_client(self) -> None:
+        """Make the config's registry client at start (it reads hosts.toml and CA certificates: 41 ms
+        of the first attach with the page cache dropped, BENCHMARKS.md). A failure here is only
+        logged: the first attach makes the client again and reports the error to its caller."""
+        try:
+            await self.opener.ensure_client()
+        except (LazyfsError, OSError) as exc:
+            log.warning("registry client: %s (the first attach tries again)", describe(exc))
 
     def opener_for(self, plain_http: Iterable[str] = ()) -> ImageOpener:
         """The opener that also speaks plain HTTP to *plain_http* (registries the config does not
@@ -252,9 +277,16 @@ class Host:
             raise BusyError(f"an image is already attached as {name!r} ({self.attachments[name].ref})")
         if name in self._attaching:
             raise BusyError(f"an image is being attached as {name!r}")
-        async with self.registry_opener(plain_http) as opener:  # the attachment keeps it once made
-            att = await self._attach_reserved(name, ref, opener, plain_http, writable, writable_dir, kind,
-                                              front_end, manifest, hydrate)
+        # a restore (only restores pin a manifest) replays no trace
+        early = EarlyTraces() if self.config.trace_replay and manifest is None else None
+        try:
+            async with self.registry_opener(plain_http) as opener:  # the attachment keeps it once made
+                att = await self._attach_reserved(name, ref, opener, plain_http, writable, writable_dir, kind,
+                                                  front_end, manifest, hydrate, early)
+        except BaseException:
+            if early is not None:
+                early.scope.cancel()
+            raise
         self._spawn(att, self._keep_metadata, att, survives_detach=True)
         if att.opened_from_cache:  # a restore (only restores pin): its startup is long past, and the registry may be away
             if self.config.background_download:
@@ -268,10 +300,16 @@ class Host:
 
     async def _attach_reserved(self, name: str, ref: str, opener: ImageOpener, plain_http: tuple[str, ...],
                                writable: bool, writable_dir: str | None, kind: str, front_end: FrontEnd,
-                               manifest: str | None, hydrate: HydratePolicy | bool | None) -> Attachment:
+                               manifest: str | None, hydrate: HydratePolicy | bool | None,
+                               early: EarlyTraces | None) -> Attachment:
         self._attaching.add(name)
         try:
-            opened, from_cache = await self.metadata.open(opener, ref, manifest)
+            def look_for_traces(repo, digest: str) -> None:
+                early.started = True
+                self._nursery.start_soon(self._fetch_traces, early, plain_http, repo, digest)
+
+            opened, from_cache = await self.metadata.open(
+                opener, ref, manifest, on_manifest=look_for_traces if early is not None else None)
             self._route(opened)
             layer = None
             try:
@@ -297,6 +335,9 @@ class Host:
             store.index = device.index
             att = Attachment(name, ref, opened, device, store, writable_dir if writable else None, opener,
                              plain_http, front_end=front_end)
+            if early is not None and early.started:  # not started for an image opened through its index
+                att.early_traces = early
+                att.tasks.add(early.scope)  # a detach cancels it
             try:
                 self._hydration(att, hydrate)
             except BaseException:
@@ -390,11 +431,29 @@ class Host:
         if self.config.background_download:
             self._spawn(att, self._background, att)
 
+    async def _fetch_traces(self, early: EarlyTraces, plain_http: tuple[str, ...], repo, digest: str) -> None:
+        """The registry's half of a trace lookup, into *early* (a task of the host's: never raises)."""
+        try:
+            with early.scope:
+                async with self.registry_opener(plain_http) as opener:
+                    early.result = await RemoteTraces.fetch(await opener.ensure_client(), repo, digest)
+        except LazyfsError as exc:
+            early.result = exc
+        except Exception:
+            self.background_failures += 1
+            log.exception("looking up the startup traces of %s failed (the image is still served)", repo)
+        finally:
+            early.done.set()
+
     async def _load_and_replay(self, att: Attachment) -> None:
         try:
+            early = att.early_traces
+            if early is not None:
+                await early.done.wait()
+                att.tasks.discard(early.scope)
             # a use of the registry client of its own: a detach meanwhile does not close it under the lookup
             async with self.registry_opener(att.plain_http) as opener:
-                trace = await load_trace(opener, att.opened)
+                trace = await load_trace(opener, att.opened, early.result if early is not None else None)
             if trace is not None and trace.foreign:  # a trace naming chunks the image lacks: ignored, counted
                 self.traces["rejected"] += 1
                 self.traces["foreign_entries"] += trace.foreign

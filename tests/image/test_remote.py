@@ -6,9 +6,10 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from lazyfs.config import Config, RegistrySettings
-from lazyfs.errors import FetchError, IntegrityError
+from lazyfs.errors import FetchError, IntegrityError, LazyfsError
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.local import create_image, flatten_image
 from lazyfs.image.ref import LocalRef
@@ -281,6 +282,87 @@ def test_background_download_fetches_the_rest(registry, image, tmp_path):
                 proxy.reset_counters()
                 assert await att.device.read(0, att.device.size) == flat
                 assert proxy.count("GET", "/blobs/") == 0  # everything was already here
+
+        trio.run(main)
+
+
+def test_the_trace_is_looked_up_while_the_chunk_tables_are_fetched(registry, image, tmp_path):
+    """An attach looks for the startup trace as soon as it has the manifest, while the layers' chunk
+    tables are still on the way, and the replay then uses what that lookup read: before, its three
+    requests came only after the attach, ahead of the replay's first chunk (BENCHMARKS.md, issue 14)."""
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def first():
+            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600, trace_publish=True)
+            async with Host.open(config) as host:
+                att = await host.attach(via(proxy, ref))
+                await att.device.read(2 << 20, 300_000)
+                await host.detach(att.name)
+                return att.trace, [blob for _, blob in att.opened.image.layers]
+
+        recorded, blobs = trio.run(first)
+        assert recorded.get("saved") and recorded.get("chunks")
+
+        def trace_blob_served() -> bool:  # the only whole blob an attach reads is the trace
+            return any(r.range is None and r.status == 200 and r.body_bytes
+                       for r in proxy.requests("GET", "/blobs/"))
+
+        async def second():
+            config = host_config(tmp_path / "two", proxy, trace_replay=True)
+            async with Host.open(config) as host:
+                proxy.reset_counters()
+                proxy.faults.stall(path="|".join(blobs), method="GET")  # the chunk tables wait
+                attached = {}
+
+                async def attach():
+                    attached["att"] = await host.attach(via(proxy, ref))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(attach)
+                    with trio.fail_after(30):  # bounds a lookup that waits for the attach (the old order)
+                        while not trace_blob_served():
+                            await trio.sleep(0.01)
+                    assert "att" not in attached  # the attach is still waiting for the chunk tables
+                    proxy.faults.clear()
+                att = attached["att"]
+                with trio.fail_after(60):
+                    await att.trace_lookup.wait()
+                    while "chunks" not in att.trace:  # replay finished
+                        await trio.sleep(0.05)
+                assert att.trace["replay"] == recorded["chunks"] and att.trace["failed"] == 0
+                assert await att.device.read(2 << 20, 300_000) == flat[2 << 20 : (2 << 20) + 300_000]
+                return att.store.statistics()
+
+        reader = trio.run(second)
+        assert reader["demand_misses"] == 0
+        # the replay used the trace the early lookup read: the registry was asked once
+        assert proxy.count("GET", f"/manifests/{recorded['saved']}") == 1
+        trace_blob = next(r.path for r in proxy.requests("GET", "/blobs/") if r.range is None)
+        assert proxy.count("GET", trace_blob) == 1
+
+
+def test_a_failed_attach_cancels_its_early_trace_lookup(registry, image, tmp_path):
+    """An attach that fails after the manifest (here: its chunk tables cannot be read) stops the trace
+    lookup it started: nothing of it stays behind, even with the registry's answer stalled."""
+    local, flat, ref = image
+    with FaultProxy.running_in_thread(registry.port) as proxy:
+        async def layer_blobs():
+            async with Host.open(host_config(tmp_path / "probe", proxy)) as host:
+                return [blob for _, blob in (await host.attach(via(proxy, ref))).opened.image.layers]
+
+        blobs = trio.run(layer_blobs)
+
+        async def main():
+            async with Host.open(host_config(tmp_path / "host", proxy, trace_replay=True)) as host:
+                proxy.faults.stall(path="/manifests/sha256-", method="GET")  # the lookup never gets an answer
+                proxy.faults.fail(404, path="|".join(blobs), method="GET")
+                with pytest.raises(LazyfsError):
+                    await host.attach(via(proxy, ref))
+                assert proxy.count("GET", "/manifests/sha256-") == 1  # the lookup had started
+                await trio.testing.wait_all_tasks_blocked()
+                assert not host._opener_leases  # and was cancelled with the attach
+                assert host.background_failures == 0
+                proxy.faults.clear()
 
         trio.run(main)
 

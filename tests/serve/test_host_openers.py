@@ -75,3 +75,32 @@ def test_an_extra_registry_client_is_closed_with_the_last_attachment_using_it(en
         assert opener.existing_client is None
 
     trio.run(main)
+
+
+def test_the_registry_client_is_made_at_start(tmp_path, caplog):
+    """A host whose config lists registries makes its client when it starts, so the first attach does
+    not wait for hosts.toml and CA certificates to be read (BENCHMARKS.md, issue 14). One that cannot
+    be made is logged, and left to the first attach to report."""
+    good = Config(cache_root=str(tmp_path / "a" / "cache"), writable_root=str(tmp_path / "a" / "writable"),
+                  registries=(RegistrySettings("r:1", plain_http=True),))
+    bad = Config(cache_root=str(tmp_path / "b" / "cache"), writable_root=str(tmp_path / "b" / "writable"),
+                 registries=(RegistrySettings("r:1", ca_file=str(tmp_path / "missing.pem")),))
+
+    def logged() -> bool:
+        return any("first attach tries again" in r.getMessage() and "missing.pem" in r.getMessage()
+                   for r in caplog.records)
+
+    async def main():
+        async with Host.open(good) as host:
+            with trio.fail_after(30):  # made in a worker thread
+                while not host.open_registry_clients():
+                    await trio.sleep(0.01)
+        async with Host.open(bad) as host:
+            with trio.fail_after(30):
+                while not logged():
+                    await trio.sleep(0.01)
+            assert host.open_registry_clients() == 0
+            with pytest.raises(LazyfsError, match="missing.pem"):
+                await host.attach("r:1/some/image:v1")
+
+    trio.run(main)
