@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from lazyfs.config import Config, RegistrySettings
-from lazyfs.errors import FetchError, IntegrityError, LazyfsError
+from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.format.reference import parse_reference
 from lazyfs.image.local import create_image, flatten_image
 from lazyfs.image.ref import LocalRef
