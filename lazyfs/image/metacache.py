@@ -203,9 +203,9 @@ class MetadataCache:
                 return await open_indexed(opener, text, data, media_type, digest), False
         manifest = parse_manifest(data, opener.limits.max_virtual_size)
         digest = manifest.digest
-        if on_manifest is not None and not from_cache:
-            on_manifest(ref.repo(), digest)
         if not from_cache:
+            if on_manifest is not None:
+                on_manifest(ref.repo(), digest)
             try:
                 await trio.to_thread.run_sync(self.store_manifest, digest, data)
             except (OSError, LazyfsError) as exc:
