@@ -47,8 +47,11 @@ class _ZStream(ctypes.Structure):
 
 
 def _load_libz() -> ctypes.CDLL:
-    name = ctypes.util.find_library("z") or "libz.so.1"
-    lib = ctypes.CDLL(name)
+    # by its soname first: find_library runs `ldconfig -p`, a subprocess on every daemon start
+    try:
+        lib = ctypes.CDLL("libz.so.1")
+    except OSError:
+        lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so")
     ptr = ctypes.POINTER(_ZStream)
     lib.zlibVersion.restype = ctypes.c_char_p
     lib.inflateInit2_.argtypes = [ptr, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -316,9 +319,9 @@ def inflate_from(compressed: bytes, bits: int, window: bytes, skip: int, length:
 
 
 # Windows whose bytes spell their own offset: the low byte, the high byte, the low byte inverted.
-_SELF_LOW = bytes(p & 0xFF for p in range(WINDOW))
-_SELF_HIGH = bytes(p >> 8 for p in range(WINDOW))
-_SELF_INVERTED = bytes(0xFF - (p & 0xFF) for p in range(WINDOW))
+_SELF_LOW = bytes(range(256)) * (WINDOW >> 8)
+_SELF_HIGH = b"".join(bytes([high]) * 256 for high in range(WINDOW >> 8))
+_SELF_INVERTED = bytes(range(255, -1, -1)) * (WINDOW >> 8)
 
 
 def sparse_window(compressed: bytes, bits: int, window: bytes, length: int, what: str) -> bytes:

@@ -92,3 +92,19 @@ def test_opening_an_image_through_its_index_loads_no_builder():
     assert "lazyfs.image.indexed" in loaded and "lazyfs.image.image" in loaded
     builder = sorted(m for m in loaded if m in INDEX_BUILDER)
     assert not builder, builder
+
+
+def test_the_daemon_start_runs_no_ldconfig():
+    """``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess. Three lazyfs modules called it at
+    import (libc twice, libz once): cold, the daemon's start went from a median of 0.573 s to 0.473 s
+    without them (5 interleaved runs each, BENCHMARKS.md). trio calls it once for itself, before the
+    count starts. Broken on purpose once (2026-12-07) by loading libz through find_library again: this
+    test failed naming lazyfs/format/zran.py."""
+    code = ("import ctypes.util, sys, traceback, trio\n"
+            "calls = []\n"
+            "ctypes.util.find_library = lambda name: calls.append(traceback.extract_stack()[-2].filename)\n"
+            "import lazyfs.serve.daemon, lazyfs.format.zran, lazyfs.device.writable.sparse, lazyfs.serve.fusekernel.session\n"
+            "print(*calls, sep='\\n')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+    assert not out, out

@@ -7,7 +7,6 @@ file never grows beyond the device size.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterator
 
@@ -17,7 +16,7 @@ from lazyfs.errors import FormatError
 
 DATA_FILE, JOURNAL_FILE = "data", "map.journal"
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on (find_library spawns ldconfig)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:

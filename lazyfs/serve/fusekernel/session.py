@@ -13,7 +13,6 @@ The kernel never notices the gap: readers wait, they get no error.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -40,7 +39,7 @@ _HEAD = struct.Struct("<IIQ")
 _READ_HEAD = struct.Struct("<QQI")
 _READ_MIN = p.IN_HEADER.size + p.READ_IN.size
 MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on (find_library spawns ldconfig)
 
 
 class FuseMountError(LazyfsError):
