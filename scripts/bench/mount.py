@@ -426,9 +426,7 @@ def main() -> None:
             client = link.nsenter("client")
             ref = f"{far}/bench/debian:lazy"
             raw_url = f"http://{far}/v2/bench/raw/blobs/{raw_digest}"
-            kinds = [k for k in ALL_KINDS if k in args.kinds]
-            if args.skip_trace:
-                kinds.remove("lazy + trace")
+            kinds = [k for k in ALL_KINDS if k in args.kinds and not (args.skip_trace and k == "lazy + trace")]
             results["cold"] = {}
             for rtt_i, rtt in enumerate(args.rtt):
                 proxy.faults.latency = rtt
