@@ -96,11 +96,11 @@ def test_opening_an_image_through_its_index_loads_no_builder():
 
 def test_the_daemon_start_runs_no_ldconfig():
     """``ctypes.util.find_library`` runs ``ldconfig -p`` in a subprocess. Three lazyfs modules called it at
-    import (libc twice, libz once): cold, the daemon's start went from a median of 0.573 s to 0.473 s
-    without them (5 interleaved runs each, BENCHMARKS.md). trio calls it once for itself, before the
-    count starts. Broken on purpose once (2026-12-07) by loading libz through find_library again: this
+    import (libc twice, libz once): cold, the daemon's start went from a median of 0.670 s to 0.475 s
+    without them (17 starts each, alternating, BENCHMARKS.md). trio calls it once for itself, before
+    the count starts. Broken on purpose once (2026-12-07) by loading libz through find_library again: this
     test failed naming lazyfs/format/zran.py."""
-    code = ("import ctypes.util, sys, traceback, trio\n"
+    code = ("import ctypes.util, traceback, trio\n"
             "calls = []\n"
             "ctypes.util.find_library = lambda name: calls.append(traceback.extract_stack()[-2].filename)\n"
             "import lazyfs.serve.daemon, lazyfs.format.zran, lazyfs.device.writable.sparse, lazyfs.serve.fusekernel.session\n"
