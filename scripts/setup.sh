@@ -89,7 +89,7 @@ _lazyfs_setup() (
     # interpreter change; Python code changes need nothing (editable install).
     native_sum=$(cat "$repo/pyproject.toml" "$repo/setup.py" "$repo"/lazyfs/serve/fusekernel/native/*.c \
         "$repo"/lazyfs/serve/fusekernel/native/blake3/*.[ch] | sha256sum | cut -d' ' -f1)
-    want_pip="$("$venv/bin/python" --version 2>&1) $native_sum"
+    want_pip="$("$venv/bin/python" --version 2>&1) $native_sum editable=compat"
     if [[ -f "$pip_stamp" && "$(cat "$pip_stamp")" == "$want_pip" ]]; then
         say "python packages up to date (stamp $pip_stamp)"
     else
@@ -106,7 +106,10 @@ _lazyfs_setup() (
         say "upgrading pip"
         pip_quiet install --upgrade pip
         say "pip install -e .[test,fuse] (pyfuse3 compiles from source: a few minutes the first time)"
-        pip_quiet install -e "$repo[test,fuse]"
+        # compat: a plain path line in a .pth file. The default editable mode installs an import
+        # hook whose import (pathlib and more) costs every Python start 15-20 ms: the CLI's and
+        # the daemon's, both on a cold mount's critical path (BENCHMARKS.md).
+        pip_quiet install -e "$repo[test,fuse]" --config-settings editable_mode=compat
         printf '%s\n' "$want_pip" >"$pip_stamp"
     fi
     # Byte-compile lazyfs as installing a wheel would: every `lazyfs` command (a mount's CLI, the
