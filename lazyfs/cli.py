@@ -154,10 +154,26 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_daemon(args: argparse.Namespace) -> int:
-    from lazyfs.serve.daemon import main as daemon_main
+def import_daemon() -> Callable[..., int]:
+    """``lazyfs.serve.daemon.main``, imported with the cyclic garbage collector off, and what the
+    import made frozen out of every later collection (``gc.freeze``). The import makes tens of
+    thousands of objects the collector tracks (the modules, classes and functions of trio, httpx
+    and lazyfs), next to no garbage: 87 collections walked them during the import (25-85 ms of it),
+    and each full collection of the long-lived daemon walked them again, holding the event loop
+    for 21 ms (0.0 ms frozen; BENCHMARKS.md, "Cold start: the daemon's imports")."""
+    import gc
 
-    return daemon_main(_config(args), lambda: _config(args))
+    gc.disable()
+    try:
+        from lazyfs.serve.daemon import main
+    finally:
+        gc.freeze()
+        gc.enable()
+    return main
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    return import_daemon()(_config(args), lambda: _config(args))
 
 
 def cmd_store_mount_namespace(args: argparse.Namespace) -> int:

@@ -108,3 +108,37 @@ def test_the_daemon_start_runs_no_ldconfig():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
     assert not out, out
+
+
+def test_the_daemon_imports_with_the_collector_off_and_freezes_what_it_made():
+    """``lazyfs.cli.import_daemon`` imports the daemon with the cyclic garbage collector off: 87
+    collections ran during that import, each walking the tens of thousands of objects it had made
+    so far (25-85 ms of the import, 20-25 runs each, alternating, BENCHMARKS.md). It then freezes
+    them, so no full collection of the long-lived daemon walks them again (21 ms each before). Broken on purpose once
+    (2026-12-08) by dropping the ``gc.disable()``: this test failed with 87 collections."""
+    code = ("import gc, lazyfs.cli\n"
+            "starts = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and starts.append(info['generation']))\n"
+            "lazyfs.cli.import_daemon()\n"
+            "print(len(starts), gc.get_freeze_count(), gc.isenabled())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+    collections, frozen, enabled = int(out[0]), int(out[1]), out[2]
+    assert collections == 0, f"{collections} collections ran during the daemon's import"
+    assert frozen > 10_000, frozen  # the modules, classes and functions the import made
+    assert enabled == "True"  # the daemon itself runs with the collector on
+
+
+def test_the_interpreter_start_loads_no_editable_import_hook():
+    """``scripts/setup.sh`` installs lazyfs editable in setuptools' compat mode: a path line in a .pth
+    file. The default mode installs an import hook that every start of the virtualenv's Python
+    imports, pathlib and importlib.util with it: 15-20 ms of each ``lazyfs`` command's start and of
+    the daemon's, both on a cold mount's critical path (a bare start, page cache dropped: 67 ms
+    against 43 ms, BENCHMARKS.md). Broken on purpose once (2026-12-08) by installing in the default
+    mode again: this test failed naming ``__editable___lazyfs_0_1_0_finder``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import sys; print(*sorted(sys.modules), sep='\\n')"],
+                         capture_output=True, text=True, timeout=120, cwd="/", env=env, check=True).stdout.split()
+    hooks = [m for m in out if m.startswith("__editable__")]
+    assert not hooks, f"{hooks}: install lazyfs with --config-settings editable_mode=compat (scripts/setup.sh)"
+    assert "pathlib" not in out
