@@ -42,11 +42,16 @@ DAEMON_ONLY = ("httpx", "httpcore", "lazyfs.serve.daemon", "lazyfs.serve.host", 
 OTHER_BRANCHES = ("ssl", "tomllib", "logging", "lazyfs.format.reference", "lazyfs.nursery", "shutil", "bz2", "lzma")
 
 
+def python_output(code: str, *args: str) -> list[str]:
+    """The words *code* prints, run by a fresh interpreter with the checkout on its path."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+
+
 def test_the_mount_path_loads_no_daemon_code_and_no_trio():
     code = ("import sys, lazyfs.cli, lazyfs.serve.mount; "
             "print(len(sys.modules)); print(*sorted(sys.modules), sep='\\n')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+    out = python_output(code)
     loaded = set(out[1:])
     # the import really happened (and msgspec, which the config needs, shows the list is complete)
     assert {"lazyfs.cli", "lazyfs.serve.mount", "lazyfs.serve.syscmd", "msgspec"} <= loaded
@@ -65,9 +70,7 @@ def test_the_mount_path_loads_nothing_only_other_commands_need(tmp_path):
             "args = lazyfs.cli.build_parser().parse_args(['mount', 'img', 'dir', '--config', sys.argv[1]])\n"
             "assert lazyfs.cli._config(args).run_dir == sys.argv[2]\n"
             "print(*sorted(set(sys.modules) - start), sep='\\n')")  # what the interpreter's start loaded never counts
-    out = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "run")], capture_output=True,
-                         text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
-    loaded = set(out.split())
+    loaded = set(python_output(code, str(config), str(tmp_path / "run")))
     assert {"lazyfs.cli", "lazyfs.config", "lazyfs.serve.mount", "argparse", "msgspec"} <= loaded
     needless = sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in DAEMON_ONLY + OTHER_BRANCHES))
     assert not needless, needless
@@ -85,10 +88,7 @@ def test_opening_an_image_through_its_index_loads_no_builder():
     VM, where opening the Debian image's index in process took 116 ms in all (55 ms after). Broken on
     purpose once (2026-12-07) by importing ``lazyfs.image.convert`` in indexed.py again:
     this test failed naming the builder's modules."""
-    code = "import sys, lazyfs.image.indexed; print(*sorted(sys.modules), sep='\\n')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
-    loaded = set(out)
+    loaded = set(python_output("import sys, lazyfs.image.indexed; print(*sorted(sys.modules), sep='\\n')"))
     assert "lazyfs.image.indexed" in loaded and "lazyfs.image.image" in loaded
     builder = sorted(m for m in loaded if m in INDEX_BUILDER)
     assert not builder, builder
@@ -105,8 +105,7 @@ def test_the_daemon_start_runs_no_ldconfig():
             "ctypes.util.find_library = lambda name: calls.append(traceback.extract_stack()[-2].filename)\n"
             "import lazyfs.serve.daemon, lazyfs.format.zran, lazyfs.device.writable.sparse, lazyfs.serve.fusekernel.session\n"
             "print(*calls, sep='\\n')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+    out = python_output(code)
     assert not out, out
 
 
@@ -114,15 +113,15 @@ def test_the_daemon_imports_with_the_collector_off_and_freezes_what_it_made():
     """``lazyfs.cli.import_daemon`` imports the daemon with the cyclic garbage collector off: 87
     collections ran during that import, each walking the tens of thousands of objects it had made
     so far (25-85 ms of the import, 20-25 runs each, alternating, BENCHMARKS.md). It then freezes
-    them, so no full collection of the long-lived daemon walks them again (21 ms each before). Broken on purpose once
-    (2026-12-08) by dropping the ``gc.disable()``: this test failed with 87 collections."""
+    them, so no full collection of the long-lived daemon walks them again (17-29 ms each before).
+    Broken on purpose once (2026-12-08) by dropping the ``gc.disable()``: this test failed with 87
+    collections."""
     code = ("import gc, lazyfs.cli\n"
             "starts = []\n"
             "gc.callbacks.append(lambda phase, info: phase == 'start' and starts.append(info['generation']))\n"
             "lazyfs.cli.import_daemon()\n"
             "print(len(starts), gc.get_freeze_count(), gc.isenabled())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout.split()
+    out = python_output(code)
     collections, frozen, enabled = int(out[0]), int(out[1]), out[2]
     assert collections == 0, f"{collections} collections ran during the daemon's import"
     assert frozen > 10_000, frozen  # the modules, classes and functions the import made
