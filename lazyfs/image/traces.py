@@ -6,6 +6,10 @@ chunk tables: a trace that names a chunk the image does not have (another
 digest, blob, offset, length or compression) is ignored whole and counted
 (``LoadedTrace.foreign``). Hosts publish traces only when the config says so
 (``trace_publish``, off by default); see docs/trust.md.
+
+The referrers entry of a trace names its blob in an annotation (``ANN_TRACE_BLOB``), so a lookup
+reads the referrers and then the blob: one request fewer before a cold start's replay than
+through the trace's manifest, which a trace stored without the annotation still takes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import trio
 from lazyfs.errors import FormatError, LazyfsError
 from lazyfs.fetch.registry import RegistryClient
 from lazyfs.fetch.trace import MAX_TRACE_BYTES, SPAN_ENTRY, decode_trace, encode_trace
-from lazyfs.format.digest import sha256_digest
+from lazyfs.format.digest import check_sha256, sha256_digest
 from lazyfs.format.layer import ChunkLocation
 from lazyfs.format.reference import Reference
 from lazyfs.format.spanindex import SpanLocation
@@ -46,6 +50,8 @@ from lazyfs.image.remote import ImageOpener, OpenedImage
 log = logging.getLogger(__name__)
 ARTIFACT_TYPE = "application/vnd.lazyfs.trace.v1+msgpack"
 MAX_TRACES_TRIED = 4  # newest first: a forged newest trace does not hide an older good one
+ANN_TRACE_CHUNKS = "dev.lazyfs.trace.chunks"
+ANN_TRACE_BLOB = "dev.lazyfs.trace.blob"  # the digest of the trace's blob (its manifest's one layer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,7 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
     if len(blob) > MAX_TRACE_BYTES:
         raise FormatError(f"trace of {len(locations)} chunks: {len(blob)} bytes, more than {MAX_TRACE_BYTES}")
     desc = Descriptor(MEDIA_TYPE_TRACE, sha256_digest(blob), len(blob))
+    annotations = {ANN_TRACE_CHUNKS: str(len(locations)), ANN_TRACE_BLOB: desc.digest}
     if opened.remote is not None:
         client, repo = opener.client, opened.remote.repo()
         subject = Descriptor(MEDIA_TYPE_MANIFEST, opened.image.manifest.digest,
@@ -121,7 +128,7 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
         await client.push_blob(repo, EMPTY_CONFIG)
         await client.push_blob(repo, blob, desc.digest)
         return await add_referrer_remote(client, repo, artifact_manifest(ARTIFACT_TYPE, desc, subject),
-                                         ARTIFACT_TYPE, subject.digest, {"dev.lazyfs.trace.chunks": str(len(locations))})
+                                         ARTIFACT_TYPE, subject.digest, annotations)
 
     def store_local() -> str:  # file I/O (fsyncs): in a worker thread
         layout = OciLayout(opened.local.path)
@@ -130,7 +137,7 @@ async def save_trace(opener: ImageOpener, opened: OpenedImage, locations: list[C
         layout.put_bytes(EMPTY_CONFIG)
         layout.put_bytes(blob, MEDIA_TYPE_TRACE)
         return add_referrer_local(layout, artifact_manifest(ARTIFACT_TYPE, desc, subject), ARTIFACT_TYPE,
-                                  subject.digest, {"dev.lazyfs.trace.chunks": str(len(locations))})
+                                  subject.digest, annotations)
 
     return await trio.to_thread.run_sync(store_local)
 
@@ -155,23 +162,26 @@ class RemoteTraces:
         if newest:
             manifest_digest = str(newest[0].get("digest"))
             try:
-                traces._read[manifest_digest] = await traces._read_now(client, manifest_digest)
+                traces._read[manifest_digest] = await traces._read_now(client, newest[0])
             except LazyfsError as exc:
                 traces._read[manifest_digest] = exc
         return traces
 
-    async def read(self, client: RegistryClient, manifest_digest: str) -> tuple[ChunkLocation, ...]:
-        """The stored entries of trace *manifest_digest*: as read ahead, else read now."""
-        got = self._read.pop(manifest_digest, None)
+    async def read(self, client: RegistryClient, entry: dict) -> tuple[ChunkLocation, ...]:
+        """The stored entries of the trace referrers *entry* lists: as read ahead, else read now."""
+        got = self._read.pop(str(entry.get("digest")), None)
         if got is None:
-            return await self._read_now(client, manifest_digest)
+            return await self._read_now(client, entry)
         if isinstance(got, LazyfsError):
             raise got
         return got
 
-    async def _read_now(self, client: RegistryClient, manifest_digest: str) -> tuple[ChunkLocation, ...]:
-        manifest, _, _ = await client.get_manifest(self.repo.with_digest(manifest_digest))
-        return decode_trace(await client.get_blob(self.repo, _trace_blob(manifest), max_size=MAX_TRACE_BYTES))
+    async def _read_now(self, client: RegistryClient, entry: dict) -> tuple[ChunkLocation, ...]:
+        blob = _annotated_blob(entry)
+        if blob is None:
+            manifest, _, _ = await client.get_manifest(self.repo.with_digest(str(entry.get("digest"))))
+            blob = _trace_blob(manifest)
+        return decode_trace(await client.get_blob(self.repo, blob, max_size=MAX_TRACE_BYTES))
 
 
 async def load_trace(opener: ImageOpener, opened: OpenedImage,
@@ -195,8 +205,8 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage,
             return None
         found = remote.found
 
-        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
-            return await remote.read(client, manifest_digest)
+        async def read(entry: dict) -> tuple[ChunkLocation, ...]:
+            return await remote.read(client, entry)
     else:
         layout = OciLayout(opened.local.path)
         try:
@@ -205,19 +215,21 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage,
             log.warning("ignoring the startup traces of %s: %s", opened.name, exc)
             return None
 
-        def read_local(manifest_digest: str) -> tuple[ChunkLocation, ...]:
-            manifest = layout.read_blob(manifest_digest, MAX_MANIFEST_SIZE)
-            return decode_trace(layout.read_blob(_trace_blob(manifest), MAX_TRACE_BYTES))
+        def read_local(entry: dict) -> tuple[ChunkLocation, ...]:
+            blob = _annotated_blob(entry)
+            if blob is None:
+                blob = _trace_blob(layout.read_blob(str(entry.get("digest")), MAX_MANIFEST_SIZE))
+            return decode_trace(layout.read_blob(blob, MAX_TRACE_BYTES))
 
-        async def read(manifest_digest: str) -> tuple[ChunkLocation, ...]:
-            return await trio.to_thread.run_sync(read_local, manifest_digest)
+        async def read(entry: dict) -> tuple[ChunkLocation, ...]:
+            return await trio.to_thread.run_sync(read_local, entry)
 
     rejected: LoadedTrace | None = None
     foreign = 0
     for entry in _newest_first(found):
         manifest_digest = str(entry.get("digest"))
         try:
-            stored = await read(manifest_digest)
+            stored = await read(entry)
         except LazyfsError as exc:
             log.warning("ignoring the startup trace %s of %s: %s", manifest_digest, opened.name, exc)
             continue
@@ -237,6 +249,12 @@ async def load_trace(opener: ImageOpener, opened: OpenedImage,
 def _newest_first(found: list[dict]) -> list[dict]:
     """The traces a lookup tries, newest first (referrers list the newest last)."""
     return found[::-1][:MAX_TRACES_TRIED]
+
+
+def _annotated_blob(entry: dict) -> str | None:
+    """The trace blob a referrers *entry* names in its annotations, or None (a trace stored without)."""
+    blob = (entry.get("annotations") or {}).get(ANN_TRACE_BLOB)
+    return None if blob is None else check_sha256(blob, f"referrers index: {ANN_TRACE_BLOB}")
 
 
 def _trace_blob(manifest: bytes) -> str:
