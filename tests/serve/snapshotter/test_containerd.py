@@ -389,7 +389,10 @@ def test_plain_rpull_refuses_a_layer_that_is_not_its_diff_id(env):
     image and no snapshot named by the forged chain.
 
     Break test (done by hand, went red): without the ``applied.digest`` check in
-    ``_unpack_layers``, rpull succeeded and committed the layer under the forged chain id."""
+    ``_unpack_layers``, rpull succeeded and committed the layer under the forged chain id. And
+    (2026-12-08) with rpull's lease deleted without ``sync`` after the failure: the snapshot it
+    had prepared was left (containerd's collector removes it later; this test's containerd runs
+    no periodic collection, so that is every time, not once under load as in a CI run)."""
     forged = with_config(env.oci, lambda doc: doc["rootfs"]["diff_ids"].__setitem__(0, "sha256:" + "ab" * 32))
     ref = f"{env.registry.registry}/plain/forged:1"
 
