@@ -159,8 +159,9 @@ def import_daemon() -> Callable[..., int]:
     import made frozen out of every later collection (``gc.freeze``). The import makes tens of
     thousands of objects the collector tracks (the modules, classes and functions of trio, httpx
     and lazyfs), next to no garbage: 87 collections walked them during the import (25-85 ms of it),
-    and each full collection of the long-lived daemon walked them again, holding the event loop
-    for 21 ms (0.0 ms frozen; BENCHMARKS.md, "Cold start: the daemon's imports")."""
+    and each full collection of the long-lived daemon walked them again, holding the event loop:
+    17-29 ms for the one a cold start sets off, 3-6 ms frozen (BENCHMARKS.md, "Cold start: the
+    daemon's imports")."""
     import gc
 
     gc.disable()
