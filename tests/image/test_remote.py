@@ -288,6 +288,45 @@ def test_background_download_fetches_the_rest(registry, image, tmp_path):
         trio.run(main)
 
 
+def record_trace(proxy, ref, tmp_path, annotations=None) -> tuple[dict, list[str]]:
+    """Record and publish a startup trace of *ref* (one read); with *annotations*, list it again
+    under them, as another lazyfs (or anyone who can push) could have. The recording's
+    ``att.trace``, and the image's layer blobs."""
+    async def main():
+        config = host_config(tmp_path / "record", proxy, trace_record_seconds=3600, trace_publish=True)
+        async with Host.open(config) as host:
+            att = await host.attach(via(proxy, ref))
+            await att.device.read(2 << 20, 300_000)
+            await host.detach(att.name)  # stores the trace
+            if annotations is not None:
+                client, repo = host.opener.client, att.opened.remote.repo()
+                manifest, _, _ = await client.get_manifest(repo.with_digest(att.trace["saved"]))
+                await add_referrer_remote(client, repo, manifest, TRACE_TYPE, att.opened.image.manifest.digest,
+                                          annotations(att))
+            return dict(att.trace), [blob for _, blob in att.opened.image.layers]
+
+    recorded, blobs = trio.run(main)
+    assert recorded.get("saved") and recorded.get("chunks")
+    return recorded, blobs
+
+
+def attach_with_replay(proxy, ref, tmp_path, flat) -> dict:
+    """Attach *ref* on a fresh host that replays traces; its ``att.trace`` once the lookup (and any
+    replay) is over, after the recorded range read back right."""
+    async def main():
+        async with Host.open(host_config(tmp_path / "replay", proxy, trace_replay=True)) as host:
+            proxy.reset_counters()
+            att = await host.attach(via(proxy, ref))
+            with trio.fail_after(60):
+                await att.trace_lookup.wait()
+                while "replay" in att.trace and "chunks" not in att.trace:  # a replay under way
+                    await trio.sleep(0.05)
+            assert await att.device.read(2 << 20, 300_000) == flat[2 << 20 : (2 << 20) + 300_000]
+            return dict(att.trace)
+
+    return trio.run(main)
+
+
 def test_the_trace_is_looked_up_while_the_chunk_tables_are_fetched(registry, image, tmp_path):
     """An attach looks for the startup trace as soon as it has the manifest, while the layers' chunk
     tables are still on the way, and the replay then uses what that lookup read: before, its three
@@ -296,16 +335,7 @@ def test_the_trace_is_looked_up_while_the_chunk_tables_are_fetched(registry, ima
     purpose once (2026-12-08) by ignoring that annotation: this test failed (the trace manifest was read)."""
     local, flat, ref = image
     with FaultProxy.running_in_thread(registry.port) as proxy:
-        async def first():
-            config = host_config(tmp_path / "one", proxy, trace_record_seconds=3600, trace_publish=True)
-            async with Host.open(config) as host:
-                att = await host.attach(via(proxy, ref))
-                await att.device.read(2 << 20, 300_000)
-                await host.detach(att.name)
-                return att.trace, [blob for _, blob in att.opened.image.layers]
-
-        recorded, blobs = trio.run(first)
-        assert recorded.get("saved") and recorded.get("chunks")
+        recorded, blobs = record_trace(proxy, ref, tmp_path)
 
         def trace_blob_served() -> bool:  # the only whole blob an attach reads is the trace
             return any(r.range is None and r.status == 200 and r.body_bytes
@@ -346,51 +376,13 @@ def test_the_trace_is_looked_up_while_the_chunk_tables_are_fetched(registry, ima
         assert proxy.count("GET", trace_blob) == 1
 
 
-def record_trace(proxy, ref, tmp_path, annotations=None) -> dict:
-    """Record and publish a startup trace of *ref* (one read); with *annotations*, list it again
-    under them, as another lazyfs (or anyone who can push) could have. The recording's ``att.trace``."""
-    async def main():
-        config = host_config(tmp_path / "record", proxy, trace_record_seconds=3600, trace_publish=True)
-        async with Host.open(config) as host:
-            att = await host.attach(via(proxy, ref))
-            await att.device.read(2 << 20, 300_000)
-            await host.detach(att.name)  # stores the trace
-            if annotations is not None:
-                client, repo = host.opener.client, att.opened.remote.repo()
-                manifest, _, _ = await client.get_manifest(repo.with_digest(att.trace["saved"]))
-                await add_referrer_remote(client, repo, manifest, TRACE_TYPE, att.opened.image.manifest.digest,
-                                          annotations(att))
-            return dict(att.trace)
-
-    recorded = trio.run(main)
-    assert recorded.get("saved") and recorded.get("chunks")
-    return recorded
-
-
-def attach_with_replay(proxy, ref, tmp_path, flat) -> dict:
-    """Attach *ref* on a fresh host that replays traces; its ``att.trace`` once the lookup (and any
-    replay) is over, after the recorded range read back right."""
-    async def main():
-        async with Host.open(host_config(tmp_path / "replay", proxy, trace_replay=True)) as host:
-            proxy.reset_counters()
-            att = await host.attach(via(proxy, ref))
-            with trio.fail_after(60):
-                await att.trace_lookup.wait()
-                while "replay" in att.trace and "chunks" not in att.trace:  # a replay under way
-                    await trio.sleep(0.05)
-            assert await att.device.read(2 << 20, 300_000) == flat[2 << 20 : (2 << 20) + 300_000]
-            return dict(att.trace)
-
-    return trio.run(main)
-
-
 def test_a_trace_listed_without_its_blob_is_read_through_its_manifest(registry, image, tmp_path):
     """A trace a lazyfs from before ANN_TRACE_BLOB stored is listed without the annotation: the lookup
     reads the trace's manifest for its blob, and the replay is the same. Broken on purpose once
     (2026-12-08) by refusing entries without the annotation: this test failed (nothing replayed)."""
     local, flat, ref = image
     with FaultProxy.running_in_thread(registry.port) as proxy:
-        recorded = record_trace(proxy, ref, tmp_path, lambda att: {ANN_TRACE_CHUNKS: str(att.trace["chunks"])})
+        recorded, _ = record_trace(proxy, ref, tmp_path, lambda att: {ANN_TRACE_CHUNKS: str(att.trace["chunks"])})
         replayed = attach_with_replay(proxy, ref, tmp_path, flat)
         assert replayed["replay"] == recorded["chunks"] and replayed["failed"] == 0
         assert proxy.count("GET", f"/manifests/{recorded['saved']}") == 1
@@ -407,7 +399,7 @@ def test_a_trace_entry_naming_a_blob_that_is_no_trace_is_ignored(registry, image
     with FaultProxy.running_in_thread(registry.port) as proxy:
         for name, blob in forgeries.items():
             caplog.clear()
-            forged = record_trace(proxy, ref, tmp_path / name, lambda att: {ANN_TRACE_BLOB: blob(att)})
+            forged, _ = record_trace(proxy, ref, tmp_path / name, lambda att: {ANN_TRACE_BLOB: blob(att)})
             attach_with_replay(proxy, ref, tmp_path / name, flat)
             assert f"ignoring the startup trace {forged['saved']}" in caplog.text, name
 
